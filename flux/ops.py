@@ -1,0 +1,46 @@
+"""Layers whose weights may be stored in a narrower dtype than the one they compute in.
+
+FLUX files come as fp32, fp16, bf16 or float8_e4m3fn. Weights stay in memory as stored and each layer
+casts its weight (and bias) to the dtype of its input when it runs, so an fp8 file needs 1 byte a
+parameter and the arithmetic runs in bf16 on a GPU or fp32 on a CPU. When the dtypes already agree
+nothing is copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cast_to(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """`t` in the dtype and on the device of `like` (a no-op when they already match)."""
+    if t is None:
+        return None
+    return t.to(device=like.device, dtype=like.dtype, non_blocking=True)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` that computes in its input's dtype whatever dtype its weight is stored in."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, cast_to(self.weight, x), cast_to(self.bias, x))
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` that computes in its input's dtype whatever dtype its weight is stored in."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, cast_to(self.weight, x), cast_to(self.bias, x))
+
+
+class Embedding(nn.Embedding):
+    """`nn.Embedding` whose output is in `out_dtype` (given per call) rather than the stored dtype."""
+
+    def forward(self, ids: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        weight = self.weight
+        if out_dtype is not None and weight.dtype != out_dtype:
+            if weight.dtype.itemsize == 1:  # fp8 tables: gather first, then widen the few rows
+                return F.embedding(ids, weight).to(out_dtype)
+            weight = weight.to(out_dtype)
+        return F.embedding(ids, weight)
