@@ -5,8 +5,7 @@ ComfyUI imports this file from `custom_nodes/<folder>/__init__.py`; pip installs
 a node runs.
 """
 
+from ._version import __version__
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-WEB_DIRECTORY = None
-__version__ = "0.1.0"
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]

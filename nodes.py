@@ -1,4 +1,255 @@
-"""ComfyUI node classes (placeholder until the node lands)."""
+"""ComfyUI node classes: inputs, outputs, and the mapping to a backend. No HTTP or tensor math here.
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+- `FluxSchnellGenerate` ("FLUX Schnell Generate"): prompt to IMAGE through the hosted API or the local
+  model.
+- `FluxSchnellLocalModel` ("FLUX Schnell Local Model"): picks the weight files of the local backend.
+"""
+
+from __future__ import annotations
+
+from . import comfy_bridge
+from .generation import (
+    BACKENDS,
+    MAX_BATCH,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    SIDE_MULTIPLE,
+    GenerationRequest,
+)
+
+CATEGORY = "image/generation/FLUX Schnell"
+LOCAL_MODEL_TYPE = "FLUX_SCHNELL_MODEL"
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+WEIGHT_DTYPES = ("as stored", "bf16", "fp8_e4m3fn")
+MEMORY_MODES = ("auto", "keep on GPU", "offload to CPU", "free after run")
+AUTO = "auto"
+NO_CHECKPOINT = "none"
+
+
+class FluxSchnellGenerate:
+    DESCRIPTION = (
+        "Turns a prompt into images with FLUX.1 [schnell], either through the hosted ImageAPI "
+        "service (backend 'api', paid per image; the API key is read from the environment variable "
+        "IMAGEAPI_API_KEY or the package's config file, never from a widget) or on this machine "
+        "(backend 'local', from the weight files in ComfyUI's models folders)."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "generate"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("images", "info")
+    OUTPUT_TOOLTIPS = (
+        "The generated images, float32 [batch, height, width, 3] in 0..1, in seed order.",
+        "JSON: backend, model, size, steps, the seed of each image, seconds taken, and the "
+        "service's request ids where it gave them. Never contains the API key.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "prompt": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "placeholder": "A photo of a red fox in fresh snow, golden hour",
+                        "tooltip": "What to draw. FLUX.1 [schnell] has no negative prompt.",
+                    },
+                ),
+                "backend": (
+                    list(BACKENDS),
+                    {
+                        "default": "api",
+                        "tooltip": "'api': the hosted ImageAPI service (needs an API key, paid per "
+                        "image). 'local': this machine's GPU or CPU with FLUX.1-schnell weight files.",
+                    },
+                ),
+                "width": (
+                    "INT",
+                    {
+                        "default": 1024,
+                        "min": MIN_SIDE,
+                        "max": MAX_SIDE,
+                        "step": SIDE_MULTIPLE,
+                        "tooltip": f"Image width in pixels, a multiple of {SIDE_MULTIPLE}.",
+                    },
+                ),
+                "height": (
+                    "INT",
+                    {
+                        "default": 1024,
+                        "min": MIN_SIDE,
+                        "max": MAX_SIDE,
+                        "step": SIDE_MULTIPLE,
+                        "tooltip": f"Image height in pixels, a multiple of {SIDE_MULTIPLE}.",
+                    },
+                ),
+                "num_inference_steps": (
+                    "INT",
+                    {
+                        "default": 4,
+                        "min": 1,
+                        "max": MAX_STEPS,
+                        "step": 1,
+                        "tooltip": "Sampling steps. 4 is the fast preset, 8 the quality setting "
+                        "and the service's hard cap.",
+                    },
+                ),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": SEED_MAX,
+                        "control_after_generate": True,
+                        "tooltip": "Seed of the first image; image i of a batch uses seed + i. "
+                        "The hosted API receives it only if 'send_seed' is enabled in the config.",
+                    },
+                ),
+                "batch_size": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 1,
+                        "max": MAX_BATCH,
+                        "step": 1,
+                        "tooltip": "How many images (seeds seed .. seed + batch_size - 1). With "
+                        "the api backend each image is one paid request.",
+                    },
+                ),
+            },
+            "optional": {
+                "local_model": (
+                    LOCAL_MODEL_TYPE,
+                    {
+                        "tooltip": "Weight files from a 'FLUX Schnell Local Model' node (local "
+                        "backend only). Unplugged, the usual files are looked up in models/."
+                    },
+                ),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def generate(
+        self,
+        prompt,
+        backend,
+        width,
+        height,
+        num_inference_steps,
+        seed,
+        batch_size,
+        local_model=None,
+        unique_id=None,
+    ):
+        request = GenerationRequest(
+            prompt=prompt,
+            width=width,
+            height=height,
+            steps=num_inference_steps,
+            seed=seed,
+            batch_size=batch_size,
+        )
+        request.validate(backend)
+        if backend == "api":
+            from .api_backend import generate_api
+
+            images, info = generate_api(request, comfy_bridge.progress_for(request.batch_size))
+        else:
+            from .local_backend import generate_local
+
+            images, info = generate_local(
+                request, local_model, comfy_bridge.progress_for(request.steps)
+            )
+        return (images, info.to_json())
+
+
+class FluxSchnellLocalModel:
+    DESCRIPTION = (
+        "Chooses the FLUX.1 [schnell] weight files for the local backend: a transformer "
+        "(models/diffusion_models), the T5-XXL and CLIP-L text encoders (models/text_encoders) and "
+        "the autoencoder (models/vae), or one all-in-one checkpoint (models/checkpoints). 'auto' "
+        "finds the usual file names. Loaded models are kept between runs."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "select"
+    RETURN_TYPES = (LOCAL_MODEL_TYPE,)
+    RETURN_NAMES = ("local_model",)
+    OUTPUT_TOOLTIPS = ("Plug into the local_model input of FLUX Schnell Generate.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = comfy_bridge.model_file_lists()
+        return {
+            "required": {
+                "checkpoint": (
+                    [NO_CHECKPOINT, *files["checkpoints"]],
+                    {
+                        "default": NO_CHECKPOINT,
+                        "tooltip": "An all-in-one FLUX.1-schnell checkpoint (transformer, text "
+                        "encoders and autoencoder in one file). When set, the four inputs "
+                        "below are ignored.",
+                    },
+                ),
+                "transformer": (
+                    [AUTO, *files["diffusion_models"]],
+                    {"default": AUTO, "tooltip": "flux1-schnell*.safetensors"},
+                ),
+                "t5": (
+                    [AUTO, *files["text_encoders"]],
+                    {"default": AUTO, "tooltip": "t5xxl_fp16 / t5xxl_fp8_e4m3fn .safetensors"},
+                ),
+                "clip": (
+                    [AUTO, *files["text_encoders"]],
+                    {"default": AUTO, "tooltip": "clip_l.safetensors"},
+                ),
+                "vae": (
+                    [AUTO, *files["vae"]],
+                    {"default": AUTO, "tooltip": "ae.safetensors (the FLUX autoencoder)"},
+                ),
+                "weight_dtype": (
+                    list(WEIGHT_DTYPES),
+                    {
+                        "default": "as stored",
+                        "tooltip": "How the transformer and T5 weights are kept in memory. "
+                        "fp8_e4m3fn halves the memory of bf16 (about 12 GB instead of 24 GB for "
+                        "the transformer); the arithmetic still runs in bf16.",
+                    },
+                ),
+                "memory": (
+                    list(MEMORY_MODES),
+                    {
+                        "default": "auto",
+                        "tooltip": "'auto': keep models on the GPU when they fit, else move each "
+                        "stage out after use. 'keep on GPU': fastest repeat runs. 'offload to CPU': "
+                        "only the running stage is on the GPU. 'free after run': release all.",
+                    },
+                ),
+            }
+        }
+
+    def select(self, checkpoint, transformer, t5, clip, vae, weight_dtype, memory):
+        from .local_backend import LocalModelSpec
+
+        spec = LocalModelSpec.from_node_inputs(
+            checkpoint=None if checkpoint == NO_CHECKPOINT else checkpoint,
+            transformer=None if transformer == AUTO else transformer,
+            t5=None if t5 == AUTO else t5,
+            clip=None if clip == AUTO else clip,
+            vae=None if vae == AUTO else vae,
+            weight_dtype=weight_dtype,
+            memory=memory,
+        )
+        return (spec,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "FluxSchnellGenerate": FluxSchnellGenerate,
+    "FluxSchnellLocalModel": FluxSchnellLocalModel,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FluxSchnellGenerate": "FLUX Schnell Generate",
+    "FluxSchnellLocalModel": "FLUX Schnell Local Model",
+}

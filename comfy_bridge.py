@@ -1,0 +1,106 @@
+"""Everything this package uses from ComfyUI, behind functions that also work without it.
+
+Inside ComfyUI: `comfy.utils.ProgressBar`, `comfy.model_management` (interrupt, devices) and
+`folder_paths` (model folders, user directory). Outside it (command line, tests) the same calls fall
+back to plain behaviour, so the rest of the package never imports ComfyUI itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae")
+
+
+def _comfy(name: str) -> ModuleType | None:
+    """The ComfyUI module `name`, or None when not running inside ComfyUI."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def in_comfyui() -> bool:
+    return _comfy("folder_paths") is not None and _comfy("comfy.utils") is not None
+
+
+class Progress:
+    """Progress and interruption for one node run.
+
+    `advance(n, preview=None)` moves the bar (and raises ComfyUI's interrupt exception if the user
+    pressed Cancel); `should_stop()` can be polled while waiting; `raise_if_interrupted()` raises
+    ComfyUI's own exception, so the queue treats it as a cancel and not as an error.
+    """
+
+    def __init__(self, total: int, bar=None, management: ModuleType | None = None):
+        self.total = total
+        self._bar = bar
+        self._mm = management
+        self.done = 0
+
+    def advance(self, n: int = 1, preview=None) -> None:
+        self.done += n
+        if self._bar is not None:
+            if preview is None:
+                self._bar.update(n)
+            else:
+                self._bar.update_absolute(self.done, self.total, preview)
+
+    def should_stop(self) -> bool:
+        return bool(self._mm is not None and self._mm.processing_interrupted())
+
+    def raise_if_interrupted(self) -> None:
+        if self._mm is not None:
+            self._mm.throw_exception_if_processing_interrupted()
+
+
+def progress_for(total: int) -> Progress:
+    """A `Progress` wired to ComfyUI when it is present, else a silent one."""
+    utils = _comfy("comfy.utils")
+    bar = utils.ProgressBar(total) if utils is not None else None
+    return Progress(total, bar, _comfy("comfy.model_management"))
+
+
+def model_file_lists() -> dict[str, list[str]]:
+    """File names ComfyUI knows in each model folder; empty lists outside ComfyUI."""
+    folder_paths = _comfy("folder_paths")
+    lists: dict[str, list[str]] = {}
+    for folder in MODEL_FOLDERS:
+        try:
+            lists[folder] = list(folder_paths.get_filename_list(folder)) if folder_paths else []
+        except KeyError:  # a ComfyUI too old to know this folder name
+            lists[folder] = []
+    return lists
+
+
+def full_model_path(folder: str, filename: str) -> str | None:
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is None:
+        return None
+    return folder_paths.get_full_path(folder, filename)
+
+
+def model_folder_paths(folder: str) -> list[str]:
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is None:
+        return []
+    try:
+        return list(folder_paths.get_folder_paths(folder))
+    except KeyError:
+        return []
+
+
+def user_directory() -> str | None:
+    folder_paths = _comfy("folder_paths")
+    if folder_paths is None:
+        return None
+    return folder_paths.get_user_directory()
+
+
+def interrupt_check() -> Callable[[], bool]:
+    mm = _comfy("comfy.model_management")
+    if mm is None:
+        return lambda: False
+    return mm.processing_interrupted

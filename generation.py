@@ -1,0 +1,82 @@
+"""What one generation asks for, and the checks every backend needs before any work starts.
+
+The node, the command line and both backends build a `GenerationRequest` and call `validate()`
+first, so a request that must fail never costs a paid API call or a model load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InvalidInputError
+
+BACKENDS = ("api", "local")
+MODEL_NAME = "flux-schnell"
+MIN_SIDE = 256
+MAX_SIDE = 2048
+SIDE_MULTIPLE = 16
+MAX_STEPS = 8  # the service's hard cap for flux-schnell; schnell is distilled for 1-4 steps
+MAX_BATCH = 16
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A prompt, a size, a step count and the seeds `seed .. seed + batch_size - 1`."""
+
+    prompt: str
+    width: int = 1024
+    height: int = 1024
+    steps: int = 4
+    seed: int = 0
+    batch_size: int = 1
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of each image of the batch, in output order (wrapping past 2**64 - 1)."""
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.batch_size)]
+
+    def validate(self, backend: str = "api") -> GenerationRequest:
+        """Raise `InvalidInputError` naming the first input that cannot be honoured."""
+        if backend not in BACKENDS:
+            raise InvalidInputError(
+                f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}."
+            )
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidInputError(
+                "prompt is empty: describe the image to generate (FLUX.1 [schnell] needs a "
+                "non-empty prompt)."
+            )
+        for name, value in (("width", self.width), ("height", self.height)):
+            _check_int(name, value)
+            if not MIN_SIDE <= value <= MAX_SIDE:
+                raise InvalidInputError(
+                    f"{name} must be between {MIN_SIDE} and {MAX_SIDE} pixels; got {value}."
+                )
+            if value % SIDE_MULTIPLE:
+                lower = value - value % SIDE_MULTIPLE
+                raise InvalidInputError(
+                    f"{name} must be a multiple of {SIDE_MULTIPLE}; got {value} "
+                    f"(nearest allowed: {max(lower, MIN_SIDE)} or {min(lower + SIDE_MULTIPLE, MAX_SIDE)})."
+                )
+        _check_int("num_inference_steps", self.steps)
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise InvalidInputError(
+                f"num_inference_steps must be between 1 and {MAX_STEPS} for FLUX.1 [schnell] "
+                f"(4 is the fast preset, {MAX_STEPS} the quality setting and the service's cap); "
+                f"got {self.steps}."
+            )
+        _check_int("seed", self.seed)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise InvalidInputError(f"seed must be between 0 and {MAX_SEED}; got {self.seed}.")
+        _check_int("batch_size", self.batch_size)
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise InvalidInputError(
+                f"batch_size must be between 1 and {MAX_BATCH}; got {self.batch_size}."
+            )
+        return self
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(f"{name} must be a whole number; got {value!r}.")
