@@ -8,8 +8,11 @@ back to plain behaviour, so the rest of the package never imports ComfyUI itself
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable
 from types import ModuleType
+
+from .errors import GenerationInterrupted
 
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae")
 
@@ -27,17 +30,26 @@ def in_comfyui() -> bool:
 
 
 class Progress:
-    """Progress and interruption for one node run.
+    """Progress and interruption for one run.
 
-    `advance(n, preview=None)` moves the bar (and raises ComfyUI's interrupt exception if the user
-    pressed Cancel); `should_stop()` can be polled while waiting; `raise_if_interrupted()` raises
-    ComfyUI's own exception, so the queue treats it as a cancel and not as an error.
+    `advance(n, preview=None)` moves ComfyUI's bar (whose update also raises ComfyUI's interrupt
+    exception when the user pressed Cancel); `should_stop()` can be polled while waiting;
+    `raise_if_interrupted()` raises ComfyUI's own exception inside ComfyUI (so the queue treats it
+    as a cancel, not an error) and `GenerationInterrupted` outside it (`stop_flag` set, e.g. by
+    Ctrl-C in the command line).
     """
 
-    def __init__(self, total: int, bar=None, management: ModuleType | None = None):
+    def __init__(
+        self,
+        total: int,
+        bar=None,
+        management: ModuleType | None = None,
+        stop_flag: threading.Event | None = None,
+    ):
         self.total = total
         self._bar = bar
         self._mm = management
+        self._stop = stop_flag
         self.done = 0
 
     def advance(self, n: int = 1, preview=None) -> None:
@@ -49,11 +61,15 @@ class Progress:
                 self._bar.update_absolute(self.done, self.total, preview)
 
     def should_stop(self) -> bool:
+        if self._stop is not None and self._stop.is_set():
+            return True
         return bool(self._mm is not None and self._mm.processing_interrupted())
 
     def raise_if_interrupted(self) -> None:
         if self._mm is not None:
             self._mm.throw_exception_if_processing_interrupted()
+        if self.should_stop():
+            raise GenerationInterrupted("interrupted by the user")
 
 
 def progress_for(total: int) -> Progress:

@@ -76,6 +76,18 @@ class ResponseDecodeError(ApiError):
     """The service answered, but no image could be found or decoded in the answer."""
 
 
+class BatchFailedError(ApiError):
+    """Some images of a batch failed; `failures` maps image index to the error it ended with.
+
+    The images that did finish are kept by the caller, so queueing the same batch again only
+    requests the failed ones.
+    """
+
+    def __init__(self, message: str, *, failures: dict[int, ApiError], **kwargs):
+        super().__init__(message, **kwargs)
+        self.failures = failures
+
+
 # --- local backend -----------------------------------------------------------------------------
 
 

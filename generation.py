@@ -6,7 +6,8 @@ first, so a request that must fail never costs a paid API call or a model load.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 from .errors import InvalidInputError
 
@@ -80,3 +81,26 @@ class GenerationRequest:
 def _check_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInputError(f"{name} must be a whole number; got {value!r}.")
+
+
+@dataclass
+class GenerationInfo:
+    """What the node's `info` output reports (JSON). Holds nothing secret by construction."""
+
+    backend: str
+    model: str
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    seeds: list[int]
+    seconds: float
+    request_ids: list[str | None] | None = None
+    seed_sent: bool | None = None
+    device: str | None = None
+    notes: list[str] | None = None
+
+    def to_json(self) -> str:
+        data = {k: v for k, v in asdict(self).items() if v is not None}
+        data["seconds"] = round(self.seconds, 3)
+        return json.dumps(data, ensure_ascii=False)

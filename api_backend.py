@@ -1,0 +1,171 @@
+"""The api backend of the node: a `GenerationRequest` to an IMAGE batch through the hosted service.
+
+Per run: settings are re-read (a new key or base URL needs no restart), the batch becomes one
+request per seed (`seed, seed + 1, ...`) run through the client's bounded worker pool, and the
+finished images become one IMAGE tensor in seed order.
+
+When some images of a batch fail the node raises (ComfyUI shows the error and caches nothing), but
+the images that did finish were paid for: they are kept here, keyed by their exact request, and a
+re-queue of the same batch only sends the requests that failed. The kept images are dropped once
+used, and at most `KEEP_LIMIT` are held.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+
+from .api_client import ApiImage, GenerateRequest, ImageApiClient
+from .comfy_bridge import Progress
+from .errors import ApiError, BatchFailedError, GenerationInterrupted
+from .generation import MODEL_NAME, GenerationInfo, GenerationRequest
+from .images import pil_to_tensor
+from .settings import ApiSettings, load_settings
+
+log = logging.getLogger("flux_schnell.api")
+
+CONCURRENCY = 4
+KEEP_LIMIT = 32
+
+_lock = threading.Lock()
+_client: ImageApiClient | None = None
+_client_settings: ApiSettings | None = None
+_kept: OrderedDict[tuple, ApiImage] = OrderedDict()
+
+
+def client_for(settings: ApiSettings) -> ImageApiClient:
+    """One pooled client per configuration; a changed key or URL gets a fresh one."""
+    global _client, _client_settings
+    with _lock:
+        if _client is None or _client_settings != settings:
+            if _client is not None:
+                _client.close()
+            _client, _client_settings = ImageApiClient(settings), settings
+        return _client
+
+
+def api_requests(request: GenerationRequest) -> list[GenerateRequest]:
+    return [
+        GenerateRequest(
+            prompt=request.prompt,
+            width=request.width,
+            height=request.height,
+            num_inference_steps=request.steps,
+            seed=seed,
+            model=MODEL_NAME,
+        )
+        for seed in request.seeds
+    ]
+
+
+def _keep_key(settings: ApiSettings, req: GenerateRequest) -> tuple:
+    return (settings.base_url, settings.send_seed, req)
+
+
+def generate_api(
+    request: GenerationRequest, progress: Progress, settings: ApiSettings | None = None
+):
+    """Run `request` on the hosted API; returns `(IMAGE tensor, GenerationInfo)`."""
+    request.validate("api")
+    settings = settings or load_settings()
+    started = time.monotonic()
+    reqs = api_requests(request)
+    results: list[ApiImage | ApiError | None] = [None] * len(reqs)
+
+    with _lock:
+        for i, req in enumerate(reqs):
+            kept = _kept.pop(_keep_key(settings, req), None)
+            if kept is not None:
+                results[i] = kept
+    reused = [i for i, r in enumerate(results) if r is not None]
+    if reused:
+        log.info("reusing %d image(s) finished in an earlier, partly failed run", len(reused))
+        progress.advance(len(reused))
+    todo = [i for i, r in enumerate(results) if r is None]
+
+    def on_result(position: int, result: ApiImage | ApiError) -> None:
+        results[todo[position]] = result
+        progress.advance(1)
+
+    try:
+        client_for(settings).generate_many(
+            [reqs[i] for i in todo],
+            concurrency=min(CONCURRENCY, max(1, len(todo))),
+            should_stop=progress.should_stop,
+            on_result=on_result,
+        )
+    except GenerationInterrupted:
+        _keep_finished(settings, reqs, results)
+        progress.raise_if_interrupted()  # ComfyUI's own exception: a cancel, not an error
+        raise
+    failures = {i: r for i, r in enumerate(results) if isinstance(r, ApiError)}
+    if failures:
+        _keep_finished(settings, reqs, results)
+        raise _batch_error(request, failures)
+
+    images: list[ApiImage] = results  # type: ignore[assignment]  # all succeeded here
+    pictures, notes = _one_size([r.image for r in images], request)
+    info = GenerationInfo(
+        backend="api",
+        model=MODEL_NAME,
+        prompt=request.prompt,
+        width=pictures[0].width,
+        height=pictures[0].height,
+        steps=request.steps,
+        seeds=request.seeds,
+        seconds=time.monotonic() - started,
+        request_ids=[r.request_id for r in images],
+        seed_sent=settings.send_seed,
+        notes=notes or None,
+    )
+    return pil_to_tensor(pictures), info
+
+
+def _keep_finished(settings, reqs, results) -> None:
+    with _lock:
+        for req, result in zip(reqs, results, strict=True):
+            if isinstance(result, ApiImage):
+                _kept[_keep_key(settings, req)] = result
+        while len(_kept) > KEEP_LIMIT:
+            _kept.popitem(last=False)
+
+
+def _batch_error(request: GenerationRequest, failures: dict[int, ApiError]) -> ApiError:
+    first = next(iter(failures.values()))
+    if len(failures) == request.batch_size and len({type(e) for e in failures.values()}) == 1:
+        return first  # every image failed the same way: the single error says it best
+    finished = request.batch_size - len(failures)
+    lines = [
+        f"image {i + 1} (seed {request.seeds[i]}): {type(e).__name__}: {e}"
+        for i, e in failures.items()
+    ]
+    kept = (
+        f" The {finished} finished image(s) are kept: queue the prompt again and only the "
+        "failed ones are requested (and paid for) again."
+        if finished
+        else ""
+    )
+    return BatchFailedError(
+        f"{len(failures)} of {request.batch_size} images failed:\n" + "\n".join(lines) + kept,
+        failures=failures,
+        status=first.status,
+    )
+
+
+def _one_size(pictures, request: GenerationRequest):
+    """A batch tensor needs one size: keep the service's size, but say when it is not the asked one."""
+    notes = []
+    size = pictures[0].size
+    if size != (request.width, request.height):
+        notes.append(
+            f"the service returned {size[0]}x{size[1]} instead of the requested "
+            f"{request.width}x{request.height}"
+        )
+        log.warning(notes[-1])
+    if any(p.size != size for p in pictures):
+        notes.append(f"images of different sizes were resized to {size[0]}x{size[1]}")
+        log.warning(notes[-1])
+        pictures = [p if p.size == size else p.resize(size, resample=3) for p in pictures]
+    return pictures, notes
