@@ -1,0 +1,351 @@
+"""Configuration of the hosted-API backend: where the API key, base URL and retry limits come from.
+
+Read again on every run (`load_settings()`), so a key set while ComfyUI runs takes effect without a
+restart. Sources, first match wins: the environment (`IMAGEAPI_API_KEY`, then `IMAGEAPI_KEY`, the
+name the service's own docs use; `IMAGEAPI_BASE_URL`), then a JSON config file that lives outside
+the package folder (ComfyUI's user directory, else the XDG config directory). Based on the service's
+public docs (see shared/reference/imageapi-contract.md); the key is never printed, logged or put in
+an error message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import math
+import os
+import stat
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import ConfigurationError
+
+ENV_KEY_NAMES = (
+    "IMAGEAPI_API_KEY",
+    "IMAGEAPI_KEY",
+)  # the second is the name the service's docs use
+ENV_BASE_URL = "IMAGEAPI_BASE_URL"
+ENV_CONFIG = "IMAGEAPI_CONFIG"
+DEFAULT_BASE_URL = "https://imageapi.org"
+KEY_HELP = "imageapi.org → Dashboard → API Keys"
+SET_KEY_COMMAND = "flux-schnell set-key"
+COMFY_SUBDIR = "flux_schnell"
+XDG_SUBDIR = "comfyui-flux-schnell"
+CONFIG_NAME = "config.json"
+
+# Config-file fields other than the key, and the type each must have.
+_CONFIG_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "base_url": str,
+    "send_seed": bool,
+    "max_billed_retries": int,
+    "request_timeout_s": (int, float),
+    "deadline_s": (int, float),
+}
+_ALLOWED_KEYS = ("api_key", *_CONFIG_FIELDS)
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+log = logging.getLogger("flux_schnell.settings")
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """Everything the API client needs for one run. `api_key` is left out of repr/str."""
+
+    base_url: str
+    api_key: str = field(repr=False)
+    key_source: str  # where the key was read from, for messages: never the key itself
+    send_seed: bool = False  # `seed` is not a documented field: opt-in
+    request_timeout_s: float = 120.0  # one HTTP call (the service's examples wait 120 s)
+    deadline_s: float = 300.0  # one image, retries and waits included
+    max_billed_retries: int = 1  # retries of calls that may already be billed
+    max_free_retries: int = 4  # retries of calls that certainly did no work
+    max_download_bytes: int = 64 * 2**20
+    max_image_pixels: int = 4096 * 4096
+    # Finer knobs (not in the config file); tests shrink them.
+    connect_timeout_s: float = 10.0
+    download_timeout_s: float = 60.0
+    backoff_base_s: float = 1.0  # first wait of the exponential backoff
+    backoff_max_s: float = 20.0
+    poll_interval_s: float = 1.0  # asynchronous jobs: wait between status polls
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base_url", check_base_url(self.base_url, "base_url"))
+        check_api_key(self.api_key, self.key_source)
+        for name in (
+            "request_timeout_s",
+            "deadline_s",
+            "connect_timeout_s",
+            "download_timeout_s",
+            "backoff_max_s",
+            "poll_interval_s",
+        ):
+            _check_number(name, getattr(self, name), minimum=0.0, strict=True)
+        _check_number("backoff_base_s", self.backoff_base_s, minimum=0.0, strict=False)
+        for name in ("max_billed_retries", "max_free_retries"):
+            _check_int(name, getattr(self, name), minimum=0)
+        for name in ("max_download_bytes", "max_image_pixels"):
+            _check_int(name, getattr(self, name), minimum=1)
+        if not isinstance(self.send_seed, bool):
+            raise ConfigurationError(f"send_seed must be true or false; got {self.send_seed!r}.")
+
+
+def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
+    """The config file: `$IMAGEAPI_CONFIG`, else ComfyUI's user directory, else the XDG directory."""
+    environ = os.environ if environ is None else environ
+    explicit = environ.get(ENV_CONFIG, "").strip()
+    if explicit:
+        path = Path(explicit).expanduser()
+    else:
+        from . import comfy_bridge
+
+        user_dir = comfy_bridge.user_directory()
+        if user_dir:
+            path = Path(user_dir) / COMFY_SUBDIR / CONFIG_NAME
+        else:
+            xdg = environ.get("XDG_CONFIG_HOME", "").strip()
+            base = Path(xdg).expanduser() if xdg else Path.home() / ".config"
+            path = base / XDG_SUBDIR / CONFIG_NAME
+    path = path.absolute()
+    if _is_inside(path, _PACKAGE_DIR):
+        raise ConfigurationError(
+            f"the config file {path} would be inside the package folder {_PACKAGE_DIR}, where an "
+            "update or a copy of the folder would lose or publish the API key; point "
+            f"{ENV_CONFIG} at a file outside it."
+        )
+    return path
+
+
+def load_settings(
+    config_path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> ApiSettings:
+    """Read the key, base URL and limits from the environment and the config file."""
+    environ = os.environ if environ is None else environ
+    path = Path(config_path) if config_path is not None else default_config_path(environ)
+    config = _read_config(path)
+
+    api_key, key_source = None, None
+    for name in ENV_KEY_NAMES:
+        if name in environ:
+            api_key, key_source = environ[name], f"environment variable {name}"
+            break
+    if api_key is None and "api_key" in config:
+        api_key, key_source = config["api_key"], f"config file {path}"
+        if not isinstance(api_key, str):
+            raise ConfigurationError(
+                f'api_key in the config file {path} must be a string ("sk_..."); got a '
+                f"{type(api_key).__name__}."
+            )
+        _warn_if_readable_by_others(path)
+    if api_key is None:
+        raise ConfigurationError(missing_key_message(path))
+
+    base_url, base_source = DEFAULT_BASE_URL, "the default base URL"
+    if environ.get(ENV_BASE_URL, "").strip():
+        base_url, base_source = (
+            environ[ENV_BASE_URL].strip(),
+            f"environment variable {ENV_BASE_URL}",
+        )
+    elif "base_url" in config:
+        base_url, base_source = config["base_url"], f"base_url in the config file {path}"
+    base_url = check_base_url(base_url, base_source)
+
+    check_api_key(api_key, key_source)
+    options = {
+        name: config[name] for name in _CONFIG_FIELDS if name in config and name != "base_url"
+    }
+    try:
+        return ApiSettings(base_url=base_url, api_key=api_key, key_source=key_source, **options)
+    except ConfigurationError as e:  # key and base URL are checked: the file's options are wrong
+        raise ConfigurationError(f"{e} Fix it in the config file {path}.") from e
+
+
+def missing_key_message(path: Path) -> str:
+    names = " or ".join(ENV_KEY_NAMES)
+    return (
+        "No ImageAPI key is set, so backend 'api' cannot run. Set one in any of these ways:\n"
+        f"  - the environment variable {names} (for example `export {ENV_KEY_NAMES[0]}=sk_...` "
+        "before starting ComfyUI);\n"
+        f"  - run `{SET_KEY_COMMAND}`, which stores it in {path} (readable by you only);\n"
+        f'  - write {{"api_key": "sk_..."}} into {path} yourself.\n'
+        f"Get a key at {KEY_HELP}. No restart is needed: the key is read on every run."
+    )
+
+
+def save_api_key(api_key: str, config_path: Path | None = None) -> Path:
+    """Store the key in the config file (mode 0600, atomic replace, other fields kept)."""
+    path = Path(config_path) if config_path is not None else default_config_path()
+    check_api_key(api_key, "the key given to set-key")
+    config = _read_config(path)
+    config["api_key"] = api_key
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".config-", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ConfigurationError(
+            f"cannot create the config file in {path.parent}: {e.strerror}; set {ENV_CONFIG} to "
+            "a writable path."
+        ) from e
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except OSError as e:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise ConfigurationError(f"cannot write the config file {path}: {e.strerror}.") from e
+    return path
+
+
+def check_api_key(api_key: object, source: str) -> None:
+    """Refuse an empty key or one with spaces or control characters, without echoing it."""
+    if not isinstance(api_key, str) or not api_key.strip():
+        raise ConfigurationError(
+            f"the API key from {source} is empty. Set a key from {KEY_HELP} (or run "
+            f"`{SET_KEY_COMMAND}`)."
+        )
+    if any(ch.isspace() or not ch.isprintable() or ord(ch) > 126 for ch in api_key):
+        raise ConfigurationError(
+            f"the API key from {source} contains a space, line break, control or non-ASCII "
+            "character, which no key has (a copy-and-paste accident?). Copy it again from "
+            f"{KEY_HELP}."
+        )
+
+
+def check_base_url(url: object, source: str) -> str:
+    """An http(s) URL with a host; plain http only to this machine. Returns it without a trailing /."""
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigurationError(
+            f"the base URL from {source} is empty; the default is {DEFAULT_BASE_URL}."
+        )
+    url = url.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # raises ValueError for a bad port
+    except ValueError as e:
+        raise ConfigurationError(f"the base URL {url!r} from {source} is malformed: {e}.") from e
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigurationError(
+            f"the base URL {url!r} from {source} must start with https:// and name a host, like "
+            f"{DEFAULT_BASE_URL}."
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ConfigurationError(
+            f"the base URL from {source} must not contain a user name or password; the API key is "
+            f"set separately ({ENV_KEY_NAMES[0]})."
+        )
+    if parts.query or parts.fragment:
+        raise ConfigurationError(
+            f"the base URL {parts.scheme}://{parts.netloc}{parts.path} from {source} must not have "
+            "a query (?...) or fragment (#...)."
+        )
+    if parts.scheme == "http" and not is_loopback_host(host):
+        raise ConfigurationError(
+            f"the base URL {url!r} from {source} uses plain http:// to another machine, which would "
+            "send the API key unencrypted; use https:// (plain http is allowed only for localhost)."
+        )
+    return url
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8 and ::1."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_config(path: Path) -> dict:
+    """The config file's JSON object, {} when the file does not exist."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigurationError(f"cannot read the config file {path}: {reason}.") from e
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        # e.msg names the problem ("Expecting ','"), never the file's content.
+        raise ConfigurationError(
+            f"the config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column "
+            f"{e.colno}. Fix it or delete it and run `{SET_KEY_COMMAND}`."
+        ) from None  # the JSONDecodeError holds the whole text, key included
+    if not isinstance(config, dict):
+        raise ConfigurationError(
+            f'the config file {path} must hold a JSON object like {{"api_key": "sk_..."}}; '
+            f"found a {type(config).__name__}."
+        )
+    unknown = sorted(k for k in config if k not in _ALLOWED_KEYS)
+    if unknown:
+        raise ConfigurationError(
+            f"the config file {path} has unknown field(s) {', '.join(map(repr, unknown))}; allowed: "
+            f"{', '.join(_ALLOWED_KEYS)}."
+        )
+    for name, kind in _CONFIG_FIELDS.items():
+        value = config.get(name)
+        if name in config and (
+            (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind)
+        ):
+            raise ConfigurationError(
+                f"{name} in the config file {path} must be a {_kind_name(kind)}; got {value!r}."
+            )
+    return config
+
+
+def _warn_if_readable_by_others(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning(
+            "The config file %s holding the API key can be read by other users (mode %o); "
+            "run `chmod 600 %s`.",
+            path,
+            stat.S_IMODE(mode),
+            path,
+        )
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if kind is bool:
+        return "true or false"
+    if kind is int:
+        return "whole number"
+    if kind is str:
+        return "string"
+    return "number"
+
+
+def _check_number(name: str, value: object, *, minimum: float, strict: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (strict and value <= minimum):
+        relation = "greater than" if strict else "at least"
+        raise ConfigurationError(f"{name} must be a number {relation} {minimum:g}; got {value!r}.")
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(
+            f"{name} must be a whole number of at least {minimum}; got {value!r}."
+        )

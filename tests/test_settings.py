@@ -1,0 +1,323 @@
+"""Tests of settings.py: where the key, base URL and limits come from, and how bad ones are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from comfyui_flux_schnell import comfy_bridge
+from comfyui_flux_schnell import settings as settings_mod
+from comfyui_flux_schnell.errors import ConfigurationError
+from comfyui_flux_schnell.settings import (
+    DEFAULT_BASE_URL,
+    ApiSettings,
+    default_config_path,
+    load_settings,
+    save_api_key,
+)
+
+KEY = "sk_settings_TEST123"
+
+
+@pytest.fixture
+def cfg(tmp_path) -> Path:
+    return tmp_path / "conf" / "config.json"
+
+
+def write(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else json.dumps(data), encoding="utf-8")
+    return path
+
+
+# --- where the key comes from ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "config", "expected_key", "source_part"),
+    [
+        ({"IMAGEAPI_API_KEY": "sk_env1"}, {"api_key": "sk_file"}, "sk_env1", "IMAGEAPI_API_KEY"),
+        ({"IMAGEAPI_KEY": "sk_env2"}, {"api_key": "sk_file"}, "sk_env2", "IMAGEAPI_KEY"),
+        ({"IMAGEAPI_API_KEY": "sk_a", "IMAGEAPI_KEY": "sk_b"}, None, "sk_a", "IMAGEAPI_API_KEY"),
+        ({}, {"api_key": "sk_file"}, "sk_file", "config file"),
+    ],
+)
+def test_key_precedence(cfg, env, config, expected_key, source_part):
+    if config is not None:
+        write(cfg, config)
+    s = load_settings(cfg, environ=env)
+    assert s.api_key == expected_key
+    assert source_part in s.key_source
+    assert s.base_url == DEFAULT_BASE_URL
+    assert expected_key not in repr(s)
+    assert expected_key not in str(s)
+
+
+def test_missing_key_explains_every_way_to_set_one(cfg):
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(cfg, environ={})
+    msg = str(info.value)
+    for part in ("IMAGEAPI_API_KEY", "IMAGEAPI_KEY", str(cfg), "flux-schnell set-key", "Dashboard"):
+        assert part in msg
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "bad_key", ["", "   ", "sk_abc def", "sk_abc\n", "\tsk_abc", "sk_a\x00b", "sk_é", "sk_\u200b"]
+)
+@pytest.mark.parametrize("where", ["env", "file"])
+def test_bad_keys_refused_without_echo(cfg, bad_key, where):
+    env = {"IMAGEAPI_API_KEY": bad_key} if where == "env" else {}
+    if where == "file":
+        write(cfg, {"api_key": bad_key})
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(cfg, environ=env)
+    msg = str(info.value)
+    assert ("IMAGEAPI_API_KEY" if where == "env" else str(cfg)) in msg
+    if bad_key.strip():
+        assert bad_key.strip() not in msg
+
+
+def test_key_of_wrong_type_in_file(cfg):
+    write(cfg, {"api_key": 12345})
+    with pytest.raises(ConfigurationError, match="must be a string"):
+        load_settings(cfg, environ={})
+
+
+# --- config file -----------------------------------------------------------------------------
+
+
+def test_config_options_are_read(cfg):
+    write(
+        cfg,
+        {
+            "api_key": KEY,
+            "base_url": "https://eu.example.com/",
+            "send_seed": True,
+            "max_billed_retries": 0,
+            "request_timeout_s": 30,
+            "deadline_s": 90.5,
+        },
+    )
+    s = load_settings(cfg, environ={})
+    assert (s.base_url, s.send_seed, s.max_billed_retries) == ("https://eu.example.com", True, 0)
+    assert (s.request_timeout_s, s.deadline_s) == (30, 90.5)
+
+
+def test_unknown_config_keys_are_named(cfg):
+    write(cfg, {"api_key": KEY, "apikey": "x", "timeout": 3})
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(cfg, environ={})
+    assert "'apikey'" in str(info.value)
+    assert "'timeout'" in str(info.value)
+
+
+def test_bad_json_names_file_and_line_not_content(cfg):
+    write(cfg, '{\n  "api_key": "sk_secret_in_broken_file",\n  "send_seed": tru\n}\n')
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(cfg, environ={"IMAGEAPI_API_KEY": KEY})
+    msg = str(info.value)
+    assert str(cfg) in msg
+    assert "line 3" in msg
+    assert "sk_secret_in_broken_file" not in msg
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ("[1, 2]", "JSON object"),
+        ({"api_key": KEY, "send_seed": "yes"}, "send_seed"),
+        ({"api_key": KEY, "max_billed_retries": 1.5}, "max_billed_retries"),
+        ({"api_key": KEY, "max_billed_retries": -1}, "max_billed_retries"),
+        ({"api_key": KEY, "deadline_s": 0}, "deadline_s"),
+        ({"api_key": KEY, "request_timeout_s": True}, "request_timeout_s"),
+        ({"api_key": KEY, "base_url": 5}, "base_url"),
+    ],
+)
+def test_bad_config_values(cfg, data, match):
+    write(cfg, data)
+    with pytest.raises(ConfigurationError, match=match) as info:
+        load_settings(cfg, environ={})
+    assert str(cfg) in str(info.value)
+    assert KEY not in str(info.value)
+
+
+def test_unreadable_config_is_reported(tmp_path):
+    folder = tmp_path / "config.json"
+    folder.mkdir()  # a directory where the file should be: reading it fails
+    with pytest.raises(ConfigurationError, match="cannot read the config file"):
+        load_settings(folder, environ={"IMAGEAPI_API_KEY": KEY})
+
+
+def test_world_readable_config_warns(cfg, caplog):
+    write(cfg, {"api_key": KEY})
+    cfg.chmod(0o644)
+    with caplog.at_level("WARNING", logger="flux_schnell.settings"):
+        load_settings(cfg, environ={})
+    assert any("chmod 600" in r.getMessage() for r in caplog.records)
+    assert all(KEY not in r.getMessage() for r in caplog.records)
+
+
+# --- base URL -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://imageapi.org/", "https://imageapi.org"),
+        ("https://proxy.example.com/imageapi//", "https://proxy.example.com/imageapi"),
+        ("http://127.0.0.1:8787", "http://127.0.0.1:8787"),
+        ("http://127.5.6.7:1/", "http://127.5.6.7:1"),
+        ("http://localhost:9000", "http://localhost:9000"),
+        ("http://[::1]:8080", "http://[::1]:8080"),
+    ],
+)
+def test_base_url_accepted(cfg, url, expected):
+    s = load_settings(cfg, environ={"IMAGEAPI_API_KEY": KEY, "IMAGEAPI_BASE_URL": url})
+    assert s.base_url == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        ("http://imageapi.org", "plain http"),
+        ("http://10.0.0.1:80", "plain http"),
+        ("http://128.0.0.1", "plain http"),
+        ("ftp://imageapi.org", "https://"),
+        ("imageapi.org", "https://"),
+        ("https://", "https://"),
+        ("https://user:pw@imageapi.org", "user name or password"),
+        ("https://imageapi.org/?x=1", "query"),
+        ("https://imageapi.org:99999", "malformed"),
+    ],
+)
+def test_base_url_refused(cfg, url, match):
+    with pytest.raises(ConfigurationError, match=match) as info:
+        load_settings(cfg, environ={"IMAGEAPI_API_KEY": KEY, "IMAGEAPI_BASE_URL": url})
+    assert "IMAGEAPI_BASE_URL" in str(info.value)
+
+
+def test_env_base_url_overrides_config(cfg):
+    write(cfg, {"api_key": KEY, "base_url": "https://from-file.example.com"})
+    env = {"IMAGEAPI_BASE_URL": "https://from-env.example.com"}
+    assert load_settings(cfg, environ=env).base_url == "https://from-env.example.com"
+    assert load_settings(cfg, environ={}).base_url == "https://from-file.example.com"
+
+
+# --- ApiSettings itself -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("request_timeout_s", 0),
+        ("deadline_s", -1),
+        ("deadline_s", float("nan")),
+        ("max_free_retries", -1),
+        ("max_download_bytes", 0),
+        ("max_image_pixels", 1.5),
+        ("backoff_base_s", -0.1),
+        ("send_seed", 1),
+    ],
+)
+def test_api_settings_validates(field, value):
+    with pytest.raises(ConfigurationError, match=field):
+        ApiSettings(base_url=DEFAULT_BASE_URL, api_key=KEY, key_source="test", **{field: value})
+
+
+def test_api_settings_repr_hides_key():
+    s = ApiSettings(base_url="https://x.example.com/", api_key=KEY, key_source="test")
+    assert KEY not in repr(s)
+    assert KEY not in str(s)
+    assert s.base_url == "https://x.example.com"
+
+
+# --- config path --------------------------------------------------------------------------------
+
+
+def test_default_path_env_override(tmp_path):
+    assert default_config_path({"IMAGEAPI_CONFIG": str(tmp_path / "c.json")}) == tmp_path / "c.json"
+
+
+def test_default_path_xdg(tmp_path, monkeypatch):
+    monkeypatch.setattr(comfy_bridge, "user_directory", lambda: None)
+    path = default_config_path({"XDG_CONFIG_HOME": str(tmp_path)})
+    assert path == tmp_path / "comfyui-flux-schnell" / "config.json"
+    home = default_config_path({})
+    assert home == Path.home() / ".config" / "comfyui-flux-schnell" / "config.json"
+
+
+def test_default_path_inside_comfyui(tmp_path, monkeypatch):
+    monkeypatch.setattr(comfy_bridge, "user_directory", lambda: str(tmp_path / "user"))
+    path = default_config_path({"XDG_CONFIG_HOME": str(tmp_path / "xdg")})
+    assert path == tmp_path / "user" / "flux_schnell" / "config.json"
+
+
+def test_config_inside_package_folder_refused():
+    inside = Path(settings_mod.__file__).parent / "config.json"
+    with pytest.raises(ConfigurationError, match="inside the package folder"):
+        default_config_path({"IMAGEAPI_CONFIG": str(inside)})
+
+
+# --- save_api_key ---------------------------------------------------------------------------------
+
+
+def test_save_key_creates_private_file_and_keeps_fields(cfg):
+    write(cfg, {"api_key": "sk_old", "send_seed": True})
+    cfg.chmod(0o644)
+    assert save_api_key(KEY, cfg) == cfg
+    assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
+    assert json.loads(cfg.read_text()) == {"api_key": KEY, "send_seed": True}
+    assert [p.name for p in cfg.parent.iterdir()] == ["config.json"]  # no temp file left
+    s = load_settings(cfg, environ={})
+    assert (s.api_key, s.send_seed) == (KEY, True)
+
+
+def test_save_key_new_file_and_folder(tmp_path):
+    path = tmp_path / "a" / "b" / "config.json"
+    save_api_key(KEY, path)
+    assert json.loads(path.read_text()) == {"api_key": KEY}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    if os.name == "posix":
+        assert stat.S_IMODE(path.parent.stat().st_mode) & 0o077 == 0
+
+
+def test_save_key_replaces_atomically(cfg, monkeypatch):
+    write(cfg, {"api_key": "sk_old"})
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        seen.append((Path(src).parent, Path(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(settings_mod.os, "replace", spy)
+    save_api_key(KEY, cfg)
+    assert seen == [(cfg.parent, cfg)]
+
+
+@pytest.mark.parametrize("bad_key", ["", "sk a", "sk\n"])
+def test_save_key_refuses_bad_key_and_keeps_file(cfg, bad_key):
+    write(cfg, {"api_key": "sk_old"})
+    with pytest.raises(ConfigurationError):
+        save_api_key(bad_key, cfg)
+    assert json.loads(cfg.read_text()) == {"api_key": "sk_old"}
+
+
+def test_save_key_does_not_overwrite_broken_file(cfg):
+    write(cfg, "{not json")
+    with pytest.raises(ConfigurationError, match="not valid JSON"):
+        save_api_key(KEY, cfg)
+    assert cfg.read_text() == "{not json"
+
+
+def test_settings_are_reread_each_time(cfg):
+    save_api_key("sk_first", cfg)
+    assert load_settings(cfg, environ={}).api_key == "sk_first"
+    save_api_key("sk_second", cfg)
+    assert load_settings(cfg, environ={}).api_key == "sk_second"
