@@ -19,7 +19,13 @@ from collections import OrderedDict
 
 from .api_client import ApiImage, GenerateRequest, ImageApiClient
 from .comfy_bridge import Progress
-from .errors import ApiError, BatchFailedError, GenerationInterrupted
+from .errors import (
+    ApiError,
+    AuthenticationError,
+    BatchFailedError,
+    GenerationInterrupted,
+    InsufficientCreditsError,
+)
 from .generation import MODEL_NAME, GenerationInfo, GenerationRequest
 from .images import pil_to_tensor
 from .settings import ApiSettings, load_settings
@@ -27,6 +33,8 @@ from .settings import ApiSettings, load_settings
 log = logging.getLogger("flux_schnell.api")
 
 CONCURRENCY = 4
+# Errors after which the rest of a batch is not sent: every request would fail the same way.
+ABORT_BATCH = (AuthenticationError, InsufficientCreditsError)
 KEEP_LIMIT = 32
 
 _lock = threading.Lock()
@@ -88,17 +96,23 @@ def generate_api(
     def on_result(position: int, result: ApiImage | ApiError) -> None:
         results[todo[position]] = result
         progress.advance(1)
+        if isinstance(result, ABORT_BATCH):
+            raise result  # the rest of the batch would fail the same way: send no more
 
     try:
-        client_for(settings).generate_many(
-            [reqs[i] for i in todo],
-            concurrency=min(CONCURRENCY, max(1, len(todo))),
-            should_stop=progress.should_stop,
-            on_result=on_result,
-        )
+        if todo:
+            client_for(settings).generate_many(
+                [reqs[i] for i in todo],
+                concurrency=min(CONCURRENCY, len(todo)),
+                should_stop=progress.should_stop,
+                on_result=on_result,
+            )
     except GenerationInterrupted:
         _keep_finished(settings, reqs, results)
         progress.raise_if_interrupted()  # ComfyUI's own exception: a cancel, not an error
+        raise
+    except BaseException:  # ComfyUI's interrupt from the progress bar, an aborted batch, ...
+        _keep_finished(settings, reqs, results)
         raise
     failures = {i: r for i, r in enumerate(results) if isinstance(r, ApiError)}
     if failures:
