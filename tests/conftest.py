@@ -1,0 +1,131 @@
+"""Shared fixtures: ComfyUI stand-ins, loading the package the way ComfyUI does, an API env."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_KEY = "sk_testkey_DO_NOT_LEAK_0123456789abcdef"
+
+
+class InterruptProcessingException(Exception):
+    """Stand-in for comfy.model_management.InterruptProcessingException."""
+
+
+class ComfyStandIn:
+    """`comfy.utils`, `comfy.model_management` and `folder_paths` as small fakes.
+
+    Like ComfyUI's, `ProgressBar.update*` raises the interrupt exception once an interrupt was
+    requested; `interrupt()` is what the Cancel button does.
+    """
+
+    def __init__(self, tmp_path: Path):
+        self.interrupted = False
+        self.bars: list = []
+        self.updates: list[tuple[int, int, object]] = []
+        self.user_dir = tmp_path / "comfy_user"
+        self.models_dir = tmp_path / "comfy_models"
+        stand_in = self
+
+        class ProgressBar:
+            def __init__(self, total):
+                self.total, self.current = total, 0
+                stand_in.bars.append(self)
+
+            def update_absolute(self, value, total=None, preview=None):
+                stand_in.throw_if_interrupted()
+                self.current = value
+                stand_in.updates.append((value, total or self.total, preview))
+
+            def update(self, value):
+                self.update_absolute(self.current + value, self.total)
+
+        self.utils = types.ModuleType("comfy.utils")
+        self.utils.ProgressBar = ProgressBar
+        self.mm = types.ModuleType("comfy.model_management")
+        self.mm.InterruptProcessingException = InterruptProcessingException
+        self.mm.processing_interrupted = lambda: stand_in.interrupted
+        self.mm.throw_exception_if_processing_interrupted = stand_in.throw_if_interrupted
+        self.comfy = types.ModuleType("comfy")
+        self.comfy.utils, self.comfy.model_management = self.utils, self.mm
+        self.folder_paths = types.ModuleType("folder_paths")
+        self.folder_paths.get_user_directory = lambda: str(stand_in.user_dir)
+        self.folder_paths.get_filename_list = self._filenames
+        self.folder_paths.get_folder_paths = lambda name: [str(stand_in.models_dir / name)]
+        self.folder_paths.get_full_path = self._full_path
+
+    def throw_if_interrupted(self):
+        if self.interrupted:
+            self.interrupted = False  # ComfyUI clears the flag when it raises
+            raise InterruptProcessingException()
+
+    def interrupt(self):
+        self.interrupted = True
+
+    def _filenames(self, name):
+        folder = self.models_dir / name
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    def _full_path(self, name, filename):
+        path = self.models_dir / name / filename
+        return str(path) if path.is_file() else None
+
+    def modules(self) -> dict[str, types.ModuleType]:
+        return {
+            "comfy": self.comfy,
+            "comfy.utils": self.utils,
+            "comfy.model_management": self.mm,
+            "folder_paths": self.folder_paths,
+        }
+
+
+@pytest.fixture
+def comfy(tmp_path, monkeypatch) -> ComfyStandIn:
+    """ComfyUI's modules replaced by stand-ins for the duration of a test."""
+    stand_in = ComfyStandIn(tmp_path)
+    for name, module in stand_in.modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return stand_in
+
+
+def load_like_comfyui(path: Path = REPO) -> types.ModuleType:
+    """Import `path/__init__.py` as ComfyUI's load_custom_node does: a path-derived module name."""
+    name = str(path).replace(".", "_x_")
+    spec = importlib.util.spec_from_file_location(
+        name, path / "__init__.py", submodule_search_locations=[str(path)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def comfy_package(comfy):
+    """The repository loaded the ComfyUI way, with ComfyUI stand-ins present."""
+    module = load_like_comfyui()
+    yield module
+    for key in [
+        k for k in sys.modules if k == module.__name__ or k.startswith(module.__name__ + ".")
+    ]:
+        del sys.modules[key]
+
+
+@pytest.fixture
+def fake_api(tmp_path, monkeypatch):
+    """A loopback fake ImageAPI, with the environment pointing the package at it."""
+    from fake_imageapi import FakeImageAPI
+
+    server = FakeImageAPI()
+    server.start()
+    monkeypatch.setenv("IMAGEAPI_BASE_URL", server.base_url)
+    monkeypatch.setenv("IMAGEAPI_API_KEY", TEST_KEY)
+    monkeypatch.delenv("IMAGEAPI_KEY", raising=False)
+    monkeypatch.setenv("IMAGEAPI_CONFIG", str(tmp_path / "flux_schnell_config.json"))
+    yield server
+    server.stop()
