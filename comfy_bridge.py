@@ -120,3 +120,31 @@ def interrupt_check() -> Callable[[], bool]:
     if mm is None:
         return lambda: False
     return mm.processing_interrupted
+
+
+def torch_device():
+    """ComfyUI's compute device (it honours --cpu, --cuda-device, ...), or None outside ComfyUI."""
+    mm = _comfy("comfy.model_management")
+    return mm.get_torch_device() if mm is not None else None
+
+
+def free_memory(num_bytes: int, device) -> None:
+    """Ask ComfyUI to move its own models out until `num_bytes` are free on `device`."""
+    mm = _comfy("comfy.model_management")
+    if mm is None or device is None:
+        return
+    if hasattr(mm, "free_memory"):
+        mm.free_memory(num_bytes, device)
+    elif hasattr(mm, "unload_all_models"):
+        mm.unload_all_models()
+    if hasattr(mm, "soft_empty_cache"):
+        mm.soft_empty_cache()
+
+
+def previews_enabled() -> bool:
+    """True when ComfyUI shows previews while sampling (its --preview-method is not 'none')."""
+    cli_args = _comfy("comfy.cli_args")
+    if cli_args is None:
+        return False
+    method = getattr(getattr(cli_args, "args", None), "preview_method", None)
+    return method is not None and str(getattr(method, "value", method)).lower() != "none"

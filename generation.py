@@ -98,9 +98,12 @@ class GenerationInfo:
     request_ids: list[str | None] | None = None
     seed_sent: bool | None = None
     device: str | None = None
+    timings: dict[str, float] | None = None
     notes: list[str] | None = None
 
     def to_json(self) -> str:
         data = {k: v for k, v in asdict(self).items() if v is not None}
         data["seconds"] = round(self.seconds, 3)
+        if self.timings:
+            data["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         return json.dumps(data, ensure_ascii=False)

@@ -1,14 +1,335 @@
-"""The local backend: weight files to loaded models to images.
+"""The local backend: weight files to loaded models to images, and the device-memory policy.
 
-Not available yet: the pure-PyTorch FLUX.1-schnell lands with the local backend issue.
+A run has three stages that never need to share the GPU: text encoding (T5-XXL + CLIP-L), sampling
+(the transformer, one image at a time so image i of a batch is exactly the single image of seed
++ i and the memory does not grow with the batch) and decoding (the autoencoder). Models are loaded
+once, memory-mapped onto the CPU, and kept between runs while the files, the weight dtype and the
+device are unchanged; a new prompt or seed reloads nothing.
+
+Memory choices (the loader node's `memory` input):
+- "auto": a stage's model goes to the GPU when it runs; other models stay there as long as the
+  free memory allows, and are moved out (oldest use first) when it does not.
+- "keep on GPU": every model stays on the GPU after its stage (fastest repeat runs).
+- "offload to CPU": only the running stage's model is on the GPU.
+- "free after run": like "offload to CPU", and the loaded models are released after each run.
+Moving a model out costs no copy: its parameters go back to the CPU tensors it was loaded as
+(memory-mapped from the file, or cast once at load time).
 """
 
 from __future__ import annotations
 
-from .errors import LocalBackendUnavailable
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import comfy_bridge
+from .comfy_bridge import Progress
+from .errors import LocalBackendUnavailable, OutOfMemoryError
+from .generation import MODEL_NAME, GenerationInfo, GenerationRequest
+from .local_files import LocalModelSpec, ResolvedFiles
+
+log = logging.getLogger("flux_schnell.local")
+
+__all__ = ["LocalModelSpec", "generate_local", "release_models"]
+
+WEIGHT_DTYPES = {"as stored": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+T5_MAX_LENGTH = 256  # FLUX.1 [schnell] encodes 256 T5 tokens (dev: 512)
+CLIP_MAX_LENGTH = 77
+PREVIEW_MAX_SIZE = 512
+GIB = 2**30
 
 
-def generate_local(*args, **kwargs):
-    raise LocalBackendUnavailable(
-        "backend 'local' is not available in this version yet; choose backend 'api'."
+def pick_device(requested: str | None) -> torch.device:
+    """The device the user named, else ComfyUI's device, else the first GPU, else the CPU."""
+    if requested:
+        try:
+            device = torch.device(requested)
+        except RuntimeError as e:
+            raise LocalBackendUnavailable(f"device {requested!r} is not a torch device: {e}") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise LocalBackendUnavailable(
+                f"device {requested!r} was asked for, but this torch has no CUDA device; "
+                "use --device cpu (slow) or backend 'api'"
+            )
+        return device
+    comfy_device = comfy_bridge.torch_device()
+    if comfy_device is not None:
+        return torch.device(comfy_device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU that has it, fp32 otherwise (the CPU, older GPUs)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+class Placed:
+    """A model with a CPU home: `to(device)` for its stage, `home()` back without a copy."""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module.eval().requires_grad_(False)
+        self.cpu_tensors = {k: t.data for k, t in self._tensors()}
+        self.nbytes = module_bytes(module)
+        self.device = torch.device("cpu")
+        self.last_used = 0.0
+
+    def _tensors(self):
+        yield from self.module.named_parameters()
+        yield from self.module.named_buffers()
+
+    def to(self, device: torch.device) -> None:
+        if self.device != device:
+            for name, t in self._tensors():
+                t.data = self.cpu_tensors[name].to(device, non_blocking=True)
+            self.device = device
+        self.last_used = time.monotonic()
+
+    def home(self) -> None:
+        if self.device.type != "cpu":
+            for name, t in self._tensors():
+                t.data = self.cpu_tensors[name]
+            self.device = torch.device("cpu")
+
+
+@dataclass
+class LoadedModels:
+    """Everything one set of files loads to, plus the tokenizers."""
+
+    files: ResolvedFiles
+    weight_dtype: str
+    t5: Placed
+    clip: Placed
+    transformer: Placed
+    ae: Placed
+    t5_tokenizer: object
+    clip_tokenizer: object
+    load_seconds: float = 0.0
+
+    def all(self) -> list[Placed]:
+        return [self.t5, self.clip, self.transformer, self.ae]
+
+
+_lock = threading.Lock()
+_loaded: LoadedModels | None = None
+
+
+def release_models() -> None:
+    """Drop the cached models (their memory is freed once no tensor refers to them)."""
+    global _loaded
+    with _lock:
+        _loaded = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def load_models(files: ResolvedFiles, weight_dtype: str) -> LoadedModels:
+    """The cached models for these files and dtype, loading only what changed (CPU, mmap)."""
+    global _loaded
+    from .flux import loading, tokenizers
+
+    if _loaded is not None and _loaded.files == files and _loaded.weight_dtype == weight_dtype:
+        return _loaded
+    narrow = WEIGHT_DTYPES[weight_dtype]
+    started = time.monotonic()
+    _loaded = None  # let the old models go before the new ones arrive
+    log.info("loading FLUX.1-schnell (weights %s) from %s", weight_dtype, files.transformer.parent)
+    loaded = LoadedModels(
+        files=files,
+        weight_dtype=weight_dtype,
+        t5=Placed("T5-XXL", loading.load_t5(files.t5, weight_dtype=narrow)),
+        clip=Placed("CLIP-L", loading.load_clip(files.clip)),
+        transformer=Placed(
+            "transformer", loading.load_transformer(files.transformer, weight_dtype=narrow)
+        ),
+        ae=Placed("autoencoder", loading.load_autoencoder(files.ae)),
+        t5_tokenizer=tokenizers.load_t5_tokenizer(files.t5_tokenizer, max_length=T5_MAX_LENGTH),
+        clip_tokenizer=tokenizers.load_clip_tokenizer(
+            files.clip_tokenizer, max_length=CLIP_MAX_LENGTH
+        ),
     )
+    loaded.load_seconds = time.monotonic() - started
+    _loaded = loaded
+    return loaded
+
+
+class MemoryPolicy:
+    """Puts each stage's model on the device, and moves the others out as the choice says."""
+
+    def __init__(self, models: LoadedModels, device: torch.device, choice: str):
+        self.models, self.device, self.choice = models, device, choice
+
+    def enter(self, stage: list[Placed], activation_bytes: int) -> None:
+        if self.device.type == "cpu":
+            return
+        need = sum(p.nbytes for p in stage if p.device != self.device) + activation_bytes
+        others = sorted(
+            (p for p in self.models.all() if p not in stage and p.device == self.device),
+            key=lambda p: p.last_used,
+        )
+        if self.choice in ("offload to CPU", "free after run"):
+            for placed in others:
+                placed.home()
+        elif self.choice == "auto":
+            for placed in others:
+                if _free_bytes(self.device) >= need:
+                    break
+                log.info("moving %s out of %s to make room", placed.name, self.device)
+                placed.home()
+        if others:
+            torch.cuda.empty_cache()
+        comfy_bridge.free_memory(need, self.device)  # other ComfyUI models make room too
+        for placed in stage:
+            placed.to(self.device)
+
+    def leave(self, stage: list[Placed]) -> None:
+        if self.choice in ("offload to CPU", "free after run"):
+            for placed in stage:
+                placed.home()
+
+
+def _free_bytes(device: torch.device) -> int:
+    free, _total = torch.cuda.mem_get_info(device)
+    return free
+
+
+@contextlib.contextmanager
+def _stage(name: str, request: GenerationRequest, timings: dict[str, float]):
+    """Times a stage and turns running out of device memory into an error that says what to do."""
+    started = time.monotonic()
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise OutOfMemoryError(
+            f"out of GPU memory during {name} at {request.width}x{request.height}: use a smaller "
+            "width/height, weight_dtype 'fp8_e4m3fn' (half the transformer's memory), memory "
+            "'offload to CPU', or close other programs using the GPU"
+        ) from e
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.monotonic() - started
+
+
+def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, progress: Progress):
+    """Run `request` on this machine; returns `(IMAGE tensor [B, H, W, 3], GenerationInfo)`."""
+    request.validate("local")
+    spec = spec or LocalModelSpec()
+    files = spec.resolve()
+    device = pick_device(spec.device)
+    dtype = compute_dtype(device)
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    with _lock:
+        before = _loaded
+        with _stage("loading", request, timings):
+            models = load_models(files, spec.weight_dtype)
+        if models is before:
+            timings.pop("loading")
+        policy = MemoryPolicy(models, device, spec.memory)
+        try:
+            images = _run(models, policy, request, device, dtype, progress, timings)
+        finally:
+            if spec.memory == "free after run":
+                for placed in models.all():
+                    placed.home()
+        if spec.memory == "free after run":
+            release_models()
+    info = GenerationInfo(
+        backend="local",
+        model=MODEL_NAME,
+        prompt=request.prompt,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        seeds=request.seeds,
+        seconds=time.monotonic() - started,
+        device=f"{device} ({str(dtype).removeprefix('torch.')}, weights {spec.weight_dtype})",
+        timings=timings,
+    )
+    return images, info
+
+
+@torch.inference_mode()
+def _run(models, policy, request, device, dtype, progress: Progress, timings) -> torch.Tensor:
+    from .flux import sampling
+    from .flux.conditioning import encode_prompts
+
+    height, width = request.height, request.width
+    with _stage("text encoding", request, timings):
+        policy.enter([models.t5, models.clip], activation_bytes=GIB // 2)
+        txt, vec = encode_prompts(
+            models.t5.module,
+            models.clip.module,
+            models.t5_tokenizer,
+            models.clip_tokenizer,
+            [request.prompt],
+            device,
+            dtype,
+        )  # (1, 256, 4096), (1, 768): one prompt serves every image of the batch
+        policy.leave([models.t5, models.clip])
+    progress.raise_if_interrupted()
+
+    previews = comfy_bridge.previews_enabled()
+    latents = []
+    with _stage("sampling", request, timings):
+        policy.enter([models.transformer], activation_bytes=_sampling_bytes(height, width))
+        for seed in request.seeds:
+            latents.append(
+                _sample_one(models.transformer.module, txt, vec, seed, request, device, dtype,
+                            progress, previews)
+            )  # fmt: skip
+        policy.leave([models.transformer])
+
+    with _stage("decoding", request, timings):
+        policy.enter([models.ae], activation_bytes=_decoding_bytes(height, width))
+        images = [
+            sampling.decode_to_images(models.ae.module, x, height, width) for x in latents
+        ]  # each (1, H, W, 3) float32 on the CPU
+        policy.leave([models.ae])
+    return torch.cat(images)
+
+
+def _sample_one(transformer, txt, vec, seed, request, device, dtype, progress, previews):
+    from .flux import sampling
+    from .flux.preview import latent_preview
+
+    height, width = request.height, request.width
+    noise = sampling.get_noise(1, height, width, seed, device=device, dtype=dtype)
+    img, img_ids = sampling.pack(noise), sampling.image_ids(1, height, width, device=device)
+    txt_ids = sampling.text_ids(1, txt.shape[1], device=device)
+
+    def on_step(i: int, total: int, x: torch.Tensor) -> None:
+        preview = None
+        if previews:
+            picture = latent_preview(sampling.unpack(x, height, width))
+            preview = ("JPEG", picture, PREVIEW_MAX_SIZE)
+        progress.advance(1, preview)  # ComfyUI's bar raises its interrupt exception here
+        progress.raise_if_interrupted()
+
+    return sampling.denoise(
+        transformer, img, img_ids, txt, txt_ids, vec, sampling.get_schedule(request.steps),
+        on_step=on_step,
+    )  # fmt: skip
+
+
+def _sampling_bytes(height: int, width: int) -> int:
+    """A generous bound on the transformer's activations for one image (bf16, 3072 wide)."""
+    tokens = (height // 16) * (width // 16) + T5_MAX_LENGTH
+    return tokens * 3072 * 2 * 24 + GIB // 2
+
+
+def _decoding_bytes(height: int, width: int) -> int:
+    """A generous bound on the autoencoder decoder's activations at full resolution (bf16)."""
+    return height * width * 128 * 2 * 6 + GIB // 2
