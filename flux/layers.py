@@ -1,0 +1,195 @@
+"""Building blocks of the FLUX.1 transformer: embedders, QK-norm, modulation, double and single blocks.
+
+Based on the reading of Black Forest Labs' `flux/modules/layers.py` and `flux/math.py` in
+/work/shared/reference/flux-architecture.md (section 2); written from those facts, not copied. Module
+and parameter names follow the reference so that `state_dict()` keys are those of
+flux1-schnell.safetensors.
+
+Conventions: activations are (B, L, D) and attention heads are kept as (B, L, H, D) until the
+attention call. Every Linear is `ops.Linear`, which computes in its input's dtype whatever dtype the
+weight is stored in. LayerNorms have no affine parameters and eps 1e-6; modulation is applied as
+`(1 + scale) * LayerNorm(x) + shift`, and residual updates as `x + gate * f(x)`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import Linear, cast_to
+from .rope import apply_rope
+
+NORM_EPS = 1e-6  # LayerNorm and QK RMSNorm epsilon of the reference
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """`(1 + scale) * LayerNorm(x) + shift`; x (B, L, D), shift and scale (B, 1, D)."""
+    normed = F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS)
+    return torch.addcmul(shift, 1 + scale, normed)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
+    """RoPE on q and k, then SDPA with the default 1/sqrt(D) scale. q, k, v (B, L, H, D) -> (B, L, H*D)."""
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    )  # "B L H D -> B H L D" for the inputs; out (B, H, L, D)
+    return out.transpose(1, 2).flatten(2)  # "B H L D -> B L (H D)"
+
+
+def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused projections (B, L, 3*H*D) -> q, k, v views, each (B, L, H, D)."""
+    b, seq, width = qkv.shape
+    heads = qkv.view(b, seq, 3, num_heads, width // (3 * num_heads))  # "B L (K H D) -> B L K H D"
+    return heads.unbind(2)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (keys `in_layer`, `out_layer`)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.in_layer = Linear(in_dim, hidden_dim)
+        self.out_layer = Linear(hidden_dim, hidden_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the head dim: float32 statistics, cast back to x's dtype, then times `scale`."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # F.rms_norm without a weight computes x * rsqrt(mean(x^2) + eps) in float32 and rounds once.
+        normed = F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
+        return normed * cast_to(self.scale, normed)
+
+
+class QKNorm(nn.Module):
+    """Separate RMS norms for queries and keys (keys `query_norm.scale`, `key_norm.scale`)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim)
+        self.key_norm = RMSNorm(head_dim)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v.dtype), self.key_norm(k).to(v.dtype)
+
+
+class Modulation(nn.Module):
+    """`lin(silu(vec))` cut into 3 (single block) or 6 (double block) (B, 1, D) chunks.
+
+    Chunk order: (shift, scale, gate) for the attention branch, then the same for the MLP branch.
+    """
+
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = Linear(dim, self.multiplier * dim)
+
+    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
+        out = self.lin(F.silu(vec))[:, None, :]  # (B, 1, multiplier * D)
+        return out.chunk(self.multiplier, dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """Weights of one stream's attention: fused `qkv`, QK `norm`, output `proj`.
+
+    The double block runs the attention itself, jointly over both streams.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = Linear(dim, dim)
+
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, L, D) -> normed q, k and v, each (B, L, H, D/H)."""
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+def mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
+    """Linear -> GELU(tanh) -> Linear, keys `0` and `2` as in the reference."""
+    return nn.Sequential(
+        Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), Linear(mlp_hidden, hidden)
+    )
+
+
+class DoubleStreamBlock(nn.Module):
+    """Image and text streams with separate weights and one joint attention over [txt, img]."""
+
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
+        super().__init__()
+        mlp_hidden = int(hidden * mlp_ratio)
+        self.img_mod = Modulation(hidden, double=True)
+        self.img_attn = SelfAttention(hidden, num_heads, qkv_bias)
+        self.img_mlp = mlp(hidden, mlp_hidden)
+        self.txt_mod = Modulation(hidden, double=True)
+        self.txt_attn = SelfAttention(hidden, num_heads, qkv_bias)
+        self.txt_mlp = mlp(hidden, mlp_hidden)
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        """img (B, N, D), txt (B, L, D), vec (B, D), pe for the L + N tokens -> (img, txt)."""
+        img_sh1, img_sc1, img_g1, img_sh2, img_sc2, img_g2 = self.img_mod(vec)
+        txt_sh1, txt_sc1, txt_g1, txt_sh2, txt_sc2, txt_g2 = self.txt_mod(vec)
+
+        img_q, img_k, img_v = self.img_attn.heads(modulate(img, img_sh1, img_sc1))
+        txt_q, txt_k, txt_v = self.txt_attn.heads(modulate(txt, txt_sh1, txt_sc1))
+        q, k, v = (
+            torch.cat(pair, dim=1) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))
+        )
+        attn = attention(q, k, v, pe)  # (B, L + N, D), text first
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+
+        img = torch.addcmul(img, img_g1, self.img_attn.proj(img_attn))
+        img = torch.addcmul(img, img_g2, self.img_mlp(modulate(img, img_sh2, img_sc2)))
+        txt = torch.addcmul(txt, txt_g1, self.txt_attn.proj(txt_attn))
+        txt = torch.addcmul(txt, txt_g2, self.txt_mlp(modulate(txt, txt_sh2, txt_sc2)))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention and MLP over the joint sequence, with fused in (`linear1`) and out (`linear2`)."""
+
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.mlp_hidden = int(hidden * mlp_ratio)
+        self.linear1 = Linear(hidden, 3 * hidden + self.mlp_hidden)  # always with a bias
+        self.linear2 = Linear(hidden + self.mlp_hidden, hidden)
+        self.norm = QKNorm(hidden // num_heads)
+        self.modulation = Modulation(hidden, double=False)
+
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+        """x (B, L, D) -> (B, L, D)."""
+        shift, scale, gate = self.modulation(vec)
+        fused = self.linear1(modulate(x, shift, scale))  # (B, L, 3D + M)
+        qkv, mlp_in = fused.split((fused.shape[-1] - self.mlp_hidden, self.mlp_hidden), dim=-1)
+        q, k, v = split_heads(qkv, self.num_heads)
+        q, k = self.norm(q, k, v)
+        attn = attention(q, k, v, pe)  # (B, L, D)
+        out = self.linear2(torch.cat((attn, F.gelu(mlp_in, approximate="tanh")), dim=-1))
+        return torch.addcmul(x, gate, out)
+
+
+class LastLayer(nn.Module):
+    """`(1 + scale) * LN(x) + shift` with (shift, scale) = adaLN(vec), shift first; then a Linear."""
+
+    def __init__(self, hidden: int, out_channels: int):
+        super().__init__()
+        self.linear = Linear(hidden, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden, 2 * hidden))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # 2 x (B, 1, D)
+        return self.linear(modulate(x, shift, scale))
