@@ -1,0 +1,447 @@
+"""Weight files without loading them: the safetensors header, and which networks a file holds.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON (`{key: {dtype, shape,
+data_offsets}}`, plus an optional `__metadata__`), then the tensor bytes. `read_header` reads and
+checks only that header, so telling a 24 GB file apart from another costs a few kilobytes, and a
+truncated or foreign file (pickle, GGUF, ...) is named before any tensor is touched. The tensors
+themselves are read later, memory-mapped, by `flux.loading`.
+
+`inspect_file` finds each network of FLUX.1 [schnell] in a file by one key only that network has
+(its marker), whatever prefix precedes it. That covers the layouts in use:
+
+- Black Forest Labs' single files: `flux1-schnell.safetensors` and `ae.safetensors`, no prefix;
+- the Hugging Face single files of the text encoders: `t5xxl_fp16.safetensors`,
+  `t5xxl_fp8_e4m3fn.safetensors` (`shared.weight`, `encoder.block.N...`) and `clip_l.safetensors`
+  (`text_model.*`);
+- ComfyUI's all-in-one checkpoints: `model.diffusion_model.`, `vae.`,
+  `text_encoders.clip_l.transformer.` and `text_encoders.t5xxl.transformer.` prefixes, plus the
+  unused `text_encoders.*.logit_scale` scalars.
+
+Key layouts: /work/shared/reference/keys/*.json; the prefixes follow ComfyUI's
+`supported_models.Flux` (read for facts only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+
+# safetensors dtype codes (the header's "dtype" strings) and the torch dtypes they store
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+# the dtypes a weight of ours may be stored in
+WEIGHT_DTYPES = ("F32", "F16", "BF16", "F8_E4M3")
+
+MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
+LIST_LIMIT = 12  # how many keys an error message lists before "... and N more"
+
+
+# --- the header ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as the header describes it; `start`/`end` are absolute byte offsets in the file."""
+
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A safetensors file's table of contents: every tensor's dtype, shape and place in the file."""
+
+    path: Path
+    file_size: int
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _fail(path: Path, expected: str | None, reason: str) -> ModelLoadError:
+    what = f"cannot be loaded as the {expected}" if expected else "cannot be read"
+    return ModelLoadError(f"{path} {what}: {reason}")
+
+
+def _foreign_format(head: bytes) -> str | None:
+    """Name the file format given its first bytes, when it is a known format other than safetensors."""
+    if head.startswith(b"GGUF"):
+        return "a GGUF file (quantized weights for llama.cpp / the ComfyUI-GGUF nodes), not safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return (
+            "a PyTorch checkpoint (.ckpt/.pt/.pth: a zip of pickled tensors), not safetensors; "
+            "pickles can run code and are not loaded"
+        )
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return (
+            "a Python pickle (a legacy PyTorch .ckpt/.bin), not safetensors; "
+            "pickles can run code and are not loaded"
+        )
+    if head.startswith(b"\x89HDF"):
+        return "an HDF5 file (Keras .h5), not safetensors"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON text file (a config?), not a weight file"
+    return None
+
+
+def read_header(path: str | Path, *, expected: str | None = None) -> Header:
+    """Read and check the header of the safetensors file at `path`; no tensor data is read.
+
+    `expected` names what the caller wants from the file (e.g. "FLUX.1 transformer"); it goes into
+    the error messages. Raises ModelLoadError for a missing file, a folder, another format (named),
+    a corrupt header or a file shorter than its header says (truncated download).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise _fail(path, expected, "no such file")
+    if path.is_dir():
+        raise _fail(
+            path,
+            expected,
+            "it is a folder (a diffusers model folder?); give the single .safetensors file",
+        )
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(16)
+        foreign = _foreign_format(head)
+        if foreign:
+            raise _fail(path, expected, f"it is {foreign}")
+        if size < 8:
+            raise _fail(
+                path, expected, f"the file is {size} bytes long, too short for a safetensors file"
+            )
+        (header_len,) = struct.unpack("<Q", head[:8])
+        looks_json = head[8:9] == b"{"
+        if header_len > MAX_HEADER_BYTES or header_len < 2 or not looks_json:
+            raise _fail(
+                path,
+                expected,
+                f"it is not a safetensors file (unrecognised format; first bytes {head[:8].hex(' ')})",
+            )
+        if 8 + header_len > size:
+            raise _fail(
+                path,
+                expected,
+                f"the file is truncated: its header alone needs {8 + header_len} bytes but the "
+                f"file has {size}; download it again",
+            )
+        f.seek(8)
+        raw = f.read(header_len)
+    try:
+        table = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, expected, f"its safetensors header is corrupt ({e})") from e
+    if not isinstance(table, dict):
+        raise _fail(path, expected, "its safetensors header is not a JSON object")
+
+    metadata = table.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors: dict[str, TensorEntry] = {}
+    for key, desc in table.items():
+        entry = _parse_entry(path, expected, key, desc, data_start)
+        if entry.end > size:
+            raise _fail(
+                path,
+                expected,
+                f"the file is truncated: tensor {key!r} ends at byte {entry.end} but the file "
+                f"has {size} bytes ({entry.end - size} missing); download it again",
+            )
+        tensors[key] = entry
+    return Header(path=path, file_size=size, tensors=tensors, metadata=dict(metadata))
+
+
+def _parse_entry(
+    path: Path, expected: str | None, key: str, desc: object, data_start: int
+) -> TensorEntry:
+    try:
+        dtype = desc["dtype"]  # type: ignore[index]
+        shape = tuple(int(n) for n in desc["shape"])  # type: ignore[index]
+        begin, end = (int(n) for n in desc["data_offsets"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError) as e:
+        raise _fail(
+            path, expected, f"its safetensors header is corrupt at {key!r}: {desc!r}"
+        ) from e
+    if dtype not in SAFETENSORS_DTYPES:
+        raise _fail(path, expected, f"tensor {key!r} has dtype {dtype!r}, unknown to this loader")
+    itemsize = SAFETENSORS_DTYPES[dtype].itemsize
+    if any(n < 0 for n in shape) or end - begin != math.prod(shape) * itemsize or begin < 0:
+        raise _fail(
+            path,
+            expected,
+            f"its safetensors header is corrupt: tensor {key!r} of shape {shape} ({dtype}) "
+            f"spans bytes {begin}..{end}",
+        )
+    return TensorEntry(dtype=dtype, shape=shape, start=data_start + begin, end=data_start + end)
+
+
+# --- which networks a file holds -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One of the four networks of FLUX.1 [schnell], as far as finding it in a file goes."""
+
+    name: str  # "transformer", "autoencoder", "t5", "clip"
+    title: str  # for messages
+    file_hint: str  # the file a user should give instead
+    marker: str  # a key (after the prefix) that only this network has
+    comfy_prefix: str  # its prefix in a ComfyUI all-in-one checkpoint
+
+
+TRANSFORMER = ComponentSpec(
+    "transformer",
+    "FLUX.1 [schnell] transformer",
+    "flux1-schnell.safetensors (models/diffusion_models)",
+    "double_blocks.0.img_attn.qkv.weight",
+    "model.diffusion_model.",
+)
+AUTOENCODER = ComponentSpec(
+    "autoencoder",
+    "FLUX.1 autoencoder (VAE)",
+    "ae.safetensors (models/vae)",
+    "decoder.mid.block_1.conv1.weight",
+    "vae.",
+)
+T5 = ComponentSpec(
+    "t5",
+    "T5-XXL text encoder",
+    "t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors (models/text_encoders)",
+    "encoder.block.0.layer.0.SelfAttention.q.weight",
+    "text_encoders.t5xxl.transformer.",
+)
+CLIP = ComponentSpec(
+    "clip",
+    "CLIP-L text encoder",
+    "clip_l.safetensors (models/text_encoders)",
+    "text_model.encoder.layers.0.self_attn.q_proj.weight",
+    "text_encoders.clip_l.transformer.",
+)
+COMPONENTS = (TRANSFORMER, AUTOENCODER, T5, CLIP)
+
+# keys of an all-in-one checkpoint that belong to no network and are never loaded
+COMFY_EXTRA_KEYS = ("text_encoders.clip_l.logit_scale", "text_encoders.t5xxl.logit_scale")
+
+# (substring any key contains, what the file then is): for naming files of other architectures
+FOREIGN_SIGNATURES = (
+    ("input_blocks.", "a Stable Diffusion 1.x/2.x/SDXL UNet checkpoint"),
+    ("joint_blocks.", "a Stable Diffusion 3 (MMDiT) checkpoint"),
+    (
+        "single_transformer_blocks.",
+        "a FLUX transformer in the diffusers layout (diffusion_pytorch_model*.safetensors); "
+        "this loader reads Black Forest Labs' single file",
+    ),
+    ("down_blocks.", "a diffusers-layout UNet or VAE"),
+    ("lora_", "a LoRA (not a full model)"),
+    (".lora_A.", "a LoRA (not a full model)"),
+    ("vision_model.", "a CLIP vision encoder"),
+)
+
+# (how to recognise it, what it is): variants of our networks this loader cannot read
+UNSUPPORTED_VARIANTS = (
+    (
+        lambda k: k.endswith(("scaled_fp8", ".scale_weight", ".scale_input")),
+        "a ComfyUI 'scaled fp8' file (fp8 weights with per-layer scales: `scaled_fp8`, "
+        "`.scale_weight` keys); this variant is not supported yet: use the plain fp8_e4m3fn, "
+        "fp16 or bf16 file",
+    ),
+    (
+        lambda k: "bitsandbytes__" in k or k.endswith(".absmax"),
+        "a bitsandbytes NF4/FP4 quantized file; it is not supported: use the fp8_e4m3fn, "
+        "fp16 or bf16 file",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """Where one network lies in a file: its key prefix, its keys, dtypes and size."""
+
+    spec: ComponentSpec
+    prefix: str
+    keys: tuple[str, ...]  # full keys in the file
+    dtypes: dict[str, int]  # safetensors dtype code -> number of tensors
+    num_params: int
+    variant: str | None = None  # the transformer's "schnell" or "dev"
+
+    def describe(self) -> str:
+        dtypes = ", ".join(f"{n} {d}" for d, n in sorted(self.dtypes.items()))
+        where = f"under {self.prefix!r}" if self.prefix else "without prefix"
+        name = f"FLUX.1 [{self.variant}] transformer" if self.variant else self.spec.title
+        return (
+            f"{name} {where}: {len(self.keys)} tensors, {self.num_params:,} parameters ({dtypes})"
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What `inspect_file` found in a file: its networks, its layout, and what else it may be."""
+
+    header: Header
+    components: dict[str, ComponentInfo]  # by ComponentSpec.name
+    layout: str  # "BFL single file", "Hugging Face single file", "ComfyUI all-in-one", "unknown"
+    looks_like: str | None  # another architecture this file seems to be, if any
+    unsupported: str | None  # a variant of ours this loader cannot read, if any
+
+    @property
+    def path(self) -> Path:
+        return self.header.path
+
+    def describe(self) -> str:
+        """One line a user can read: what the file holds."""
+        if self.unsupported:
+            return self.unsupported
+        if self.looks_like:
+            return self.looks_like
+        if self.components:
+            parts = "; ".join(c.describe() for c in self.components.values())
+            return f"{self.layout} holding {parts}"
+        keys = list_keys(self.header.tensors, 5)
+        return f"an unknown set of {len(self.header.tensors)} tensors (first keys: {keys})"
+
+
+def list_keys(keys, limit: int = LIST_LIMIT) -> str:
+    """`keys` in natural order, at most `limit` of them, then how many more there are."""
+    ordered = sorted(keys, key=_natural)
+    shown = ", ".join(ordered[:limit])
+    more = len(ordered) - limit
+    return f"{shown}, ... and {more} more" if more > 0 else shown
+
+
+def _natural(key: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+
+def _find_prefixes(keys, spec: ComponentSpec) -> list[str]:
+    """Every prefix under which `spec`'s marker key occurs (a prefix is empty or ends with '.')."""
+    found = []
+    for key in keys:
+        if key.endswith(spec.marker):
+            prefix = key[: -len(spec.marker)]
+            if prefix == "" or prefix.endswith("."):
+                found.append(prefix)
+    return found
+
+
+def inspect_file(path: str | Path, *, expected: str | None = None) -> CheckpointInfo:
+    """Read the header of `path` and tell which FLUX networks it holds, in which layout and dtypes.
+
+    Only the header is read. A file may hold several networks (an all-in-one checkpoint) or none
+    (`components` empty: then `looks_like` names the architecture it seems to be, when known).
+    """
+    header = read_header(path, expected=expected)
+    keys = list(header.tensors)
+
+    prefixes: dict[str, str] = {}
+    for spec in COMPONENTS:
+        found = _find_prefixes(keys, spec)
+        if spec.comfy_prefix in found:
+            prefixes[spec.name] = spec.comfy_prefix
+        elif len(found) == 1:
+            prefixes[spec.name] = found[0]
+        elif len(found) > 1:
+            raise _fail(
+                header.path,
+                expected,
+                f"it holds {len(found)} {spec.title}s (under {', '.join(map(repr, found))}) and "
+                f"none under {spec.comfy_prefix!r}; it is not a FLUX.1 checkpoint",
+            )
+
+    components = {}
+    for name, prefix in prefixes.items():
+        others = [p for n, p in prefixes.items() if n != name and len(p) > len(prefix)]
+        own = tuple(
+            k
+            for k in keys
+            if k.startswith(prefix)
+            and not any(k.startswith(p) for p in others)
+            and k not in COMFY_EXTRA_KEYS
+        )
+        spec = next(s for s in COMPONENTS if s.name == name)
+        entries = [header.tensors[k] for k in own]
+        variant = None
+        if spec is TRANSFORMER:
+            variant = (
+                "dev" if f"{prefix}guidance_in.in_layer.weight" in header.tensors else "schnell"
+            )
+        components[name] = ComponentInfo(
+            spec=spec,
+            prefix=prefix,
+            keys=own,
+            dtypes=dict(Counter(e.dtype for e in entries)),
+            num_params=sum(e.numel for e in entries),
+            variant=variant,
+        )
+
+    return CheckpointInfo(
+        header=header,
+        components=components,
+        layout=_layout(components),
+        looks_like=_looks_like(keys),
+        unsupported=next(
+            (what for test, what in UNSUPPORTED_VARIANTS if any(map(test, keys))), None
+        ),
+    )
+
+
+def _layout(components: dict[str, ComponentInfo]) -> str:
+    if not components:
+        return "unknown"
+    if len(components) > 1 or any(c.prefix == c.spec.comfy_prefix for c in components.values()):
+        return "ComfyUI all-in-one checkpoint"
+    (only,) = components.values()
+    if only.prefix:
+        return f"single file with prefix {only.prefix!r}"
+    if only.spec in (TRANSFORMER, AUTOENCODER):
+        return "Black Forest Labs single file"
+    return "Hugging Face single file"
+
+
+def _looks_like(keys: list[str]) -> str | None:
+    for needle, what in FOREIGN_SIGNATURES:
+        if any(needle in k for k in keys):
+            if needle == "input_blocks." and any("label_emb." in k for k in keys):
+                return "a Stable Diffusion XL UNet checkpoint"
+            return what
+    return None
+
+
+def describe_other(info: CheckpointInfo) -> str:
+    """What the file is, for a message saying it is not what was expected."""
+    if info.looks_like:
+        return f"it looks like {info.looks_like}"
+    if info.components:
+        return "it holds " + "; ".join(c.describe() for c in info.components.values())
+    return (
+        f"it holds none of the FLUX.1 networks ({len(info.header.tensors)} tensors; first keys: "
+        f"{list_keys(info.header.tensors, 5)})"
+    )
