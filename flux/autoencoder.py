@@ -100,6 +100,11 @@ def _norm(channels: int) -> _GroupNorm:
     return _GroupNorm(GROUPS, channels, eps=NORM_EPS, affine=True)
 
 
+def _swish(h: Tensor) -> Tensor:
+    """SiLU in place: `h` is always a GroupNorm's fresh output, so no extra full-size tensor is made."""
+    return F.silu(h, inplace=True)
+
+
 class ResnetBlock(nn.Module):
     """GN → swish → conv3×3 → GN → swish → conv3×3, plus the input (through a 1×1 conv if widths differ)."""
 
@@ -115,12 +120,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = None
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return h.add_(
-            skip
-        )  # in place: h is conv2's fresh output and conv's backward does not need it
+        # Written so that no full-size intermediate outlives its use: conv1's output is dropped as
+        # soon as norm2 has read it, and the skip is added in place into conv2's fresh output.
+        h = self.norm2(self.conv1(_swish(self.norm1(x))))
+        h = self.conv2(_swish(h))
+        return h.add_(x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -173,7 +177,11 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: `block.{j}` ResNet blocks, then a `downsample` or `upsample` if given."""
+    """One resolution level: `block.{j}` ResNet blocks, then a `downsample` or `upsample` if given.
+
+    A container: the Encoder and Decoder run `layers()` themselves, so that no call frame keeps the
+    level's input alive while its later blocks run.
+    """
 
     def __init__(
         self, in_channels: int, out_channels: int, num_blocks: int, *, down: bool, up: bool
@@ -186,14 +194,10 @@ class _Level(nn.Module):
         self.downsample = Downsample(out_channels) if down else None
         self.upsample = Upsample(out_channels) if up else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.block:
-            x = block(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        if self.upsample is not None:
-            x = self.upsample(x)
-        return x
+    def layers(self) -> list[nn.Module]:
+        """The modules of this level in the order they run."""
+        resample = [m for m in (self.downsample, self.upsample) if m is not None]
+        return [*self.block, *resample]
 
 
 class _Mid(nn.Module):
@@ -236,10 +240,10 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
+        for layer in (layer for level in self.down for layer in level.layers()):
+            h = layer(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_swish(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -267,9 +271,9 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        for layer in (layer for level in reversed(self.up) for layer in level.layers()):
+            h = layer(h)
+        return self.conv_out(_swish(self.norm_out(h)))
 
 
 # --- the autoencoder ---------------------------------------------------------------------------

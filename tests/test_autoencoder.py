@@ -6,13 +6,17 @@ from __future__ import annotations
 import copy
 import json
 import math
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from comfyui_flux_schnell.errors import InvalidInputError
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoder, AutoEncoderParams
 from diffusers_ae_convert import diffusers_config, to_diffusers
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 KEYS_AE = Path("/work/shared/reference/keys/keys_ae.json")
 
@@ -185,6 +189,51 @@ def test_encode_decode_shapes(p, b, h, w):
 
 def test_downscale_factor_of_flux_is_8():
     assert AutoEncoderParams().downscale_factor == 8
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+
+class _PeakBytes(TorchDispatchMode):
+    """Counts the bytes of live tensors created by ops (views and in-place results excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, n: int) -> None:
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(a) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and id(t) not in inputs and not t._is_view():
+                n = t.numel() * t.element_size()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, n)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_size_decode_peak_memory_is_bounded_and_batch_independent(monkeypatch, dtype):
+    # SDPA on meta runs the math path (an L x L matrix); a GPU runs a fused kernel with O(L) memory
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v: torch.empty_like(q))
+    with torch.device("meta"):
+        model = AutoEncoder(AutoEncoderParams())
+    size = 256
+    largest = 256 * size * size * dtype.itemsize  # the last upsample's output, 256 ch at full size
+    peaks = {}
+    for b in (1, 3):
+        z = torch.empty(b, 16, size // 8, size // 8, device="meta", dtype=dtype)
+        with torch.no_grad(), _PeakBytes() as tracker:
+            model.decode(z)
+        peaks[b] = tracker.peak
+    assert (
+        peaks[1] <= 2.6 * largest
+    )  # 2.5 x: upsample output + conv1 input (in place) + conv1 output
+    assert peaks[3] <= 1.05 * peaks[1]  # one image at a time
 
 
 # --- errors ------------------------------------------------------------------------------------
