@@ -230,10 +230,9 @@ def test_full_size_decode_peak_memory_is_bounded_and_batch_independent(monkeypat
         with torch.no_grad(), _PeakBytes() as tracker:
             model.decode(z)
         peaks[b] = tracker.peak
-    assert (
-        peaks[1] <= 2.6 * largest
-    )  # 2.5 x: upsample output + conv1 input (in place) + conv1 output
-    assert peaks[3] <= 1.05 * peaks[1]  # one image at a time
+    # 2.5 x: the upsample's output (kept for the skip), norm1 + swish in place, conv1's output
+    assert peaks[1] <= 2.6 * largest, f"peak {peaks[1] / largest:.2f} x the largest activation"
+    assert peaks[3] <= 1.05 * peaks[1], f"batch 3 peak {peaks[3]} B vs batch 1 {peaks[1]} B"
 
 
 # --- errors ------------------------------------------------------------------------------------
