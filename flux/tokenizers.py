@@ -180,9 +180,20 @@ def load_clip_tokenizer(folder: str | Path, max_length: int = 77) -> FastPromptT
         raise ModelLoadError(
             f"CLIP tokenizer folder {str(path)!r} lacks {', '.join(missing)}. {_CLIP_WHERE}"
         )
-    tk = _tokenizers_library()
     try:
         vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(
+            f"CLIP tokenizer folder {str(path)!r}: vocab.json cannot be read ({e}). {_CLIP_WHERE}"
+        ) from e
+    absent = [t for t in (CLIP_BOS, CLIP_EOS) if not isinstance(vocab, dict) or t not in vocab]
+    if absent:
+        raise ModelLoadError(
+            f"CLIP tokenizer folder {str(path)!r}: vocab.json has no {' or '.join(absent)}; "
+            f"this is not a CLIP vocabulary. {_CLIP_WHERE}"
+        )
+    tk = _tokenizers_library()
+    try:
         bpe = tk.models.BPE.from_file(
             str(path / "vocab.json"),
             str(path / "merges.txt"),
@@ -196,12 +207,6 @@ def load_clip_tokenizer(folder: str | Path, max_length: int = 77) -> FastPromptT
             f"CLIP tokenizer folder {str(path)!r}: vocab.json/merges.txt cannot be read ({e}). "
             f"{_CLIP_WHERE}"
         ) from e
-    absent = [t for t in (CLIP_BOS, CLIP_EOS) if not isinstance(vocab.get(t), int)]
-    if absent:
-        raise ModelLoadError(
-            f"CLIP tokenizer folder {str(path)!r}: vocab.json has no {' or '.join(absent)}; "
-            f"this is not a CLIP vocabulary. {_CLIP_WHERE}"
-        )
     bos_id, eos_id = vocab[CLIP_BOS], vocab[CLIP_EOS]
 
     tokenizer = tk.Tokenizer(bpe)
