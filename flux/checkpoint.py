@@ -294,12 +294,11 @@ class ComponentInfo:
     variant: str | None = None  # the transformer's "schnell" or "dev"
 
     def describe(self) -> str:
+        """E.g. "a CLIP-L text encoder (no prefix; 196 tensors, 123,060,480 parameters: 196 F16)"."""
         dtypes = ", ".join(f"{n} {d}" for d, n in sorted(self.dtypes.items()))
-        where = f"under {self.prefix!r}" if self.prefix else "without prefix"
+        where = f"under {self.prefix!r}" if self.prefix else "no prefix"
         name = f"FLUX.1 [{self.variant}] transformer" if self.variant else self.spec.title
-        return (
-            f"{name} {where}: {len(self.keys)} tensors, {self.num_params:,} parameters ({dtypes})"
-        )
+        return f"a {name} ({where}; {len(self.keys)} tensors, {self.num_params:,} parameters: {dtypes})"
 
 
 @dataclass(frozen=True)

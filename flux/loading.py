@@ -9,7 +9,10 @@ Each network of FLUX.1 [schnell] (transformer, autoencoder, T5-XXL, CLIP-L) is l
 3. the network is built on the meta device (no memory), every expected key is looked up in the file
    and its shape checked, and one error lists every missing key, unexpected key and wrong shape;
 4. the tensors are assigned into the network (`load_state_dict(assign=True)`):
-   - on the CPU, in the stored dtype: the parameters ARE the memory-mapped file (no copy at all);
+   - on the CPU, in the stored dtype: the parameters ARE the memory-mapped file, no copy at all (a
+     copy-on-write mapping of only the byte range of that network, so the other networks of an
+     all-in-one checkpoint are not mapped; like any private writable mapping it counts towards the
+     kernel's commit limit, so a file larger than RAM + swap raises OutOfMemoryError);
    - otherwise (another device or dtype): each tensor is read from the file on its own, then moved
      and cast, so at most one tensor is held twice at any time.
 
@@ -28,16 +31,17 @@ file may carry that the network does not have, and the one tied alias of T5).
 
 from __future__ import annotations
 
+import errno
+import mmap
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..errors import InvalidInputError, ModelLoadError
+from ..errors import InvalidInputError, ModelLoadError, OutOfMemoryError
 from . import ops
 from .autoencoder import AutoEncoder, AutoEncoderParams
 from .checkpoint import (
@@ -374,21 +378,50 @@ def _target_dtype(stored: torch.dtype, weight_dtype: torch.dtype | None, narrowa
 
 def _read_tensors(header: Header, file_keys: dict, dtypes: dict, device, fail) -> dict:
     """key -> tensor on `device` in `dtypes[key]`; memory-mapped when nothing needs to change."""
+    entries = {key: header.tensors[file_key] for key, file_key in file_keys.items()}
+    in_place = [
+        key
+        for key, entry in entries.items()
+        if device.type == "cpu" and dtypes[key] == entry.torch_dtype and entry.numel
+    ]
     state = {}
     try:
-        with (
-            safe_open(header.path, framework="pt", device="cpu") as mapped,
-            header.path.open("rb") as raw,
-        ):
-            for key, file_key in file_keys.items():
-                entry, dtype = header.tensors[file_key], dtypes[key]
-                if device.type == "cpu" and dtype == entry.torch_dtype:
-                    state[key] = mapped.get_tensor(file_key)  # a view of the mapped file: no copy
-                else:
-                    state[key] = _convert(_read_one(raw, entry), dtype, device)
-    except (OSError, SafetensorError) as e:
+        with header.path.open("rb") as raw:
+            if in_place:
+                state.update(_map(raw, {key: entries[key] for key in in_place}))
+            for key, entry in entries.items():
+                if key not in state:
+                    state[key] = _convert(_read_one(raw, entry), dtypes[key], device)
+    except OSError as e:
+        if e.errno == errno.ENOMEM:
+            raise OutOfMemoryError(
+                f"{header.path} could not be memory-mapped ({e}): this machine has too little "
+                "RAM + swap to hold it on the CPU as stored; load it to the GPU, or use an fp8 "
+                "file or weight_dtype=torch.float8_e4m3fn"
+            ) from e
         raise fail(f"reading its tensors failed ({e}); the file may be damaged") from e
     return state
+
+
+def _map(raw, entries: dict[str, TensorEntry]) -> dict[str, torch.Tensor]:
+    """Views of the tensors in one copy-on-write mapping of the file range that holds them.
+
+    Only that range is mapped (one network of an all-in-one checkpoint, not the whole file). Pages
+    are read from disk when first touched; the tensors keep the mapping alive, and writing to one
+    would copy that page, never change the file.
+    """
+    first = min(e.start for e in entries.values())
+    base = first - first % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be aligned
+    length = max(e.end for e in entries.values()) - base
+    window = mmap.mmap(raw.fileno(), length, access=mmap.ACCESS_COPY, offset=base)
+    return {
+        key: torch.frombuffer(
+            window, dtype=torch.uint8, count=e.end - e.start, offset=e.start - base
+        )
+        .view(e.torch_dtype)
+        .view(e.shape)
+        for key, e in entries.items()
+    }
 
 
 def _read_one(raw, entry: TensorEntry) -> torch.Tensor:

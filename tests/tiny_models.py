@@ -226,10 +226,12 @@ def write_sd_unet(path: Path) -> Path:
     return save(path, {k: torch.randn(s, generator=g) for k, s in keys.items()}, torch.float16)
 
 
-def write_truncated(source: Path, path: Path, keep_fraction: float = 0.6) -> Path:
-    """A copy of `source` cut short, as an interrupted download leaves it."""
+def write_truncated(source: Path, path: Path, keep_fraction=0.6, keep_bytes=None) -> Path:
+    """A copy of `source` cut short (to `keep_bytes`, or a fraction), as a broken download is."""
     data = source.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep_fraction)])
+    path.write_bytes(
+        data[: keep_bytes if keep_bytes is not None else int(len(data) * keep_fraction)]
+    )
     return path
 
 

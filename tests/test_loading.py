@@ -1,0 +1,586 @@
+"""Tests of flux/checkpoint.py and flux/loading.py: every layout and dtype, config inference on the
+real key layouts, zero-copy memory mapping, and the message of every kind of wrong file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import tiny_models as tm
+import torch
+from comfyui_flux_schnell.errors import InvalidInputError, ModelLoadError
+from comfyui_flux_schnell.flux import checkpoint, loading, ops
+from comfyui_flux_schnell.flux.autoencoder import AutoEncoderParams
+from comfyui_flux_schnell.flux.clip import CLIPTextConfig
+from comfyui_flux_schnell.flux.model import FluxParams
+from comfyui_flux_schnell.flux.t5 import T5Config
+from safetensors.torch import load_file
+
+KEYS = Path("/work/shared/reference/keys")
+LOADERS = {
+    "transformer": loading.load_transformer,
+    "autoencoder": loading.load_autoencoder,
+    "t5": loading.load_t5,
+    "clip": loading.load_clip,
+}
+TITLES = {
+    "transformer": "FLUX.1 [schnell] transformer",
+    "autoencoder": "FLUX.1 autoencoder (VAE)",
+    "t5": "T5-XXL text encoder",
+    "clip": "CLIP-L text encoder",
+}
+HINTS = {
+    "transformer": "flux1-schnell.safetensors",
+    "autoencoder": "ae.safetensors",
+    "t5": "t5xxl_fp16.safetensors",
+    "clip": "clip_l.safetensors",
+}
+TINY_CONFIGS = {
+    "transformer": tm.TINY_FLUX,
+    "autoencoder": tm.TINY_AE,
+    "t5": tm.TINY_T5,
+    "clip": tm.TINY_CLIP,
+}
+WRITERS = {
+    "transformer": tm.transformer_weights,
+    "autoencoder": tm.autoencoder_weights,
+    "t5": tm.t5_weights,
+    "clip": tm.clip_weights,
+}
+
+
+def config_of(model):
+    return getattr(model, "params", None) or model.config
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (works for fp8, where torch.equal is not implemented)."""
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    )
+
+
+def narrow_keys(model) -> set[str]:
+    """Keys of the weights the fp8 option narrows: those of flux.ops' casting layers."""
+    layers = (ops.Linear, ops.Conv2d, ops.Embedding)
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, layers)}
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """dtype -> TinyModelFiles, written once per module."""
+    written = {}
+
+    def get(dtype):
+        if dtype not in written:
+            written[dtype] = tm.write_tiny_models(
+                tmp_path_factory.mktemp(tm.DTYPE_NAMES[dtype]), dtype
+            )
+        return written[dtype]
+
+    return get
+
+
+# --- every accepted layout and dtype -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", tm.DTYPES, ids=tm.DTYPE_NAMES.get)
+@pytest.mark.parametrize("component", LOADERS)
+@pytest.mark.parametrize("all_in_one", [False, True], ids=["single", "all_in_one"])
+def test_loads_every_layout_and_dtype_as_stored(sets, dtype, component, all_in_one):
+    files = sets(dtype)
+    path = files.all_in_one if all_in_one else getattr(files, component)
+    prefix = tm.COMFY_PREFIXES[component] if all_in_one else ""
+
+    model = LOADERS[component](path)
+
+    stored = load_file(path)
+    state = model.state_dict()
+    assert {prefix + k for k in state} == {k for k in stored if k.startswith(prefix)}
+    for key, value in state.items():
+        assert same(value, stored[prefix + key]), key
+    assert config_of(model) == TINY_CONFIGS[component]
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    if dtype == torch.float8_e4m3fn:  # fp8 stays fp8 in memory
+        assert all(state[k].dtype == dtype for k in narrow_keys(model))
+
+
+@pytest.mark.parametrize("component", LOADERS)
+def test_fp8_weight_dtype_narrows_layer_weights_and_keeps_small_tensors(sets, component):
+    path = getattr(sets(torch.float32), component)
+    model = LOADERS[component](path, weight_dtype=torch.float8_e4m3fn)
+    stored = load_file(path)
+    narrow = narrow_keys(model)
+    assert narrow
+    for key, value in model.state_dict().items():
+        if key in narrow:
+            assert same(value, stored[key].to(torch.float8_e4m3fn)), key
+        else:
+            assert same(value, stored[key]), key
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_wider_weight_dtype_casts_every_tensor(sets, weight_dtype):
+    path = sets(torch.float8_e4m3fn).all_in_one
+    model = loading.load_clip(path, weight_dtype=weight_dtype)
+    stored = load_file(path)
+    for key, value in model.state_dict().items():
+        assert same(value, stored[tm.COMFY_PREFIXES["clip"] + key].to(weight_dtype)), key
+
+
+def test_fp8_cast_clamps_out_of_range_values(tmp_path):
+    weights = tm.transformer_weights()
+    weights["img_in.weight"][0, :3] = torch.tensor([1000.0, -1e6, 2.0])
+    path = tm.save(tmp_path / "big.safetensors", weights)
+    model = loading.load_transformer(path, weight_dtype=torch.float8_e4m3fn)
+    assert model.img_in.weight[0, :3].float().tolist() == [448.0, -448.0, 2.0]
+
+
+def test_loaded_tiny_set_runs(sets):
+    files = sets(torch.bfloat16)
+    flux = loading.load_transformer(files.all_in_one, weight_dtype=torch.float8_e4m3fn)
+    img = torch.randn(1, 4, 64)
+    out = flux(
+        img,
+        torch.zeros(1, 4, 3),
+        torch.randn(1, 3, 64),
+        torch.zeros(1, 3, 3),
+        torch.ones(1),
+        torch.randn(1, 64),
+    )
+    assert out.shape == (1, 4, 64)
+    assert torch.isfinite(out).all()
+
+
+# --- T5's tied embedding and CLIP's extra tensors ------------------------------------------------
+
+
+def test_t5_with_tied_copy_loads_shared(tmp_path):
+    weights = tm.add_hf_extras("t5", tm.t5_weights(), tied_copy=True)
+    path = tm.save(tmp_path / "t5_tied.safetensors", weights)
+    assert "encoder.embed_tokens.weight" in load_file(path)
+    model = loading.load_t5(path)
+    assert torch.equal(model.shared.weight, weights["shared.weight"])
+    assert "encoder.embed_tokens.weight" not in model.state_dict()
+
+
+def test_t5_with_only_the_tied_copy_uses_it(tmp_path):
+    weights = tm.t5_weights()
+    weights["encoder.embed_tokens.weight"] = weights.pop("shared.weight")
+    path = tm.save(tmp_path / "t5_embed_tokens.safetensors", weights)
+    model = loading.load_t5(path)
+    assert torch.equal(model.shared.weight, weights["encoder.embed_tokens.weight"])
+    assert model.config == tm.TINY_T5
+
+
+def test_clip_extras_are_ignored(tmp_path):
+    weights = tm.add_hf_extras("clip", tm.clip_weights(), clip_extras=True)
+    path = tm.save(tmp_path / "clip_extras.safetensors", weights, torch.float16)
+    assert load_file(path)["text_model.embeddings.position_ids"].dtype == torch.int64
+    model = loading.load_clip(path)
+    assert "text_projection.weight" not in model.state_dict()
+    assert torch.equal(
+        model.text_model.final_layer_norm.weight,
+        weights["text_model.final_layer_norm.weight"].half(),
+    )
+
+
+# --- config inference on the real key layouts ----------------------------------------------------
+
+
+def real_shapes(name: str) -> tuple[dict, dict]:
+    data = json.loads((KEYS / f"keys_{name}.json").read_text())
+    shapes = {k: v["shape"] if isinstance(v, dict) else v for k, v in data["keys"].items()}
+    return shapes, data
+
+
+def test_infer_schnell_config_from_real_layout():
+    shapes, data = real_shapes("flux1_schnell")
+    params = loading.infer_flux_params(shapes)
+    assert params == FluxParams(**data["params"])
+    assert params == FluxParams()
+    assert params.guidance_embed is False
+
+
+def test_infer_dev_config_from_real_layout():
+    shapes, data = real_shapes("flux1_schnell")
+    hidden = data["params"]["hidden_size"]
+    dev_shapes = {
+        "in_layer.weight": [hidden, 256],
+        "in_layer.bias": [hidden],
+        "out_layer.weight": [hidden, hidden],
+        "out_layer.bias": [hidden],
+    }
+    assert sorted(f"guidance_in.{k}" for k in dev_shapes) == sorted(data["keys_only_in_flux_dev"])
+    shapes.update({f"guidance_in.{k}": v for k, v in dev_shapes.items()})
+    assert loading.infer_flux_params(shapes) == FluxParams(guidance_embed=True)
+
+
+def test_infer_autoencoder_config_from_real_layout():
+    shapes, data = real_shapes("ae")
+    assert loading.infer_autoencoder_params(shapes) == AutoEncoderParams(**data["params"])
+    assert loading.infer_autoencoder_params(shapes) == AutoEncoderParams()
+
+
+@pytest.mark.parametrize("embedding", ["both", "shared_only", "embed_tokens_only"])
+def test_infer_t5_xxl_config_from_real_layout(embedding):
+    shapes, _ = real_shapes("t5xxl_hf")
+    if embedding == "shared_only":
+        del shapes["encoder.embed_tokens.weight"]
+    elif embedding == "embed_tokens_only":
+        del shapes["shared.weight"]
+    assert loading.infer_t5_config(shapes) == T5Config()
+
+
+def test_infer_clip_l_config_from_real_layout():
+    shapes, _ = real_shapes("clip_l_hf")
+    assert loading.infer_clip_config(shapes) == CLIPTextConfig()
+
+
+def real_layout(name: str, prefix: str = "", dtype=torch.bfloat16) -> dict:
+    shapes, _ = real_shapes(name)
+    return {prefix + k: (tuple(v), dtype) for k, v in shapes.items()}
+
+
+@pytest.fixture(scope="module")
+def real_all_in_one(tmp_path_factory) -> Path:
+    """A header-only (sparse) ComfyUI checkpoint with the full-size layouts of all four networks."""
+    layout = {
+        **real_layout("flux1_schnell", "model.diffusion_model."),
+        **real_layout("ae", "vae.", torch.float32),
+        **real_layout("t5xxl_hf", "text_encoders.t5xxl.transformer.", torch.float8_e4m3fn),
+        **real_layout("clip_l_hf", "text_encoders.clip_l.transformer.", torch.float16),
+        "text_encoders.clip_l.logit_scale": ((), torch.float32),
+        "text_encoders.t5xxl.logit_scale": ((), torch.float32),
+    }
+    return tm.write_header_only(
+        tmp_path_factory.mktemp("real") / "flux1-schnell-aio.safetensors", layout
+    )
+
+
+def test_inspect_real_size_all_in_one(real_all_in_one):
+    info = checkpoint.inspect_file(real_all_in_one)
+    assert info.layout == "ComfyUI all-in-one checkpoint"
+    assert set(info.components) == {"transformer", "autoencoder", "t5", "clip"}
+    transformer = info.components["transformer"]
+    assert transformer.variant == "schnell"
+    assert transformer.num_params == 11_891_178_560
+    assert transformer.dtypes == {"BF16": 776}
+    assert info.components["autoencoder"].num_params == 83_819_683
+    assert info.components["t5"].dtypes == {"F8_E4M3": 220}
+    assert len(info.components["clip"].keys) == 196
+    assert "a FLUX.1 [schnell] transformer (under 'model.diffusion_model.'; 776" in info.describe()
+
+
+def reduced(layout: dict, keep_blocks=("double_blocks.", "single_blocks.", "encoder.block.")):
+    """`layout` without the numbered blocks 2 and above (real widths, fewer layers)."""
+    out = {}
+    for key, value in layout.items():
+        rest = key.split("transformer.", 1)[-1].removeprefix("model.diffusion_model.")
+        blocks = [p for p in keep_blocks if rest.startswith(p)]
+        if blocks and int(rest[len(blocks[0]) :].split(".")[0]) >= 2:
+            continue
+        out[key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_width_all_in_one(tmp_path_factory) -> Path:
+    """A header-only ComfyUI checkpoint of the real networks with 2 blocks per stack (1.9 GB nominal)."""
+    layout = {
+        **real_layout("flux1_schnell", "model.diffusion_model.", torch.float8_e4m3fn),
+        **real_layout("ae", "vae.", torch.float32),
+        **real_layout("t5xxl_hf", "text_encoders.t5xxl.transformer.", torch.float8_e4m3fn),
+        **real_layout("clip_l_hf", "text_encoders.clip_l.transformer.", torch.float16),
+    }
+    return tm.write_header_only(
+        tmp_path_factory.mktemp("real") / "reduced.safetensors", reduced(layout)
+    )
+
+
+@pytest.mark.parametrize(
+    ("component", "config"),
+    [
+        ("transformer", FluxParams(depth=2, depth_single_blocks=2)),
+        ("autoencoder", AutoEncoderParams()),
+        ("t5", T5Config(num_layers=2)),
+        ("clip", CLIPTextConfig()),
+    ],
+)
+def test_load_real_width_networks_from_sparse_file(real_width_all_in_one, component, config):
+    model = LOADERS[component](real_width_all_in_one)  # maps the file; reads no page of it
+    assert config_of(model) == config
+    if sys.platform.startswith("linux"):
+        assert all_in_mapping(model, real_width_all_in_one)
+
+
+# --- memory mapping ------------------------------------------------------------------------------
+
+
+def mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process that map `path` (Linux /proc/self/maps)."""
+    ranges = []
+    target = str(Path(path).resolve())
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == target:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def all_in_mapping(model, path) -> bool:
+    ranges = mapped_ranges(path)
+    return bool(ranges) and all(
+        any(start <= p.data_ptr() < end for start, end in ranges) for p in model.parameters()
+    )
+
+
+needs_proc = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc/self/maps"
+)
+
+
+@needs_proc
+def test_parameters_are_the_memory_mapped_file_when_nothing_changes(sets):
+    path = sets(torch.bfloat16).all_in_one
+    model = loading.load_transformer(path)
+    assert all_in_mapping(model, path)
+
+
+@needs_proc
+def test_cast_parameters_are_not_in_the_mapping(sets):
+    path = sets(torch.bfloat16).transformer
+    model = loading.load_transformer(path, weight_dtype=torch.float32)
+    assert model.img_in.weight.dtype == torch.float32
+    ranges = mapped_ranges(path)
+    assert not any(start <= p.data_ptr() < end for p in model.parameters() for start, end in ranges)
+
+
+# --- inspect_file --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("attr", "layout", "components"),
+    [
+        ("transformer", "Black Forest Labs single file", {"transformer"}),
+        ("autoencoder", "Black Forest Labs single file", {"autoencoder"}),
+        ("t5", "Hugging Face single file", {"t5"}),
+        ("clip", "Hugging Face single file", {"clip"}),
+        (
+            "all_in_one",
+            "ComfyUI all-in-one checkpoint",
+            {"transformer", "autoencoder", "t5", "clip"},
+        ),
+    ],
+)
+def test_inspect_file_layouts(sets, attr, layout, components):
+    info = checkpoint.inspect_file(getattr(sets(torch.float8_e4m3fn), attr))
+    assert info.layout == layout
+    assert set(info.components) == components
+    assert info.unsupported is None
+    for comp in info.components.values():
+        assert set(comp.dtypes) == {"F8_E4M3", "BF16"}
+
+
+def test_inspect_file_tells_dev_from_schnell(tmp_path):
+    info = checkpoint.inspect_file(tm.write_transformer(tmp_path / "dev.safetensors", dev=True))
+    assert info.components["transformer"].variant == "dev"
+    assert "FLUX.1 [dev] transformer" in info.describe()
+
+
+# --- wrong files ---------------------------------------------------------------------------------
+
+
+def load_error(loader, path, **kwargs) -> str:
+    with pytest.raises(ModelLoadError) as caught:
+        loader(path, **kwargs)
+    message = str(caught.value)
+    assert str(path) in message
+    return message
+
+
+@pytest.mark.parametrize(("expected", "given"), list(itertools.permutations(LOADERS, 2)))
+def test_every_swap_between_components_is_named(sets, expected, given):
+    path = getattr(sets(torch.float16), given)
+    message = load_error(LOADERS[expected], path)
+    assert f"cannot be loaded as the {TITLES[expected]}" in message
+    assert f"it holds a {TITLES[given]} (no prefix;" in message
+    assert HINTS[expected] in message
+
+
+def test_all_in_one_without_the_component(tmp_path):
+    parts = {"transformer": tm.transformer_weights(), "clip": tm.clip_weights()}
+    path = tm.write_all_in_one(tmp_path / "no_t5.safetensors", parts)
+    message = load_error(loading.load_t5, path)
+    assert "a FLUX.1 [schnell] transformer (under 'model.diffusion_model.';" in message
+    assert "; a CLIP-L text encoder (under 'text_encoders.clip_l.transformer.';" in message
+    assert HINTS["t5"] in message
+
+
+@pytest.mark.parametrize("all_in_one", [False, True])
+def test_dev_transformer_is_refused_naming_schnell(tmp_path, all_in_one):
+    path = tm.write_transformer(tmp_path / "flux1-dev.safetensors", dev=True)
+    if all_in_one:
+        dev = tm.transformer_weights(replace(tm.TINY_FLUX, guidance_embed=True))
+        path = tm.write_all_in_one(tmp_path / "dev_aio.safetensors", {"transformer": dev})
+    message = load_error(loading.load_transformer, path)
+    assert "FLUX.1 [dev]" in message
+    assert "guidance_in" in message
+    assert "flux1-schnell.safetensors" in message
+
+
+def test_stable_diffusion_checkpoint_is_named(tmp_path):
+    path = tm.write_sd_unet(tmp_path / "v1-5-pruned.safetensors")
+    message = load_error(loading.load_transformer, path)
+    assert "Stable Diffusion 1.x/2.x/SDXL UNet" in message
+    assert HINTS["transformer"] in message
+
+
+def test_stable_diffusion_vae_is_refused(tmp_path):
+    sd_vae = replace(tm.TINY_AE, z_channels=4)
+    path = tm.save(tmp_path / "sd_vae.safetensors", tm.autoencoder_weights(sd_vae))
+    message = load_error(loading.load_autoencoder, path)
+    assert "4 latent channels" in message
+    assert "ae.safetensors" in message
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda d, src: tm.write_truncated(src, d / "cut.safetensors", 0.6), "truncated: tensor"),
+        (
+            lambda d, src: tm.write_truncated(src, d / "cut_head.safetensors", keep_bytes=1000),
+            "truncated: its header",
+        ),
+        (lambda d, src: tm.write_corrupt_header(d / "corrupt.safetensors"), "header is corrupt"),
+        (lambda d, src: tm.write_pickle(d / "model.ckpt"), "PyTorch checkpoint (.ckpt/.pt/.pth"),
+        (lambda d, src: tm.write_pickle(d / "model.bin", zip_format=False), "Python pickle"),
+        (lambda d, src: tm.write_gguf(d / "flux1-schnell-Q4_K.gguf"), "GGUF file"),
+        (lambda d, src: tm.write_scaled_fp8(d / "scaled.safetensors"), "'scaled fp8' file"),
+        (lambda d, src: _write(d / "empty.safetensors", b""), "too short"),
+        (lambda d, src: _write(d / "config.json", b'{"a": 1}'), "JSON text file"),
+        (lambda d, src: _write(d / "noise.bin", bytes(range(7, 200))), "not a safetensors file"),
+        (lambda d, src: d / "missing.safetensors", "no such file"),
+        (lambda d, src: d, "is a folder"),
+    ],
+    ids=[
+        "truncated",
+        "truncated_header",
+        "corrupt",
+        "zip_ckpt",
+        "pickle",
+        "gguf",
+        "scaled_fp8",
+        "empty",
+        "json",
+        "random",
+        "missing",
+        "folder",
+    ],
+)
+def test_broken_and_foreign_files_are_named(sets, tmp_path, make, needle):
+    path = make(tmp_path, sets(torch.float32).transformer)
+    message = load_error(loading.load_transformer, path)
+    assert needle in message
+    assert TITLES["transformer"] in message
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    weights = tm.transformer_weights()
+    removed = [
+        k for k in weights if k.startswith(("double_blocks.0.txt_", "single_blocks.0.linear2"))
+    ]
+    assert len(removed) == 14
+    for key in removed:
+        del weights[key]
+    weights["double_blocks.0.img_attn.extra.weight"] = torch.zeros(2, 2)
+    path = tm.save(tmp_path / "holes.safetensors", weights)
+    message = load_error(loading.load_transformer, path)
+    assert "missing keys (14): double_blocks.0.txt_attn.norm.key_norm.scale" in message
+    assert "... and 2 more" in message
+    assert "unexpected keys (1): double_blocks.0.img_attn.extra.weight" in message
+
+
+def test_missing_key_needed_for_inference_is_named(tmp_path):
+    weights = tm.t5_weights()
+    del weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    message = load_error(loading.load_t5, tm.save(tmp_path / "t5.safetensors", weights))
+    assert "'encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight'" in message
+    assert "is missing" in message
+
+
+def test_missing_keys_in_all_in_one_carry_the_prefix(tmp_path):
+    weights = tm.clip_weights()
+    del weights["text_model.final_layer_norm.bias"]
+    path = tm.write_all_in_one(tmp_path / "aio.safetensors", {"clip": weights})
+    message = load_error(loading.load_clip, path)
+    assert (
+        "missing keys (1): text_encoders.clip_l.transformer.text_model.final_layer_norm.bias"
+        in message
+    )
+
+
+def test_shape_mismatch_names_key_expected_and_found(tmp_path):
+    weights = tm.transformer_weights()
+    weights["double_blocks.0.img_attn.proj.weight"] = torch.zeros(256, 128)
+    message = load_error(loading.load_transformer, tm.save(tmp_path / "shape.safetensors", weights))
+    assert (
+        "shape mismatches (1): double_blocks.0.img_attn.proj.weight: expected (256, 256), found (256, 128)"
+        in message
+    )
+
+
+def test_unsupported_dtype_is_named(tmp_path):
+    weights = {k: v.half() for k, v in tm.clip_weights().items()}
+    weights["text_model.final_layer_norm.weight"] = weights[
+        "text_model.final_layer_norm.weight"
+    ].double()
+    path = tmp_path / "f64.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(weights, str(path))
+    message = load_error(loading.load_clip, path)
+    assert "unsupported dtypes" in message
+    assert "text_model.final_layer_norm.weight (F64)" in message
+
+
+@pytest.mark.parametrize("weight_dtype", ["bf16", torch.int8, torch.float8_e5m2])
+def test_bad_weight_dtype_is_refused(sets, weight_dtype):
+    with pytest.raises(InvalidInputError, match="weight_dtype must be one of"):
+        loading.load_clip(sets(torch.float32).clip, weight_dtype=weight_dtype)
+
+
+def test_model_load_error_is_a_value_error():
+    assert issubclass(ModelLoadError, ValueError)
+
+
+# --- compatibility -------------------------------------------------------------------------------
+
+
+def test_tiny_set_is_compatible():
+    loading.check_compatible(tm.TINY_FLUX, t5=tm.TINY_T5, clip=tm.TINY_CLIP, autoencoder=tm.TINY_AE)
+    loading.check_compatible(
+        FluxParams(), t5=T5Config(), clip=CLIPTextConfig(), autoencoder=AutoEncoderParams()
+    )
+
+
+def test_wrong_clip_width_is_named():
+    clip_g = CLIPTextConfig(hidden_size=1280, num_heads=20, intermediate_size=5120, num_layers=32)
+    with pytest.raises(
+        ModelLoadError, match=r"CLIP text encoder is 1280 wide.*clip_l\.safetensors"
+    ):
+        loading.check_compatible(FluxParams(), clip=clip_g)
