@@ -25,9 +25,10 @@ import queue
 import random
 import re
 import socket
+import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
@@ -93,6 +94,8 @@ REQUEST_ID_HEADERS = ("X-Request-Id", "Request-Id", "X-Correlation-Id")
 MESSAGE_KEYS = ("message", "detail", "error_description", "error_message", "msg", "title")
 _BASE64_RE = re.compile(r"[A-Za-z0-9+/=_\-\s]+")
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+
+_URLLIB3_MAJOR = int(urllib3.__version__.split(".", 1)[0])
 
 log = logging.getLogger("flux_schnell.api")
 
@@ -180,11 +183,14 @@ class _Failure(Exception):
         self.cls, self.message, self.reason, self.retry = cls, message, reason, retry
         self.status, self.request_id, self.retry_after = status, request_id, retry_after
 
-    def error(self, note: str = "") -> ApiError:
+    def error(self, note: str, scrub: Callable[[str], str]) -> ApiError:
+        """The error to raise, passed through `scrub` (which removes the key)."""
         kwargs = {"status": self.status, "request_id": self.request_id}
+        if kwargs["request_id"] is not None:
+            kwargs["request_id"] = scrub(kwargs["request_id"])
         if issubclass(self.cls, RateLimitError):
             kwargs["retry_after"] = self.retry_after
-        return self.cls(self.message + note, **kwargs)
+        return self.cls(scrub(self.message + note), **kwargs)
 
 
 class _Crash:
@@ -359,25 +365,24 @@ class ImageApiClient:
             if stop.is_set():
                 raise GenerationInterrupted("stopped")
             attempts += 1
-            try:
-                reply = self._exchange(
-                    "POST",
-                    self._generate_url,
-                    body=body,
-                    timeout_s=s.request_timeout_s,
-                    deadline=deadline,
-                    stop=stop,
-                    cap=self._body_cap(),
-                    may_bill=True,
-                )
-                if not 200 <= reply.status < 300:
-                    raise self._status_failure(reply)
-            except _Failure as failure:
+            reply, failure = self._try(
+                self._exchange,
+                "POST",
+                self._generate_url,
+                body=body,
+                timeout_s=s.request_timeout_s,
+                deadline=deadline,
+                stop=stop,
+                cap=self._body_cap(),
+                may_bill=True,
+            )
+            if failure is None and not 200 <= reply.status < 300:
+                failure = self._status_failure(reply)
+            if failure is not None:
                 wait, note = self._retry_wait(failure, free, billed, deadline)
                 if wait is None:
-                    raise failure.error(f"{note} [after {attempts} attempt(s)]") from (
-                        failure.__cause__
-                    )
+                    tried = f" [after {attempts} attempts]" if attempts > 1 else ""
+                    raise failure.error(note + tried, self._safe) from failure.__cause__
                 if failure.retry == FREE:
                     free += 1
                     kind = f"free retry {free} of {s.max_free_retries}: the call did no work"
@@ -499,7 +504,7 @@ class ImageApiClient:
             chunks: list[bytes] = []
             size = 0
             try:
-                for chunk in response.iter_content(CHUNK_BYTES):
+                for chunk in _body_chunks(response):
                     size += len(chunk)
                     if size > cap:
                         raise self._too_big(url, size, cap, response.status_code)
@@ -508,12 +513,27 @@ class ImageApiClient:
                         raise GenerationInterrupted("stopped")
                     if time.monotonic() > call_end:
                         raise requests.exceptions.ReadTimeout("answer too slow")
-            except requests.exceptions.RequestException as e:
+            except (
+                requests.exceptions.RequestException,
+                urllib3.exceptions.HTTPError,
+                OSError,
+            ) as e:
                 raise self._transport_failure(e, url, read_timeout, may_bill, sent=True) from e
         content = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         return _Reply(
             response.status_code, response.reason or "", response.headers, content, response.url
         )
+
+    @staticmethod
+    def _try(
+        call: Callable[..., _Reply], *args, **kwargs
+    ) -> tuple[_Reply, None] | tuple[None, _Failure]:
+        """Run one exchange; a failure is returned, so that the error raised for it later does
+        not carry it (and the server text it holds) as its `__context__`."""
+        try:
+            return call(*args, **kwargs), None
+        except _Failure as failure:
+            return None, failure
 
     def _too_big(self, url: str, size: int, cap: int, status: int) -> _Failure:
         return _Failure(
@@ -546,12 +566,20 @@ class ImageApiClient:
                 "HTTP_PROXY (and NO_PROXY) environment variables",
                 reason="proxy error",
             )
-        if isinstance(e, requests.exceptions.SSLError) or has(urllib3.exceptions.SSLError):
+        if has(ssl.SSLCertVerificationError):
             return _Failure(
                 NetworkError,
                 f"TLS certificate verification with {host} failed: if a company proxy or "
                 "antivirus inspects HTTPS, point REQUESTS_CA_BUNDLE at its CA certificate; also "
                 "check that the system clock is right",
+                reason="TLS certificate not trusted",
+            )
+        if isinstance(e, requests.exceptions.SSLError) or has(ssl.SSLError):
+            return _Failure(
+                NetworkError,
+                f"the TLS (https) handshake with {where} failed: check that the base URL's port "
+                "speaks https, and whether a proxy (HTTPS_PROXY) or REQUESTS_CA_BUNDLE setting "
+                "interferes",
                 reason="TLS error",
             )
         if isinstance(e, requests.exceptions.ConnectTimeout):
@@ -587,9 +615,13 @@ class ImageApiClient:
                 reason=f"read timeout after {timeout_s:g} s",
                 retry=billed_kind,
             )
-        if isinstance(
-            e, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)
-        ):
+        dropped = (
+            requests.exceptions.ConnectionError,
+            requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.ProtocolError,
+            OSError,
+        )
+        if isinstance(e, dropped):
             return _Failure(
                 NetworkError,
                 f"the connection to {where} was dropped before the answer was complete",
@@ -700,7 +732,7 @@ class ImageApiClient:
         tag: str,
     ) -> tuple[Image.Image, str | None]:
         job = _job_info(doc)
-        if job is not None and (job.pending or (job.done and job.result_url)):
+        if job is not None and ((job.pending and job.poll_url) or (job.done and job.result_url)):
             return self._follow_job(job, reply.url, deadline, stop, request_id)
         found = _find_image(doc)
         if found is None:
@@ -744,15 +776,15 @@ class ImageApiClient:
         )
 
     def _json(self, reply: _Reply, tag: str, request_id: str | None) -> object:
-        try:
-            return json.loads(reply.content)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = _parse_json(reply.content)
+        if doc is _NOT_JSON:  # raised outside the except: the decode error holds the whole body
             raise ResponseDecodeError(
                 f"the service's answer ({tag}) is neither an image nor JSON: Content-Type "
                 f"{self._safe(reply.content_type) or 'none'}, {len(reply.content):,} bytes",
                 status=reply.status,
                 request_id=request_id,
-            ) from None  # the decode error holds the whole body
+            )
+        return doc
 
     def _load_reference(
         self,
@@ -834,7 +866,7 @@ class ImageApiClient:
             if job.done and job.result_url:  # finished: fetch the result, no wait
                 url = urljoin(poll_url or base, job.result_url)
             else:
-                if poll_url is None:  # a pending job that names no URL: _no_image explains
+                if poll_url is None:  # a result URL answered "pending", and no poll URL
                     raise ResponseDecodeError(
                         f"job {self._safe(job_id or '?')} is {self._safe(job.status or '?')!r} "
                         "but the service named no URL to poll for its result",
@@ -849,10 +881,13 @@ class ImageApiClient:
                         request_id=request_id or job_id,
                     )
                 self._sleep(min(s.poll_interval_s, left), stop)
+                if time.monotonic() >= deadline:
+                    continue  # the check above raises the error that names the job's status
                 url = poll_url
-            try:
-                reply = self._get(url, deadline, stop, s.request_timeout_s)
-            except _Failure as failure:
+            reply, failure = self._try(
+                self._get, url, deadline, stop, s.request_timeout_s, self._body_cap()
+            )
+            if failure is not None:
                 if failure.retry is not None and failures < s.max_free_retries:
                     failures += 1
                     self.log.warning(
@@ -863,7 +898,7 @@ class ImageApiClient:
                     )
                     continue
                 failure.request_id = failure.request_id or request_id or job_id
-                raise failure.error(f" (while polling job {self._safe(job_id or '?')})") from (
+                raise failure.error(f" (while polling job {job_id or '?'})", self._safe) from (
                     failure.__cause__
                 )
             tag = _tag(reply.status, reply.reason, _request_id(reply) or job_id)
@@ -884,7 +919,9 @@ class ImageApiClient:
             job_id = job_id or nxt.id
             job = nxt
 
-    def _get(self, url: str, deadline: float, stop: threading.Event, timeout_s: float) -> _Reply:
+    def _get(
+        self, url: str, deadline: float, stop: threading.Event, timeout_s: float, cap: int
+    ) -> _Reply:
         """A GET that is never billed: its own redirects followed, the key only to the service."""
         for _ in range(MAX_REDIRECTS + 1):
             self._check_fetch_url(url)
@@ -895,7 +932,7 @@ class ImageApiClient:
                 timeout_s=timeout_s,
                 deadline=deadline,
                 stop=stop,
-                cap=self._body_cap(),
+                cap=cap,
                 may_bill=False,
             )
             location = reply.headers.get("Location")
@@ -954,9 +991,12 @@ class ImageApiClient:
         """The bytes at an image URL; a transient failure is retried once (downloads are free)."""
         s = self.settings
         for attempt in (1, 2):
-            try:
-                return self._get(url, deadline, stop, s.download_timeout_s).content
-            except _Failure as failure:
+            reply, failure = self._try(
+                self._get, url, deadline, stop, s.download_timeout_s, s.max_download_bytes
+            )
+            if failure is None:
+                return reply.content
+            else:
                 left = deadline - time.monotonic()
                 wait = min(s.backoff_base_s, s.backoff_max_s)
                 if attempt == 1 and failure.retry is not None and wait < left:
@@ -970,7 +1010,9 @@ class ImageApiClient:
                     self._sleep(wait, stop)
                     continue
                 failure.request_id = failure.request_id or request_id
-                raise failure.error(f" [download attempt {attempt}]") from failure.__cause__
+                raise failure.error(f" [download attempt {attempt}]", self._safe) from (
+                    failure.__cause__
+                )
         raise AssertionError("unreachable")
 
     # --- keeping the key out of everything ------------------------------------------------------
@@ -1066,6 +1108,27 @@ def _find_image(node: object, path: str = "", depth: int = 0) -> tuple[str, str,
                 if found is not None:
                     return found
     return None
+
+
+def _body_chunks(response: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives. urllib3 2's `read1` returns what one receive got, so a trickling
+    answer is checked against the deadline per piece; `iter_content` would wait for full chunks."""
+    raw = response.raw
+    if _URLLIB3_MAJOR >= 2 and hasattr(raw, "read1"):
+        while chunk := raw.read1(CHUNK_BYTES, decode_content=True):
+            yield chunk
+    else:
+        yield from response.iter_content(CHUNK_BYTES)
+
+
+_NOT_JSON = object()
+
+
+def _parse_json(content: bytes) -> object:
+    try:
+        return json.loads(content)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return _NOT_JSON
 
 
 def _string_kind(text: str) -> str | None:

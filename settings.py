@@ -278,10 +278,14 @@ def _read_config(path: Path) -> dict:
         config = json.loads(text)
     except json.JSONDecodeError as e:
         # e.msg names the problem ("Expecting ','"), never the file's content.
+        problem = f"{e.msg} at line {e.lineno}, column {e.colno}"
+    else:
+        problem = None
+    if problem is not None:  # raised outside the except: the JSONDecodeError holds the key
         raise ConfigurationError(
-            f"the config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column "
-            f"{e.colno}. Fix it or delete it and run `{SET_KEY_COMMAND}`."
-        ) from None  # the JSONDecodeError holds the whole text, key included
+            f"the config file {path} is not valid JSON: {problem}. Fix it or delete it and run "
+            f"`{SET_KEY_COMMAND}`."
+        )
     if not isinstance(config, dict):
         raise ConfigurationError(
             f'the config file {path} must hold a JSON object like {{"api_key": "sk_..."}}; '
