@@ -157,7 +157,8 @@ def _check_max_length(max_length: int, minimum: int, who: str) -> None:
 def _check_folder(folder: str | Path, kind: str, where: str) -> Path:
     path = Path(folder).expanduser()
     if not path.is_dir():
-        raise ModelLoadError(f"{kind} tokenizer folder {str(path)!r} does not exist. {where}")
+        state = "is a file, not a folder" if path.exists() else "does not exist"
+        raise ModelLoadError(f"{kind} tokenizer folder {str(path)!r} {state}. {where}")
     return path
 
 

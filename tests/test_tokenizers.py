@@ -197,6 +197,12 @@ def test_missing_t5_folder_names_it_and_the_expected_files(tmp_path):
         assert part in message
 
 
+def test_file_given_instead_of_folder(tmp_path):
+    folder = write_clip_tokenizer(tmp_path / "clip")
+    with pytest.raises(ModelLoadError, match="not a folder"):
+        load_clip_tokenizer(folder / "vocab.json")
+
+
 @pytest.mark.parametrize("remove", ["vocab.json", "merges.txt"])
 def test_incomplete_clip_folder(tmp_path, remove):
     folder = write_clip_tokenizer(tmp_path / "clip")
