@@ -1,0 +1,697 @@
+"""Proof on a real ComfyUI server that this package and its saved workflows work (run by hand).
+
+Starts a fake ImageAPI (tests/fake_imageapi.py) in this process and a real ComfyUI on 127.0.0.1
+(`--cpu`, a temporary base directory holding custom_nodes/ with a link to this repository, models/,
+output/, user/), then checks:
+
+1. the package imported with no error or warning in ComfyUI's start-up log;
+2. /object_info shows both nodes as INPUT_TYPES declares them;
+3. each API-format workflow in workflows/api/ POSTed to /prompt finishes and writes PNGs of the
+   expected count and size (local workflows only with --local: tiny random-weight models from
+   tests/tiny_models.py are put into models/; the upscale model is a tiny random ESRGAN);
+4. an identical re-post is served from ComfyUI's cache, with no second request to the service;
+5. POST /interrupt stops a generation waiting on a slow service within a few seconds;
+6. no saved PNG text chunk, history entry or log line contains the API key;
+7. with --browser (needs the `playwright` package and a Chromium): each UI workflow loads in the
+   real frontend, and the frontend's own UI-to-API conversion equals the API twin on disk;
+   --screenshot saves a picture of the upscale workflow; --record rewrites
+   tests/data/comfyui_core_nodes.json from this server and frontend.
+
+Usage (the Python must have ComfyUI's requirements; playwright only for --browser):
+    python scripts/comfyui_check.py --comfyui ~/ComfyUI [--local] [--browser /usr/bin/chromium]
+        [--screenshot docs/workflow_upscale.png] [--record]
+Exit status 0 when every check passed or was skipped with a reason, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import workflow_tools as wt  # noqa: E402  (tests/ is not a package)
+from fake_imageapi import FakeImageAPI  # noqa: E402
+
+PACKAGE_FOLDER = "comfyui-flux-schnell"
+OWN_NODES = ("FluxSchnellGenerate", "FluxSchnellLocalModel")
+UPSCALE_MODEL = "RealESRGAN_x4plus.safetensors"
+SLOW_SERVICE_S = 20.0
+INTERRUPT_LIMIT_S = 3.0
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, status: str, name: str, detail: str = "") -> None:
+        self.rows.append((status, name, detail))
+        print(f"[{status}] {name}" + (f": {detail}" if detail else ""), flush=True)
+
+    def check(self, ok: bool, name: str, detail: str = "") -> bool:
+        self.add("PASS" if ok else "FAIL", name, detail)
+        return ok
+
+    @property
+    def failed(self) -> bool:
+        return any(status == "FAIL" for status, _, _ in self.rows)
+
+    def summary(self) -> str:
+        counts = {s: sum(1 for r in self.rows if r[0] == s) for s in ("PASS", "FAIL", "SKIP")}
+        return f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped"
+
+
+# --- ComfyUI process and HTTP ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """A ComfyUI process on 127.0.0.1 with its own base directory, and its HTTP API."""
+
+    def __init__(self, comfyui: Path, python: str, base: Path, port: int, env: dict[str, str]):
+        self.comfyui, self.python, self.base, self.port, self.env = comfyui, python, base, port, env
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = base / "comfyui.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 240.0) -> None:
+        cmd = [
+            self.python,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-auto-launch",
+            "--base-directory",
+            str(self.base),
+            "--database-url",
+            "sqlite:///:memory:",
+        ]
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.comfyui, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"ComfyUI exited with {self.proc.returncode}; see {self.log_path}"
+                )
+            try:
+                self.get("/system_stats")
+                return
+            except OSError:
+                time.sleep(1.0)
+        raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, doc) -> tuple[int, dict]:
+        data = json.dumps(doc).encode()
+        req = urllib.request.Request(
+            self.url + path, data=data, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                body = r.read()
+                return r.status, (json.loads(body) if body else {})
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def queue(self, api: dict, ui: dict | None = None) -> str:
+        doc = {"prompt": api, "client_id": str(uuid.uuid4())}
+        if ui is not None:  # what the frontend sends: the PNG then carries the workflow too
+            doc["extra_data"] = {"extra_pnginfo": {"workflow": ui}}
+        status, answer = self.post("/prompt", doc)
+        if status != 200:
+            raise RuntimeError(f"/prompt answered {status}: {json.dumps(answer)[:2000]}")
+        return answer["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if (
+                prompt_id in history
+                and history[prompt_id].get("status", {}).get("completed") is not None
+            ):
+                entry = history[prompt_id]
+                if entry["status"].get("status_str") in ("success", "error"):
+                    return entry
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+
+def messages(entry: dict) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for name, data in entry.get("status", {}).get("messages", []):
+        found.setdefault(name, []).append(data)
+    return found
+
+
+# --- files put into the temporary ComfyUI ----------------------------------------------------------
+
+
+def tiny_esrgan(path: Path, nf: int = 8, gc: int = 32, blocks: int = 1, seed: int = 0) -> Path:
+    """A random-weight 4x ESRGAN (RRDBNet, new-arch key names) that spandrel loads: 0.9 MB."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+
+    def conv(name: str, cout: int, cin: int) -> None:
+        sd[f"{name}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * 0.05
+        sd[f"{name}.bias"] = torch.zeros(cout)
+
+    conv("conv_first", nf, 3)
+    for b in range(blocks):
+        for r in (1, 2, 3):
+            for i in range(1, 6):
+                conv(f"body.{b}.rdb{r}.conv{i}", nf if i == 5 else gc, nf + (i - 1) * gc)
+    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
+        conv(name, nf, nf)
+    conv("conv_last", 3, nf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def tiny_local_models(models: Path) -> list[Path]:
+    """tests/tiny_models.py's files under the names and folders the local backend looks for."""
+    import tiny_models
+
+    written = tiny_models.write_tiny_models(models / "_tiny")
+    places = {
+        written.transformer: models / "diffusion_models" / "flux1-schnell.safetensors",
+        written.t5: models / "text_encoders" / "t5xxl_fp16.safetensors",
+        written.clip: models / "text_encoders" / "clip_l.safetensors",
+        written.autoencoder: models / "vae" / "ae.safetensors",
+    }
+    for source, target in places.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.replace(target)
+    return list(places.values())
+
+
+def make_base(base: Path, local: bool) -> None:
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / PACKAGE_FOLDER).symlink_to(REPO, target_is_directory=True)
+    for sub in ("output", "input", "temp", "user", "models"):
+        (base / sub).mkdir(exist_ok=True)
+    tiny_esrgan(base / "models" / "upscale_models" / UPSCALE_MODEL)
+    if local:
+        tiny_local_models(base / "models")
+
+
+# --- the checks --------------------------------------------------------------------------------
+
+
+def check_import(report: Report, log: str) -> None:
+    lines = log.splitlines()
+    timing = [ln for ln in lines if "seconds" in ln and ln.rstrip().endswith(PACKAGE_FOLDER)]
+    report.check(
+        bool(timing) and "IMPORT FAILED" not in timing[0],
+        "package imported",
+        timing[0].strip() if timing else "no import-time line for the package in the log",
+    )
+    ours = [
+        ln for ln in lines if (PACKAGE_FOLDER in ln or "flux_schnell" in ln) and ln not in timing
+    ]
+    report.check(
+        not ours, "no error or warning from the package at start-up", " | ".join(ours)[:800]
+    )
+
+
+def expected_specs() -> dict[str, wt.NodeSpec]:
+    module = wt.load_like_comfyui(REPO)
+    return wt.package_specs(module.NODE_CLASS_MAPPINGS, module.NODE_DISPLAY_NAME_MAPPINGS)
+
+
+def check_object_info(report: Report, info: dict, local_files: list[Path]) -> None:
+    expected = expected_specs()
+    for name in OWN_NODES:
+        if not report.check(name in info, f"/object_info lists {name}"):
+            continue
+        live = wt.spec_from_object_info(info[name])
+        want = expected[name]
+        problems = []
+        if live.display_name != want.display_name:
+            problems.append(f"display name {live.display_name!r} != {want.display_name!r}")
+        if [i.name for i in live.inputs] != [i.name for i in want.inputs]:
+            problems.append(
+                f"inputs {[i.name for i in live.inputs]} != {[i.name for i in want.inputs]}"
+            )
+        for a, b in zip(live.inputs, want.inputs, strict=False):
+            if (a.type, a.required, dict(a.options)) != (b.type, b.required, dict(b.options)):
+                problems.append(
+                    f"{a.name}: {a.type} {dict(a.options)} != {b.type} {dict(b.options)}"
+                )
+            if a.choices != b.choices and not _file_choices(a, b, local_files):
+                problems.append(f"{a.name}: choices {a.choices} != {b.choices}")
+        if (live.output_types, live.output_names) != (want.output_types, want.output_names):
+            problems.append(f"outputs {live.output_names} != {want.output_names}")
+        report.check(not problems, f"/object_info {name} as declared", "; ".join(problems))
+
+
+def _file_choices(live: wt.InputSpec, want: wt.InputSpec, local_files: list[Path]) -> bool:
+    """A model-file dropdown: same first entry ('none'/'auto'), plus the files ComfyUI found."""
+    if not (live.choices and want.choices) or live.choices[0] != want.choices[0]:
+        return False
+    extra = set(live.choices) - set(want.choices)
+    return extra <= {p.name for p in local_files}
+
+
+def is_local(api: dict) -> bool:
+    return any(
+        n["class_type"] == "FluxSchnellLocalModel"
+        or (n["class_type"] == "FluxSchnellGenerate" and n["inputs"].get("backend") == "local")
+        for n in api.values()
+    )
+
+
+def api_images(api: dict) -> int:
+    return sum(
+        n["inputs"]["batch_size"]
+        for n in api.values()
+        if n["class_type"] == "FluxSchnellGenerate" and n["inputs"].get("backend") == "api"
+    )
+
+
+def saved_files(server: ComfyServer, entry: dict) -> dict[str, list[Path]]:
+    files = {}
+    for node_id, out in entry.get("outputs", {}).items():
+        paths = []
+        for image in out.get("images", []):
+            folder = server.base / ("temp" if image.get("type") == "temp" else "output")
+            paths.append(folder / image.get("subfolder", "") / image["filename"])
+        if paths:
+            files[node_id] = paths
+    return files
+
+
+def check_workflow(report, server, fake, ui_path: Path, local: bool) -> list[Path]:
+    from PIL import Image
+
+    api = wt.load_json(wt.api_twin_path(ui_path))
+    ui = wt.load_json(ui_path)
+    name = ui_path.stem
+    if is_local(api) and not local:
+        report.add("SKIP", f"workflow {name}", "local backend: run with --local")
+        return []
+    before = fake.generate_calls
+    started = time.monotonic()
+    entry = server.wait(server.queue(api, ui))
+    seconds = time.monotonic() - started
+    if not report.check(
+        entry["status"]["status_str"] == "success",
+        f"workflow {name} finished",
+        f"{seconds:.1f} s" if entry["status"]["status_str"] == "success" else _error_text(entry),
+    ):
+        return []
+    files = saved_files(server, entry)
+    problems = []
+    for node_id, (count, width, height) in wt.expected_images(api).items():
+        paths = files.get(node_id, [])
+        sizes = [Image.open(p).size for p in paths]
+        if sizes != [(width, height)] * count:
+            problems.append(f"node {node_id}: {sizes} instead of {count} x {width}x{height}")
+    report.check(
+        not problems,
+        f"workflow {name} images",
+        "; ".join(problems) or ", ".join(f"{k}: {len(v)} PNG" for k, v in files.items()),
+    )
+    calls = fake.generate_calls - before
+    report.check(
+        calls == api_images(api),
+        f"workflow {name} service requests",
+        f"{calls} (expected {api_images(api)})",
+    )
+    return [p for paths in files.values() for p in paths]
+
+
+def _error_text(entry: dict) -> str:
+    errors = messages(entry).get("execution_error", [])
+    if not errors:
+        return json.dumps(entry.get("status"))[:1000]
+    e = errors[0]
+    return f"{e.get('node_type')}: {e.get('exception_type')}: {e.get('exception_message')}"[:1500]
+
+
+def check_cache(report, server, fake, ui_path: Path) -> None:
+    api = wt.load_json(wt.api_twin_path(ui_path))
+    server.wait(server.queue(api))  # a first run, in case nothing ran it yet
+    before = fake.generate_calls
+    entry = server.wait(server.queue(api))
+    cached = [n for data in messages(entry).get("execution_cached", []) for n in data["nodes"]]
+    report.check(
+        entry["status"]["status_str"] == "success" and fake.generate_calls == before,
+        "identical re-post served from cache",
+        f"{fake.generate_calls - before} new service request(s); cached nodes {sorted(cached)}",
+    )
+
+
+def check_interrupt(report, server, fake, ui_path: Path) -> None:
+    api = wt.load_json(wt.api_twin_path(ui_path))
+    for node in api.values():
+        if node["class_type"] == "FluxSchnellGenerate":
+            node["inputs"]["seed"] += 7777  # not cached
+    fake.delay_s = SLOW_SERVICE_S
+    try:
+        before = fake.generate_calls
+        prompt_id = server.queue(api)
+        deadline = time.monotonic() + 60
+        while fake.generate_calls == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not report.check(fake.generate_calls > before, "slow request reached the service"):
+            return
+        time.sleep(0.5)
+        started = time.monotonic()
+        server.post("/interrupt", {})
+        entry = server.wait(prompt_id, timeout=SLOW_SERVICE_S + 30)
+        seconds = time.monotonic() - started
+        interrupted = "execution_interrupted" in messages(entry)
+        report.check(
+            interrupted and seconds < INTERRUPT_LIMIT_S,
+            "interrupt stops a slow generation",
+            f"stopped after {seconds:.2f} s (service would answer after {SLOW_SERVICE_S:.0f} s); "
+            f"status {entry['status']['status_str']}, interrupted message: {interrupted}",
+        )
+    finally:
+        fake.delay_s = 0.0
+
+
+def check_no_key(report, server, key: str, pngs: list[Path]) -> None:
+    from PIL import Image
+
+    leaks, with_prompt = [], 0
+    for path in pngs:
+        with Image.open(path) as im:
+            text = dict(getattr(im, "text", {}) or {})
+        with_prompt += "prompt" in text
+        if any(key in v for v in text.values()):
+            leaks.append(str(path))
+    report.check(
+        not leaks and with_prompt == len(pngs) > 0,
+        "no key in saved PNG metadata",
+        f"{len(pngs)} PNGs read, {with_prompt} carry the prompt chunk"
+        + (f"; LEAK in {leaks}" if leaks else ""),
+    )
+    history = json.dumps(server.get("/history"))
+    report.check(key not in history, "no key in /history")
+    report.check(key not in server.log(), "no key in ComfyUI's log")
+
+
+# --- the frontend --------------------------------------------------------------------------------
+
+
+def run_browser(chromium: str, url: str, task: Callable) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix="chromium-") as profile, sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            profile,
+            executable_path=chromium,
+            args=CHROMIUM_FLAGS,
+            headless=True,
+            viewport={"width": 1600, "height": 1000},
+        )
+        try:
+            page = ctx.new_page()
+            page.goto(url, wait_until="networkidle")
+            page.wait_for_function("window.app && window.app.graph", timeout=120_000)
+            task(page)
+        finally:
+            ctx.close()
+
+
+LOAD_AND_CONVERT = """async (data) => {
+  await app.loadGraphData(data, true, true, 'check');
+  const p = await app.graphToPrompt();
+  return JSON.stringify({workflow: p.workflow, output: p.output});
+}"""
+
+
+def check_frontend(report: Report, page) -> None:
+    for ui_path in wt.ui_workflow_paths():
+        ui = wt.load_json(ui_path)
+        got = json.loads(page.evaluate(LOAD_AND_CONVERT, ui))
+        twin = wt.load_json(wt.api_twin_path(ui_path))
+        report.check(
+            got["output"] == twin,
+            f"frontend converts {ui_path.name} to its API twin",
+            "" if got["output"] == twin else _diff(got["output"], twin),
+        )
+        same = _graph_core(got["workflow"]) == _graph_core(ui)
+        report.check(same, f"frontend re-saves {ui_path.name} unchanged (nodes, links, widgets)")
+
+
+def _graph_core(wf: dict) -> tuple:
+    nodes = sorted(
+        (
+            n["id"],
+            n["type"],
+            json.dumps(n.get("widgets_values")),
+            json.dumps(n.get("inputs")),
+            json.dumps(n.get("outputs")),
+            n.get("title"),
+        )
+        for n in wf["nodes"]
+    )
+    return nodes, sorted(map(tuple, wf["links"]))
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = sorted(set(a) | set(b))
+    return "; ".join(f"{k}: {a.get(k)} != {b.get(k)}" for k in keys if a.get(k) != b.get(k))[:1500]
+
+
+def screenshot(page, ui_path: Path, target: Path) -> None:
+    from PIL import Image
+
+    page.evaluate(
+        """async () => {
+      const s = app.extensionManager?.setting;
+      if (s) { await s.set('Comfy.Minimap.Visible', false);
+               await s.set('Comfy.Workflow.ShowMissingModelsWarning', false); }
+    }"""
+    )
+    page.evaluate(
+        "async (d) => { await app.loadGraphData(d, true, true, 'upscale'); }",
+        wt.load_json(ui_path),
+    )
+    page.wait_for_timeout(1500)
+    raw = target.with_suffix(".raw.png")
+    page.screenshot(path=str(raw))
+    with Image.open(raw) as im:
+        im.convert("RGB").quantize(colors=128).save(target, optimize=True)
+    raw.unlink()
+
+
+CREATE_AND_CONVERT = """async (types) => {
+  app.graph.clear();
+  const LG = window.LiteGraph || window.comfyAPI.litegraph.LiteGraph;
+  for (const t of types) app.graph.add(LG.createNode(t));
+  const p = await app.graphToPrompt();
+  const out = {};
+  for (const k in p.output) out[p.output[k].class_type] = p.output[k].inputs;
+  return JSON.stringify(out);
+}"""
+
+
+def record(page, server: ComfyServer, info: dict, comfyui: Path, commit: str | None) -> Path:
+    """Rewrite tests/data/comfyui_core_nodes.json from this server and its frontend."""
+    used = sorted({n["type"] for p in wt.ui_workflow_paths() for n in wt.load_json(p)["nodes"]})
+    candidates = sorted({"Note", "MarkdownNote", *used} - set(OWN_NODES))
+    converted = json.loads(page.evaluate(CREATE_AND_CONVERT, candidates))
+    ui_only = [t for t in candidates if t not in converted]  # the frontend never sends them
+    core = [t for t in candidates if t in converted]
+    missing = [t for t in core if t not in info]
+    if missing:
+        raise RuntimeError(f"core nodes missing from /object_info: {missing}")
+    frontend_only = {t: converted[t] for t in core}
+    extra = {}
+    for t, inputs in frontend_only.items():
+        declared = set(info[t]["input"].get("required", {})) | set(
+            info[t]["input"].get("optional", {})
+        )
+        added = {k: v for k, v in inputs.items() if k not in declared}
+        if added:
+            extra[t] = added
+    stats = server.get("/system_stats")["system"]
+    doc = {
+        "about": "Input specs of the ComfyUI core nodes our workflows use, copied from a real "
+        "server's /object_info by scripts/comfyui_check.py --record. model_name lists are files "
+        "in that server's models/ folder. ui_only_nodes: frontend-only node types (never in the "
+        "API format); frontend_only_widgets: inputs the frontend adds to the API format.",
+        "comfyui": {
+            "version": stats["comfyui_version"],
+            "commit": commit,
+            "frontend": page.evaluate("window.__COMFYUI_FRONTEND_VERSION__ || null"),
+            "pytorch": stats["pytorch_version"],
+            "python": stats["python_version"].split()[0],
+        },
+        "ui_only_nodes": sorted(ui_only),
+        "frontend_only_widgets": extra,
+        "nodes": {t: info[t] for t in core},
+        "own_nodes_as_served": {t: info[t] for t in OWN_NODES},
+    }
+    target = wt.CORE_NODES_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    return target
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def comfyui_commit(comfyui: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(comfyui), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI folder (has main.py)")
+    parser.add_argument("--python", default=sys.executable, help="Python that runs ComfyUI")
+    parser.add_argument("--port", type=int, default=0, help="ComfyUI port (default: a free one)")
+    parser.add_argument("--local", action="store_true", help="also run the local workflows")
+    parser.add_argument("--browser", help="Chromium executable for the frontend checks")
+    parser.add_argument("--screenshot", type=Path, help="save the upscale workflow's picture here")
+    parser.add_argument("--record", action="store_true", help="rewrite the core-node record")
+    parser.add_argument("--commit", help="ComfyUI commit to note in the record")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary base directory")
+    args = parser.parse_args(argv)
+    if (args.screenshot or args.record) and not args.browser:
+        parser.error("--screenshot and --record need --browser")
+    comfyui = args.comfyui.expanduser().resolve()
+    if not (comfyui / "main.py").is_file():
+        parser.error(f"{comfyui} has no main.py: pass the ComfyUI folder")
+
+    report = Report()
+    key = "sk_check_" + secrets.token_hex(16)
+    base = Path(tempfile.mkdtemp(prefix="comfyui-check-"))
+    make_base(base, args.local)
+    local_files = sorted((base / "models").glob("*/*.safetensors"))
+    local_files = [p for p in local_files if p.parent.name != "upscale_models"]
+    fake = FakeImageAPI().start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEAPI_")}
+    env.update(
+        IMAGEAPI_API_KEY=key,
+        IMAGEAPI_BASE_URL=fake.base_url,
+        IMAGEAPI_CONFIG=str(base / "flux_schnell_config.json"),
+    )
+    server = ComfyServer(comfyui, args.python, base, args.port or free_port(), env)
+    print(f"ComfyUI {comfyui} with {args.python}; base directory {base}; fake API {fake.base_url}")
+    try:
+        server.start()
+        stats = server.get("/system_stats")["system"]
+        report.add(
+            "INFO",
+            "server",
+            f"ComfyUI {stats['comfyui_version']}, frontend {stats.get('required_frontend_version')}, "
+            f"torch {stats['pytorch_version']}, python {stats['python_version'].split()[0]}",
+        )
+        check_import(report, server.log())
+        info = server.get("/object_info")
+        check_object_info(report, info, local_files)
+        pngs: list[Path] = []
+        for ui_path in wt.ui_workflow_paths():
+            pngs += check_workflow(report, server, fake, ui_path, args.local)
+        first = wt.WORKFLOW_DIR / "flux_schnell_api.json"
+        check_cache(report, server, fake, first)
+        check_interrupt(report, server, fake, first)
+        check_no_key(report, server, key, [p for p in pngs if p.is_file()])
+        if args.browser:
+
+            def in_browser(page) -> None:
+                check_frontend(report, page)
+                if args.record:
+                    path = record(
+                        page, server, info, comfyui, args.commit or comfyui_commit(comfyui)
+                    )
+                    report.add("INFO", "recorded", str(path))
+                if args.screenshot:
+                    screenshot(page, wt.WORKFLOW_DIR / "flux_schnell_upscale.json", args.screenshot)
+                    report.add(
+                        "INFO",
+                        "screenshot",
+                        f"{args.screenshot} ({args.screenshot.stat().st_size} bytes)",
+                    )
+
+            run_browser(args.browser, server.url, in_browser)
+        else:
+            report.add("SKIP", "frontend checks", "run with --browser /usr/bin/chromium")
+    except Exception as e:
+        report.add("FAIL", "check run aborted", f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        server.stop()
+        fake.stop()
+        print(f"\nComfyUI log: {server.log_path}" if args.keep else "")
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)
+        print(report.summary())
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
