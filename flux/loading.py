@@ -434,12 +434,12 @@ def _read_one(raw, entry: TensorEntry) -> torch.Tensor:
 
 
 def _convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`t` moved to `device` (as stored: fewest bytes to move for widening casts) and cast."""
+    """A freshly read `t` moved to `device` (as stored: fewer bytes to move when widening), cast."""
     t = t.to(device)
     if t.dtype == dtype:
         return t
     if dtype.itemsize == 1 and t.dtype.itemsize > 1:
-        t = t.clamp(-FP8_MAX, FP8_MAX)  # fp8 e4m3fn has no infinity: larger values become NaN
+        t.clamp_(-FP8_MAX, FP8_MAX)  # fp8 e4m3fn has no infinity: larger values would become NaN
     return t.to(dtype)
 
 

@@ -19,7 +19,7 @@ from comfyui_flux_schnell.flux.autoencoder import AutoEncoderParams
 from comfyui_flux_schnell.flux.clip import CLIPTextConfig
 from comfyui_flux_schnell.flux.model import FluxParams
 from comfyui_flux_schnell.flux.t5 import T5Config
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 KEYS = Path("/work/shared/reference/keys")
 LOADERS = {
@@ -550,8 +550,6 @@ def test_unsupported_dtype_is_named(tmp_path):
         "text_model.final_layer_norm.weight"
     ].double()
     path = tmp_path / "f64.safetensors"
-    from safetensors.torch import save_file
-
     save_file(weights, str(path))
     message = load_error(loading.load_clip, path)
     assert "unsupported dtypes" in message
