@@ -4,6 +4,7 @@ real key layouts, zero-copy memory mapping, and the message of every kind of wro
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import tiny_models as tm
 import torch
-from comfyui_flux_schnell.errors import InvalidInputError, ModelLoadError
+from comfyui_flux_schnell.errors import InvalidInputError, ModelLoadError, OutOfMemoryError
 from comfyui_flux_schnell.flux import checkpoint, loading, ops
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoderParams
 from comfyui_flux_schnell.flux.clip import CLIPTextConfig
@@ -582,3 +583,14 @@ def test_wrong_clip_width_is_named():
         ModelLoadError, match=r"CLIP text encoder is 1280 wide.*clip_l\.safetensors"
     ):
         loading.check_compatible(FluxParams(), clip=clip_g)
+
+
+def test_mapping_refused_by_the_kernel_is_an_out_of_memory_error(sets, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(loading.mmap, "mmap", refuse)
+    path = sets(torch.float32).clip
+    with pytest.raises(OutOfMemoryError, match=r"could not be memory-mapped.*fp8"):
+        loading.load_clip(path)
+    loading.load_clip(path, weight_dtype=torch.bfloat16)  # cast loads read tensor by tensor
