@@ -224,7 +224,10 @@ def _stage(name: str, request: GenerationRequest, timings: dict[str, float]):
 
 def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, progress: Progress):
     """Run `request` on this machine; returns `(IMAGE tensor [B, H, W, 3], GenerationInfo)`."""
+    from .flux.sampling import check_image_size
+
     request.validate("local")
+    check_image_size(request.height, request.width)
     spec = spec or LocalModelSpec()
     files = spec.resolve()
     device = pick_device(spec.device)
@@ -295,7 +298,8 @@ def _run(models, policy, request, device, dtype, progress: Progress, timings) ->
     with _stage("decoding", request, timings):
         policy.enter([models.ae], activation_bytes=_decoding_bytes(height, width))
         images = [
-            sampling.decode_to_images(models.ae.module, x, height, width) for x in latents
+            sampling.decode_to_images(models.ae.module, x, height, width, dtype=dtype)
+            for x in latents
         ]  # each (1, H, W, 3) float32 on the CPU
         policy.leave([models.ae])
     return torch.cat(images)
