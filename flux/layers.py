@@ -29,20 +29,32 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift, 1 + scale, normed)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
-    """RoPE on q and k, then SDPA with the default 1/sqrt(D) scale. q, k, v (B, L, H, D) -> (B, L, H*D)."""
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
+def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA with the default 1/sqrt(D) scale, no mask. q, k, v (B, L, H, D) -> (B, L, H*D)."""
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     )  # "B L H D -> B H L D" for the inputs; out (B, H, L, D)
     return out.transpose(1, 2).flatten(2)  # "B H L D -> B L (H D)"
 
 
-def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused projections (B, L, 3*H*D) -> q, k, v views, each (B, L, H, D)."""
+def linear_part(layer: Linear, x: Tensor, rows: slice = slice(None), cols: slice = slice(None),
+                bias: bool = True) -> Tensor:  # fmt: skip
+    """`layer` restricted to some output rows / input columns of its stored weight (a view, no copy)."""
+    weight = cast_to(layer.weight[rows, cols], x)
+    return F.linear(x, weight, cast_to(layer.bias[rows], x) if bias else None)
+
+
+def qkv_heads(
+    qkv: Tensor, num_heads: int, norm: QKNorm, pe: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused projections (B, L, 3*H*D) -> q, k (QK-normed, then rotated by pe) and v, each (B, L, H, D)."""
     b, seq, width = qkv.shape
     heads = qkv.view(b, seq, 3, num_heads, width // (3 * num_heads))  # "B L (K H D) -> B L K H D"
-    return heads.unbind(2)
+    q, k, v = heads.unbind(2)  # [q | k | v], each (B, L, H, D)
+    q, k = norm(q, k, v)
+    q = apply_rope(q, pe)  # one at a time, so each unrotated copy is freed at once
+    k = apply_rope(k, pe)
+    return q, k, v
 
 
 class MLPEmbedder(nn.Module):
@@ -111,11 +123,9 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads)
         self.proj = Linear(dim, dim)
 
-    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, L, D) -> normed q, k and v, each (B, L, H, D/H)."""
-        q, k, v = split_heads(self.qkv(x), self.num_heads)
-        q, k = self.norm(q, k, v)
-        return q, k, v
+    def heads(self, x: Tensor, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, L, D) -> q, k (normed, rotated) and v, each (B, L, H, D/H)."""
+        return qkv_heads(self.qkv(x), self.num_heads, self.norm, pe)
 
 
 def mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
@@ -142,20 +152,23 @@ class DoubleStreamBlock(nn.Module):
         """img (B, N, D), txt (B, L, D), vec (B, D), pe for the L + N tokens -> (img, txt)."""
         img_sh1, img_sc1, img_g1, img_sh2, img_sc2, img_g2 = self.img_mod(vec)
         txt_sh1, txt_sc1, txt_g1, txt_sh2, txt_sc2, txt_g2 = self.txt_mod(vec)
-
-        img_q, img_k, img_v = self.img_attn.heads(modulate(img, img_sh1, img_sc1))
-        txt_q, txt_k, txt_v = self.txt_attn.heads(modulate(txt, txt_sh1, txt_sc1))
-        q, k, v = (
-            torch.cat(pair, dim=1) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))
+        q, k, v = self.joint_heads(
+            modulate(img, img_sh1, img_sc1), modulate(txt, txt_sh1, txt_sc1), pe
         )
-        attn = attention(q, k, v, pe)  # (B, L + N, D), text first
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-
-        img = torch.addcmul(img, img_g1, self.img_attn.proj(img_attn))
+        attn = attention(q, k, v)  # (B, L + N, D), text first
+        del q, k, v  # (dels here and below free activations early: lower peak memory)
+        img = torch.addcmul(img, img_g1, self.img_attn.proj(attn[:, txt.shape[1] :]))
+        txt = torch.addcmul(txt, txt_g1, self.txt_attn.proj(attn[:, : txt.shape[1]]))
+        del attn
         img = torch.addcmul(img, img_g2, self.img_mlp(modulate(img, img_sh2, img_sc2)))
-        txt = torch.addcmul(txt, txt_g1, self.txt_attn.proj(txt_attn))
         txt = torch.addcmul(txt, txt_g2, self.txt_mlp(modulate(txt, txt_sh2, txt_sc2)))
         return img, txt
+
+    def joint_heads(self, img: Tensor, txt: Tensor, pe: Tensor) -> list[Tensor]:
+        """Modulated img (B, N, D), txt (B, L, D) -> joint q, k, v, each (B, L + N, H, D/H), text first."""
+        img_q, img_k, img_v = self.img_attn.heads(img, pe[:, txt.shape[1] :])
+        txt_q, txt_k, txt_v = self.txt_attn.heads(txt, pe[:, : txt.shape[1]])
+        return [torch.cat(pair, dim=1) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))]
 
 
 class SingleStreamBlock(nn.Module):
@@ -173,12 +186,22 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         """x (B, L, D) -> (B, L, D)."""
         shift, scale, gate = self.modulation(vec)
-        fused = self.linear1(modulate(x, shift, scale))  # (B, L, 3D + M)
-        qkv, mlp_in = fused.split((fused.shape[-1] - self.mlp_hidden, self.mlp_hidden), dim=-1)
-        q, k, v = split_heads(qkv, self.num_heads)
-        q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe)  # (B, L, D)
-        out = self.linear2(torch.cat((attn, F.gelu(mlp_in, approximate="tanh")), dim=-1))
+        # linear1's rows are [q | k | v | mlp] and linear2's columns [attn | mlp]. Running each as two
+        # matmuls on views of the stored weights (as fast) avoids keeping the whole linear1 output
+        # alive through the attention and concatenating [attn, mlp]: a lower peak memory.
+        width = x.shape[-1]
+        x_mod = modulate(x, shift, scale)
+        qkv = linear_part(self.linear1, x_mod, rows=slice(3 * width))  # (B, L, 3D)
+        q, k, v = qkv_heads(qkv, self.num_heads, self.norm, pe)
+        del qkv
+        attn = attention(q, k, v)  # (B, L, D)
+        del q, k, v
+        mlp = F.gelu(
+            linear_part(self.linear1, x_mod, rows=slice(3 * width, None)), approximate="tanh"
+        )
+        del x_mod
+        out = linear_part(self.linear2, attn, cols=slice(width), bias=False)  # (B, L, D)
+        out += linear_part(self.linear2, mlp, cols=slice(width, None))
         return torch.addcmul(x, gate, out)
 
 

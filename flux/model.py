@@ -112,10 +112,12 @@ class Flux(nn.Module):
 
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, pe)
+        n_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)  # (B, L + N, D), text first
+        del img, txt  # the single blocks need x alone
         for block in self.single_blocks:
             x = block(x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1] :], vec)  # (B, N, out_channels)
+        return self.final_layer(x[:, n_txt:], vec)  # (B, N, out_channels)
 
 
 def check_inputs(p: FluxParams, img, img_ids, txt, txt_ids, timesteps, y, guidance, pe) -> None:
