@@ -50,6 +50,7 @@ from fake_imageapi import FakeImageAPI  # noqa: E402
 PACKAGE_FOLDER = "comfyui-flux-schnell"
 OWN_NODES = ("FluxSchnellGenerate", "FluxSchnellLocalModel")
 UPSCALE_MODEL = "RealESRGAN_x4plus.safetensors"
+T5_VOCAB, CLIP_VOCAB = 32128, 49408  # the sizes of ComfyUI's bundled tokenizers' models
 SLOW_SERVICE_S = 20.0
 INTERRUPT_LIMIT_S = 3.0
 CHROMIUM_FLAGS = [
@@ -226,20 +227,26 @@ def tiny_esrgan(path: Path, nf: int = 8, gc: int = 32, blocks: int = 1, seed: in
 
 
 def tiny_local_models(models: Path) -> list[Path]:
-    """tests/tiny_models.py's files under the names and folders the local backend looks for."""
-    import tiny_models
+    """Tiny random-weight FLUX files (tests/tiny_models.py) under the names `auto` looks for.
 
-    written = tiny_models.write_tiny_models(models / "_tiny")
-    places = {
-        written.transformer: models / "diffusion_models" / "flux1-schnell.safetensors",
-        written.t5: models / "text_encoders" / "t5xxl_fp16.safetensors",
-        written.clip: models / "text_encoders" / "clip_l.safetensors",
-        written.autoencoder: models / "vae" / "ae.safetensors",
+    On a real server the text encoders get ComfyUI's own tokenizers, so their embedding tables
+    have the real vocabulary sizes (T5 32128, CLIP 49408); everything else is tiny.
+    """
+    from dataclasses import replace
+
+    import tiny_models as tm
+
+    parts = {
+        models / "diffusion_models" / "flux1-schnell.safetensors": tm.transformer_weights(),
+        models / "text_encoders" / "t5xxl_fp16.safetensors": tm.t5_weights(
+            replace(tm.TINY_T5, vocab_size=T5_VOCAB)
+        ),
+        models / "text_encoders" / "clip_l.safetensors": tm.clip_weights(
+            replace(tm.TINY_CLIP, vocab_size=CLIP_VOCAB)
+        ),
+        models / "vae" / "ae.safetensors": tm.autoencoder_weights(),
     }
-    for source, target in places.items():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        source.replace(target)
-    return list(places.values())
+    return [tm.save(path, weights) for path, weights in parts.items()]
 
 
 def make_base(base: Path, local: bool) -> None:
@@ -269,6 +276,17 @@ def check_import(report: Report, log: str) -> None:
     report.check(
         not ours, "no error or warning from the package at start-up", " | ".join(ours)[:800]
     )
+
+
+def check_run_log(report: Report, log: str) -> None:
+    """Anything the package printed while the workflows ran: warnings, tracebacks."""
+    start = log.find("Starting server")
+    ours = [
+        ln.strip()
+        for ln in log[start:].splitlines()
+        if PACKAGE_FOLDER in ln and ("Warning" in ln or "Error" in ln or "Traceback" in ln)
+    ]
+    report.check(not ours, "no warning from the package while running", " | ".join(ours)[:800])
 
 
 def expected_specs() -> dict[str, wt.NodeSpec]:
@@ -658,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         check_cache(report, server, fake, first)
         check_interrupt(report, server, fake, first)
         check_no_key(report, server, key, [p for p in pngs if p.is_file()])
+        check_run_log(report, server.log())
         if args.browser:
 
             def in_browser(page) -> None:
