@@ -26,6 +26,7 @@ import random
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,7 +59,7 @@ from .settings import ENV_BASE_URL, KEY_HELP, SET_KEY_COMMAND, ApiSettings, is_l
 GENERATE_PATH = "/api/v1/generate"
 USER_AGENT = f"comfyui-flux-schnell/{__version__} python-requests/{requests.__version__}"
 POOL_SIZE = 16  # connections kept per host; >= any concurrency the node uses (MAX_BATCH)
-CHUNK_BYTES = 256 * 1024  # body read size; the deadline and stop event are checked per chunk
+CHUNK_BYTES = 2**20  # most a body read returns at once; the deadline and stop are checked per read
 SLEEP_SLICE_S = 0.05  # waits (backoff, Retry-After, polling) wake this often to check the stop
 MAX_MESSAGE_CHARS = 500  # the server's own error text, shown to the user, is cut here
 MAX_REDIRECTS = 5  # for image downloads; the generate call itself never follows redirects
@@ -1122,6 +1123,8 @@ def _body_chunks(response: requests.Response) -> Iterator[bytes]:
 
 
 _NOT_JSON = object()
+_URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
+_STRICT_BASE64 = sys.version_info >= (3, 11)  # binascii.a2b_base64(strict_mode=...)
 
 
 def _parse_json(content: bytes) -> object:
@@ -1145,11 +1148,20 @@ def _string_kind(text: str) -> str | None:
 
 
 def _b64decode(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except binascii.Error:
-        cleaned = "".join(text.split()).translate(str.maketrans("-_", "+/"))
-        return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
+    """Standard or URL-safe base64; line breaks and missing padding are allowed.
+
+    binascii's strict mode (Python >= 3.11) is the fast path: twice as fast as
+    `base64.b64decode(validate=True)` on a multi-megabyte image, and it reads the str in place.
+    """
+    if "-" in text or "_" in text:
+        text = text.translate(_URLSAFE_TO_STANDARD)
+    if _STRICT_BASE64:
+        try:
+            return binascii.a2b_base64(text, strict_mode=True)
+        except binascii.Error:
+            pass  # line breaks or no padding: the lenient path below
+    cleaned = "".join(text.split())
+    return base64.b64decode(cleaned + "=" * (-len(cleaned) % 4), validate=True)
 
 
 def _decode_data_uri(uri: str) -> bytes:
