@@ -672,7 +672,7 @@ class ImageApiClient:
             return _Failure(
                 ApiError,
                 f"{self._generate_url} does not exist ({tag}): check the base URL ({ENV_BASE_URL} "
-                f"or base_url in the config file); the service's is https://imageapi.org",
+                f"or base_url in the config file); the service's own is https://imageapi.org",
                 **common,
             )
         if status == 408:
@@ -1085,8 +1085,8 @@ def _job_info(doc: object) -> _Job | None:
     result = next((doc[k] for k in RESULT_URL_KEYS if isinstance(doc.get(k), str) and doc[k]), None)
     if status is None and poll is None and result is None:
         return None
-    error = doc.get("error")
-    error_text = _server_message_from(doc) if error else None
+    has_message = doc.get("error") or any(isinstance(doc.get(k), str) for k in MESSAGE_KEYS)
+    error_text = _server_message_from(doc) if has_message else None
     return _Job(job_id, status, poll, result, error_text)
 
 

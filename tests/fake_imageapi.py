@@ -24,6 +24,7 @@ import hashlib
 import io
 import itertools
 import json
+import signal
 import socket
 import struct
 import threading
@@ -570,12 +571,17 @@ def corrupt_png() -> bytes:
 # --- command line ----------------------------------------------------------------------------------
 
 
+def _stop_on_signal(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve a fake ImageAPI on this machine.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8787)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_signal)  # `kill` ends it like Ctrl-C does
     fake = FakeImageAPI(args.host, args.port, delay_s=args.delay).start()
     print(
         f"fake ImageAPI at {fake.base_url} (set IMAGEAPI_BASE_URL to it); Ctrl-C stops", flush=True

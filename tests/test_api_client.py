@@ -672,6 +672,7 @@ def test_pixel_limit_is_a_setting(fake, make_client):
     [
         ({"error": "NSFW content detected"}, ApiError, "NSFW content detected"),
         ({"id": "j", "status": "failed", "error": "moderated"}, ApiError, "as 'failed': moderated"),
+        ({"id": "j", "status": "Error", "message": "prompt blocked"}, ApiError, "prompt blocked"),
     ],
 )
 def test_success_status_with_an_error_body(fake, client, doc, cls, fragment):
