@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_KEY = "sk_testkey_DO_NOT_LEAK_0123456789abcdef"
@@ -51,6 +52,10 @@ class ComfyStandIn:
         self.mm.InterruptProcessingException = InterruptProcessingException
         self.mm.processing_interrupted = lambda: stand_in.interrupted
         self.mm.throw_exception_if_processing_interrupted = stand_in.throw_if_interrupted
+        self.mm.get_torch_device = lambda: torch.device("cpu")
+        self.mm.freed: list[tuple[int, object]] = []
+        self.mm.free_memory = lambda num_bytes, device: self.mm.freed.append((num_bytes, device))
+        self.mm.soft_empty_cache = lambda: None
         self.comfy = types.ModuleType("comfy")
         self.comfy.utils, self.comfy.model_management = self.utils, self.mm
         self.folder_paths = types.ModuleType("folder_paths")

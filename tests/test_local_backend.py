@@ -1,0 +1,201 @@
+"""The local backend end to end on a CPU: tiny random-weight models in every accepted layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from comfyui_flux_schnell import local_backend
+from comfyui_flux_schnell.comfy_bridge import Progress
+from comfyui_flux_schnell.errors import (
+    GenerationInterrupted,
+    ModelLoadError,
+)
+from comfyui_flux_schnell.generation import GenerationRequest
+from comfyui_flux_schnell.local_files import LocalModelSpec
+from PIL import Image
+from tiny_models import write_tiny_models, write_transformer
+from tiny_tokenizers import write_comfyui_tree, write_flux_repo_tree
+
+SIZE = 256  # the smallest side the node allows: 16x16 tokens
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_flux")
+    write_flux_repo_tree(folder)  # tokenizer/ and tokenizer_2/ beside the weights
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(model_dir):
+    return write_tiny_models(model_dir, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    local_backend.release_models()
+    yield
+    local_backend.release_models()
+
+
+def spec_for(files, model_dir, **kw) -> LocalModelSpec:
+    return LocalModelSpec(
+        transformer=files.transformer,
+        t5=files.t5,
+        clip=files.clip,
+        ae=files.autoencoder,
+        t5_tokenizer=model_dir / "tokenizer_2",
+        clip_tokenizer=model_dir / "tokenizer",
+        **kw,
+    )
+
+
+def run(spec, prompt="a red fox", seed=3, batch=1, steps=2, width=SIZE, height=SIZE):
+    request = GenerationRequest(prompt, width, height, steps, seed, batch)
+    return local_backend.generate_local(request, spec, Progress(steps * batch))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("layout", ["single files", "all-in-one"])
+def test_every_layout_and_dtype_makes_images(tmp_path, model_dir, dtype, layout):
+    files = write_tiny_models(tmp_path, dtype)
+    spec = (
+        LocalModelSpec(
+            checkpoint=files.all_in_one,
+            t5_tokenizer=model_dir / "tokenizer_2",
+            clip_tokenizer=model_dir / "tokenizer",
+        )
+        if layout == "all-in-one"
+        else spec_for(files, model_dir)
+    )
+    images, info = run(spec, width=SIZE, height=SIZE + 32)
+    assert images.shape == (1, SIZE + 32, SIZE, 3)
+    assert images.dtype == torch.float32
+    assert images.device.type == "cpu"
+    assert 0.0 <= images.min() <= images.max() <= 1.0
+    assert images.std() > 0  # not a constant picture
+    assert info.backend == "local"
+    assert info.seeds == [3]
+
+
+def test_same_seed_same_image_and_batch_items_equal_single_seeds(tiny_bf16, model_dir):
+    spec = spec_for(tiny_bf16, model_dir)
+    batch, _ = run(spec, seed=10, batch=3)
+    assert batch.shape == (3, SIZE, SIZE, 3)
+    again, _ = run(spec, seed=10, batch=1)
+    third, _ = run(spec, seed=12, batch=1)
+    assert torch.equal(batch[0], again[0])
+    assert torch.equal(batch[2], third[0])
+    assert not torch.equal(batch[0], batch[1])
+    other_prompt, _ = run(spec, prompt="a blue whale", seed=10)
+    assert not torch.equal(other_prompt[0], batch[0])
+
+
+def test_second_run_with_new_prompt_and_seed_reloads_nothing(tiny_bf16, model_dir, monkeypatch):
+    from comfyui_flux_schnell.flux import loading
+
+    calls = []
+    for name in ("load_transformer", "load_t5", "load_clip", "load_autoencoder"):
+        original = getattr(loading, name)
+        monkeypatch.setattr(
+            loading, name, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k)
+        )
+    spec = spec_for(tiny_bf16, model_dir)
+    _, first = run(spec, prompt="one", seed=1)
+    assert sorted(calls) == ["load_autoencoder", "load_clip", "load_t5", "load_transformer"]
+    _, second = run(spec, prompt="two", seed=2)
+    assert len(calls) == 4, "the second run loaded a model again"
+    assert "loading" in first.timings
+    assert "loading" not in second.timings
+    run(dataclasses.replace(spec, weight_dtype="fp8_e4m3fn"), seed=2)
+    assert len(calls) == 8, "a new weight dtype must reload"
+
+
+def test_interrupt_stops_between_steps(tiny_bf16, model_dir):
+    stop_after = 2
+    progress = Progress(8)
+    original = progress.advance
+
+    def advance(n=1, preview=None):
+        original(n, preview)
+        if progress.done == stop_after:
+            progress._stop = _Flag()
+
+    progress.advance = advance
+    request = GenerationRequest("a fox", SIZE, SIZE, 8, 0, 1)
+    with pytest.raises(GenerationInterrupted):
+        local_backend.generate_local(request, spec_for(tiny_bf16, model_dir), progress)
+    assert progress.done == stop_after  # no step ran after the interrupt
+
+
+class _Flag:
+    def is_set(self):
+        return True
+
+
+def test_node_with_local_backend_and_loader_node(comfy, comfy_package, tiny_bf16, tmp_path):
+    write_comfyui_tree(tmp_path / "pkg")
+    comfy.comfy.__path__ = [str(tmp_path / "pkg" / "comfy")]
+    for folder, path, name in (
+        ("diffusion_models", tiny_bf16.transformer, "flux1-schnell.safetensors"),
+        ("text_encoders", tiny_bf16.t5, "t5xxl_fp16.safetensors"),
+        ("text_encoders", tiny_bf16.clip, "clip_l.safetensors"),
+        ("vae", tiny_bf16.autoencoder, "ae.safetensors"),
+    ):
+        (comfy.models_dir / folder).mkdir(parents=True, exist_ok=True)
+        (comfy.models_dir / folder / name).symlink_to(path)
+    generate = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
+    # Nothing plugged in: the usual names in the usual folders.
+    images, info = generate.generate("a fox", "local", SIZE, SIZE, 2, 5, 2)
+    assert images.shape == (2, SIZE, SIZE, 3)
+    assert json.loads(info)["seeds"] == [5, 6]
+    assert len(comfy.updates) == 4  # one per sampling step of each image
+    # The loader node's choice.
+    loader = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellLocalModel"]()
+    (model,) = loader.select("none", "flux1-schnell.safetensors", "t5xxl_fp16.safetensors",
+                             "clip_l.safetensors", "ae.safetensors", "as stored", "offload to CPU")  # fmt: skip
+    same, _ = generate.generate("a fox", "local", SIZE, SIZE, 2, 5, 1, local_model=model)
+    assert torch.equal(same[0], images[0])
+
+
+def test_comfyui_interrupt_raises_comfyuis_exception(comfy, comfy_package, tiny_bf16, model_dir):
+    spec = spec_for(tiny_bf16, model_dir)
+    generate = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
+    comfy.interrupt()
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        generate.generate("a fox", "local", SIZE, SIZE, 4, 0, 1, local_model=spec)
+    assert comfy.updates == []
+
+
+def test_missing_files_name_what_was_looked_for(comfy, comfy_package):
+    generate = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
+    errors = comfy_package.errors  # the classes of the package as ComfyUI loaded it
+    with pytest.raises(errors.LocalBackendUnavailable, match="flux1-schnell") as info:
+        generate.generate("a fox", "local", SIZE, SIZE, 4, 0, 1)
+    assert "models/diffusion_models" in str(info.value)
+
+
+def test_wrong_file_in_a_slot_says_what_it_is(tiny_bf16, model_dir, tmp_path):
+    dev = write_transformer(tmp_path / "flux1-dev.safetensors", torch.bfloat16, dev=True)
+    with pytest.raises(ModelLoadError, match=r"(?i)dev"):
+        run(dataclasses.replace(spec_for(tiny_bf16, model_dir), transformer=dev))
+    swapped = dataclasses.replace(spec_for(tiny_bf16, model_dir), transformer=tiny_bf16.t5)
+    with pytest.raises(ModelLoadError, match=r"(?i)t5"):
+        run(swapped)
+
+
+def test_size_not_multiple_of_16_is_refused_before_loading(tiny_bf16, model_dir):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        run(spec_for(tiny_bf16, model_dir), width=SIZE + 8)
+    assert local_backend._loaded is None
+
+
+def test_latent_preview_is_a_small_picture():
+    from comfyui_flux_schnell.flux.preview import latent_preview
+
+    picture = latent_preview(torch.randn(1, 16, 32, 48))
+    assert isinstance(picture, Image.Image)
+    assert picture.size == (48, 32)
