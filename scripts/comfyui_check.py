@@ -234,6 +234,10 @@ def tiny_local_models(models: Path) -> list[Path]:
     """
     from dataclasses import replace
 
+    try:
+        import comfyui_flux_schnell  # noqa: F401  (pip-installed)
+    except ImportError:  # ComfyUI's Python: the repository under its installed name
+        sys.modules["comfyui_flux_schnell"] = wt.load_like_comfyui(REPO, "comfyui_flux_schnell")
     import tiny_models as tm
 
     parts = {
@@ -405,13 +409,23 @@ def _error_text(entry: dict) -> str:
 
 
 def check_cache(report, server, fake, ui_path: Path) -> None:
-    api = wt.load_json(wt.api_twin_path(ui_path))
-    server.wait(server.queue(api))  # a first run, in case nothing ran it yet
+    """Re-queue exactly what the frontend sends again (same graph, same workflow metadata)."""
+    api, ui = wt.load_json(wt.api_twin_path(ui_path)), wt.load_json(ui_path)
     before = fake.generate_calls
-    entry = server.wait(server.queue(api))
+    entry = server.wait(server.queue(api, ui))
+    report.add(
+        "INFO",
+        "re-post after the workflow run",
+        f"{fake.generate_calls - before} service request(s), cached nodes "
+        f"{sorted(n for d in messages(entry).get('execution_cached', []) for n in d['nodes'])}",
+    )
+    before = fake.generate_calls
+    entry = server.wait(server.queue(api, ui))
     cached = [n for data in messages(entry).get("execution_cached", []) for n in data["nodes"]]
     report.check(
-        entry["status"]["status_str"] == "success" and fake.generate_calls == before,
+        entry["status"]["status_str"] == "success"
+        and fake.generate_calls == before
+        and sorted(cached) == sorted(api),
         "identical re-post served from cache",
         f"{fake.generate_calls - before} new service request(s); cached nodes {sorted(cached)}",
     )
@@ -532,26 +546,34 @@ def _diff(a: dict, b: dict) -> str:
     return "; ".join(f"{k}: {a.get(k)} != {b.get(k)}" for k in keys if a.get(k) != b.get(k))[:1500]
 
 
+SCREENSHOT_SETTINGS = {
+    "Comfy.TutorialCompleted": True,  # no "Get Started with a Template" dialog
+    "Comfy.Minimap.Visible": False,
+}
+
+
 def screenshot(page, ui_path: Path, target: Path) -> None:
+    """The workflow as the frontend draws it, as an optimised PNG (128 colours)."""
     from PIL import Image
 
-    page.evaluate(
-        """async () => {
-      const s = app.extensionManager?.setting;
-      if (s) { await s.set('Comfy.Minimap.Visible', false);
-               await s.set('Comfy.Workflow.ShowMissingModelsWarning', false); }
-    }"""
-    )
     page.evaluate(
         "async (d) => { await app.loadGraphData(d, true, true, 'upscale'); }",
         wt.load_json(ui_path),
     )
+    page.keyboard.press("Escape")
     page.wait_for_timeout(1500)
     raw = target.with_suffix(".raw.png")
     page.screenshot(path=str(raw))
     with Image.open(raw) as im:
         im.convert("RGB").quantize(colors=128).save(target, optimize=True)
     raw.unlink()
+
+
+def check_templates(report: Report, server: ComfyServer) -> None:
+    """ComfyUI's template browser lists the UI workflows and none of the API twins."""
+    listed = sorted(server.get("/api/workflow_templates").get(PACKAGE_FOLDER, []))
+    want = sorted(p.stem for p in wt.ui_workflow_paths())
+    report.check(listed == want, "template browser lists the UI workflows only", str(listed))
 
 
 CREATE_AND_CONVERT = """async (types) => {
@@ -667,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
             f"torch {stats['pytorch_version']}, python {stats['python_version'].split()[0]}",
         )
         check_import(report, server.log())
+        check_templates(report, server)
         info = server.get("/object_info")
         check_object_info(report, info, local_files)
         pngs: list[Path] = []
@@ -686,15 +709,18 @@ def main(argv: list[str] | None = None) -> int:
                         page, server, info, comfyui, args.commit or comfyui_commit(comfyui)
                     )
                     report.add("INFO", "recorded", str(path))
-                if args.screenshot:
-                    screenshot(page, wt.WORKFLOW_DIR / "flux_schnell_upscale.json", args.screenshot)
-                    report.add(
-                        "INFO",
-                        "screenshot",
-                        f"{args.screenshot} ({args.screenshot.stat().st_size} bytes)",
-                    )
 
             run_browser(args.browser, server.url, in_browser)
+            if args.screenshot:
+                server.post("/settings", SCREENSHOT_SETTINGS)
+                upscale = wt.WORKFLOW_DIR / "flux_schnell_upscale.json"
+                run_browser(
+                    args.browser,
+                    server.url,
+                    lambda page: screenshot(page, upscale, args.screenshot),
+                )
+                size = args.screenshot.stat().st_size
+                report.add("INFO", "screenshot", f"{args.screenshot} ({size} bytes)")
         else:
             report.add("SKIP", "frontend checks", "run with --browser /usr/bin/chromium")
     except Exception as e:

@@ -38,9 +38,9 @@ CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 ANY_TYPE = "*"
 
 
-def load_like_comfyui(path: Path = REPO) -> types.ModuleType:
+def load_like_comfyui(path: Path = REPO, name: str | None = None) -> types.ModuleType:
     """Import `path/__init__.py` as ComfyUI does: under a module name made from the path."""
-    name = str(path).replace(".", "_x_")
+    name = name or str(path).replace(".", "_x_")
     spec = importlib.util.spec_from_file_location(
         name, path / "__init__.py", submodule_search_locations=[str(path)]
     )
