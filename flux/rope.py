@@ -52,7 +52,8 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     pairs = x.view(*x.shape[:-1], -1, 1, 2)  # "B L H (P two) -> B L H P 1 two"
     # pe[..., 0] is the column (cos, sin), pe[..., 1] the column (-sin, cos); each (B, L, 1, D/2, 2).
     # Mixed-dtype arithmetic promotes to float32 inside the kernels, so bf16 x needs no float copy.
-    out = torch.addcmul(pe[..., 0] * pairs[..., 0], pe[..., 1], pairs[..., 1])  # (B, L, H, D/2, 2)
+    out = pe[..., 0] * pairs[..., 0]  # (B, L, H, D/2, 2) float32
+    out.addcmul_(pe[..., 1], pairs[..., 1])  # in place: one float32 temporary fewer
     return out.view(x.shape).to(x.dtype)  # "B L H P two -> B L H (P two)"
 
 
