@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import types
 from pathlib import Path
@@ -11,6 +12,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# The project's reference material (checkpoint key layouts) lives in ../shared beside the checkout,
+# as on every developer machine and in CI; FLUX_REFERENCE_DIR names another place.
+REFERENCE = Path(os.environ.get("FLUX_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+KEYS_DIR = REFERENCE / "keys"
 TEST_KEY = "sk_testkey_DO_NOT_LEAK_0123456789abcdef"
 
 

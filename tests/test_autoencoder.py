@@ -7,18 +7,18 @@ import copy
 import json
 import math
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from comfyui_flux_schnell.errors import InvalidInputError
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoder, AutoEncoderParams
+from conftest import KEYS_DIR
 from diffusers_ae_convert import diffusers_config, to_diffusers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-KEYS_AE = Path("/work/shared/reference/keys/keys_ae.json")
+KEYS_AE = KEYS_DIR / "keys_ae.json"
 
 # two levels (latent 1/2 size) and three levels (1/4 size, two res blocks, a middle up level)
 TINY = AutoEncoderParams(resolution=32, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4)

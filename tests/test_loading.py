@@ -20,9 +20,10 @@ from comfyui_flux_schnell.flux.autoencoder import AutoEncoderParams
 from comfyui_flux_schnell.flux.clip import CLIPTextConfig
 from comfyui_flux_schnell.flux.model import FluxParams
 from comfyui_flux_schnell.flux.t5 import T5Config
+from conftest import KEYS_DIR
 from safetensors.torch import load_file, save_file
 
-KEYS = Path("/work/shared/reference/keys")
+KEYS = KEYS_DIR
 LOADERS = {
     "transformer": loading.load_transformer,
     "autoencoder": loading.load_autoencoder,

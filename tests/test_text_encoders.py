@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +22,9 @@ from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
 from comfyui_flux_schnell.flux.conditioning import encode_prompts, t5_compute_dtype
 from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder, relative_position_buckets
 from comfyui_flux_schnell.flux.tokenizers import load_clip_tokenizer, load_t5_tokenizer
+from conftest import KEYS_DIR
 from tiny_tokenizers import CLIP_VOCAB_SIZE, T5_VOCAB_SIZE, write_clip_tokenizer, write_t5_tokenizer
 
-KEYS_DIR = Path("/work/shared/reference/keys")
 TOL = 1e-5
 
 TINY_T5 = T5Config(
