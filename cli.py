@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="how transformer and T5 weights are kept in memory",
     )
     local.add_argument("--device", help="cuda, cuda:1, cpu (default: the first GPU, else cpu)")
+    local.add_argument(
+        "--compile", action="store_true", help="torch.compile the transformer (slow first image)"
+    )
 
     sub.add_parser("set-key", help="save the ImageAPI key (read from standard input)")
     sub.add_parser("config", help="show where the settings come from (never the key)")

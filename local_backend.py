@@ -116,6 +116,7 @@ class LoadedModels:
     t5_tokenizer: object
     clip_tokenizer: object
     load_seconds: float = 0.0
+    compiled: object = None  # torch.compile of the transformer, made on first use
 
     def all(self) -> list[Placed]:
         return [self.t5, self.clip, self.transformer, self.ae]
@@ -242,7 +243,9 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
             timings.pop("loading")
         policy = MemoryPolicy(models, device, spec.memory)
         try:
-            images = _run(models, policy, request, device, dtype, progress, timings)
+            images = _run(
+                models, policy, request, device, dtype, progress, timings, compile=spec.compile
+            )
         finally:
             if spec.memory == "free after run":
                 for placed in models.all():
@@ -265,7 +268,9 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
 
 
 @torch.inference_mode()
-def _run(models, policy, request, device, dtype, progress: Progress, timings) -> torch.Tensor:
+def _run(
+    models, policy, request, device, dtype, progress: Progress, timings, compile: bool = False
+) -> torch.Tensor:
     from .flux import sampling
     from .flux.conditioning import encode_prompts
 
@@ -284,13 +289,18 @@ def _run(models, policy, request, device, dtype, progress: Progress, timings) ->
         policy.leave([models.t5, models.clip])
     progress.raise_if_interrupted()
 
+    transformer = models.transformer.module
+    if compile:  # opt-in: the first run compiles (tens of seconds), later runs are faster
+        if models.compiled is None:
+            models.compiled = torch.compile(transformer, dynamic=False)
+        transformer = models.compiled
     previews = comfy_bridge.previews_enabled()
     latents = []
     with _stage("sampling", request, timings):
         policy.enter([models.transformer], activation_bytes=_sampling_bytes(height, width))
         for seed in request.seeds:
             latents.append(
-                _sample_one(models.transformer.module, txt, vec, seed, request, device, dtype,
+                _sample_one(transformer, txt, vec, seed, request, device, dtype,
                             progress, previews)
             )  # fmt: skip
         policy.leave([models.transformer])

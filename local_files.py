@@ -12,6 +12,7 @@ tokenizer folders may also sit beside the transformer as in the FLUX.1-schnell r
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -93,6 +94,7 @@ class LocalModelSpec:
     weight_dtype: str = "as stored"
     memory: str = "auto"
     device: str | None = None
+    compile: bool = False  # torch.compile the transformer (faster after a slow first run)
 
     def __post_init__(self):
         if self.weight_dtype not in WEIGHT_DTYPE_CHOICES:
@@ -128,7 +130,8 @@ class LocalModelSpec:
                     "refresh the page (R) after adding files, or pick another file"
                 )
             paths[field_name] = Path(full)
-        return cls(**paths, weight_dtype=weight_dtype, memory=memory)
+        compile_env = os.environ.get("FLUX_SCHNELL_COMPILE", "").lower() in ("1", "true", "yes")
+        return cls(**paths, weight_dtype=weight_dtype, memory=memory, compile=compile_env)
 
     @classmethod
     def from_cli_args(cls, args) -> LocalModelSpec:
@@ -143,6 +146,7 @@ class LocalModelSpec:
             clip_tokenizer=args.clip_tokenizer,
             weight_dtype=dtype,
             device=args.device,
+            compile=getattr(args, "compile", False),
         )
 
     def resolve(self) -> ResolvedFiles:
