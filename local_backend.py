@@ -211,7 +211,7 @@ def _stage(name: str, request: GenerationRequest, timings: dict[str, float]):
     started = time.monotonic()
     try:
         yield
-    except torch.OutOfMemoryError as e:
+    except torch.cuda.OutOfMemoryError as e:  # also torch.OutOfMemoryError in newer torch
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise OutOfMemoryError(

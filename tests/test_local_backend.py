@@ -199,3 +199,20 @@ def test_latent_preview_is_a_small_picture():
     picture = latent_preview(torch.randn(1, 16, 32, 48))
     assert isinstance(picture, Image.Image)
     assert picture.size == (48, 32)
+
+
+def test_out_of_memory_names_the_stage_and_what_to_change(tiny_bf16, model_dir, monkeypatch):
+    from comfyui_flux_schnell.errors import OutOfMemoryError
+    from comfyui_flux_schnell.flux import conditioning
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(conditioning, "encode_prompts", no_memory)
+    with pytest.raises(OutOfMemoryError) as info:
+        run(spec_for(tiny_bf16, model_dir))
+    message = str(info.value)
+    assert "during text encoding at 256x256" in message
+    assert "fp8_e4m3fn" in message
+    assert "offload to CPU" in message
+    assert isinstance(info.value, MemoryError)
