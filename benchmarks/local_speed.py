@@ -132,20 +132,21 @@ def proc_kib(field: str) -> int:
 def worker_time(config: str, device: str, warmup: int, repeats: int) -> dict:
     models = {kind: build(kind, config, device) for kind in ("ours", "diffusers")}
     times: dict[str, list[float]] = {kind: [] for kind in models}
+    cpu: dict[str, list[float]] = {kind: [] for kind in models}  # CPU seconds of all threads
     outs = {}
     with torch.inference_mode():
         for i in range(warmup + repeats):
             for kind, (model, x) in models.items():
                 sync(device)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 outs[kind] = forward(kind, model, x)
                 sync(device)
                 if i >= warmup:
                     times[kind].append(time.perf_counter() - start)
+                    cpu[kind].append(time.process_time() - start_cpu)
     diff = (outs["ours"].float() - outs["diffusers"].float()).abs().max().item()
-    return dict(
-        times=times, max_abs_diff=diff, out_max=outs["diffusers"].float().abs().max().item()
-    )
+    out_max = outs["diffusers"].float().abs().max().item()
+    return dict(times=times, cpu=cpu, max_abs_diff=diff, out_max=out_max)
 
 
 def worker_memory(kind: str, config: str, device: str) -> dict:
@@ -213,6 +214,7 @@ def report(config: str, device: str, threads: int, warmup: int, repeats: int) ->
         timing = run_worker(timing_args, threads)
     med = {kind: statistics.median(ts) for kind, ts in timing["times"].items()}
     best = {kind: min(ts) for kind, ts in timing["times"].items()}
+    cpu = {kind: statistics.median(ts) for kind, ts in timing["cpu"].items()}
     overrides, (rows, cols), txt_len, dtype = CONFIGS[config]
     where = f"{device}, {threads} threads" if device == "cpu" else device
     print(f"\n## {config}: {overrides or 'full FLUX.1-schnell'}, {rows * cols} image + {txt_len} text "
@@ -220,19 +222,19 @@ def report(config: str, device: str, threads: int, warmup: int, repeats: int) ->
     print(
         f"max|ours - diffusers| = {timing['max_abs_diff']:.3g} (outputs up to {timing['out_max']:.3g})\n"
     )
-    print(
-        "| model | median s/forward | min s/forward | all runs (s) | params | activation peak | total peak |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | median s/forward | min s/forward | median CPU s/forward | params | activation peak "
+          "| total peak |\n| --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
     for kind in ("ours", "diffusers"):
         m = memory[kind]
-        runs = ", ".join(f"{t:.3f}" for t in timing["times"][kind])
-        print(f"| {kind} | {med[kind]:.3f} | {best[kind]:.3f} | {runs} | {mib(m['params'])} "
+        print(f"| {kind} | {med[kind]:.3f} | {best[kind]:.3f} | {cpu[kind]:.3f} | {mib(m['params'])} "
               f"| {mib(m['activations'])} | {mib(m['total'])} |")  # fmt: skip
     ours, theirs = memory["ours"], memory["diffusers"]
     print(f"| ours / diffusers | {med['ours'] / med['diffusers']:.3f} | {best['ours'] / best['diffusers']:.3f} "
-          f"| | {ours['params'] / theirs['params']:.3f} | {ours['activations'] / max(theirs['activations'], 1):.3f} "
-          f"| {ours['total'] / theirs['total']:.3f} |")  # fmt: skip
+          f"| {cpu['ours'] / cpu['diffusers']:.3f} | {ours['params'] / theirs['params']:.3f} "
+          f"| {ours['activations'] / max(theirs['activations'], 1):.3f} | {ours['total'] / theirs['total']:.3f} |")  # fmt: skip
+    for kind in ("ours", "diffusers"):
+        print(f"\n{kind} runs (s): " + ", ".join(f"{t:.3f}" for t in timing["times"][kind]), end="")
+    print()
     if repeats and not math.isfinite(timing["max_abs_diff"]):
         print("warning: non-finite outputs")
 

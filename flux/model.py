@@ -91,7 +91,7 @@ class Flux(nn.Module):
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
 
     def rope(self, ids: Tensor) -> Tensor:
-        """RoPE table for ids (B, L, 3) of [txt, img] tokens, text first. Pass it as `pe=` to reuse it."""
+        """RoPE table for ids (B, L + N, 3) of [txt, img] tokens (`joint_ids`); reuse it as `pe=`."""
         return rope_table(ids, self.params.axes_dim, self.params.theta)
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
@@ -105,10 +105,8 @@ class Flux(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance.to(dtype), TIME_EMBED_DIM))
         vec = vec + self.vector_in(y.to(dtype))
         txt = self.txt_in(txt.to(dtype))  # (B, L, D)
-        if pe is None:
-            pe = self.rope(
-                torch.cat((txt_ids, img_ids), dim=1)
-            )  # computed once, shared by all blocks
+        if pe is None:  # computed once per forward and shared by all blocks
+            pe = self.rope(joint_ids(txt_ids, img_ids))
 
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, pe)
@@ -118,6 +116,12 @@ class Flux(nn.Module):
         for block in self.single_blocks:
             x = block(x, vec, pe)
         return self.final_layer(x[:, n_txt:], vec)  # (B, N, out_channels)
+
+
+def joint_ids(txt_ids: Tensor, img_ids: Tensor) -> Tensor:
+    """Position ids of the joint sequence, text first: (B|1, L, 3) + (B|1, N, 3) -> (B|1, L + N, 3)."""
+    batch = max(txt_ids.shape[0], img_ids.shape[0])
+    return torch.cat((txt_ids.expand(batch, -1, -1), img_ids.expand(batch, -1, -1)), dim=1)
 
 
 def check_inputs(p: FluxParams, img, img_ids, txt, txt_ids, timesteps, y, guidance, pe) -> None:

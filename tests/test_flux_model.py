@@ -205,15 +205,17 @@ def test_a_forgotten_norm_scale_would_be_caught():
 # --- the model's own behaviour ---------------------------------------------------------------
 
 
-def test_precomputed_pe_gives_the_same_output():
+def test_precomputed_pe_and_batch_one_ids_give_the_same_output():
     flux = tiny_flux()
     x = make_inputs(flux.params, batch=2, ids_kind="all-axes")
+    img, txt, t, y = x["img"], x["txt"], x["timesteps"], x["y"]
     ids = torch.cat((x["txt_ids"], x["img_ids"]))[None]  # (1, L + N, 3), broadcast over the batch
     with torch.no_grad():
-        inner = run_flux(flux, x, x["img"], x["timesteps"])
-        outer = flux(x["img"], x["img_ids"][None], x["txt"], x["txt_ids"][None], x["timesteps"], x["y"],
-                     pe=flux.rope(ids))  # fmt: skip
+        inner = run_flux(flux, x, img, t)  # ids (2, ., 3), pe built inside
+        outer = flux(img, x["img_ids"][None], txt, x["txt_ids"][None], t, y, pe=flux.rope(ids))
+        mixed = flux(img, x["img_ids"][None], txt, x["txt_ids"].expand(2, -1, -1), t, y)
     torch.testing.assert_close(outer, inner, rtol=0, atol=0)
+    torch.testing.assert_close(mixed, inner, rtol=0, atol=0)
 
 
 def test_batch_entries_are_independent():
