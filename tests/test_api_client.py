@@ -1,4 +1,5 @@
-"""Tests of api_client.py against the fake ImageAPI on 127.0.0.1 (real sockets, no mocks of HTTP).
+"""Tests of api_client.py, api_http.py and api_responses.py against the fake ImageAPI on 127.0.0.1
+(real sockets, no mocks of HTTP).
 
 Every answer shape, every fault, and request counts that prove what is and is not retried; the key
 never leaves the service's origin and never shows up in a log record or an error.
@@ -19,7 +20,7 @@ from email.utils import formatdate
 
 import pytest
 import requests
-from comfyui_flux_schnell import api_client
+from comfyui_flux_schnell import api_responses
 from comfyui_flux_schnell._version import __version__
 from comfyui_flux_schnell.api_client import ApiImage, GenerateRequest, ImageApiClient
 from comfyui_flux_schnell.errors import (
@@ -336,14 +337,14 @@ def test_retry_after_seconds_honoured(fake, client, retry_after):
 
 def test_retry_after_http_date():
     when = formatdate(time.time() + 3, usegmt=True)
-    reply = api_client._Reply(
+    reply = api_responses.Reply(
         429, "", requests.structures.CaseInsensitiveDict({"Retry-After": when}), b"", ""
     )
-    assert 1.5 <= api_client._retry_after(reply) <= 3.1
+    assert 1.5 <= api_responses.retry_after_seconds(reply) <= 3.1
     reply.headers["Retry-After"] = "not a date"
-    assert api_client._retry_after(reply) is None
+    assert api_responses.retry_after_seconds(reply) is None
     reply.headers["Retry-After"] = "-5"
-    assert api_client._retry_after(reply) == 0.0
+    assert api_responses.retry_after_seconds(reply) == 0.0
 
 
 def test_retry_after_past_deadline_fails_at_once(fake, make_client):
@@ -896,21 +897,21 @@ def test_key_not_in_success_logs(fake, make_client, caplog):
     ],
 )
 def test_key_paths_show_keys_not_values(doc, expected):
-    assert api_client._key_paths(doc) == expected
+    assert api_responses.key_paths(doc) == expected
 
 
 def test_prompt_and_status_url_never_taken_for_the_image():
     doc = {"prompt": "https://example.com/x.png", "status_url": "https://example.com/s"}
-    assert api_client._find_image(doc) is None
-    assert api_client._find_image({"output": "queued"}) is None
+    assert api_responses.find_image(doc) is None
+    assert api_responses.find_image({"output": "queued"}) is None
 
 
 def test_json_error_body_shapes_do_not_need_json_content_type():
-    reply = api_client._Reply(
+    reply = api_responses.Reply(
         400,
         "Bad Request",
         requests.structures.CaseInsensitiveDict({"Content-Type": "text/plain"}),
         json.dumps({"error": {"message": "nope", "code": 7}}).encode(),
         "",
     )
-    assert api_client._server_message(reply) == "nope (code 7)"
+    assert api_responses.server_message(reply) == "nope (code 7)"
