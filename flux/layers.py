@@ -41,12 +41,11 @@ def linear_part(layer: Linear, x: Tensor, rows: slice = slice(None), cols: slice
                 bias: bool = True) -> Tensor:  # fmt: skip
     """`layer` restricted to some output rows / input columns of its stored weight (a view, no copy)."""
     weight = cast_to(layer.weight[rows, cols], x)
-    return F.linear(x, weight, cast_to(layer.bias[rows], x) if bias else None)
+    with_bias = bias and layer.bias is not None
+    return F.linear(x, weight, cast_to(layer.bias[rows], x) if with_bias else None)
 
 
-def qkv_heads(
-    qkv: Tensor, num_heads: int, norm: QKNorm, pe: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def qkv_heads(qkv: Tensor, num_heads: int, norm: QKNorm, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Fused projections (B, L, 3*H*D) -> q, k (QK-normed, then rotated by pe) and v, each (B, L, H, D)."""
     b, seq, width = qkv.shape
     heads = qkv.view(b, seq, 3, num_heads, width // (3 * num_heads))  # "B L (K H D) -> B L K H D"
@@ -77,9 +76,15 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # F.rms_norm without a weight computes x * rsqrt(mean(x^2) + eps) in float32 and rounds once.
-        normed = F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
-        return normed * cast_to(self.scale, normed)
+        return rms_normalize(x) * cast_to(self.scale, x)
+
+
+def rms_normalize(x: Tensor) -> Tensor:
+    """`x * rsqrt(mean(x^2) + eps)` over the last dim, computed in float32, rounded once to x's dtype."""
+    if hasattr(F, "rms_norm"):  # torch >= 2.4: one fused kernel that computes in float32
+        return F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + NORM_EPS)).to(x.dtype)
 
 
 class QKNorm(nn.Module):
