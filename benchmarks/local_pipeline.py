@@ -320,7 +320,8 @@ def print_table(columns, args, device):
             ref = columns["diffusers"][row]
             line += "".join(f"{columns[n][row] / ref:>17.2f}x" for n in names if n != "diffusers")
         print(line)
-    print("ratio = ours / diffusers (below 1: ours is faster or smaller)")
+    if "diffusers" in columns:
+        print("ratio = ours / diffusers (below 1: ours is faster or smaller)")
 
 
 if __name__ == "__main__":
