@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import types
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from workflow_tools import load_like_comfyui
 
 REPO = Path(__file__).resolve().parents[1]
 # The project's reference material (checkpoint key layouts) lives in ../shared beside the checkout,
@@ -101,18 +101,6 @@ def comfy(tmp_path, monkeypatch) -> ComfyStandIn:
     for name, module in stand_in.modules().items():
         monkeypatch.setitem(sys.modules, name, module)
     return stand_in
-
-
-def load_like_comfyui(path: Path = REPO) -> types.ModuleType:
-    """Import `path/__init__.py` as ComfyUI's load_custom_node does: a path-derived module name."""
-    name = str(path).replace(".", "_x_")
-    spec = importlib.util.spec_from_file_location(
-        name, path / "__init__.py", submodule_search_locations=[str(path)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
