@@ -15,7 +15,6 @@ import itertools
 import json
 import math
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +22,10 @@ from comfyui_flux_schnell.errors import InvalidInputError
 from comfyui_flux_schnell.flux import layers
 from comfyui_flux_schnell.flux.model import Flux, FluxParams
 from comfyui_flux_schnell.flux.rope import apply_rope, rope_table, timestep_embedding
+from conftest import KEYS_DIR
 from diffusers_flux_convert import bfl_to_diffusers
 
-KEYS_JSON = Path("/work/shared/reference/keys/keys_flux1_schnell.json")
+KEYS_JSON = KEYS_DIR / "keys_flux1_schnell.json"
 TINY = dict(
     in_channels=16, out_channels=16, vec_in_dim=24, context_in_dim=32, hidden_size=64,
     num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(8, 12, 12),
