@@ -161,7 +161,7 @@ class FluxSchnellGenerate:
             from .local_backend import generate_local
 
             images, info = generate_local(
-                request, local_model, comfy_bridge.progress_for(request.steps)
+                request, local_model, comfy_bridge.progress_for(request.steps * request.batch_size)
             )
         return (images, info.to_json())
 

@@ -152,7 +152,7 @@ def test_node_with_local_backend_and_loader_node(comfy, comfy_package, tiny_bf16
     images, info = generate.generate("a fox", "local", SIZE, SIZE, 2, 5, 2)
     assert images.shape == (2, SIZE, SIZE, 3)
     assert json.loads(info)["seeds"] == [5, 6]
-    assert len(comfy.updates) == 4  # one per sampling step of each image
+    assert [(value, total) for value, total, _ in comfy.updates] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     # The loader node's choice.
     loader = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellLocalModel"]()
     (model,) = loader.select("none", "flux1-schnell.safetensors", "t5xxl_fp16.safetensors",
