@@ -33,6 +33,7 @@ from PIL import Image
 from .api_http import (
     BILLED,
     FREE,
+    SLEEP_SLICE_S,
     Failure,
     HttpTransport,
     attempt,
@@ -134,6 +135,30 @@ class _Crash:
         self.exc = exc
 
 
+class _Place:
+    """A worker's hold on one of the `concurrency` places for HTTP calls; given back once."""
+
+    def __init__(self, places: threading.BoundedSemaphore):
+        self._places = places
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._places.release()
+
+
+@dataclass
+class _Encoded:
+    """An image located in an answer but not decoded yet: its bytes, base64 or a data URI."""
+
+    kind: str  # "bytes", "b64" or "data"
+    value: bytes | str
+    where: str  # for messages: which part of which answer
+    status: int | None
+    request_id: str | None
+
+
 # --- the client ----------------------------------------------------------------------------------
 
 
@@ -185,12 +210,15 @@ class ImageApiClient:
         on_result: Callable[[int, ApiImage | ApiError], None] | None = None,
         poll_interval: float = 0.05,
     ) -> list[ApiImage | ApiError]:
-        """Run `requests` through `concurrency` workers; results in input order.
+        """Run `requests` with at most `concurrency` in their HTTP calls; results in input order.
 
-        Each result is an `ApiImage` or the `ApiError` its request ended with. `on_result(index,
-        result)` runs in this thread as each finishes. When `should_stop()` turns true (checked
-        every `poll_interval` s) nothing more is sent and `GenerationInterrupted` is raised at once;
-        calls in flight are abandoned (their threads end by their own timeout).
+        An image holds one of `concurrency` places from its first HTTP call to its last (retries,
+        waits, polls and downloads included) and gives it back before its image is decoded, so
+        decoding one image does not hold back the next one's call (2 x `concurrency` worker
+        threads at most). Each result is an `ApiImage` or the `ApiError` its request ended with. `on_result(index, result)` runs in this thread as each finishes. When
+        `should_stop()` turns true (checked every `poll_interval` s) nothing more is sent and
+        `GenerationInterrupted` is raised at once; calls in flight are abandoned (their threads end
+        by their own timeout).
         """
         items = list(requests)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -203,6 +231,7 @@ class ImageApiClient:
             return []
 
         stop = threading.Event()
+        places = threading.BoundedSemaphore(concurrency)
         todo: queue.SimpleQueue[int] = queue.SimpleQueue()
         done: queue.SimpleQueue[tuple[int, object]] = queue.SimpleQueue()
         for i in range(len(items)):
@@ -210,23 +239,29 @@ class ImageApiClient:
 
         def worker() -> None:
             while not stop.is_set():
+                if not places.acquire(timeout=SLEEP_SLICE_S):
+                    continue  # all places taken: look at the stop again
+                place = _Place(places)
                 try:
-                    i = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    outcome: object = self._generate_one(items[i], i, stop)
-                except ApiError as e:
-                    outcome = self._scrubbed(e)
-                except GenerationInterrupted:
-                    return
-                except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
-                    outcome = _Crash(e)
+                    try:
+                        i = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    try:
+                        outcome: object = self._generate_one(items[i], i, stop, place.release)
+                    except ApiError as e:
+                        outcome = self._scrubbed(e)
+                    except GenerationInterrupted:
+                        return
+                    except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
+                        outcome = _Crash(e)
+                finally:
+                    place.release()
                 done.put((i, outcome))
 
         workers = [
             threading.Thread(target=worker, name=f"flux-schnell-api-{k}", daemon=True)
-            for k in range(min(concurrency, len(items)))
+            for k in range(min(2 * concurrency, len(items)))
         ]
         for t in workers:
             t.start()
@@ -262,8 +297,13 @@ class ImageApiClient:
     # one image
 
     def _generate_one(
-        self, request: GenerateRequest, index: int, stop: threading.Event
+        self,
+        request: GenerateRequest,
+        index: int,
+        stop: threading.Event,
+        calls_done: Callable[[], None] = lambda: None,
     ) -> ApiImage:
+        """Call (and retry) until the answer holds an image, say `calls_done()`, decode it."""
         s = self.settings
         started = time.monotonic()
         deadline = started + s.deadline_s
@@ -312,7 +352,9 @@ class ImageApiClient:
                 sleep_unless_stopped(wait, stop)
                 continue
             request_id = request_id_of(reply)
-            image, job_id = self._image_from_reply(reply, deadline, stop, request_id)
+            encoded, job_id = self._locate(reply, deadline, stop, request_id)
+            calls_done()
+            image = self._decode(encoded)
             seconds = time.monotonic() - started
             self.log.debug(
                 "image %d: %dx%d in %.3f s, %d attempt(s)",
@@ -426,21 +468,21 @@ class ImageApiClient:
             return Failure(ServerError, f"the service failed ({tag}): {said}", **common)
         return Failure(ApiError, f"unexpected answer from the service ({tag}): {said}", **common)
 
-    # --- decoding the answer ----------------------------------------------------------------------
+    # --- from the answer to the image -----------------------------------------------------------
 
-    def _image_from_reply(
+    def _locate(
         self, reply: Reply, deadline: float, stop: threading.Event, request_id: str | None
-    ) -> tuple[Image.Image, str | None]:
-        """The image in a successful answer, and the job id if it came through a job."""
+    ) -> tuple[_Encoded, str | None]:
+        """The image in a successful answer (fetched when it is elsewhere), and the job id if it
+        came through a job. Not decoded yet: that needs no HTTP place."""
         tag = status_tag(reply.status, reply.reason, request_id)
         if looks_like_image(reply):
-            return self._open(
-                reply.content, f"the image body ({tag})", reply.status, request_id
-            ), None
+            where = f"the image body ({tag})"
+            return _Encoded("bytes", reply.content, where, reply.status, request_id), None
         doc = self._json(reply, tag, request_id)
-        return self._image_from_json(doc, reply, deadline, stop, request_id, tag)
+        return self._locate_in_json(doc, reply, deadline, stop, request_id, tag)
 
-    def _image_from_json(
+    def _locate_in_json(
         self,
         doc: object,
         reply: Reply,
@@ -448,14 +490,14 @@ class ImageApiClient:
         stop: threading.Event,
         request_id: str | None,
         tag: str,
-    ) -> tuple[Image.Image, str | None]:
+    ) -> tuple[_Encoded, str | None]:
         job = job_info(doc)
         if job is not None and ((job.pending and job.poll_url) or (job.done and job.result_url)):
             return self._follow_job(job, reply.url, deadline, stop, request_id)
         found = find_image(doc)
         if found is None:
             raise self._no_image(doc, reply, job, request_id, tag)
-        return self._load_reference(found, reply.url, deadline, stop, request_id, tag), None
+        return self._fetch_reference(found, reply.url, deadline, stop, request_id, tag), None
 
     def _no_image(
         self, doc: object, reply: Reply, job: Job | None, request_id: str | None, tag: str
@@ -504,7 +546,7 @@ class ImageApiClient:
             )
         return doc
 
-    def _load_reference(
+    def _fetch_reference(
         self,
         found: tuple[str, str, str],
         base: str,
@@ -512,23 +554,30 @@ class ImageApiClient:
         stop: threading.Event,
         request_id: str | None,
         tag: str,
-    ) -> Image.Image:
+    ) -> _Encoded:
+        """An image reference from `find_image`: a URL is downloaded, base64 is kept as it is."""
         kind, value, path = found
         where = f"{self._safe(path)} of the answer ({tag})"
         if kind == "url":
             url = urljoin(base, value)
             data = self._http.download(url, deadline, stop, request_id)
-            return self._open(
-                data, f"the image at {self._safe(safe_url(url))} ({where})", None, request_id
-            )
+            where = f"the image at {self._safe(safe_url(url))} ({where})"
+            return _Encoded("bytes", data, where, None, request_id)
+        return _Encoded(kind, value, where, None, request_id)
+
+    def _decode(self, encoded: _Encoded) -> Image.Image:
+        """The RGB image from located bytes or base64 (no HTTP)."""
+        value, where, request_id = encoded.value, encoded.where, encoded.request_id
+        if isinstance(value, bytes):
+            return self._open(value, where, encoded.status, request_id)
         try:
-            data = decode_data_uri(value) if kind == "data" else b64decode(value)
+            data = decode_data_uri(value) if encoded.kind == "data" else b64decode(value)
         except ValueError as e:  # binascii.Error is a ValueError
             raise ResponseDecodeError(
                 f"{where} is not valid base64 ({len(value):,} characters)",
                 request_id=request_id,
             ) from e
-        return self._open(data, where, None, request_id)
+        return self._open(data, where, encoded.status, request_id)
 
     def _open(
         self, data: bytes, where: str, status: int | None, request_id: str | None
@@ -540,7 +589,7 @@ class ImageApiClient:
 
     def _follow_job(
         self, job: Job, base: str, deadline: float, stop: threading.Event, request_id: str | None
-    ) -> tuple[Image.Image, str | None]:
+    ) -> tuple[_Encoded, str | None]:
         """Poll a job's status URL (GET, free) until it has an image, fails, or the deadline."""
         s = self.settings
         poll_url = urljoin(base, job.poll_url) if job.poll_url else None
@@ -588,11 +637,12 @@ class ImageApiClient:
             tag = status_tag(reply.status, reply.reason, request_id_of(reply) or job_id)
             if looks_like_image(reply):
                 where = f"the job's result ({tag})"
-                return self._open(reply.content, where, reply.status, job_id), job_id
+                return _Encoded("bytes", reply.content, where, reply.status, job_id), job_id
             doc = self._json(reply, tag, job_id)
             found = find_image(doc)
             if found is not None:
-                return self._load_reference(found, reply.url, deadline, stop, job_id, tag), job_id
+                encoded = self._fetch_reference(found, reply.url, deadline, stop, job_id, tag)
+                return encoded, job_id
             nxt = job_info(doc)
             if nxt is None or not (nxt.pending or (nxt.done and nxt.result_url)):
                 raise self._no_image(doc, reply, nxt, request_id or job_id, tag)

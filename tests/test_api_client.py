@@ -576,6 +576,25 @@ def test_generate_many_runs_concurrently_in_input_order(fake, client):
     assert [r.image.getpixel((0, 0)) for r in results] == [expected_color(r) for r in reqs]
 
 
+def test_decoding_an_image_does_not_hold_back_the_next_call(fake, client, monkeypatch):
+    fake.set_default(lambda req, f: Reply.image(request_image(req)))
+    opened, decoded_at = client._open, []
+
+    def slow_open(*args, **kwargs):
+        time.sleep(0.4)
+        image = opened(*args, **kwargs)
+        decoded_at.append(time.monotonic())
+        return image
+
+    monkeypatch.setattr(client, "_open", slow_open)
+    reqs = [GenerateRequest(f"prompt {i}", 16, 16, 1) for i in range(3)]
+    results = client.generate_many(reqs, concurrency=1)
+    assert [r.image.getpixel((0, 0)) for r in results] == [expected_color(r) for r in reqs]
+    assert fake.max_in_flight == 1  # still one call at a time
+    first_decoded = min(decoded_at)
+    assert fake.requests[1].time < first_decoded - 0.2  # sent while image 0 was decoding
+
+
 def test_generate_many_keeps_going_after_a_failure(fake, client):
     def answer(req, f):
         return error_reply(400, "bad prompt") if "fail" in req.prompt else default_png(req, f)
