@@ -91,16 +91,23 @@ class Placed:
 
     def to(self, device: torch.device) -> None:
         if self.device != device:
-            for name, t in self._tensors():
-                t.data = self.cpu_tensors[name].to(device, non_blocking=True)
+            try:
+                for name, t in self._tensors():
+                    t.data = self.cpu_tensors[name].to(device, non_blocking=True)
+            except BaseException:  # out of memory half way: give back what did move
+                self._restore()
+                raise
             self.device = device
         self.last_used = time.monotonic()
 
     def home(self) -> None:
         if self.device.type != "cpu":
-            for name, t in self._tensors():
-                t.data = self.cpu_tensors[name]
-            self.device = torch.device("cpu")
+            self._restore()
+
+    def _restore(self) -> None:
+        for name, t in self._tensors():
+            t.data = self.cpu_tensors[name]
+        self.device = torch.device("cpu")
 
 
 @dataclass

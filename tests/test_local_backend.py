@@ -216,3 +216,24 @@ def test_out_of_memory_names_the_stage_and_what_to_change(tiny_bf16, model_dir, 
     assert "fp8_e4m3fn" in message
     assert "offload to CPU" in message
     assert isinstance(info.value, MemoryError)
+
+
+def test_a_model_that_does_not_fit_is_moved_back_whole(tiny_bf16):
+    from comfyui_flux_schnell.flux.loading import load_clip
+
+    placed = local_backend.Placed("CLIP-L", load_clip(tiny_bf16.clip))
+    homes = {name: t.data_ptr() for name, t in placed.cpu_tensors.items()}
+    moved = []
+
+    def fail_on_third(self, *args, **kwargs):
+        moved.append(1)
+        if len(moved) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return self.clone()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "to", fail_on_third)
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            placed.to(torch.device("meta"))
+    assert placed.device.type == "cpu"
+    assert {n: t.data_ptr() for n, t in placed._tensors()} == homes
