@@ -2,10 +2,11 @@
 
 Based on the service's public contract (shared/reference/imageapi-contract.md): `POST
 {base_url}/api/v1/generate` with a Bearer key and a JSON body of documented fields. Here: the
-public `GenerateRequest`, `ApiImage` and `ImageApiClient` (a bounded worker pool with results in
-input order, a stop checked while waiting, one retry loop per image), what each error status of
-the generate call means, and the way from a successful answer to an RGB image (raw bytes, base64,
-a URL to download, an asynchronous job to poll). The HTTP exchange and the never-billed GETs are in
+public `GenerateRequest`, `ApiImage` and `ImageApiClient` (a worker pool with at most
+`concurrency` images in their HTTP calls, decoding outside that bound, results in input order, a
+stop checked while waiting, one retry loop per image), what each error status of the generate
+call means, and the way from a successful answer to an RGB image (raw bytes, base64, a URL to
+download, an asynchronous job to poll). The HTTP exchange and the never-billed GETs are in
 api_http.py; reading an answer's JSON shapes, error texts and image bytes is in api_responses.py.
 
 Money rules: a call that may already have been billed (read timeout, 500/502/504, dropped answer)
