@@ -195,6 +195,7 @@ class MemoryPolicy:
                     break
                 log.info("moving %s out of %s to make room", placed.name, self.device)
                 placed.home()
+                torch.cuda.empty_cache()  # mem_get_info does not count the allocator's cache
         if others:
             torch.cuda.empty_cache()
         comfy_bridge.free_memory(need, self.device)  # other ComfyUI models make room too

@@ -38,9 +38,5 @@ class Embedding(nn.Embedding):
     """`nn.Embedding` whose output is in `out_dtype` (given per call) rather than the stored dtype."""
 
     def forward(self, ids: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        weight = self.weight
-        if out_dtype is not None and weight.dtype != out_dtype:
-            if weight.dtype.itemsize == 1:  # fp8 tables: gather first, then widen the few rows
-                return F.embedding(ids, weight).to(out_dtype)
-            weight = weight.to(out_dtype)
-        return F.embedding(ids, weight)
+        rows = F.embedding(ids, self.weight)  # gather first: never cast the whole table
+        return rows if out_dtype is None else rows.to(out_dtype)
