@@ -288,6 +288,8 @@ class _Handler(BaseHTTPRequestHandler):
             fake.max_in_flight = max(fake.max_in_flight, fake._in_flight)
         try:
             self._send(fake._answer(req))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (an interrupt, a timeout): nobody is left to answer
         finally:
             with fake._lock:
                 fake._in_flight -= 1
