@@ -17,6 +17,8 @@ import threading
 import time
 from collections import OrderedDict
 
+from PIL import Image
+
 from .api_client import ApiImage, GenerateRequest, ImageApiClient
 from .comfy_bridge import Progress
 from .errors import (
@@ -88,9 +90,6 @@ def generate_api(
             if kept is not None:
                 results[i] = kept
     reused = [i for i, r in enumerate(results) if r is not None]
-    if reused:
-        log.info("reusing %d image(s) finished in an earlier, partly failed run", len(reused))
-        progress.advance(len(reused))
     todo = [i for i, r in enumerate(results) if r is None]
 
     def on_result(position: int, result: ApiImage | ApiError) -> None:
@@ -99,7 +98,10 @@ def generate_api(
         if isinstance(result, ABORT_BATCH):
             raise result  # the rest of the batch would fail the same way: send no more
 
-    try:
+    try:  # from here on, whatever stops the run puts the finished images back
+        if reused:
+            log.info("reusing %d image(s) finished in an earlier, partly failed run", len(reused))
+            progress.advance(len(reused))  # ComfyUI's bar may raise its interrupt here
         if todo:
             client_for(settings).generate_many(
                 [reqs[i] for i in todo],
@@ -156,8 +158,9 @@ def _batch_error(request: GenerationRequest, failures: dict[int, ApiError]) -> A
         for i, e in failures.items()
     ]
     kept = (
-        f" The {finished} finished image(s) are kept: queue the prompt again and only the "
-        "failed ones are requested (and paid for) again."
+        f" The {finished} finished image(s) are kept: queue the same prompt again with seed "
+        f"{request.seed} (set the seed's control to 'fixed') and only the failed ones are "
+        "requested (and paid for) again."
         if finished
         else ""
     )
@@ -181,5 +184,7 @@ def _one_size(pictures, request: GenerationRequest):
     if any(p.size != size for p in pictures):
         notes.append(f"images of different sizes were resized to {size[0]}x{size[1]}")
         log.warning(notes[-1])
-        pictures = [p if p.size == size else p.resize(size, resample=3) for p in pictures]
+        pictures = [
+            p if p.size == size else p.resize(size, Image.Resampling.BICUBIC) for p in pictures
+        ]
     return pictures, notes

@@ -154,3 +154,19 @@ def test_other_size_from_the_service_is_kept_and_noted(node, fake_api):
     images, info = node.generate("p", "api", 256, 512, 4, 0, 2)
     assert images.shape == (2, 320, 320, 3)
     assert "instead of the requested 256x512" in json.loads(info)["notes"][0]
+
+
+def test_kept_images_survive_a_cancel_before_the_requeue_finishes(
+    comfy, comfy_package, node, fake_api, send_seed
+):
+    fake_api.set_default(fail_seeds({201}))
+    with pytest.raises(comfy_package.errors.BatchFailedError, match="seed 200"):
+        node.generate("keep", "api", 256, 256, 4, 200, 2)
+    assert fake_api.generate_calls == 2
+    comfy.interrupt()  # Cancel pressed as the re-queue starts
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        node.generate("keep", "api", 256, 256, 4, 200, 2)
+    fake_api.set_default(fail_seeds(set()))
+    images, _ = node.generate("keep", "api", 256, 256, 4, 200, 2)
+    assert images.shape[0] == 2
+    assert [r.json["seed"] for r in fake_api.requests[2:]] == [201]  # seed 200 was not bought again
