@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import hashlib
+import json
 import logging
 import random
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._version import __version__
 from .errors import ConfigurationError, FluxSchnellError, GenerationInterrupted, InvalidInputError
-from .generation import BACKENDS, MAX_SEED, MODEL_NAME, GenerationRequest
+from .generation import BACKENDS, MODEL_NAME, GenerationRequest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("flux_schnell.cli")
@@ -48,10 +51,16 @@ class Job:
 class Outcome:
     done: int = 0
     skipped: int = 0
-    failed: list[tuple[Job, str]] | None = None
+    failed: list[tuple[Job, str]] = field(default_factory=list)
+    exit_code: int | None = None  # set when the run stopped early for a reason that ends it
 
-    def __post_init__(self):
-        self.failed = []
+
+class StopRun(Exception):
+    """Ends a run early: every remaining image would fail the same way."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,14 +162,15 @@ def _generate(parser: argparse.ArgumentParser, args) -> int:
     if not 1 <= args.concurrency <= 16:
         parser.error("--concurrency must be between 1 and 16")
     seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
-    prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts_file)
-    # Validate everything before the first (paid) request.
-    for prompt in prompts:
+    lines = [(1, args.prompt)] if args.prompt is not None else _read_prompts(args.prompts_file)
+    # Validate everything, and that the images can be written, before the first (paid) request.
+    for _, prompt in lines:
         GenerationRequest(
             prompt, args.width, args.height, args.steps, seed, args.batch_size
         ).validate(args.backend)
+    _check_writable(args.out.parent if args.out is not None else args.out_dir)
 
-    jobs = _plan(prompts, seed, args)
+    jobs = _plan(lines, seed, args)
     resumable = args.prompts_file is not None
     outcome = Outcome()
     pending = []
@@ -185,6 +195,11 @@ def _generate(parser: argparse.ArgumentParser, args) -> int:
         runner(pending, args, outcome, bar, stop)
     except GenerationInterrupted:
         print("\ninterrupted: finished images are kept; run again to resume", file=sys.stderr)
+    except StopRun as e:
+        print(
+            f"\nerror: {e}\nstopped: the remaining images would fail the same way.", file=sys.stderr
+        )
+        outcome.exit_code = e.exit_code
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
@@ -200,28 +215,49 @@ def _first_interrupt(stop: threading.Event, previous) -> None:
     print("\nstopping (Ctrl-C again to abort at once)...", file=sys.stderr)
 
 
-def _read_prompts(path: Path) -> list[str]:
+def _read_prompts(path: Path) -> list[tuple[int, str]]:
+    """(line number, prompt) for every prompt line; blank lines and '#' comments are skipped."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise InvalidInputError(f"--prompts-file {path}: cannot read it ({e.strerror})") from e
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
+    lines = [
+        (n, line.strip())
+        for n, line in enumerate(text.splitlines(), start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not lines:
         raise InvalidInputError(
             f"--prompts-file {path} has no prompts (one a line; '#' starts a comment)"
         )
-    return prompts
+    return lines
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse a folder that cannot take the images before any (paid) work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise InvalidInputError(
+            f"cannot write images to {folder}: {e.strerror}; choose another --out/--out-dir"
+        ) from e
 
 
 def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
 
 
-def _plan(prompts: list[str], seed: int, args) -> list[Job]:
+def _plan(lines: list[tuple[int, str]], seed: int, args) -> list[Job]:
+    """One job per image. Draft files are named by prompt and settings, not by position, so
+    editing other lines of the prompts file never renames (and re-buys) finished images."""
     jobs = []
-    for n, prompt in enumerate(prompts):
-        for b in range(args.batch_size):
-            image_seed = (seed + b) % (MAX_SEED + 1)
+    for line, prompt in lines:
+        request = GenerationRequest(
+            prompt, args.width, args.height, args.steps, seed, args.batch_size
+        )
+        for b, image_seed in enumerate(request.seeds):
             if args.prompts_file is None:
                 out: Path = args.out
                 path = (
@@ -232,10 +268,16 @@ def _plan(prompts: list[str], seed: int, args) -> list[Job]:
                 label = f"image {b + 1}"
             else:
                 suffix = "" if args.batch_size == 1 else f"-{b + 1}"
-                path = args.out_dir / f"{n + 1:04d}-{_slug(prompt)}{suffix}.png"
-                label = f"line {n + 1} image {b + 1}"
+                path = args.out_dir / f"{_slug(prompt)}-{_settings_tag(prompt, args)}{suffix}.png"
+                label = f"line {line}" + (f" image {b + 1}" if args.batch_size > 1 else "")
             jobs.append(Job(prompt, image_seed, path, label))
     return jobs
+
+
+def _settings_tag(prompt: str, args) -> str:
+    """8 hex digits naming what makes the image: prompt, size, steps, backend, the given seed."""
+    what = [prompt, args.width, args.height, args.steps, args.backend, args.seed]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
 
 
 def _png_text(job: Job, args, backend: str, extra: dict | None = None) -> dict[str, str]:
@@ -252,51 +294,45 @@ def _png_text(job: Job, args, backend: str, extra: dict | None = None) -> dict[s
 
 
 def _run_api(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Event) -> None:
-    from .api_backend import client_for
-    from .api_client import GenerateRequest
-    from .errors import AuthenticationError, InsufficientCreditsError
-    from .images import save_png
+    from .api_backend import ABORT_BATCH, api_requests, client_for
+    from .errors import AuthenticationError
     from .settings import load_settings
 
     if not jobs:
         return
-    settings = load_settings()
-    client = client_for(settings)
+    client = client_for(load_settings())
     requests = [
-        GenerateRequest(job.prompt, args.width, args.height, args.steps, seed=job.seed)
+        api_requests(GenerationRequest(job.prompt, args.width, args.height, args.steps, job.seed))[
+            0
+        ]
         for job in jobs
     ]
 
     def on_result(i: int, result) -> None:
         job = jobs[i]
         if isinstance(result, FluxSchnellError):
-            outcome.failed.append((job, f"{type(result).__name__}: {result}"))
-            bar.advance(failed=True)
-            if isinstance(result, (AuthenticationError, InsufficientCreditsError)):
-                raise result  # every other request would fail the same way
+            _failed(outcome, bar, job, result)
+            if isinstance(result, ABORT_BATCH):  # a refused key, no credits
+                code = EXIT_USAGE if isinstance(result, AuthenticationError) else EXIT_FAILED
+                raise StopRun(str(result), code)
             return
-        save_png(
+        _save(
+            outcome,
+            bar,
+            job,
             result.image,
-            job.path,
             _png_text(job, args, "api", {"request_id": result.request_id}),
         )
-        outcome.done += 1
-        bar.advance()
 
-    try:
-        client.generate_many(
-            requests, concurrency=args.concurrency, should_stop=stop.is_set, on_result=on_result
-        )
-    except (AuthenticationError, InsufficientCreditsError) as e:
-        print(
-            f"\nerror: {e}\nstopped: the remaining requests would fail the same way.",
-            file=sys.stderr,
-        )
+    client.generate_many(
+        requests, concurrency=args.concurrency, should_stop=stop.is_set, on_result=on_result
+    )
 
 
 def _run_local(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Event) -> None:
     from .comfy_bridge import Progress
-    from .images import save_png, tensor_to_pil
+    from .errors import LocalBackendUnavailable, ModelLoadError
+    from .images import tensor_to_pil
     from .local_backend import LocalModelSpec, generate_local
 
     if not jobs:
@@ -306,18 +342,35 @@ def _run_local(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Eve
         if stop.is_set():
             raise GenerationInterrupted("interrupted")
         request = GenerationRequest(job.prompt, args.width, args.height, args.steps, job.seed, 1)
-        progress = Progress(args.steps, stop_flag=stop)
         try:
-            images, _info = generate_local(request, spec, progress)
-        except (GenerationInterrupted, ConfigurationError):
-            raise
+            images, _info = generate_local(request, spec, Progress(args.steps, stop_flag=stop))
+        except (ModelLoadError, LocalBackendUnavailable) as e:  # the files, not this prompt
+            _failed(outcome, bar, job, e)
+            raise StopRun(str(e), EXIT_USAGE) from e
         except FluxSchnellError as e:
-            outcome.failed.append((job, f"{type(e).__name__}: {e}"))
-            bar.advance(failed=True)
+            if isinstance(e, (GenerationInterrupted, ConfigurationError)):
+                raise
+            _failed(outcome, bar, job, e)
             continue
-        save_png(tensor_to_pil(images)[0], job.path, _png_text(job, args, "local"))
-        outcome.done += 1
-        bar.advance()
+        _save(outcome, bar, job, tensor_to_pil(images)[0], _png_text(job, args, "local"))
+
+
+def _failed(outcome: Outcome, bar, job: Job, error: Exception) -> None:
+    outcome.failed.append((job, f"{type(error).__name__}: {error}"))
+    bar.advance(failed=True)
+
+
+def _save(outcome: Outcome, bar, job: Job, image, text: dict[str, str]) -> None:
+    """Write one finished image; a disk that refuses it ends the run (the rest would be lost)."""
+    from .images import save_png
+
+    try:
+        save_png(image, job.path, text)
+    except OSError as e:
+        _failed(outcome, bar, job, e)
+        raise StopRun(f"cannot write {job.path}: {e.strerror or e}", EXIT_FAILED) from e
+    outcome.done += 1
+    bar.advance()
 
 
 def _summary(outcome: Outcome, planned: int) -> int:
@@ -331,6 +384,8 @@ def _summary(outcome: Outcome, planned: int) -> int:
         print(
             f"  failed {job.label} (seed {job.seed}) -> {job.path.name}: {reason}", file=sys.stderr
         )
+    if outcome.exit_code is not None:
+        return outcome.exit_code
     return EXIT_OK if not outcome.failed and not not_run else EXIT_FAILED
 
 
@@ -361,7 +416,3 @@ class _ProgressLine:
     def close(self) -> None:
         if self.tty and self.done:
             print(file=sys.stderr)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -61,7 +61,9 @@ def test_prompts_file_is_resumable_and_reports_failures(fake_api, tmp_path, caps
     err = capsys.readouterr().err
     assert "done: 2, failed: 1" in err
     assert "the word dog is not allowed" in err
-    assert sorted(p.name for p in out_dir.iterdir()) == ["0001-a-cat.png", "0003-a-bird.png"]
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert [n.rsplit("-", 1)[0] for n in names] == ["a-bird", "a-cat"]
+    assert "failed line 4" in err  # the file's own line number
     assert fake_api.generate_calls == 3
 
     fake_api.set_default(lambda req, fake: Reply.image(request_image(req)))
@@ -90,10 +92,10 @@ def test_refused_key_stops_the_run(fake_api, tmp_path, capsys):
     fake_api.set_default(error_reply(401, "bad key"))
     code = main(["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "o"),
                  "--concurrency", "1"])  # fmt: skip
-    assert code == 1
+    assert code == 2  # a refused key is a configuration error
     assert fake_api.generate_calls < 12
     err = capsys.readouterr().err
-    assert "remaining requests would fail the same way" in err
+    assert "remaining images would fail the same way" in err
     assert TEST_KEY not in err
 
 
@@ -138,6 +140,65 @@ def test_local_backend_from_the_command_line(tmp_path):
                  "256", "--steps", "1", "--seed", "3", "--batch-size", "2", "--device", "cpu"])  # fmt: skip
     assert code == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["0001-a-cat-1.png", "0001-a-cat-2.png", "0002-a-dog-1.png", "0002-a-dog-2.png"]
-    assert png_text(tmp_path / "out" / "0002-a-dog-2.png")["seed"] == "4"
-    assert png_text(tmp_path / "out" / "0002-a-dog-2.png")["backend"] == "local"
+    assert [n.split("-")[:2] + n.split("-")[-1:] for n in names] == [
+        ["a", "cat", "1.png"], ["a", "cat", "2.png"], ["a", "dog", "1.png"], ["a", "dog", "2.png"]
+    ]  # fmt: skip
+    dog_2 = tmp_path / "out" / names[-1]
+    assert png_text(dog_2)["seed"] == "4"
+    assert png_text(dog_2)["backend"] == "local"
+
+
+def test_editing_the_prompts_file_does_not_rename_finished_drafts(fake_api, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\na cat\n")
+    args = ["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "d"),
+            "--width", "256", "--height", "256", "--seed", "1"]  # fmt: skip
+    assert main(args) == 0
+    prompts.write_text("# a fox is done\na cat\na new owl\n")
+    assert main(args) == 0
+    assert fake_api.generate_calls == 3  # only the owl is new
+    changed = [*args[:-2], "--seed", "2"]
+    assert main(changed) == 0  # another seed is another picture: not skipped
+    assert fake_api.generate_calls == 5
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_request(fake_api, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    code = main(["generate", "--prompts-file", str(prompts), "--out-dir", str(blocker / "out")])
+    assert code == 2
+    assert fake_api.generate_calls == 0
+
+
+def test_a_write_failure_mid_run_stops_the_run_with_a_summary(
+    fake_api, tmp_path, monkeypatch, capsys
+):
+    import comfyui_flux_schnell.images as images
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(images, "save_png", disk_full)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"p{i}" for i in range(8)))
+    code = main(["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "o"),
+                 "--concurrency", "1"])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "No space left on device" in err
+    assert "done: 0, failed: 1" in err
+    assert fake_api.generate_calls < 8
+
+
+def test_local_files_that_fail_to_load_end_the_run_once(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\nc\n")
+    bad = tmp_path / "flux1-schnell.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    code = main(["generate", "--backend", "local", "--prompts-file", str(prompts), "--out-dir",
+                 str(tmp_path / "o"), "--checkpoint", str(bad), "--t5-tokenizer", str(tmp_path),
+                 "--clip-tokenizer", str(tmp_path), "--device", "cpu"])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err.count("failed line") == 1
