@@ -54,6 +54,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, text: Mapping[str, str
         info.add_itxt(key, str(value))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; a PNG is not
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info, compress_level=4)
         os.replace(tmp, path)
@@ -61,6 +62,12 @@ def save_png(image: Image.Image, path: str | os.PathLike, text: Mapping[str, str
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def is_complete_png(path: str | os.PathLike) -> bool:

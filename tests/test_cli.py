@@ -202,3 +202,14 @@ def test_local_files_that_fail_to_load_end_the_run_once(tmp_path, capsys):
                  "--clip-tokenizer", str(tmp_path), "--device", "cpu"])  # fmt: skip
     assert code == 2
     assert capsys.readouterr().err.count("failed line") == 1
+
+
+def test_pngs_get_the_usual_permissions(fake_api, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "perm.png"
+        assert main(["generate", "--prompt", "p", "--out", str(out), "--width", "256",
+                     "--height", "256"]) == 0  # fmt: skip
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644
