@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Callable
 from types import ModuleType
 
 from .errors import GenerationInterrupted
@@ -23,10 +22,6 @@ def _comfy(name: str) -> ModuleType | None:
         return importlib.import_module(name)
     except ImportError:
         return None
-
-
-def in_comfyui() -> bool:
-    return _comfy("folder_paths") is not None and _comfy("comfy.utils") is not None
 
 
 class Progress:
@@ -113,13 +108,6 @@ def user_directory() -> str | None:
     if folder_paths is None:
         return None
     return folder_paths.get_user_directory()
-
-
-def interrupt_check() -> Callable[[], bool]:
-    mm = _comfy("comfy.model_management")
-    if mm is None:
-        return lambda: False
-    return mm.processing_interrupted
 
 
 def torch_device():

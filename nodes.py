@@ -11,6 +11,7 @@ from . import comfy_bridge
 from .generation import (
     BACKENDS,
     MAX_BATCH,
+    MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
     MIN_SIDE,
@@ -20,7 +21,6 @@ from .generation import (
 
 CATEGORY = "image/generation/FLUX Schnell"
 LOCAL_MODEL_TYPE = "FLUX_SCHNELL_MODEL"
-SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 WEIGHT_DTYPES = ("as stored", "bf16", "fp8_e4m3fn")
 MEMORY_MODES = ("auto", "keep on GPU", "offload to CPU", "free after run")
@@ -102,7 +102,7 @@ class FluxSchnellGenerate:
                     {
                         "default": 0,
                         "min": 0,
-                        "max": SEED_MAX,
+                        "max": MAX_SEED,
                         "control_after_generate": True,
                         "tooltip": "Seed of the first image; image i of a batch uses seed + i. "
                         "The hosted API receives it only if 'send_seed' is enabled in the config.",
@@ -129,7 +129,6 @@ class FluxSchnellGenerate:
                     },
                 ),
             },
-            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def generate(
@@ -142,7 +141,6 @@ class FluxSchnellGenerate:
         seed,
         batch_size,
         local_model=None,
-        unique_id=None,
     ):
         request = GenerationRequest(
             prompt=prompt,
