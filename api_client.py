@@ -216,10 +216,12 @@ class ImageApiClient:
         An image holds one of `concurrency` places from its first HTTP call to its last (retries,
         waits, polls and downloads included) and gives it back before its image is decoded, so
         decoding one image does not hold back the next one's call (2 x `concurrency` worker
-        threads at most). Each result is an `ApiImage` or the `ApiError` its request ended with. `on_result(index, result)` runs in this thread as each finishes. When
-        `should_stop()` turns true (checked every `poll_interval` s) nothing more is sent and
-        `GenerationInterrupted` is raised at once; calls in flight are abandoned (their threads end
-        by their own timeout).
+        threads at most). Each result is an `ApiImage` or the `ApiError` its request ended with.
+        `on_result(index, result)` runs in this thread as each finishes. `should_stop()` is read
+        in this thread before anything is sent, then every `poll_interval` s; once it is true no
+        call is started (a worker checks the stop right before each request goes out),
+        `GenerationInterrupted` is raised at once, and calls in flight are abandoned (their
+        threads leave at the next piece of the answer or their timeout).
         """
         items = list(requests)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -230,6 +232,10 @@ class ImageApiClient:
             raise InvalidInputError(f"poll_interval must be > 0 seconds; got {poll_interval!r}.")
         if not items:
             return []
+        if should_stop is not None and should_stop():
+            raise GenerationInterrupted(
+                f"stopped on request before any of {len(items)} image(s) was sent; nothing billed."
+            )
 
         stop = threading.Event()
         places = threading.BoundedSemaphore(concurrency)

@@ -159,7 +159,10 @@ class HttpTransport:
         cap: int,
         may_bill: bool,
     ) -> Reply:
-        """Send one request and read its whole answer (streamed, capped, within the deadline)."""
+        """Send one request and read its whole answer (streamed, capped, within the deadline).
+        Nothing is sent once `stop` is set: checked right before the request goes out."""
+        if stop.is_set():
+            raise GenerationInterrupted("stopped")
         left = deadline - time.monotonic()
         if left <= 0:
             raise Failure(

@@ -562,6 +562,32 @@ def test_should_stop_interrupts_job_polling(fake, make_client):
     assert time.monotonic() - started < 0.3 + 0.5
 
 
+def test_stop_already_requested_sends_nothing(fake, client):
+    fake.set_default(lambda req, f: Reply.image(request_image(req), delay_s=0.2))
+    reqs = [GenerateRequest(f"p{i}", 16, 16, 1) for i in range(4)]
+    with pytest.raises(GenerationInterrupted, match="before any"):
+        client.generate_many(reqs, concurrency=2, should_stop=lambda: True)
+    time.sleep(0.3)  # a worker that had started would have sent by now
+    assert fake.generate_calls == 0
+
+
+def test_no_call_starts_once_the_stop_is_set(fake, client):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(GenerationInterrupted):
+        client._http.exchange(
+            "POST",
+            client._generate_url,
+            body=b"{}",
+            timeout_s=1.0,
+            deadline=time.monotonic() + 1.0,
+            stop=stop,
+            cap=2**20,
+            may_bill=True,
+        )
+    assert fake.count() == 0
+
+
 # --- generate_many ---------------------------------------------------------------------------------
 
 
