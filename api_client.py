@@ -9,10 +9,10 @@ call means, and the way from a successful answer to an RGB image (raw bytes, bas
 download, an asynchronous job to poll). The HTTP exchange and the never-billed GETs are in
 api_http.py; reading an answer's JSON shapes, error texts and image bytes is in api_responses.py.
 
-Money rules: a call that may already have been billed (read timeout, 500/502/504, dropped answer)
-is retried at most `max_billed_retries` times and each such retry is logged as possibly billed;
-calls that certainly did no work (refused connection, 429, 503) are retried up to
-`max_free_retries` times. Everything is bounded by one monotonic deadline per image, and every wait
+Money rules: a call that may already have been billed (read timeout, 408, 500/502/504, dropped
+answer) is retried at most `max_billed_retries` times and each such retry is logged as possibly
+billed; calls that certainly did no work (connection refused or not made within the connect
+timeout, 429, 503) are retried up to `max_free_retries` times. Everything is bounded by one monotonic deadline per image, and every wait
 checks a stop event. The API key never appears in a log record or an error message.
 """
 
@@ -441,11 +441,11 @@ class ImageApiClient:
                 f"or base_url in the config file); the service's own is https://imageapi.org",
                 **common,
             )
-        if status == 408:
+        if status == 408:  # the service or a proxy before it gave up: the work may have been done
             return Failure(
                 ApiTimeoutError,
-                f"the service timed out reading the request ({tag})",
-                retry=FREE,
+                f"the service (or a proxy in front of it) timed out on the request ({tag}): {said}",
+                retry=BILLED,
                 **common,
             )
         if status == 429:

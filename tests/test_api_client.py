@@ -263,6 +263,7 @@ def test_generate_request_validation(kwargs, field):
         (403, "error_object", AuthenticationError, 1, "Dashboard"),
         (402, "message", InsufficientCreditsError, 1, "no credits"),
         (404, "html", ApiError, 1, "check the base URL"),
+        (408, "error_string", ApiTimeoutError, 2, "timed out"),
         (418, "text", ApiError, 1, "unexpected answer"),
         (429, "error_string", RateLimitError, 3, "rate limit"),
         (500, "error_string", ServerError, 2, "width must be a multiple of 64"),
@@ -367,17 +368,20 @@ def test_rate_limit_after_retries_carries_retry_after(fake, client):
 
 
 @pytest.mark.parametrize("max_billed", [0, 1, 2])
-def test_billed_retry_cap_and_warning(fake, make_client, caplog, max_billed):
-    fake.route("POST", "/api/v1/generate", error_reply(500))
-    with caplog.at_level(logging.WARNING, logger="flux_schnell.api"), pytest.raises(ServerError):
-        make_client(max_billed_retries=max_billed).generate(REQ)
+@pytest.mark.parametrize(("status", "cls"), [(500, ServerError), (408, ApiTimeoutError)])
+def test_billed_retry_cap_and_warning(fake, make_client, caplog, max_billed, status, cls):
+    # 408: the service (or a proxy before it) gave up on the call, which may have been billed.
+    fake.route("POST", "/api/v1/generate", error_reply(status))
+    with caplog.at_level(logging.WARNING, logger="flux_schnell.api"), pytest.raises(cls):
+        make_client(max_billed_retries=max_billed, max_free_retries=4).generate(REQ)
     assert fake.generate_calls == 1 + max_billed
     warnings = retry_warnings(caplog)
     assert len(warnings) == max_billed
     for attempt, line in enumerate(warnings, start=1):
         assert f"attempt {attempt}" in line
         assert "may already have been billed" in line
-        assert "HTTP 500" in line
+        assert "did no work" not in line
+        assert f"HTTP {status}" in line
 
 
 def big_json_image(req, fake):
