@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from ..errors import InvalidInputError
-from .ops import Embedding, Linear, cast_to
+from .ops import Embedding, Linear, TokenEmbedding, cast_to
 from .t5 import check_token_ids
 
 
@@ -123,7 +123,7 @@ class CLIPEmbeddings(nn.Module):
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = Embedding(config.vocab_size, config.hidden_size)
+        self.token_embedding = TokenEmbedding(config.vocab_size, config.hidden_size)
         self.position_embedding = Embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(self, input_ids: torch.LongTensor, dtype: torch.dtype) -> torch.Tensor:

@@ -19,10 +19,11 @@ Each network of FLUX.1 [schnell] (transformer, autoencoder, T5-XXL, CLIP-L) is l
 Weight dtype (`weight_dtype`):
 - None: as stored (fp32, fp16, bf16 or float8_e4m3fn);
 - torch.float32 / torch.float16 / torch.bfloat16: every tensor is cast to it;
-- torch.float8_e4m3fn: the weights of the layers that cast their weight when they run (`flux.ops`
-  Linear, Conv2d, Embedding: the matrices, >99% of the bytes) become fp8, clamped to ±448 first;
-  biases, norm scales and other small tensors keep their stored dtype, so their precision is not
-  lost for no saving.
+- torch.float8_e4m3fn: the weights of `flux.ops` Linear and Conv2d layers and the vocabulary tables
+  (`flux.ops.TokenEmbedding`: T5's `shared`, CLIP's token embedding) become fp8, clamped to ±448
+  first: >99% of the bytes. Biases, norm scales, T5's relative position bias, CLIP's position
+  embedding and other small tensors keep their stored dtype, so their precision is not lost for no
+  saving (T5's bias table feeds every attention logit).
 A file stored in fp8 stays fp8 in memory unless a wider `weight_dtype` is asked for.
 
 The per-network parts below are only a config-inference function and a `_Network` entry (keys the
@@ -64,7 +65,8 @@ from .t5 import T5Config, T5Encoder
 
 WEIGHT_DTYPE_CHOICES = (None, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448: larger values would become NaN
-CASTING_LAYERS = (ops.Linear, ops.Conv2d, ops.Embedding)  # layers that may hold fp8 weights
+# layers whose weight fp8 loading narrows: the matrices, the kernels and the vocabulary tables
+CASTING_LAYERS = (ops.Linear, ops.Conv2d, ops.TokenEmbedding)
 
 FLUX_HEAD_DIM = 128  # every FLUX.1 transformer: hidden = 128 * heads, RoPE over axes 16+56+56
 FLUX_AXES_DIM = (16, 56, 56)

@@ -40,3 +40,11 @@ class Embedding(nn.Embedding):
     def forward(self, ids: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         rows = F.embedding(ids, self.weight)  # gather first: never cast the whole table
         return rows if out_dtype is None else rows.to(out_dtype)
+
+
+class TokenEmbedding(Embedding):
+    """A vocabulary table (tens of thousands of rows): the one kind of embedding fp8 loading narrows.
+
+    Small tables (T5's relative position bias, CLIP's positions) stay plain `Embedding`s and keep their
+    stored dtype: narrowing them saves nothing and their error would reach every attention logit.
+    """

@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import nn
 
 from ..errors import InvalidInputError
-from .ops import Embedding, Linear, cast_to
+from .ops import Embedding, Linear, TokenEmbedding, cast_to
 
 
 @dataclass
@@ -224,7 +224,7 @@ class T5Encoder(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = config
-        self.shared = Embedding(config.vocab_size, config.d_model)
+        self.shared = TokenEmbedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config)
 
     def forward(

@@ -70,8 +70,8 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def narrow_keys(model) -> set[str]:
-    """Keys of the weights the fp8 option narrows: those of flux.ops' casting layers."""
-    layers = (ops.Linear, ops.Conv2d, ops.Embedding)
+    """Keys of the weights the fp8 option narrows: matrices, kernels and vocabulary tables."""
+    layers = (ops.Linear, ops.Conv2d, ops.TokenEmbedding)
     return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, layers)}
 
 
@@ -127,6 +127,28 @@ def test_fp8_weight_dtype_narrows_layer_weights_and_keeps_small_tensors(sets, co
             assert same(value, stored[key].to(torch.float8_e4m3fn)), key
         else:
             assert same(value, stored[key]), key
+
+
+@pytest.mark.parametrize(
+    ("component", "kept", "narrowed"),
+    [
+        (
+            "t5",
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            "shared.weight",
+        ),
+        (
+            "clip",
+            "text_model.embeddings.position_embedding.weight",
+            "text_model.embeddings.token_embedding.weight",
+        ),
+    ],
+)
+def test_fp8_keeps_small_embedding_tables_and_narrows_vocabularies(sets, component, kept, narrowed):
+    path = getattr(sets(torch.float32), component)
+    state = LOADERS[component](path, weight_dtype=torch.float8_e4m3fn).state_dict()
+    assert state[kept].dtype == torch.float32  # as stored: its fp8 error would reach every logit
+    assert state[narrowed].dtype == torch.float8_e4m3fn
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16, torch.float32])
