@@ -136,3 +136,11 @@ def previews_enabled() -> bool:
         return False
     method = getattr(getattr(cli_args, "args", None), "preview_method", None)
     return method is not None and str(getattr(method, "value", method)).lower() != "none"
+
+
+def free_bytes(device) -> int | None:
+    """Free memory on `device` as ComfyUI counts it (any device type), or None outside ComfyUI."""
+    mm = _comfy("comfy.model_management")
+    if mm is None or not hasattr(mm, "get_free_memory"):
+        return None
+    return int(mm.get_free_memory(device))

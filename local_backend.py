@@ -64,8 +64,15 @@ def pick_device(requested: str | None) -> torch.device:
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU that has it, fp32 otherwise (the CPU, older GPUs)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    """bf16 on GPUs with native bf16 (NVIDIA Ampere or newer, AMD, Intel), else fp32.
+
+    Never fp16: FLUX's activations overflow it. `torch.cuda.is_bf16_supported()` also says yes
+    for emulated bf16 (Turing, Volta), which is slow, so the capability is asked instead.
+    """
+    if device.type == "cuda":
+        native = torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if native else torch.float32
+    if device.type == "xpu":
         return torch.bfloat16
     return torch.float32
 
@@ -134,24 +141,40 @@ _loaded: LoadedModels | None = None
 
 
 def release_models() -> None:
-    """Drop the cached models (their memory is freed once no tensor refers to them)."""
-    global _loaded
+    """Drop the cached models and give back the device memory they held."""
     with _lock:
+        _drop_loaded()
+
+
+def _drop_loaded() -> None:
+    """Forget the cached models (the caller holds `_lock`). Each is moved home first, so its
+    device memory is freed even while something else still refers to the module."""
+    global _loaded
+    if _loaded is not None:
+        for placed in _loaded.all():
+            placed.home()
         _loaded = None
+    _empty_cache()
+
+
+def _empty_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    elif getattr(torch, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
 
 
-def load_models(files: ResolvedFiles, weight_dtype: str) -> LoadedModels:
-    """The cached models for these files and dtype, loading only what changed (CPU, mmap)."""
+def load_models(files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, bool]:
+    """The models for these files and dtype, and whether they had to be loaded (the caller holds
+    `_lock`). A different set is released first, so two never share the memory."""
     global _loaded
     from .flux import loading, tokenizers
 
     if _loaded is not None and _loaded.files == files and _loaded.weight_dtype == weight_dtype:
-        return _loaded
+        return _loaded, False
     narrow = WEIGHT_DTYPES[weight_dtype]
     started = time.monotonic()
-    _loaded = None  # let the old models go before the new ones arrive
+    _drop_loaded()
     log.info("loading FLUX.1-schnell (weights %s) from %s", weight_dtype, files.transformer.parent)
     loaded = LoadedModels(
         files=files,
@@ -169,7 +192,7 @@ def load_models(files: ResolvedFiles, weight_dtype: str) -> LoadedModels:
     )
     loaded.load_seconds = time.monotonic() - started
     _loaded = loaded
-    return loaded
+    return loaded, True
 
 
 class MemoryPolicy:
@@ -190,14 +213,16 @@ class MemoryPolicy:
             for placed in others:
                 placed.home()
         elif self.choice == "auto":
+            _empty_cache()  # the last stage's cached blocks are free memory too
             for placed in others:
-                if _free_bytes(self.device) >= need:
+                free = _free_bytes(self.device)
+                if free is not None and free >= need:
                     break
                 log.info("moving %s out of %s to make room", placed.name, self.device)
                 placed.home()
-                torch.cuda.empty_cache()  # mem_get_info does not count the allocator's cache
+                _empty_cache()
         if others:
-            torch.cuda.empty_cache()
+            _empty_cache()
         comfy_bridge.free_memory(need, self.device)  # other ComfyUI models make room too
         for placed in stage:
             placed.to(self.device)
@@ -207,10 +232,23 @@ class MemoryPolicy:
             for placed in stage:
                 placed.home()
 
+    @contextlib.contextmanager
+    def use(self, stage: list[Placed], activation_bytes: int):
+        """The stage's models on the device for the `with` body, and out again after it as the
+        memory choice says, also when the body raises (an interrupt, out of memory)."""
+        self.enter(stage, activation_bytes)
+        try:
+            yield
+        finally:
+            self.leave(stage)
 
-def _free_bytes(device: torch.device) -> int:
-    free, _total = torch.cuda.mem_get_info(device)
-    return free
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Free memory on `device`, or None where it cannot be known (then 'auto' moves models out)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    return comfy_bridge.free_bytes(device)
 
 
 @contextlib.contextmanager
@@ -244,11 +282,11 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
     started = time.monotonic()
     timings: dict[str, float] = {}
     with _lock:
-        before = _loaded
         with _stage("loading", request, timings):
-            models = load_models(files, spec.weight_dtype)
-        if models is before:
+            models, loaded_now = load_models(files, spec.weight_dtype)
+        if not loaded_now:
             timings.pop("loading")
+        _check_device_can_hold(models, device)
         policy = MemoryPolicy(models, device, spec.memory)
         try:
             images = _run(
@@ -256,10 +294,7 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
             )
         finally:
             if spec.memory == "free after run":
-                for placed in models.all():
-                    placed.home()
-        if spec.memory == "free after run":
-            release_models()
+                _drop_loaded()
     info = GenerationInfo(
         backend="local",
         model=MODEL_NAME,
@@ -275,6 +310,18 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
     return images, info
 
 
+def _check_device_can_hold(models: LoadedModels, device: torch.device) -> None:
+    """fp8 tensors exist on CPUs and CUDA GPUs only (not on Apple's MPS, for one)."""
+    if device.type in ("cpu", "cuda"):
+        return
+    for placed in models.all():
+        if any(t.dtype.itemsize == 1 for t in placed.cpu_tensors.values()):
+            raise LocalBackendUnavailable(
+                f"the {placed.name} weights are fp8, which {device.type} cannot hold: choose "
+                "weight_dtype 'bf16' (or a bf16/fp16 file), or the api backend"
+            )
+
+
 @torch.inference_mode()
 def _run(
     models, policy, request, device, dtype, progress: Progress, timings, compile: bool = False
@@ -283,8 +330,7 @@ def _run(
     from .flux.conditioning import encode_prompts
 
     height, width = request.height, request.width
-    with _stage("text encoding", request, timings):
-        policy.enter([models.t5, models.clip], activation_bytes=GIB // 2)
+    with _stage("text encoding", request, timings), policy.use([models.t5, models.clip], GIB // 2):
         txt, vec = encode_prompts(
             models.t5.module,
             models.clip.module,
@@ -294,7 +340,6 @@ def _run(
             device,
             dtype,
         )  # (1, 256, 4096), (1, 768): one prompt serves every image of the batch
-        policy.leave([models.t5, models.clip])
     progress.raise_if_interrupted()
 
     transformer = models.transformer.module
@@ -304,22 +349,20 @@ def _run(
         transformer = models.compiled
     previews = comfy_bridge.previews_enabled()
     latents = []
-    with _stage("sampling", request, timings):
-        policy.enter([models.transformer], activation_bytes=_sampling_bytes(height, width))
+    sampling_stage = policy.use([models.transformer], _sampling_bytes(height, width))
+    with _stage("sampling", request, timings), sampling_stage:
         for seed in request.seeds:
             latents.append(
                 _sample_one(transformer, txt, vec, seed, request, device, dtype,
                             progress, previews)
             )  # fmt: skip
-        policy.leave([models.transformer])
 
-    with _stage("decoding", request, timings):
-        policy.enter([models.ae], activation_bytes=_decoding_bytes(height, width))
+    decoding_stage = policy.use([models.ae], _decoding_bytes(height, width))
+    with _stage("decoding", request, timings), decoding_stage:
         images = [
             sampling.decode_to_images(models.ae.module, x, height, width, dtype=dtype)
             for x in latents
         ]  # each (1, H, W, 3) float32 on the CPU
-        policy.leave([models.ae])
     return torch.cat(images)
 
 
@@ -328,7 +371,9 @@ def _sample_one(transformer, txt, vec, seed, request, device, dtype, progress, p
     from .flux.preview import latent_preview
 
     height, width = request.height, request.width
-    noise = sampling.get_noise(1, height, width, seed, device=device, dtype=dtype)
+    # Drawn in bf16 as the reference does, so a seed starts from the same noise on every device.
+    noise = sampling.get_noise(1, height, width, seed, device=device, dtype=torch.bfloat16)
+    noise = noise.to(dtype)
     img, img_ids = sampling.pack(noise), sampling.image_ids(1, height, width, device=device)
     txt_ids = sampling.text_ids(1, txt.shape[1], device=device)
 

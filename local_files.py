@@ -219,12 +219,14 @@ def _find(component: Component, weight_dtype: str = "as stored") -> tuple[Path |
         if folders
         else f"not running inside ComfyUI: name the file with {component.flag}"
     )
+    files = [  # each folder listed once, however many patterns are tried
+        sorted(p for p in folder.rglob("*") if p.is_file()) for folder in folders if folder.is_dir()
+    ]
     for pattern in patterns:
-        for folder in folders:
-            if folder.is_dir():
-                for entry in sorted(folder.rglob("*")):
-                    if entry.is_file() and fnmatch.fnmatch(entry.name.lower(), pattern):
-                        return entry, where
+        for entries in files:
+            for entry in entries:
+                if fnmatch.fnmatch(entry.name.lower(), pattern):
+                    return entry, where
     return None, where
 
 

@@ -18,12 +18,11 @@ from .generation import (
     SIDE_MULTIPLE,
     GenerationRequest,
 )
+from .local_files import MEMORY_CHOICES, WEIGHT_DTYPE_CHOICES
 
 CATEGORY = "image/generation/FLUX Schnell"
 LOCAL_MODEL_TYPE = "FLUX_SCHNELL_MODEL"
 
-WEIGHT_DTYPES = ("as stored", "bf16", "fp8_e4m3fn")
-MEMORY_MODES = ("auto", "keep on GPU", "offload to CPU", "free after run")
 AUTO = "auto"
 NO_CHECKPOINT = "none"
 
@@ -187,8 +186,8 @@ class FluxSchnellLocalModel:
                     {
                         "default": NO_CHECKPOINT,
                         "tooltip": "An all-in-one FLUX.1-schnell checkpoint (transformer, text "
-                        "encoders and autoencoder in one file). When set, the four inputs "
-                        "below are ignored.",
+                        "encoders and autoencoder in one file). Parts left on 'auto' below "
+                        "come from it; a file chosen below replaces that part.",
                     },
                 ),
                 "transformer": (
@@ -208,7 +207,7 @@ class FluxSchnellLocalModel:
                     {"default": AUTO, "tooltip": "ae.safetensors (the FLUX autoencoder)"},
                 ),
                 "weight_dtype": (
-                    list(WEIGHT_DTYPES),
+                    list(WEIGHT_DTYPE_CHOICES),
                     {
                         "default": "as stored",
                         "tooltip": "How the transformer and T5 weights are kept in memory. "
@@ -217,7 +216,7 @@ class FluxSchnellLocalModel:
                     },
                 ),
                 "memory": (
-                    list(MEMORY_MODES),
+                    list(MEMORY_CHOICES),
                     {
                         "default": "auto",
                         "tooltip": "'auto': keep models on the GPU when they fit, else move each "

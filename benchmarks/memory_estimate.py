@@ -437,6 +437,12 @@ class _StageMarks:
         self.tracker.begin_stage()
         self._open = {"carried": self.tracker.current, "reserved": activation_bytes}
 
+    @contextlib.contextmanager
+    def use(self, stage, activation_bytes: int):
+        self.enter(stage, activation_bytes)
+        yield
+        self.leave(stage)
+
     def leave(self, stage) -> None:
         t, names = self.tracker, [p.name for p in stage]
         cast = t.largest_cast

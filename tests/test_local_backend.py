@@ -237,3 +237,60 @@ def test_a_model_that_does_not_fit_is_moved_back_whole(tiny_bf16):
             placed.to(torch.device("meta"))
     assert placed.device.type == "cpu"
     assert {n: t.data_ptr() for n, t in placed._tensors()} == homes
+
+
+def test_free_after_run_releases_the_models_and_returns(tiny_bf16, model_dir):
+    spec = spec_for(tiny_bf16, model_dir, memory="free after run")
+    done = []
+    worker = __import__("threading").Thread(target=lambda: done.append(run(spec)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert done, "generate_local did not return (a lock held twice?)"
+    assert local_backend._loaded is None
+
+
+def test_a_new_file_set_releases_the_old_one_first(tiny_bf16, model_dir, monkeypatch):
+    run(spec_for(tiny_bf16, model_dir))
+    old = local_backend._loaded
+    homed = []
+    for placed in old.all():
+        monkeypatch.setattr(placed, "home", lambda p=placed: homed.append(p.name))
+    run(spec_for(tiny_bf16, model_dir, weight_dtype="fp8_e4m3fn"))
+    assert sorted(homed) == sorted(p.name for p in old.all())
+    assert local_backend._loaded is not old
+
+
+class _FakePlaced:
+    def __init__(self, name, nbytes, device):
+        self.name, self.nbytes, self.device, self.last_used = name, nbytes, device, 0.0
+        self.moves = []
+
+    def to(self, device):
+        self.moves.append(str(device))
+        self.device = device
+
+    def home(self):
+        self.moves.append("cpu")
+        self.device = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("choice", "free", "expected_home"),
+    [
+        ("auto", None, True),  # free memory unknown (not CUDA, no ComfyUI): make room
+        ("auto", 10 * 2**30, False),  # plenty free: keep the other model
+        ("keep on GPU", None, False),
+        ("offload to CPU", 10 * 2**30, True),
+    ],
+)
+def test_memory_policy_on_a_non_cuda_device(monkeypatch, choice, free, expected_home):
+    device = torch.device("meta")  # stands in for mps/xpu: any device that is not the CPU
+    monkeypatch.setattr(local_backend, "_free_bytes", lambda d: free)
+    monkeypatch.setattr(local_backend, "_empty_cache", lambda: None)
+    t5, transformer = _FakePlaced("T5", 2**30, device), _FakePlaced("transformer", 2**30, None)
+    models = type("M", (), {"all": lambda self: [t5, transformer]})()
+    policy = local_backend.MemoryPolicy(models, device, choice)
+    with policy.use([transformer], activation_bytes=2**20):
+        assert transformer.device == device
+    assert ("cpu" in t5.moves) is expected_home
+    assert (transformer.device.type == "cpu") is (choice == "offload to CPU")
