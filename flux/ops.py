@@ -38,7 +38,11 @@ class Embedding(nn.Embedding):
     """`nn.Embedding` whose output is in `out_dtype` (given per call) rather than the stored dtype."""
 
     def forward(self, ids: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        rows = F.embedding(ids, self.weight)  # gather first: never cast the whole table
+        w = self.weight
+        if w.dtype.itemsize == 1:  # fp8: gather the bytes, since some torch versions (mid-2024)
+            rows = F.embedding(ids, w.view(torch.uint8)).view(w.dtype)  # cannot index fp8 tables
+        else:
+            rows = F.embedding(ids, w)  # gather first: never cast the whole table
         return rows if out_dtype is None else rows.to(out_dtype)
 
 

@@ -17,6 +17,7 @@ import json
 import pytest
 import torch
 from comfyui_flux_schnell.errors import InvalidInputError
+from comfyui_flux_schnell.flux import ops
 from comfyui_flux_schnell.flux import t5 as t5_module
 from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
 from comfyui_flux_schnell.flux.conditioning import encode_prompts, t5_compute_dtype
@@ -340,6 +341,30 @@ def test_narrow_stored_weights_compute_in_fp32(build, stored):
         assert torch.isfinite(g).all()
         assert (g - e).abs().max().item() < TOL
     assert all(p.dtype == stored for p in narrow.parameters())  # nothing was widened in place
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stored", [torch.float8_e4m3fn, torch.bfloat16, torch.float32], ids=str)
+def test_embedding_gathers_rows_of_any_stored_dtype(monkeypatch, stored, out_dtype):
+    """Rows equal indexing the table; fp8 tables are gathered without an fp8 index kernel."""
+    real_embedding = ops.F.embedding
+
+    def embedding_without_fp8(ids, weight, *args, **kwargs):  # as in torch versions of mid-2024
+        if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise NotImplementedError("\"index_select_cuda\" not implemented for 'Float8_e4m3fn'")
+        return real_embedding(ids, weight, *args, **kwargs)
+
+    monkeypatch.setattr(ops.F, "embedding", embedding_without_fp8)
+    table = ops.Embedding(11, 6)
+    with torch.no_grad():
+        table.weight.copy_(torch.randn(11, 6, generator=torch.Generator().manual_seed(5)))
+    table.weight.data = table.weight.data.to(stored)
+    ids = torch.tensor([[0, 10, 3], [3, 3, 7]])
+    rows = table(ids, out_dtype=out_dtype)
+    expected = table.weight.data[ids]  # (2, 3, 6): plain indexing, no embedding kernel
+    expected = expected if out_dtype is None else expected.to(out_dtype)
+    assert rows.dtype == expected.dtype
+    assert torch.equal(rows.view(torch.uint8), expected.view(torch.uint8))
 
 
 # --- bad inputs ----------------------------------------------------------------------------------
