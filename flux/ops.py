@@ -14,10 +14,14 @@ from torch import nn
 
 
 def cast_to(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    """`t` in the dtype and on the device of `like` (a no-op when they already match)."""
+    """`t` in the dtype of `like` (a no-op when it already matches).
+
+    Only the dtype changes: a weight on another device than its input is a placement bug, and
+    torch's own error for it is clearer than a silent copy at every call.
+    """
     if t is None:
         return None
-    return t.to(device=like.device, dtype=like.dtype, non_blocking=True)
+    return t.to(dtype=like.dtype)
 
 
 class Linear(nn.Linear):

@@ -367,6 +367,26 @@ def test_embedding_gathers_rows_of_any_stored_dtype(monkeypatch, stored, out_dty
     assert torch.equal(rows.view(torch.uint8), expected.view(torch.uint8))
 
 
+def test_cast_to_changes_the_dtype_only(monkeypatch):
+    calls = []
+    real_to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        calls.append((args, kwargs))
+        return real_to(self, *args, **kwargs)
+
+    weight = torch.arange(6, dtype=torch.bfloat16)
+    like = torch.zeros(2, dtype=torch.float32)
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    cast = ops.cast_to(weight, like)
+    monkeypatch.undo()
+    assert cast.dtype == torch.float32
+    assert torch.equal(cast, weight.float())
+    assert calls == [((), {"dtype": torch.float32})]  # no device move, no non_blocking copy
+    assert ops.cast_to(like, like) is like
+    assert ops.cast_to(None, like) is None
+
+
 # --- bad inputs ----------------------------------------------------------------------------------
 
 
