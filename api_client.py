@@ -12,8 +12,10 @@ api_http.py; reading an answer's JSON shapes, error texts and image bytes is in 
 Money rules: a call that may already have been billed (read timeout, 408, 500/502/504, dropped
 answer) is retried at most `max_billed_retries` times and each such retry is logged as possibly
 billed; calls that certainly did no work (connection refused or not made within the connect
-timeout, 429, 503) are retried up to `max_free_retries` times. Everything is bounded by one monotonic deadline per image, and every wait
-checks a stop event. The API key never appears in a log record or an error message.
+timeout, 429, 503) are retried up to `max_free_retries` times. Everything is bounded by one
+monotonic deadline per image; a call is only retried while the deadline leaves it `min_call_s` (at
+most `request_timeout_s`) after the wait, so no paid call goes out too late to be answered. Every
+wait checks a stop event. The API key never appears in a log record or an error message.
 """
 
 from __future__ import annotations
@@ -158,6 +160,10 @@ class _Encoded:
     where: str  # for messages: which part of which answer
     status: int | None
     request_id: str | None
+
+
+def _tried(attempts: int) -> str:
+    return f" [after {attempts} attempts]" if attempts > 1 else ""
 
 
 # --- the client ----------------------------------------------------------------------------------
@@ -317,9 +323,14 @@ class ImageApiClient:
         body = json.dumps(request.to_body(s.send_seed)).encode()
         self.log.debug("image %d: POST %s %s", index + 1, self._generate_url, body.decode())
         free = billed = attempts = 0
+        last: Failure | None = None  # the failure being retried
         while True:
             if stop.is_set():
                 raise GenerationInterrupted("stopped")
+            if last is not None and deadline - time.monotonic() < self._min_call_s():
+                # The wait overran: a call now would be billed and its answer cut off.
+                note = self._no_time_note(deadline - time.monotonic(), None)
+                raise last.error(note + _tried(attempts), self._safe) from last.__cause__
             attempts += 1
             reply, failure = attempt(
                 self._http.exchange,
@@ -337,8 +348,7 @@ class ImageApiClient:
             if failure is not None:
                 wait, note = self._retry_wait(failure, free, billed, deadline)
                 if wait is None:
-                    tried = f" [after {attempts} attempts]" if attempts > 1 else ""
-                    raise failure.error(note + tried, self._safe) from failure.__cause__
+                    raise failure.error(note + _tried(attempts), self._safe) from failure.__cause__
                 if failure.retry == FREE:
                     free += 1
                     kind = f"free retry {free} of {s.max_free_retries}: the call did no work"
@@ -357,6 +367,7 @@ class ImageApiClient:
                     kind,
                 )
                 sleep_unless_stopped(wait, stop)
+                last = failure
                 continue
             request_id = request_id_of(reply)
             encoded, job_id = self._locate(reply, deadline, stop, request_id)
@@ -392,12 +403,23 @@ class ImageApiClient:
             backoff = min(s.backoff_max_s, s.backoff_base_s * 2**used)
             wait = backoff * (0.5 + 0.5 * self._random.random())
         left = deadline - time.monotonic()
-        if wait >= left:
-            return None, (
-                f" (not retried: waiting {wait:.1f} s would pass the deadline of "
-                f"{s.deadline_s:g} s per image, deadline_s)"
-            )
+        # The retry must still have min_call_s after its wait (and the wait's wake-up slice).
+        if wait + self._min_call_s() + SLEEP_SLICE_S > left:
+            return None, self._no_time_note(left, wait)
         return wait, ""
+
+    def _min_call_s(self) -> float:
+        """Least time a retried call is sent with: less, and it is billed but cut off unanswered."""
+        return min(self.settings.min_call_s, self.settings.request_timeout_s)
+
+    def _no_time_note(self, left: float, wait: float | None) -> str:
+        waiting = f"waiting {wait:.1f} s and then " if wait is not None else ""
+        return (
+            f" (not retried: the deadline of {self.settings.deadline_s:g} s per image "
+            f"(deadline_s) leaves {max(left, 0.0):.1f} s, no time for another attempt: "
+            f"{waiting}a call needs {self._min_call_s():g} s (min_call_s, at most "
+            "request_timeout_s))"
+        )
 
     # --- what an error status of the generate call means ----------------------------------------
 

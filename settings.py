@@ -44,6 +44,7 @@ _CONFIG_FIELDS: dict[str, type | tuple[type, ...]] = {
     "max_billed_retries": int,
     "request_timeout_s": (int, float),
     "deadline_s": (int, float),
+    "min_call_s": (int, float),
 }
 _ALLOWED_KEYS = ("api_key", *_CONFIG_FIELDS)
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -61,6 +62,7 @@ class ApiSettings:
     send_seed: bool = False  # `seed` is not a documented field: opt-in
     request_timeout_s: float = 120.0  # one HTTP call (the service's examples wait 120 s)
     deadline_s: float = 300.0  # one image, retries and waits included
+    min_call_s: float = 30.0  # a call is only retried with this long left (capped by the timeout)
     max_billed_retries: int = 1  # retries of calls that may already be billed
     max_free_retries: int = 4  # retries of calls that certainly did no work
     max_download_bytes: int = 64 * 2**20
@@ -78,6 +80,7 @@ class ApiSettings:
         for name in (
             "request_timeout_s",
             "deadline_s",
+            "min_call_s",
             "connect_timeout_s",
             "download_timeout_s",
             "backoff_max_s",

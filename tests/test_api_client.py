@@ -515,10 +515,49 @@ def test_deadline_bounds_a_slow_answer(fake, make_client):
 def test_deadline_bounds_retries(fake, make_client):
     fake.route("POST", "/api/v1/generate", error_reply(503, retry_after="0.3"))
     started = time.monotonic()
-    with pytest.raises(ServerError):
-        make_client(deadline_s=0.5, max_free_retries=10).generate(REQ)
+    with pytest.raises(ServerError, match="no time for another attempt"):
+        make_client(deadline_s=1.0, min_call_s=0.4, max_free_retries=10).generate(REQ)
     assert time.monotonic() - started < 0.9
-    assert fake.generate_calls == 2
+    assert fake.generate_calls == 2  # t=0 and t=0.3; a call at t=0.6 would have < 0.4 s left
+
+
+def test_no_retry_sent_too_late_to_be_answered(fake, make_client):
+    # The retry would go out with 0.05 s left: billed, and its answer certainly lost.
+    slow_image = lambda req, f: Reply.image(request_image(req), delay_s=0.3)  # noqa: E731
+    fake.script(error_reply(429, retry_after="1.95"), slow_image)
+    started = time.monotonic()
+    with pytest.raises(RateLimitError, match="no time for another attempt") as info:
+        make_client(deadline_s=2.0, request_timeout_s=2.0).generate(REQ)
+    assert time.monotonic() - started < 0.5  # refused at once, no pointless wait
+    assert fake.generate_calls == 1
+    assert "min_call_s" in str(info.value)
+
+
+@pytest.mark.parametrize(("retry_after", "calls"), [("0.3", 2), ("2.3", 1)])
+def test_min_call_s_decides_whether_a_retry_fits(fake, make_client, retry_after, calls):
+    fake.script(error_reply(429, retry_after=retry_after), SHAPES["raw_png"])
+    client = make_client(deadline_s=3.0, request_timeout_s=5.0, min_call_s=1.0)
+    if calls == 2:
+        assert client.generate(REQ).attempts == 2
+    else:
+        with pytest.raises(RateLimitError, match="no time for another attempt"):
+            client.generate(REQ)
+    assert fake.generate_calls == calls
+
+
+def test_a_wait_that_overran_sends_no_late_call(fake, make_client, monkeypatch):
+    from comfyui_flux_schnell import api_client
+
+    real_sleep = api_client.sleep_unless_stopped
+
+    def overrunning_sleep(seconds, stop):  # a loaded machine wakes up late
+        real_sleep(seconds + 1.0, stop)
+
+    monkeypatch.setattr(api_client, "sleep_unless_stopped", overrunning_sleep)
+    fake.script(error_reply(503, retry_after="0.1"), SHAPES["raw_png"])
+    with pytest.raises(ServerError, match="no time for another attempt"):
+        make_client(deadline_s=1.5, min_call_s=0.5).generate(REQ)
+    assert fake.generate_calls == 1  # 1.1 s gone, 0.4 s left: less than the 0.5 s a call needs
 
 
 def stop_after(seconds: float):
@@ -543,7 +582,7 @@ def test_should_stop_interrupts_a_call_in_flight(fake, client):
 
 
 def test_should_stop_interrupts_a_backoff_and_ends_the_workers(fake, client):
-    fake.route("POST", "/api/v1/generate", error_reply(429, retry_after="5"))
+    fake.route("POST", "/api/v1/generate", error_reply(429, retry_after="3"))
     flag = stop_after(0.2)
     started = time.monotonic()
     with pytest.raises(GenerationInterrupted):

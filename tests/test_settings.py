@@ -100,11 +100,12 @@ def test_config_options_are_read(cfg):
             "max_billed_retries": 0,
             "request_timeout_s": 30,
             "deadline_s": 90.5,
+            "min_call_s": 12,
         },
     )
     s = load_settings(cfg, environ={})
     assert (s.base_url, s.send_seed, s.max_billed_retries) == ("https://eu.example.com", True, 0)
-    assert (s.request_timeout_s, s.deadline_s) == (30, 90.5)
+    assert (s.request_timeout_s, s.deadline_s, s.min_call_s) == (30, 90.5, 12)
 
 
 def test_unknown_config_keys_are_named(cfg):
@@ -135,6 +136,7 @@ def test_bad_json_names_file_and_line_not_content(cfg):
         ({"api_key": KEY, "max_billed_retries": 1.5}, "max_billed_retries"),
         ({"api_key": KEY, "max_billed_retries": -1}, "max_billed_retries"),
         ({"api_key": KEY, "deadline_s": 0}, "deadline_s"),
+        ({"api_key": KEY, "min_call_s": -3}, "min_call_s"),
         ({"api_key": KEY, "request_timeout_s": True}, "request_timeout_s"),
         ({"api_key": KEY, "base_url": 5}, "base_url"),
     ],
@@ -218,6 +220,7 @@ def test_env_base_url_overrides_config(cfg):
         ("request_timeout_s", 0),
         ("deadline_s", -1),
         ("deadline_s", float("nan")),
+        ("min_call_s", 0),
         ("max_free_retries", -1),
         ("max_download_bytes", 0),
         ("max_image_pixels", 1.5),
