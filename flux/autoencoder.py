@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import InvalidInputError
+from ..errors import ConfigurationError, InvalidInputError
 from .ops import Conv2d, cast_to
 
 GROUPS = 32  # GroupNorm groups in every normalisation layer of the reference
@@ -52,15 +52,17 @@ class AutoEncoderParams:
         if isinstance(self.ch_mult, list):
             self.ch_mult = tuple(self.ch_mult)  # JSON configs give lists
         if not isinstance(self.ch_mult, tuple) or not self.ch_mult:
-            raise ValueError(
-                f"ch_mult must be a non-empty tuple of positive ints (one per level), got {self.ch_mult!r}"
+            raise ConfigurationError(
+                "AutoEncoderParams.ch_mult must be a non-empty tuple of positive ints (one per "
+                f"level), got {self.ch_mult!r}"
             )
         for m in self.ch_mult:
-            _check_positive_int("every entry of ch_mult", m)
+            _check_positive_int("ch_mult entry", m)
             if self.ch * m % GROUPS:
-                raise ValueError(
-                    f"ch * ch_mult must be divisible by the {GROUPS} GroupNorm groups at every level, "
-                    f"got ch={self.ch} and ch_mult={self.ch_mult}: use a ch that is a multiple of {GROUPS}"
+                raise ConfigurationError(
+                    f"AutoEncoderParams.ch * ch_mult must be divisible by the {GROUPS} GroupNorm "
+                    f"groups at every level, got ch={self.ch} and ch_mult={self.ch_mult}: use a ch "
+                    f"that is a multiple of {GROUPS}"
                 )
         for name in ("scale_factor", "shift_factor"):
             value = getattr(self, name)
@@ -69,9 +71,13 @@ class AutoEncoderParams:
                 or not isinstance(value, (int, float))
                 or not math.isfinite(value)
             ):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+                raise ConfigurationError(
+                    f"AutoEncoderParams.{name} must be a finite number, got {value!r}"
+                )
         if self.scale_factor == 0:
-            raise ValueError("scale_factor must not be 0 (decode divides by it)")
+            raise ConfigurationError(
+                "AutoEncoderParams.scale_factor must not be 0 (decode divides by it)"
+            )
 
     @property
     def downscale_factor(self) -> int:
@@ -81,7 +87,7 @@ class AutoEncoderParams:
 
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ConfigurationError(f"AutoEncoderParams.{name} must be a positive int, got {value!r}")
 
 
 # --- building blocks ---------------------------------------------------------------------------

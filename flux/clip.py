@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..errors import InvalidInputError
+from ..errors import ConfigurationError, InvalidInputError
 from .ops import Embedding, Linear, TokenEmbedding, cast_to
 from .t5 import check_token_ids
 
@@ -48,13 +48,15 @@ class CLIPTextConfig:
             value = getattr(self, f.name)
             if f.name == "layer_norm_eps":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                    raise ValueError(
+                    raise ConfigurationError(
                         f"CLIPTextConfig.layer_norm_eps must be a number > 0, got {value!r}"
                     )
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"CLIPTextConfig.{f.name} must be an integer >= 1, got {value!r}")
+                raise ConfigurationError(
+                    f"CLIPTextConfig.{f.name} must be an integer >= 1, got {value!r}"
+                )
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigurationError(
                 f"CLIPTextConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads "
                 f"({self.num_heads})"
             )

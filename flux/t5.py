@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..errors import InvalidInputError
+from ..errors import ConfigurationError, InvalidInputError
 from .ops import Embedding, Linear, TokenEmbedding, cast_to
 
 
@@ -54,19 +54,21 @@ class T5Config:
             value = getattr(self, f.name)
             if f.name == "layer_norm_epsilon":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                    raise ValueError(
+                    raise ConfigurationError(
                         f"T5Config.layer_norm_epsilon must be a number > 0, got {value!r}"
                     )
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"T5Config.{f.name} must be an integer >= 1, got {value!r}")
+                raise ConfigurationError(
+                    f"T5Config.{f.name} must be an integer >= 1, got {value!r}"
+                )
         buckets = self.relative_attention_num_buckets
         if buckets < 4 or buckets % 2:
-            raise ValueError(
+            raise ConfigurationError(
                 "T5Config.relative_attention_num_buckets must be even and >= 4 (half the buckets "
                 f"look left, half right, each half has exact and log-spaced buckets), got {buckets}"
             )
         if self.relative_attention_max_distance <= buckets // 4:
-            raise ValueError(
+            raise ConfigurationError(
                 "T5Config.relative_attention_max_distance must exceed relative_attention_num_buckets"
                 f" // 4 = {buckets // 4} (where the log-spaced buckets start), "
                 f"got {self.relative_attention_max_distance}"

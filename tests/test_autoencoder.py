@@ -11,7 +11,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from comfyui_flux_schnell.errors import InvalidInputError
+from comfyui_flux_schnell.errors import ConfigurationError, InvalidInputError
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoder, AutoEncoderParams
 from conftest import KEYS_DIR
 from diffusers_ae_convert import diffusers_config, to_diffusers
@@ -259,8 +259,8 @@ def test_full_size_decode_peak_memory_is_bounded_and_batch_independent(monkeypat
         ("shift_factor", float("inf")),
     ],
 )
-def test_bad_params_raise_value_error_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+def test_bad_params_raise_configuration_error_naming_the_field(field, value):
+    with pytest.raises(ConfigurationError, match=field):
         AutoEncoderParams(**{field: value})
 
 

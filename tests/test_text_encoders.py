@@ -16,7 +16,7 @@ import json
 
 import pytest
 import torch
-from comfyui_flux_schnell.errors import InvalidInputError
+from comfyui_flux_schnell.errors import ConfigurationError, InvalidInputError
 from comfyui_flux_schnell.flux import ops
 from comfyui_flux_schnell.flux import t5 as t5_module
 from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
@@ -122,7 +122,7 @@ def test_full_size_meta_model_matches_reference_keys(build, key_file, file_only)
     ],
 )
 def test_config_rejects_bad_field(cls, field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ConfigurationError, match=rf"{cls.__name__}\.{field}"):
         cls(**{field: value})
 
 
