@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import InvalidInputError
 from .autoencoder import AutoEncoder
-from .model import Flux
+from .model import Flux, joint_ids
 
 LATENT_CHANNELS = 16
 PATCH = 2  # latent pixels per token side
@@ -146,7 +146,7 @@ def denoise(
     to stop the loop (progress, previews, interrupt).
     """
     total = len(timesteps) - 1
-    pe = model.rope(torch.cat((txt_ids, img_ids), dim=1))  # RoPE table, the same at every step
+    pe = model.rope(joint_ids(txt_ids, img_ids))  # RoPE table, the same at every step
     for step, (t_curr, t_prev) in enumerate(pairwise(timesteps), start=1):
         t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
         pred = model(img, img_ids, txt, txt_ids, timesteps=t_vec, y=vec, pe=pe)

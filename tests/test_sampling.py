@@ -212,6 +212,16 @@ def test_denoise_matches_hand_written_euler_loop():
     assert not torch.equal(result, c["img"])
 
 
+@pytest.mark.parametrize(("txt_batch", "img_batch"), [(1, 2), (2, 1), (1, 1)])
+def test_denoise_accepts_position_ids_shared_by_the_batch(txt_batch, img_batch):
+    model, c = tiny_flux(), conditioning()
+    timesteps = sampling.get_schedule(2)
+    expected = sampling.denoise(model, **c, timesteps=timesteps)
+    c["txt_ids"], c["img_ids"] = c["txt_ids"][:txt_batch], c["img_ids"][:img_batch]  # (1|2, L, 3)
+    result = sampling.denoise(model, **c, timesteps=timesteps)
+    torch.testing.assert_close(result, expected, atol=1e-6, rtol=1e-6)
+
+
 class ConstantVelocity(torch.nn.Module):
     """A stand-in transformer that records its times and predicts velocity 1 everywhere."""
 
