@@ -48,6 +48,7 @@ from .api_responses import (
     Job,
     Reply,
     b64decode,
+    clean_id,
     decode_data_uri,
     find_image,
     job_info,
@@ -369,7 +370,7 @@ class ImageApiClient:
                 sleep_unless_stopped(wait, stop)
                 last = failure
                 continue
-            request_id = request_id_of(reply)
+            request_id = self._request_id(reply)
             encoded, job_id = self._locate(reply, deadline, stop, request_id)
             calls_done()
             image = self._decode(encoded)
@@ -425,7 +426,7 @@ class ImageApiClient:
 
     def _status_failure(self, reply: Reply) -> Failure:
         """An HTTP error status of the generate call as an error, and whether to retry it."""
-        status, request_id = reply.status, request_id_of(reply)
+        status, request_id = reply.status, self._request_id(reply)
         tag = status_tag(status, reply.reason, request_id)
         said = self._safe(server_message(reply))
         common = {"status": status, "request_id": request_id, "reason": f"HTTP {status}"}
@@ -520,7 +521,7 @@ class ImageApiClient:
         request_id: str | None,
         tag: str,
     ) -> tuple[_Encoded, str | None]:
-        job = job_info(doc)
+        job = self._job_info(doc)
         if job is not None and ((job.pending and job.poll_url) or (job.done and job.result_url)):
             return self._follow_job(job, reply.url, deadline, stop, request_id)
         found = find_image(doc)
@@ -663,7 +664,7 @@ class ImageApiClient:
                 raise failure.error(f" (while polling job {job_id or '?'})", self._safe) from (
                     failure.__cause__
                 )
-            tag = status_tag(reply.status, reply.reason, request_id_of(reply) or job_id)
+            tag = status_tag(reply.status, reply.reason, self._request_id(reply) or job_id)
             if looks_like_image(reply):
                 where = f"the job's result ({tag})"
                 return _Encoded("bytes", reply.content, where, reply.status, job_id), job_id
@@ -672,7 +673,7 @@ class ImageApiClient:
             if found is not None:
                 encoded = self._fetch_reference(found, reply.url, deadline, stop, job_id, tag)
                 return encoded, job_id
-            nxt = job_info(doc)
+            nxt = self._job_info(doc)
             if nxt is None or not (nxt.pending or (nxt.done and nxt.result_url)):
                 raise self._no_image(doc, reply, nxt, request_id or job_id, tag)
             if nxt.done and url != poll_url:  # a result URL answered "done" again: no image
@@ -687,6 +688,18 @@ class ImageApiClient:
     def _safe(self, text: str) -> str:
         """`text` (which may come from the server) with the API key replaced by ***."""
         return self._http.safe(text)
+
+    def _request_id(self, reply: Reply) -> str | None:
+        """The call's id from the server: printable, the key replaced by ***, cut short. It goes
+        into errors, the node's info output and PNG text, so it is made safe here, at its source."""
+        return request_id_of(reply, self._safe)
+
+    def _job_info(self, doc: object) -> Job | None:
+        """`job_info`, with the job's id (also from the server) made safe like a request id."""
+        job = job_info(doc)
+        if job is not None and job.id is not None:
+            job.id = clean_id(job.id, self._safe)
+        return job
 
     def _scrubbed(self, error: ApiError) -> ApiError:
         """Last line of defence: no error leaves a worker with the key in its message."""

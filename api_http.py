@@ -339,7 +339,7 @@ class HttpTransport:
                 continue
             if 200 <= reply.status < 300:
                 return reply
-            request_id = request_id_of(reply)
+            request_id = request_id_of(reply, self.safe)
             tag = status_tag(reply.status, reply.reason, request_id)
             transient = reply.status in (408, 429, 500, 502, 503, 504)
             cls = ServerError if reply.status >= 500 else ResponseDecodeError

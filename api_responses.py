@@ -19,6 +19,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
@@ -28,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import ResponseDecodeError
 
 MAX_MESSAGE_CHARS = 500  # the server's own error text, shown to the user, is cut here
+MAX_ID_CHARS = 100  # request and job ids are cut here
 MAX_KEY_PATHS = 40
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -323,23 +325,29 @@ def key_paths(node: object, prefix: str = "", out: list[str] | None = None) -> l
     return out
 
 
-def request_id_of(reply: Reply) -> str | None:
-    """The service's id for the call: a request-id header, else `request_id`/`id` in small JSON."""
+def request_id_of(reply: Reply, scrub: Callable[[str], str] | None = None) -> str | None:
+    """The service's id for the call: a request-id header, else `request_id`/`id` in small JSON,
+    made safe by `clean_id`."""
     for name in REQUEST_ID_HEADERS:
         value = reply.headers.get(name)
         if value:
-            return _short_id(value)
+            return clean_id(value, scrub)
     if reply.content[:1] == b"{" and "json" in reply.content_type and len(reply.content) < 2**16:
         doc = parse_json(reply.content)
         for key in ("request_id", "id"):
             if isinstance(doc, dict) and isinstance(doc.get(key), (str, int)):
-                return _short_id(str(doc[key]))
+                return clean_id(str(doc[key]), scrub)
     return None
 
 
-def _short_id(value: str) -> str:
+def clean_id(value: str, scrub: Callable[[str], str] | None = None) -> str:
+    """An id from the server, fit for messages, info and PNG text: printable characters only,
+    passed through `scrub` (which replaces the key), then cut to MAX_ID_CHARS. Cut last, so that
+    no piece of a key the cut would split survives."""
     value = "".join(ch for ch in value if ch.isprintable())
-    return value[:100]
+    if scrub is not None:
+        value = scrub(value)
+    return value[:MAX_ID_CHARS]
 
 
 def status_tag(status: int, reason: str, request_id: str | None) -> str:

@@ -964,6 +964,36 @@ def test_key_never_leaks(
         assert "***" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply.image(solid_image(8, 8, (1, 2, 3)), headers={"X-Request-Id": f"id-{LEAK_KEY}-1"}),
+        Reply.json({"id": f"id-{LEAK_KEY}\u0007-1", "image": b64(solid_image(8, 8, (1, 2, 3)))}),
+        # Cut to length after the key is replaced, so no piece of the key survives the cut.
+        Reply.image(solid_image(8, 8, (1, 2, 3)), headers={"X-Request-Id": "x" * 90 + LEAK_KEY}),
+    ],
+    ids=["header", "body_with_control_char", "key_across_the_cut"],
+)
+def test_request_id_of_a_success_is_scrubbed(fake, make_client, reply):
+    fake.script(reply)
+    request_id = make_client(key=LEAK_KEY).generate(REQ).request_id
+    assert LEAK_KEY[:8] not in request_id
+    assert "***" in request_id
+    assert request_id.isprintable()
+    assert len(request_id) <= 100
+
+
+def test_job_id_of_a_success_is_scrubbed(fake, make_client):
+    fake.route(
+        "GET", "/jobs/j", Reply.json({"status": "done", "image": b64(solid_image(8, 8, (4, 5, 6)))})
+    )
+    fake.script(Reply.json({"id": f"job-{LEAK_KEY}" + "y" * 200, "status": "queued",
+                            "poll_url": "/jobs/j"}))  # fmt: skip
+    request_id = make_client(key=LEAK_KEY).generate(REQ).request_id
+    assert request_id.startswith("job-***y")
+    assert len(request_id) <= 100
+
+
 def test_key_not_in_success_logs(fake, make_client, caplog):
     fake.script(SHAPES["openai_url"])
     with caplog.at_level(logging.DEBUG):
