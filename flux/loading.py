@@ -10,9 +10,10 @@ Each network of FLUX.1 [schnell] (transformer, autoencoder, T5-XXL, CLIP-L) is l
    and its shape checked, and one error lists every missing key, unexpected key and wrong shape;
 4. the tensors are assigned into the network (`load_state_dict(assign=True)`):
    - on the CPU, in the stored dtype: the parameters ARE the memory-mapped file, no copy at all (a
-     copy-on-write mapping of only the byte range of that network, so the other networks of an
-     all-in-one checkpoint are not mapped; like any private writable mapping it counts towards the
-     kernel's commit limit, so a file larger than RAM + swap raises OutOfMemoryError);
+     read-only mapping of only the byte range of that network, so the other networks of an
+     all-in-one checkpoint are not mapped; being read-only it takes page cache only and does not
+     count towards the kernel's commit limit, so a file larger than RAM + swap still loads. Nothing
+     writes to these parameters: assigning them and every forward only read them);
    - otherwise (another device or dtype): each tensor is read from the file on its own, then moved
      and cast, so at most one tensor is held twice at any time.
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import errno
 import mmap
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,33 +399,39 @@ def _read_tensors(header: Header, file_keys: dict, dtypes: dict, device, fail) -
     except OSError as e:
         if e.errno == errno.ENOMEM:
             raise OutOfMemoryError(
-                f"{header.path} could not be memory-mapped ({e}): this machine has too little "
-                "RAM + swap to hold it on the CPU as stored; load it to the GPU, or use an fp8 "
-                "file or weight_dtype=torch.float8_e4m3fn"
+                f"{header.path} could not be memory-mapped ({e}): this process may map no more "
+                "address space (a `ulimit -v` limit, or vm.max_map_count reached); raise that "
+                "limit, or load it to the GPU, or as fp8 (weight_dtype=torch.float8_e4m3fn: its "
+                "large weights are then read, not mapped)"
             ) from e
         raise fail(f"reading its tensors failed ({e}); the file may be damaged") from e
     return state
 
 
 def _map(raw, entries: dict[str, TensorEntry]) -> dict[str, torch.Tensor]:
-    """Views of the tensors in one copy-on-write mapping of the file range that holds them.
+    """Views of the tensors in one read-only mapping of the file range that holds them.
 
     Only that range is mapped (one network of an all-in-one checkpoint, not the whole file). Pages
-    are read from disk when first touched; the tensors keep the mapping alive, and writing to one
-    would copy that page, never change the file.
+    are read from disk when first touched and can be dropped again under memory pressure, so the
+    mapping needs no commit charge (a copy-on-write one would: 24 GB of it fails on a machine with
+    less RAM + swap). The tensors keep the mapping alive. Writing to one would crash the process
+    (SIGSEGV): nothing does, since `load_state_dict(assign=True)` only wraps them as parameters, the
+    networks never change a parameter in place, and every cast or move makes a new tensor.
     """
     first = min(e.start for e in entries.values())
     base = first - first % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be aligned
     length = max(e.end for e in entries.values()) - base
-    window = mmap.mmap(raw.fileno(), length, access=mmap.ACCESS_COPY, offset=base)
-    return {
-        key: torch.frombuffer(
-            window, dtype=torch.uint8, count=e.end - e.start, offset=e.start - base
-        )
-        .view(e.torch_dtype)
-        .view(e.shape)
-        for key, e in entries.items()
-    }
+    window = mmap.mmap(raw.fileno(), length, access=mmap.ACCESS_READ, offset=base)
+    with warnings.catch_warnings():  # torch warns that it cannot mark tensors read-only: known
+        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+        return {
+            key: torch.frombuffer(
+                window, dtype=torch.uint8, count=e.end - e.start, offset=e.start - base
+            )
+            .view(e.torch_dtype)
+            .view(e.shape)
+            for key, e in entries.items()
+        }
 
 
 def _read_one(raw, entry: TensorEntry) -> torch.Tensor:

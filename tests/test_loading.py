@@ -8,6 +8,7 @@ import errno
 import itertools
 import json
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -378,6 +379,51 @@ def test_parameters_are_the_memory_mapped_file_when_nothing_changes(sets):
     path = sets(torch.bfloat16).all_in_one
     model = loading.load_transformer(path)
     assert all_in_mapping(model, path)
+
+
+def mapping_permissions(path: Path) -> set[str]:
+    """The permissions ("r--s", "rw-p", ...) of this process's mappings of `path`."""
+    target = str(Path(path).resolve())
+    return {
+        fields[1]
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if len(fields := line.split(maxsplit=5)) == 6 and fields[5] == target
+    }
+
+
+def run_each(models: dict) -> None:
+    """One forward of each tiny network (inference, as the pipeline runs them)."""
+    g = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        models["transformer"](
+            torch.randn(1, 4, 64, generator=g),
+            torch.zeros(1, 4, 3),
+            torch.randn(1, 3, 64, generator=g),
+            torch.zeros(1, 3, 3),
+            torch.ones(1),
+            torch.randn(1, 64, generator=g),
+        )
+        models["t5"](torch.tensor([[5, 9, 1]]))
+        models["clip"](torch.tensor([[3, 7, 2]]))
+        models["autoencoder"].decode(torch.randn(1, 16, 2, 2, generator=g))
+
+
+@needs_proc
+def test_mapping_is_read_only_and_running_never_writes_the_weights(sets):
+    """A read-only mapping takes no commit charge; a write to it would crash, so none may happen."""
+    path = sets(torch.float32).all_in_one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "buffer is not writable" warning stays inside
+        models = {name: load(path) for name, load in LOADERS.items()}
+    for model in models.values():
+        assert all_in_mapping(model, path)
+    assert mapping_permissions(path) == {"r--s"}  # read-only: no copy-on-write, no commit charge
+    before = {
+        (name, key): t.clone() for name, m in models.items() for key, t in m.state_dict().items()
+    }
+    run_each(models)
+    for (name, key), value in before.items():
+        assert torch.equal(models[name].state_dict()[key], value), (name, key)
 
 
 @needs_proc
