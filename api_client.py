@@ -398,16 +398,20 @@ class ImageApiClient:
             return None, ""
         if used >= limit:
             return None, ""
-        if failure.retry_after is not None:
-            wait = failure.retry_after
-        else:
-            backoff = min(s.backoff_max_s, s.backoff_base_s * 2**used)
-            wait = backoff * (0.5 + 0.5 * self._random.random())
+        wait = self._backoff(failure, used)
         left = deadline - time.monotonic()
         # The retry must still have min_call_s after its wait (and the wait's wake-up slice).
         if wait + self._min_call_s() + SLEEP_SLICE_S > left:
             return None, self._no_time_note(left, wait)
         return wait, ""
+
+    def _backoff(self, failure: Failure, used: int) -> float:
+        """The wait before asking again: the server's Retry-After, else exponential with jitter."""
+        if failure.retry_after is not None:
+            return failure.retry_after
+        s = self.settings
+        backoff = min(s.backoff_max_s, s.backoff_base_s * 2**used)
+        return backoff * (0.5 + 0.5 * self._random.random())
 
     def _min_call_s(self) -> float:
         """Least time a retried call is sent with: less, and it is billed but cut off unanswered."""
@@ -620,14 +624,18 @@ class ImageApiClient:
     def _follow_job(
         self, job: Job, base: str, deadline: float, stop: threading.Event, request_id: str | None
     ) -> tuple[_Encoded, str | None]:
-        """Poll a job's status URL (GET, free) until it has an image, fails, or the deadline."""
+        """Poll a job's status URL (GET, free) until it has an image, fails, or the deadline. A
+        failed poll or result fetch is asked again after the backoff (or its Retry-After)."""
         s = self.settings
         poll_url = urljoin(base, job.poll_url) if job.poll_url else None
         job_id = job.id
         failures = 0
+        waited = False  # a failed GET was just followed by its backoff
         while True:
             if job.done and job.result_url:  # finished: fetch the result, no wait
                 url = urljoin(poll_url or base, job.result_url)
+            elif waited:  # pending, and the backoff after a failed poll was the wait
+                url = poll_url
             else:
                 if poll_url is None:  # a result URL answered "pending", and no poll URL
                     raise ResponseDecodeError(
@@ -637,12 +645,7 @@ class ImageApiClient:
                     )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ApiTimeoutError(
-                        f"job {self._safe(job_id or '?')} was still "
-                        f"{self._safe(job.status or 'pending')!r} when the deadline of "
-                        f"{s.deadline_s:g} s per image (deadline_s) passed",
-                        request_id=request_id or job_id,
-                    )
+                    raise self._job_too_slow(job, job_id, request_id)
                 sleep_unless_stopped(min(s.poll_interval_s, left), stop)
                 if time.monotonic() >= deadline:
                     continue  # the check above raises the error that names the job's status
@@ -650,20 +653,33 @@ class ImageApiClient:
             reply, failure = attempt(
                 self._http.get, url, deadline, stop, s.request_timeout_s, self._http.body_cap()
             )
+            waited = False
             if failure is not None:
+                note = ""
                 if failure.retry is not None and failures < s.max_free_retries:
-                    failures += 1
-                    self.log.warning(
-                        "ImageAPI job %s: polling failed (%s); polling again (polls are not "
-                        "billed)",
-                        self._safe(job_id or "?"),
-                        self._safe(failure.reason),
-                    )
-                    continue
+                    wait = self._backoff(failure, failures)
+                    if wait < deadline - time.monotonic():
+                        failures += 1
+                        self.log.warning(
+                            "ImageAPI job %s: fetching %s failed (%s); asking again in %.2f s "
+                            "(polls are not billed)",
+                            self._safe(job_id or "?"),
+                            "its result" if url != poll_url else "its status",
+                            self._safe(failure.reason),
+                            wait,
+                        )
+                        sleep_unless_stopped(wait, stop)
+                        waited = True
+                        continue
+                    if url == poll_url and not job.done:  # still pending: say so
+                        raise self._job_too_slow(
+                            job, job_id, request_id, failure.reason
+                        ) from failure.__cause__
+                    note = f"; not asked again: waiting {wait:.1f} s would pass deadline_s"
                 failure.request_id = failure.request_id or request_id or job_id
-                raise failure.error(f" (while polling job {job_id or '?'})", self._safe) from (
-                    failure.__cause__
-                )
+                raise failure.error(
+                    f" (while polling job {job_id or '?'}{note})", self._safe
+                ) from failure.__cause__
             tag = status_tag(reply.status, reply.reason, self._request_id(reply) or job_id)
             if looks_like_image(reply):
                 where = f"the job's result ({tag})"
@@ -682,6 +698,20 @@ class ImageApiClient:
                 poll_url = urljoin(reply.url, nxt.poll_url)
             job_id = job_id or nxt.id
             job = nxt
+
+    def _job_too_slow(
+        self, job: Job, job_id: str | None, request_id: str | None, failed: str | None = None
+    ) -> ApiTimeoutError:
+        """The error for a job still pending at the deadline, or with no time left after a failed
+        poll (`failed`: why it failed)."""
+        still = f"job {self._safe(job_id or '?')} was still {self._safe(job.status or 'pending')!r}"
+        limit = f"the deadline of {self.settings.deadline_s:g} s per image (deadline_s)"
+        if failed is None:
+            text = f"{still} when {limit} passed"
+        else:
+            text = f"{still}, its last poll failed ({self._safe(failed)}), and {limit} leaves no "
+            text += "time to poll it again"
+        return ApiTimeoutError(text, request_id=request_id or job_id)
 
     # --- keeping the key out of everything ------------------------------------------------------
 

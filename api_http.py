@@ -27,7 +27,13 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from ._version import __version__
-from .api_responses import Reply, request_id_of, server_message, status_tag
+from .api_responses import (
+    Reply,
+    request_id_of,
+    retry_after_seconds,
+    server_message,
+    status_tag,
+)
 from .errors import (
     ApiError,
     ApiTimeoutError,
@@ -357,6 +363,7 @@ class HttpTransport:
                 retry=FREE if transient else None,
                 status=reply.status,
                 request_id=request_id,
+                retry_after=retry_after_seconds(reply) if reply.status in (429, 503) else None,
             )
         raise Failure(
             ResponseDecodeError,

@@ -803,6 +803,46 @@ def test_job_polling_survives_a_transient_failure(fake, client):
     assert fake.count("GET", "/jobs/j3") == 2
 
 
+@pytest.mark.parametrize("kind", ["result", "status"])
+def test_failed_job_fetch_waits_the_backoff(fake, make_client, caplog, kind):
+    image = Reply.image(solid_image(8, 8, (7, 7, 7)))
+    if kind == "result":  # a finished job: its result URL fails once
+        fake.route("GET", "/jobs/r", error_reply(502), image)
+        fake.script(Reply.json({"id": "r", "status": "completed", "result_url": "/jobs/r"}))
+    else:  # a pending job: its status URL fails once
+        fake.route("GET", "/jobs/r", error_reply(503), image)
+        fake.script(Reply.json({"id": "r", "status": "queued", "poll_url": "/jobs/r"}))
+    client = make_client(backoff_base_s=0.3, backoff_max_s=0.3, poll_interval_s=0.01)
+    with caplog.at_level(logging.WARNING, logger="flux_schnell.api"):
+        assert client.generate(REQ).image.getpixel((0, 0)) == (7, 7, 7)
+    first, second = fake.requests_to("/jobs/r")
+    assert 0.14 <= second.time - first.time < 0.6  # the backoff (0.15-0.3 s), not at once
+    (warning,) = retry_warnings(caplog)
+    assert f"its {kind}" in warning
+    assert "not billed" in warning
+
+
+@pytest.mark.parametrize(
+    ("job", "cls", "match"),
+    [
+        ({"status": "done", "result_url": "/jobs/late"}, ServerError, "would pass deadline_s"),
+        (
+            {"status": "queued", "poll_url": "/jobs/late"},
+            ApiTimeoutError,
+            r"still 'queued', its last poll failed \(HTTP 503\)",
+        ),
+    ],
+)
+def test_failed_job_fetch_not_retried_past_the_deadline(fake, make_client, job, cls, match):
+    fake.route("GET", "/jobs/late", error_reply(503, retry_after="30"))
+    fake.script(Reply.json({"id": "late", **job}))
+    started = time.monotonic()
+    with pytest.raises(cls, match=match):
+        make_client(deadline_s=2.0).generate(REQ)
+    assert time.monotonic() - started < 0.5
+    assert fake.count("GET", "/jobs/late") == 1
+
+
 # --- downloads -------------------------------------------------------------------------------------
 
 
