@@ -29,6 +29,9 @@ A file stored in fp8 stays fp8 in memory unless a wider `weight_dtype` is asked 
 
 The per-network parts below are only a config-inference function and a `_Network` entry (keys the
 file may carry that the network does not have, and the one tied alias of T5).
+
+`check_files_compatible(transformer, t5, clip, ae)` runs steps 1-2 only (headers, no tensor data)
+for the four files and raises one ModelLoadError when the networks would not fit together.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from .checkpoint import (
     T5,
     TRANSFORMER,
     WEIGHT_DTYPES,
+    CheckpointInfo,
     ComponentInfo,
     ComponentSpec,
     Header,
@@ -287,6 +291,46 @@ def _load(path, net: _Network, device, weight_dtype) -> nn.Module:
             f"got {weight_dtype!r}"
         )
     device = torch.device(device)
+    found = _inspect(path, net)
+    comp, entries, config, fail = found.comp, found.entries, found.config, found.fail
+
+    with torch.device("meta"):
+        model = net.build(config)
+    model.requires_grad_(False).eval()
+    chosen = _match_keys(fail, comp, entries, model, net, config)
+    narrow = {
+        f"{name}.weight" for name, m in model.named_modules() if isinstance(m, CASTING_LAYERS)
+    }
+    state = _read_tensors(
+        found.info.header,
+        {key: comp.prefix + file_key for key, file_key in chosen.items()},
+        {
+            key: _target_dtype(entries[fk].torch_dtype, weight_dtype, key in narrow)
+            for key, fk in chosen.items()
+        },
+        device,
+        fail,
+    )
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a buffer the network computes at construction would be lost on meta
+        raise RuntimeError(f"{type(model).__name__} has tensors no file provides: {left}")
+    return model
+
+
+@dataclass(frozen=True)
+class _Found:
+    """What the header of a file says about one network in it (no tensor data read)."""
+
+    info: CheckpointInfo
+    comp: ComponentInfo
+    entries: dict[str, TensorEntry]  # key without the prefix -> where its data lies
+    config: object
+    fail: Callable[[str], ModelLoadError]
+
+
+def _inspect(path, net: _Network) -> _Found:
+    """Find `net` in the header of `path` and infer its config; ModelLoadError when it is not usable."""
     spec = net.component
     info = inspect_file(path, expected=spec.title)
 
@@ -307,29 +351,7 @@ def _load(path, net: _Network, device, weight_dtype) -> nn.Module:
     refusal = net.refuse(config)
     if refusal:
         raise fail(refusal)
-
-    with torch.device("meta"):
-        model = net.build(config)
-    model.requires_grad_(False).eval()
-    chosen = _match_keys(fail, comp, entries, model, net, config)
-    narrow = {
-        f"{name}.weight" for name, m in model.named_modules() if isinstance(m, CASTING_LAYERS)
-    }
-    state = _read_tensors(
-        info.header,
-        {key: comp.prefix + file_key for key, file_key in chosen.items()},
-        {
-            key: _target_dtype(entries[fk].torch_dtype, weight_dtype, key in narrow)
-            for key, fk in chosen.items()
-        },
-        device,
-        fail,
-    )
-    model.load_state_dict(state, strict=True, assign=True)
-    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:  # a buffer the network computes at construction would be lost on meta
-        raise RuntimeError(f"{type(model).__name__} has tensors no file provides: {left}")
-    return model
+    return _Found(info, comp, entries, config, fail)
 
 
 def _where(comp: ComponentInfo) -> str:
@@ -461,23 +483,68 @@ def check_compatible(
     autoencoder: AutoEncoderParams | None = None,
 ) -> None:
     """Raise ModelLoadError when the loaded networks cannot work together (e.g. CLIP-G for CLIP-L)."""
+    problems = _mismatches(transformer, t5, clip, autoencoder, {})
+    if problems:
+        raise ModelLoadError("the model files do not belong together: " + "; ".join(problems))
+
+
+def check_files_compatible(
+    transformer: str | Path, t5: str | Path, clip: str | Path, ae: str | Path
+) -> None:
+    """Raise ModelLoadError, before any loading, when the four files cannot work together.
+
+    Reads the file headers only (no tensor data): each network is found as the loaders find it (its
+    own file, or its prefix in an all-in-one checkpoint) and its config inferred from the shapes.
+    A file that holds no usable network of its kind raises the loader's own error; networks that
+    do not fit together (a CLIP-G given for the CLIP-L, a T5 of another width, a VAE with another
+    latent) raise one error naming the files and every mismatch.
+    """
+    found = {
+        name: _inspect(path, net)
+        for name, path, net in (
+            ("transformer", transformer, _TRANSFORMER),
+            ("t5", t5, _T5),
+            ("clip", clip, _CLIP),
+            ("autoencoder", ae, _AUTOENCODER),
+        )
+    }
+    files = {name: f" ({f.info.path})" for name, f in found.items()}
+    problems = _mismatches(
+        found["transformer"].config,
+        found["t5"].config,
+        found["clip"].config,
+        found["autoencoder"].config,
+        files,
+    )
+    if problems:
+        raise ModelLoadError("the model files do not belong together: " + "; ".join(problems))
+
+
+def _mismatches(
+    transformer: FluxParams,
+    t5: T5Config | None,
+    clip: CLIPTextConfig | None,
+    autoencoder: AutoEncoderParams | None,
+    files: Mapping[str, str],
+) -> list[str]:
+    """Every way the networks do not fit the transformer; `files[name]` follows each one's name."""
+    flux = f"the transformer{files.get('transformer', '')}"
     problems = []
     if t5 is not None and t5.d_model != transformer.context_in_dim:
         problems.append(
-            f"the T5 text encoder is {t5.d_model} wide but the transformer takes "
+            f"the T5 text encoder{files.get('t5', '')} is {t5.d_model} wide but {flux} takes "
             f"{transformer.context_in_dim}-wide text (T5-XXL: 4096): give {T5.file_hint}"
         )
     if clip is not None and clip.hidden_size != transformer.vec_in_dim:
         problems.append(
-            f"the CLIP text encoder is {clip.hidden_size} wide but the transformer takes a "
-            f"{transformer.vec_in_dim}-wide pooled vector (CLIP-L: 768; 1280 is SDXL's CLIP-G): "
-            f"give {CLIP.file_hint}"
+            f"the CLIP text encoder{files.get('clip', '')} is {clip.hidden_size} wide but {flux} "
+            f"takes a {transformer.vec_in_dim}-wide pooled vector (CLIP-L: 768; 1280 is SDXL's "
+            f"CLIP-G): give {CLIP.file_hint}"
         )
     if autoencoder is not None and 4 * autoencoder.z_channels != transformer.in_channels:
         problems.append(
-            f"the autoencoder's {autoencoder.z_channels} latent channels packed 2x2 give "
-            f"{4 * autoencoder.z_channels} features but the transformer takes "
+            f"the autoencoder{files.get('autoencoder', '')} has {autoencoder.z_channels} latent "
+            f"channels, {4 * autoencoder.z_channels} features once packed 2x2, but {flux} takes "
             f"{transformer.in_channels}: give {AUTOENCODER.file_hint}"
         )
-    if problems:
-        raise ModelLoadError("the model files do not belong together: " + "; ".join(problems))
+    return problems

@@ -18,7 +18,7 @@ import torch
 from comfyui_flux_schnell.errors import InvalidInputError, ModelLoadError, OutOfMemoryError
 from comfyui_flux_schnell.flux import checkpoint, loading, ops
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoderParams
-from comfyui_flux_schnell.flux.clip import CLIPTextConfig
+from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
 from comfyui_flux_schnell.flux.model import FluxParams
 from comfyui_flux_schnell.flux.t5 import T5Config
 from conftest import KEYS_DIR
@@ -663,3 +663,105 @@ def test_mapping_refused_by_the_kernel_is_an_out_of_memory_error(sets, monkeypat
     with pytest.raises(OutOfMemoryError, match=r"could not be memory-mapped.*fp8"):
         loading.load_clip(path)
     loading.load_clip(path, weight_dtype=torch.bfloat16)  # cast loads read tensor by tensor
+
+
+@pytest.fixture
+def no_tensor_data(monkeypatch):
+    """Fail the test if any tensor data is read or mapped (header-only checks)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tensor data was read")
+
+    monkeypatch.setattr(loading, "_read_tensors", refuse)
+    monkeypatch.setattr(loading.mmap, "mmap", refuse)
+    monkeypatch.setattr(loading, "_read_one", refuse)
+
+
+@pytest.mark.parametrize("all_in_one", [False, True], ids=["single", "all_in_one"])
+def test_check_files_compatible_accepts_matching_files(sets, no_tensor_data, all_in_one):
+    files = sets(torch.float8_e4m3fn)
+    paths = [files.all_in_one if all_in_one else getattr(files, c) for c in LOADERS]
+    transformer, ae, t5, clip = paths  # LOADERS order
+    loading.check_files_compatible(transformer, t5, clip, ae)
+
+
+def test_check_files_compatible_reads_full_size_headers_only(real_all_in_one, no_tensor_data):
+    loading.check_files_compatible(
+        real_all_in_one, real_all_in_one, real_all_in_one, real_all_in_one
+    )
+
+
+def _meta_layout(build, config, dtype=torch.bfloat16) -> dict:
+    with torch.device("meta"):
+        model = build(config)
+    return {k: (tuple(t.shape), dtype) for k, t in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def clip_g(tmp_path_factory) -> Path:
+    """A header-only CLIP-G text encoder (SDXL's: 1280 wide), 2 of its 32 layers."""
+    config = CLIPTextConfig(hidden_size=1280, num_heads=20, intermediate_size=5120, num_layers=2)
+    return tm.write_header_only(
+        tmp_path_factory.mktemp("clip_g") / "clip_g.safetensors",
+        _meta_layout(CLIPTextEncoder, config),
+    )
+
+
+def test_check_files_compatible_names_a_clip_g_file(real_all_in_one, clip_g, no_tensor_data):
+    with pytest.raises(ModelLoadError) as caught:
+        loading.check_files_compatible(real_all_in_one, real_all_in_one, clip_g, real_all_in_one)
+    message = str(caught.value)
+    assert f"the CLIP text encoder ({clip_g}) is 1280 wide" in message
+    assert f"the transformer ({real_all_in_one}) takes a 768-wide pooled vector" in message
+    assert "clip_l.safetensors" in message
+    assert "T5" not in message
+    assert "autoencoder" not in message
+
+
+@pytest.mark.parametrize(
+    ("swap", "needles"),
+    [
+        (
+            {"t5": replace(tm.TINY_T5, d_model=32)},
+            ["the T5 text encoder ({t5}) is 32 wide", "takes 64-wide text", "t5xxl_fp16"],
+        ),
+        (
+            {"clip": replace(tm.TINY_CLIP, hidden_size=128, num_heads=2)},
+            ["the CLIP text encoder ({clip}) is 128 wide", "64-wide pooled vector"],
+        ),
+        (
+            {"transformer": replace(tm.TINY_FLUX, in_channels=32, out_channels=32)},
+            ["the autoencoder ({autoencoder}) has 16 latent channels, 64 features", "takes 32"],
+        ),
+        (
+            {
+                "t5": replace(tm.TINY_T5, d_model=32),
+                "clip": replace(tm.TINY_CLIP, hidden_size=128, num_heads=2),
+            },
+            ["({t5}) is 32 wide", "({clip}) is 128 wide"],
+        ),
+    ],
+    ids=["t5", "clip", "autoencoder", "t5_and_clip"],
+)
+def test_check_files_compatible_names_files_and_mismatch(sets, tmp_path, swap, needles):
+    files = sets(torch.float32)
+    paths = {c: getattr(files, c) for c in LOADERS}
+    for component, config in swap.items():
+        paths[component] = tmp_path / f"{component}.safetensors"
+        save_file(tm.store(WRITERS[component](config), torch.float32), paths[component])
+    with pytest.raises(ModelLoadError, match="do not belong together") as caught:
+        loading.check_files_compatible(
+            paths["transformer"], paths["t5"], paths["clip"], paths["autoencoder"]
+        )
+    message = str(caught.value)
+    for needle in needles:
+        assert needle.format(**paths) in message
+    assert f"the transformer ({paths['transformer']})" in message
+
+
+def test_check_files_compatible_names_a_file_of_the_wrong_kind(sets):
+    files = sets(torch.float32)
+    with pytest.raises(ModelLoadError, match=rf"{files.autoencoder}.* as the CLIP-L text encoder"):
+        loading.check_files_compatible(
+            files.transformer, files.t5, files.autoencoder, files.autoencoder
+        )
