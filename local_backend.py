@@ -172,6 +172,8 @@ def load_models(files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, 
 
     if _loaded is not None and _loaded.files == files and _loaded.weight_dtype == weight_dtype:
         return _loaded, False
+    # The four files must belong together: checked from their headers, before gigabytes load.
+    loading.check_files_compatible(files.transformer, files.t5, files.clip, files.ae)
     narrow = WEIGHT_DTYPES[weight_dtype]
     started = time.monotonic()
     _drop_loaded()

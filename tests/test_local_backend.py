@@ -294,3 +294,22 @@ def test_memory_policy_on_a_non_cuda_device(monkeypatch, choice, free, expected_
         assert transformer.device == device
     assert ("cpu" in t5.moves) is expected_home
     assert (transformer.device.type == "cpu") is (choice == "offload to CPU")
+
+
+def test_files_that_do_not_belong_together_are_refused_before_loading(
+    tiny_bf16, model_dir, tmp_path, monkeypatch
+):
+    from dataclasses import replace as dc_replace
+
+    from comfyui_flux_schnell.flux import loading
+    from tiny_models import TINY_CLIP, clip_weights, save
+
+    wide_clip = save(
+        tmp_path / "clip_g.safetensors",
+        clip_weights(dc_replace(TINY_CLIP, hidden_size=128, num_heads=2)),
+        torch.bfloat16,
+    )
+    monkeypatch.setattr(loading, "load_transformer", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ModelLoadError, match="do not belong together") as info:
+        run(dataclasses.replace(spec_for(tiny_bf16, model_dir), clip=wide_clip))
+    assert "clip_g.safetensors" in str(info.value)
