@@ -2,10 +2,11 @@
 
 Read again on every run (`load_settings()`), so a key set while ComfyUI runs takes effect without a
 restart. Sources, first match wins: the environment (`IMAGEAPI_API_KEY`, then `IMAGEAPI_KEY`, the
-name the service's own docs use; `IMAGEAPI_BASE_URL`), then a JSON config file that lives outside
-the package folder (ComfyUI's user directory, else the XDG config directory). Based on the service's
-public docs (see shared/reference/imageapi-contract.md); the key is never printed, logged or put in
-an error message.
+name the service's own docs use; `IMAGEAPI_BASE_URL`), then one JSON config file outside the
+package folder: the first that exists of `$IMAGEAPI_CONFIG` (the only one looked at when set),
+ComfyUI's user directory (inside ComfyUI) and the XDG config directory, where `flux-schnell
+set-key` run from a shell writes. Based on the service's public docs (see
+shared/reference/imageapi-contract.md); the key is never printed, logged or put in an error message.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import math
 import os
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -97,38 +98,44 @@ class ApiSettings:
 
 
 def default_config_path(environ: Mapping[str, str] | None = None) -> Path:
-    """The config file: `$IMAGEAPI_CONFIG`, else ComfyUI's user directory, else the XDG directory."""
+    """Where `save_api_key` writes: `$IMAGEAPI_CONFIG`, else ComfyUI's user directory (inside
+    ComfyUI), else the XDG config directory."""
     environ = os.environ if environ is None else environ
-    explicit = environ.get(ENV_CONFIG, "").strip()
-    if explicit:
-        path = Path(explicit).expanduser()
-    else:
-        from . import comfy_bridge
+    return _explicit_config(environ) or _comfy_config() or _xdg_config(environ)
 
-        user_dir = comfy_bridge.user_directory()
-        if user_dir:
-            path = Path(user_dir) / COMFY_SUBDIR / CONFIG_NAME
-        else:
-            xdg = environ.get("XDG_CONFIG_HOME", "").strip()
-            base = Path(xdg).expanduser() if xdg else Path.home() / ".config"
-            path = base / XDG_SUBDIR / CONFIG_NAME
-    path = path.absolute()
-    if _is_inside(path, _PACKAGE_DIR):
-        raise ConfigurationError(
-            f"the config file {path} would be inside the package folder {_PACKAGE_DIR}, where an "
-            "update or a copy of the folder would lose or publish the API key; point "
-            f"{ENV_CONFIG} at a file outside it."
-        )
-    return path
+
+def shell_config_path(environ: Mapping[str, str] | None = None) -> Path:
+    """Where `flux-schnell set-key` run from a shell (outside ComfyUI) writes: `$IMAGEAPI_CONFIG`,
+    else the XDG config file."""
+    environ = os.environ if environ is None else environ
+    return _explicit_config(environ) or _xdg_config(environ)
+
+
+def config_search_paths(environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The config files `load_settings` looks at, in order; the first that exists is read, alone.
+    `$IMAGEAPI_CONFIG` only, when set; else ComfyUI's user-directory file (inside ComfyUI), then
+    the XDG file (where `flux-schnell set-key` from a shell writes)."""
+    environ = os.environ if environ is None else environ
+    explicit = _explicit_config(environ)
+    if explicit is not None:
+        return [explicit]
+    comfy = _comfy_config()
+    return [comfy, _xdg_config(environ)] if comfy is not None else [_xdg_config(environ)]
 
 
 def load_settings(
     config_path: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> ApiSettings:
-    """Read the key, base URL and limits from the environment and the config file."""
+    """Read the key, base URL and limits from the environment and the config file: `config_path`
+    when given, else the first that exists of `config_search_paths()`."""
     environ = os.environ if environ is None else environ
-    path = Path(config_path) if config_path is not None else default_config_path(environ)
-    config = _read_config(path)
+    looked = [Path(config_path)] if config_path is not None else config_search_paths(environ)
+    path, config = None, {}
+    for candidate in looked:
+        found = _read_config_if_any(candidate)
+        if found is not None:
+            path, config = candidate, found
+            break
 
     api_key, key_source = None, None
     for name in ENV_KEY_NAMES:
@@ -144,7 +151,7 @@ def load_settings(
             )
         _warn_if_readable_by_others(path)
     if api_key is None:
-        raise ConfigurationError(missing_key_message(path))
+        raise ConfigurationError(missing_key_message(looked, path, environ))
 
     base_url, base_source = DEFAULT_BASE_URL, "the default base URL"
     if environ.get(ENV_BASE_URL, "").strip():
@@ -166,16 +173,56 @@ def load_settings(
         raise ConfigurationError(f"{e} Fix it in the config file {path}.") from e
 
 
-def missing_key_message(path: Path) -> str:
+def missing_key_message(
+    looked: Sequence[Path], read: Path | None, environ: Mapping[str, str] | None = None
+) -> str:
+    """What was looked at (`looked`, of which `read` was the file read, if any) and every way to set
+    a key, with where `flux-schnell set-key` from a shell would store it."""
+    environ = os.environ if environ is None else environ
     names = " or ".join(ENV_KEY_NAMES)
-    return (
-        "No ImageAPI key is set, so backend 'api' cannot run. Set one in any of these ways:\n"
+    explicit = _explicit_config(environ)
+    comfy = _comfy_config()
+    lines = [
+        "No ImageAPI key is set, so backend 'api' cannot run. Looked for it in:",
+        f"  - the environment variables {', '.join(ENV_KEY_NAMES)}: not set.",
+    ]
+    seen_read = False
+    for path in looked:
+        if path == explicit:
+            label = f"{path} (named by {ENV_CONFIG}; no other file is looked at)"
+        elif path == comfy:
+            label = f"{path} (ComfyUI's user directory)"
+        else:
+            label = str(path)
+        if path == read:
+            state, seen_read = "read, has no api_key", True
+        elif seen_read:
+            state = "not read (only the first file that exists is used)"
+        else:
+            state = "does not exist"
+        lines.append(f"  - the config file {label}: {state}.")
+    shell_target = shell_config_path(environ)
+    # The file a key must go into to be read here: the one read, else where set-key writes (when
+    # that is looked at), else the first looked at.
+    target = read or (shell_target if shell_target in looked else looked[0])
+    stores = f"it stores it in {target}, readable by you only"
+    if target == shell_target:
+        same = f" with the same {ENV_CONFIG}" if explicit is not None else ""
+        set_key = f"run `{SET_KEY_COMMAND}` in a shell{same}: {stores};"
+    else:
+        set_key = (
+            f"set {ENV_CONFIG}={target} and run `{SET_KEY_COMMAND}` in a shell: {stores} "
+            f"(without {ENV_CONFIG} it would write {shell_target}, which is not read here);"
+        )
+    lines += [
+        "Set one in any of these ways:",
         f"  - the environment variable {names} (for example `export {ENV_KEY_NAMES[0]}=sk_...` "
-        "before starting ComfyUI);\n"
-        f"  - run `{SET_KEY_COMMAND}`, which stores it in {path} (readable by you only);\n"
-        f'  - write {{"api_key": "sk_..."}} into {path} yourself.\n'
-        f"Get a key at {KEY_HELP}. No restart is needed: the key is read on every run."
-    )
+        "before starting ComfyUI);",
+        f"  - {set_key}",
+        f'  - write {{"api_key": "sk_..."}} into {target} yourself.',
+        f"Get a key at {KEY_HELP}. No restart is needed: the key is read on every run.",
+    ]
+    return "\n".join(lines)
 
 
 def save_api_key(api_key: str, config_path: Path | None = None) -> Path:
@@ -268,12 +315,48 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def _explicit_config(environ: Mapping[str, str]) -> Path | None:
+    explicit = environ.get(ENV_CONFIG, "").strip()
+    return _outside_package(Path(explicit).expanduser()) if explicit else None
+
+
+def _comfy_config() -> Path | None:
+    from . import comfy_bridge
+
+    user_dir = comfy_bridge.user_directory()
+    return _outside_package(Path(user_dir) / COMFY_SUBDIR / CONFIG_NAME) if user_dir else None
+
+
+def _xdg_config(environ: Mapping[str, str]) -> Path:
+    xdg = environ.get("XDG_CONFIG_HOME", "").strip()
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".config"
+    return _outside_package(base / XDG_SUBDIR / CONFIG_NAME)
+
+
+def _outside_package(path: Path) -> Path:
+    """`path` made absolute; refused when inside the package folder."""
+    path = path.absolute()
+    if _is_inside(path, _PACKAGE_DIR):
+        raise ConfigurationError(
+            f"the config file {path} would be inside the package folder {_PACKAGE_DIR}, where an "
+            "update or a copy of the folder would lose or publish the API key; point "
+            f"{ENV_CONFIG} at a file outside it."
+        )
+    return path
+
+
 def _read_config(path: Path) -> dict:
     """The config file's JSON object, {} when the file does not exist."""
+    config = _read_config_if_any(path)
+    return {} if config is None else config
+
+
+def _read_config_if_any(path: Path) -> dict | None:
+    """The config file's JSON object, None when the file does not exist."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return {}
+        return None
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
         raise ConfigurationError(f"cannot read the config file {path}: {reason}.") from e

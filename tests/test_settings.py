@@ -14,9 +14,11 @@ from comfyui_flux_schnell.errors import ConfigurationError
 from comfyui_flux_schnell.settings import (
     DEFAULT_BASE_URL,
     ApiSettings,
+    config_search_paths,
     default_config_path,
     load_settings,
     save_api_key,
+    shell_config_path,
 )
 
 KEY = "sk_settings_TEST123"
@@ -259,6 +261,91 @@ def test_default_path_inside_comfyui(tmp_path, monkeypatch):
     monkeypatch.setattr(comfy_bridge, "user_directory", lambda: str(tmp_path / "user"))
     path = default_config_path({"XDG_CONFIG_HOME": str(tmp_path / "xdg")})
     assert path == tmp_path / "user" / "flux_schnell" / "config.json"
+
+
+@pytest.fixture
+def inside_comfyui(tmp_path, monkeypatch):
+    """ComfyUI's user directory present; returns (its config file, the XDG config file, env)."""
+    monkeypatch.setattr(comfy_bridge, "user_directory", lambda: str(tmp_path / "user"))
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    comfy_file = tmp_path / "user" / "flux_schnell" / "config.json"
+    xdg_file = tmp_path / "xdg" / "comfyui-flux-schnell" / "config.json"
+    return comfy_file, xdg_file, env
+
+
+def test_key_set_from_a_shell_is_found_inside_comfyui(tmp_path, monkeypatch):
+    # `flux-schnell set-key` in a shell (no ComfyUI) writes the XDG file ...
+    monkeypatch.setattr(comfy_bridge, "user_directory", lambda: None)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("IMAGEAPI_CONFIG", raising=False)
+    for name in ("IMAGEAPI_API_KEY", "IMAGEAPI_KEY", "IMAGEAPI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    written = save_api_key(KEY)
+    assert written == tmp_path / "xdg" / "comfyui-flux-schnell" / "config.json"
+    # ... and the node inside ComfyUI reads it when its own user-directory file does not exist.
+    monkeypatch.setattr(comfy_bridge, "user_directory", lambda: str(tmp_path / "user"))
+    s = load_settings()
+    assert s.api_key == KEY
+    assert s.key_source == f"config file {written}"
+
+
+def test_comfyui_file_comes_first_and_alone(inside_comfyui):
+    comfy_file, xdg_file, env = inside_comfyui
+    write(xdg_file, {"api_key": "sk_from_xdg", "send_seed": True})
+    write(comfy_file, {"api_key": "sk_from_comfy"})
+    s = load_settings(environ=env)
+    assert (s.api_key, s.send_seed) == ("sk_from_comfy", False)  # nothing taken from the XDG file
+    assert str(comfy_file) in s.key_source
+
+
+def test_explicit_config_is_the_only_one_read(inside_comfyui, tmp_path):
+    comfy_file, xdg_file, env = inside_comfyui
+    write(xdg_file, {"api_key": "sk_from_xdg"})
+    write(comfy_file, {"api_key": "sk_from_comfy"})
+    named = tmp_path / "named.json"
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(environ={**env, "IMAGEAPI_CONFIG": str(named)})
+    msg = str(info.value)
+    assert f"{named} (named by IMAGEAPI_CONFIG; no other file is looked at): does not exist" in msg
+    assert str(comfy_file) not in msg
+    assert str(xdg_file) not in msg
+    assert f"in a shell with the same IMAGEAPI_CONFIG: it stores it in {named}" in msg
+
+
+def test_missing_key_inside_comfyui_names_every_file_and_set_key_target(inside_comfyui):
+    comfy_file, xdg_file, env = inside_comfyui
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(environ=env)
+    msg = str(info.value)
+    assert f"{comfy_file} (ComfyUI's user directory): does not exist" in msg
+    assert f"{xdg_file}: does not exist" in msg
+    assert f"run `flux-schnell set-key` in a shell: it stores it in {xdg_file}" in msg
+    assert "IMAGEAPI_API_KEY" in msg
+
+
+def test_missing_key_when_an_earlier_file_hides_the_key(inside_comfyui):
+    comfy_file, xdg_file, env = inside_comfyui
+    write(comfy_file, {"send_seed": True})
+    write(xdg_file, {"api_key": "sk_from_xdg"})
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(environ=env)
+    msg = str(info.value)
+    assert f"{comfy_file} (ComfyUI's user directory): read, has no api_key" in msg
+    assert f"{xdg_file}: not read (only the first file that exists is used)" in msg
+    # set-key from a shell would write the XDG file, which is not read: say how to reach this one.
+    assert f"set IMAGEAPI_CONFIG={comfy_file} and run `flux-schnell set-key`" in msg
+    assert "sk_from_xdg" not in msg
+
+
+def test_config_search_paths(inside_comfyui, tmp_path, monkeypatch):
+    comfy_file, xdg_file, env = inside_comfyui
+    assert config_search_paths(env) == [comfy_file, xdg_file]
+    assert config_search_paths({**env, "IMAGEAPI_CONFIG": str(tmp_path / "c.json")}) == [
+        tmp_path / "c.json"
+    ]
+    monkeypatch.setattr(comfy_bridge, "user_directory", lambda: None)
+    assert config_search_paths(env) == [xdg_file]
+    assert shell_config_path(env) == xdg_file
 
 
 def test_config_inside_package_folder_refused():
