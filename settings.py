@@ -275,15 +275,18 @@ def check_base_url(url: object, source: str) -> str:
             f"the base URL from {source} is empty; the default is {DEFAULT_BASE_URL}."
         )
     url = url.strip().rstrip("/")
+    shown = _shown_url(url)  # what an error may echo: no user name, password, query or fragment
     try:
         parts = urlsplit(url)
         host = parts.hostname
         _ = parts.port  # raises ValueError for a bad port
     except ValueError as e:
-        raise ConfigurationError(f"the base URL {url!r} from {source} is malformed: {e}.") from e
+        raise ConfigurationError(
+            f"the base URL {shown!r} from {source} is malformed: {_safe_reason(e, url)}."
+        ) from None  # the ValueError may quote the whole URL
     if parts.scheme not in ("http", "https") or not host:
         raise ConfigurationError(
-            f"the base URL {url!r} from {source} must start with https:// and name a host, like "
+            f"the base URL {shown!r} from {source} must start with https:// and name a host, like "
             f"{DEFAULT_BASE_URL}."
         )
     if parts.username is not None or parts.password is not None:
@@ -293,15 +296,41 @@ def check_base_url(url: object, source: str) -> str:
         )
     if parts.query or parts.fragment:
         raise ConfigurationError(
-            f"the base URL {parts.scheme}://{parts.netloc}{parts.path} from {source} must not have "
-            "a query (?...) or fragment (#...)."
+            f"the base URL {shown} from {source} must not have a query (?...) or fragment (#...)."
         )
     if parts.scheme == "http" and not is_loopback_host(host):
         raise ConfigurationError(
-            f"the base URL {url!r} from {source} uses plain http:// to another machine, which would "
-            "send the API key unencrypted; use https:// (plain http is allowed only for localhost)."
+            f"the base URL {shown!r} from {source} uses plain http:// to another machine, which "
+            "would send the API key unencrypted; use https:// (plain http is allowed only for "
+            "localhost)."
         )
     return url
+
+
+def _shown_url(url: str) -> str:
+    """`url` without user name, password, query and fragment, for messages. Plain string cuts, so
+    that it also works on URLs that `urlsplit` refuses."""
+    head, userinfo, _, _ = _url_pieces(url)
+    return head.replace(userinfo + "@", "", 1) if userinfo else head
+
+
+def _safe_reason(error: ValueError, url: str) -> str:
+    """The ValueError's reason, or a plain one when it quotes a part of `url` not to be shown."""
+    reason = str(error)
+    _, userinfo, query, fragment = _url_pieces(url)
+    hidden = [userinfo, *userinfo.split(":"), query, fragment]
+    if any(piece and piece in reason for piece in hidden):
+        return "the host or the port cannot be read"
+    return reason
+
+
+def _url_pieces(url: str) -> tuple[str, str, str, str]:
+    """(scheme://netloc/path, user info, query, fragment) of `url`, by plain string cuts."""
+    rest, _, fragment = url.partition("#")
+    head, _, query = rest.partition("?")
+    after_scheme = head.partition("://")[2] if "://" in head else head
+    userinfo = after_scheme.partition("/")[0].rpartition("@")[0]
+    return head, userinfo, query, fragment
 
 
 def is_loopback_host(host: str) -> bool:

@@ -206,6 +206,27 @@ def test_base_url_refused(cfg, url, match):
     assert "IMAGEAPI_BASE_URL" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "shown", "match"),
+    [
+        ("ftp://me:PASSWD@imageapi.org/p?tok=QSECRET#FRAG", "ftp://imageapi.org/p", "https://"),
+        ("me:PASSWD@imageapi.org?tok=QSECRET", "imageapi.org", "https://"),
+        ("https://me:PASSWD@imageapi.org:99999/p?tok=QSECRET", "https://imageapi.org:99999/p",
+         "malformed"),
+        ("https://me:PASSWD@[::1/p?tok=QSECRET", "https://[::1/p", "malformed"),
+        ("https://me:PASS\uff20WD@imageapi.org/p", "https://imageapi.org/p", "malformed"),
+        ("https://imageapi.org/v1?tok=QSECRET#FRAG", "https://imageapi.org/v1", "query"),
+    ],
+)  # fmt: skip
+def test_base_url_errors_never_echo_userinfo_or_query(cfg, url, shown, match):
+    with pytest.raises(ConfigurationError, match=match) as info:
+        load_settings(cfg, environ={"IMAGEAPI_API_KEY": KEY, "IMAGEAPI_BASE_URL": url})
+    msg = str(info.value)
+    assert shown in msg
+    for secret in ("PASS", "QSECRET", "FRAG", "me:"):
+        assert secret not in msg
+
+
 def test_env_base_url_overrides_config(cfg):
     write(cfg, {"api_key": KEY, "base_url": "https://from-file.example.com"})
     env = {"IMAGEAPI_BASE_URL": "https://from-env.example.com"}
