@@ -211,14 +211,14 @@ class ImageApiClient:
 
     def generate_many(
         self,
-        requests: Sequence[GenerateRequest],
+        batch: Sequence[GenerateRequest],
         *,
         concurrency: int = 4,
         should_stop: Callable[[], bool] | None = None,
         on_result: Callable[[int, ApiImage | ApiError], None] | None = None,
         poll_interval: float = 0.05,
     ) -> list[ApiImage | ApiError]:
-        """Run `requests` with at most `concurrency` in their HTTP calls; results in input order.
+        """Run `batch` with at most `concurrency` in their HTTP calls; results in input order.
 
         An image holds one of `concurrency` places from its first HTTP call to its last (retries,
         waits, polls and downloads included) and gives it back before its image is decoded, so
@@ -230,7 +230,7 @@ class ImageApiClient:
         `GenerationInterrupted` is raised at once, and calls in flight are abandoned (their
         threads leave at the next piece of the answer or their timeout).
         """
-        items = list(requests)
+        items = list(batch)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidInputError(
                 f"concurrency must be a whole number >= 1; got {concurrency!r}."
@@ -540,7 +540,8 @@ class ImageApiClient:
         request_id = request_id or (job.id if job else None)
         if job is not None and job.failed:
             return ApiError(
-                f"the service reported job {self._safe(job.id or '?')} as {self._safe(job.status)!r}"
+                f"the service reported job {self._safe(job.id or '?')} as "
+                f"{self._safe(job.status)!r}"
                 + (f": {self._safe(job.error)}" if job.error else "")
                 + f" ({tag})",
                 status=reply.status,

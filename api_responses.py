@@ -81,7 +81,7 @@ class Reply:
         return self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
 
 
-# --- asynchronous jobs ---------------------------------------------------------------------------
+# --- asynchronous jobs ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -135,7 +135,7 @@ def job_info(doc: object) -> Job | None:
     return Job(job_id, status, poll, result, error_text)
 
 
-# --- where the image is ----------------------------------------------------------------------------
+# --- where the image is ---------------------------------------------------------------------------
 
 
 def looks_like_image(reply: Reply) -> bool:
@@ -249,7 +249,7 @@ def open_image(
         ) from e
 
 
-# --- what an error answer says ---------------------------------------------------------------------
+# --- what an error answer says --------------------------------------------------------------------
 
 
 def server_message(reply: Reply) -> str:

@@ -269,7 +269,7 @@ def check_api_key(api_key: object, source: str) -> None:
 
 
 def check_base_url(url: object, source: str) -> str:
-    """An http(s) URL with a host; plain http only to this machine. Returns it without a trailing /."""
+    """An http(s) URL with a host; plain http only to this machine. Returned without a final /."""
     if not isinstance(url, str) or not url.strip():
         raise ConfigurationError(
             f"the base URL from {source} is empty; the default is {DEFAULT_BASE_URL}."
@@ -409,8 +409,8 @@ def _read_config_if_any(path: Path) -> dict | None:
     unknown = sorted(k for k in config if k not in _ALLOWED_KEYS)
     if unknown:
         raise ConfigurationError(
-            f"the config file {path} has unknown field(s) {', '.join(map(repr, unknown))}; allowed: "
-            f"{', '.join(_ALLOWED_KEYS)}."
+            f"the config file {path} has unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(_ALLOWED_KEYS)}."
         )
     for name, kind in _CONFIG_FIELDS.items():
         value = config.get(name)

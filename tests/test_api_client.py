@@ -132,7 +132,7 @@ def retry_warnings(caplog) -> list[str]:
     ]
 
 
-# --- success shapes --------------------------------------------------------------------------------
+# --- success shapes -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
@@ -186,7 +186,7 @@ def test_other_image_modes_become_rgb(fake, client, mode):
     assert result.size == (16, 8)
 
 
-# --- what is sent --------------------------------------------------------------------------------
+# --- what is sent ---------------------------------------------------------------------------------
 
 
 def test_body_has_documented_fields_only_by_default(fake, client):
@@ -247,7 +247,7 @@ def test_generate_request_validation(kwargs, field):
         GenerateRequest(**{**base, **kwargs})
 
 
-# --- error statuses --------------------------------------------------------------------------------
+# --- error statuses -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -309,7 +309,7 @@ def test_redirect_of_generate_is_not_followed(fake, client, other_host):
     assert "secret-token" not in str(info.value)
 
 
-# --- retries ---------------------------------------------------------------------------------------
+# --- retries --------------------------------------------------------------------------------------
 
 
 def test_free_retries_then_success(fake, client, caplog):
@@ -499,7 +499,7 @@ def test_proxy_failure_names_the_variables(make_client, monkeypatch):
         client.generate(REQ)
 
 
-# --- deadline and stopping -------------------------------------------------------------------------
+# --- deadline and stopping ------------------------------------------------------------------------
 
 
 def test_deadline_bounds_a_slow_answer(fake, make_client):
@@ -631,7 +631,7 @@ def test_no_call_starts_once_the_stop_is_set(fake, client):
     assert fake.count() == 0
 
 
-# --- generate_many ---------------------------------------------------------------------------------
+# --- generate_many --------------------------------------------------------------------------------
 
 
 def test_generate_many_runs_concurrently_in_input_order(fake, client):
@@ -711,7 +711,7 @@ def test_a_bug_in_a_worker_reaches_the_caller(fake, client, monkeypatch):
         client.generate(REQ)
 
 
-# --- undecodable answers ---------------------------------------------------------------------------
+# --- undecodable answers --------------------------------------------------------------------------
 
 DECODE_FAULTS = {
     "not_json": (Reply.text("hello, this is not JSON"), "text/plain"),
@@ -843,7 +843,7 @@ def test_failed_job_fetch_not_retried_past_the_deadline(fake, make_client, job, 
     assert fake.count("GET", "/jobs/late") == 1
 
 
-# --- downloads -------------------------------------------------------------------------------------
+# --- downloads ------------------------------------------------------------------------------------
 
 
 def test_key_sent_to_own_host_downloads(fake, client):
@@ -940,7 +940,7 @@ def test_signed_url_query_not_in_messages(fake, client, other_host):
     assert "SIGSECRET" not in str(info.value)
 
 
-# --- the key never leaks ---------------------------------------------------------------------------
+# --- the key never leaks --------------------------------------------------------------------------
 
 
 def _leak_scenarios(other_url: str, refused_url: str):
@@ -1042,7 +1042,7 @@ def test_key_not_in_success_logs(fake, make_client, caplog):
     assert not [r for r in caplog.records if LEAK_KEY in logging.Formatter().format(r)]
 
 
-# --- decoding helpers ------------------------------------------------------------------------------
+# --- decoding helpers -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

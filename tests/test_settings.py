@@ -1,4 +1,4 @@
-"""Tests of settings.py: where the key, base URL and limits come from, and how bad ones are refused."""
+"""Tests of settings.py: where the key, base URL and limits come from; how bad ones are refused."""
 
 from __future__ import annotations
 
