@@ -144,13 +144,15 @@ def _set_key() -> int:
 
 
 def _show_config() -> int:
-    from .settings import default_config_path, load_settings
+    from .settings import config_search_paths, default_config_path, load_settings
 
-    print(f"config file: {default_config_path()}")
+    looked = ", ".join(f"{p}{'' if p.is_file() else ' (none)'}" for p in config_search_paths())
+    print(f"config files read, first found wins: {looked}")
+    print(f"set-key writes:  {default_config_path()}")
     settings = load_settings()
-    print(f"API key:     set (from {settings.key_source})")
-    print(f"base URL:    {settings.base_url}")
-    print(f"send seed:   {settings.send_seed}")
+    print(f"API key:         set (from {settings.key_source})")
+    print(f"base URL:        {settings.base_url}")
+    print(f"send seed:       {settings.send_seed}")
     return EXIT_OK
 
 
