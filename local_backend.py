@@ -379,17 +379,22 @@ def _sample_one(transformer, txt, vec, seed, request, device, dtype, progress, p
     img, img_ids = sampling.pack(noise), sampling.image_ids(1, height, width, device=device)
     txt_ids = sampling.text_ids(1, txt.shape[1], device=device)
 
-    def on_step(i: int, total: int, x: torch.Tensor) -> None:
+    schedule = sampling.get_schedule(request.steps)
+    last = [img]  # the latent before the step, to recover the step's velocity for the preview
+
+    def on_step(done: int, total: int, x: torch.Tensor) -> None:
         preview = None
-        if previews:
-            picture = latent_preview(sampling.unpack(x, height, width))
+        if previews:  # show the predicted clean image, not the noisy latent
+            t_prev, t_curr = schedule[done], schedule[done - 1]
+            velocity = (x - last[0]) / (t_prev - t_curr)  # Euler: x = last + (t_prev - t_curr) v
+            picture = latent_preview(sampling.unpack(x - t_prev * velocity, height, width))
             preview = ("JPEG", picture, PREVIEW_MAX_SIZE)
+            last[0] = x
         progress.advance(1, preview)  # ComfyUI's bar raises its interrupt exception here
         progress.raise_if_interrupted()
 
     return sampling.denoise(
-        transformer, img, img_ids, txt, txt_ids, vec, sampling.get_schedule(request.steps),
-        on_step=on_step,
+        transformer, img, img_ids, txt, txt_ids, vec, schedule, on_step=on_step
     )  # fmt: skip
 
 

@@ -313,3 +313,17 @@ def test_files_that_do_not_belong_together_are_refused_before_loading(
     with pytest.raises(ModelLoadError, match="do not belong together") as info:
         run(dataclasses.replace(spec_for(tiny_bf16, model_dir), clip=wide_clip))
     assert "clip_g.safetensors" in str(info.value)
+
+
+def test_previews_when_comfyui_asks_for_them(
+    comfy, comfy_package, tiny_bf16, model_dir, monkeypatch
+):
+    monkeypatch.setattr(comfy_package.comfy_bridge, "previews_enabled", lambda: True)
+    generate = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
+    spec = spec_for(tiny_bf16, model_dir)
+    generate.generate("a fox", "local", SIZE, SIZE + 64, 3, 1, 1, local_model=spec)
+    assert [u[0] for u in comfy.updates] == [1, 2, 3]
+    for _, _, preview in comfy.updates:
+        kind, picture, max_size = preview
+        assert (kind, max_size) == ("JPEG", 512)
+        assert picture.size == (SIZE // 8, (SIZE + 64) // 8)
