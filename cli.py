@@ -345,7 +345,7 @@ def _run_local(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Eve
             raise GenerationInterrupted("interrupted")
         request = GenerationRequest(job.prompt, args.width, args.height, args.steps, job.seed, 1)
         try:
-            images, _info = generate_local(request, spec, Progress(args.steps, stop_flag=stop))
+            images, info = generate_local(request, spec, Progress(args.steps, stop_flag=stop))
         except (ModelLoadError, LocalBackendUnavailable) as e:  # the files, not this prompt
             _failed(outcome, bar, job, e)
             raise StopRun(str(e), EXIT_USAGE) from e
@@ -354,6 +354,7 @@ def _run_local(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Eve
                 raise
             _failed(outcome, bar, job, e)
             continue
+        log.debug("%s: %s", job.label, info.to_json())  # timings, device, peak GPU memory
         _save(outcome, bar, job, tensor_to_pil(images)[0], _png_text(job, args, "local"))
 
 

@@ -99,11 +99,14 @@ class GenerationInfo:
     seed_sent: bool | None = None
     device: str | None = None
     timings: dict[str, float] | None = None
+    peak_memory_gib: float | None = None  # torch.cuda.max_memory_allocated of the run (CUDA only)
     notes: list[str] | None = None
 
     def to_json(self) -> str:
         data = {k: v for k, v in asdict(self).items() if v is not None}
         data["seconds"] = round(self.seconds, 3)
+        if self.peak_memory_gib is not None:
+            data["peak_memory_gib"] = round(self.peak_memory_gib, 3)
         if self.timings:
             data["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         return json.dumps(data, ensure_ascii=False)

@@ -283,6 +283,8 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
     dtype = compute_dtype(device)
     started = time.monotonic()
     timings: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with _lock:
         with _stage("loading", request, timings):
             models, loaded_now = load_models(files, spec.weight_dtype)
@@ -308,6 +310,9 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
         seconds=time.monotonic() - started,
         device=f"{device} ({str(dtype).removeprefix('torch.')}, weights {spec.weight_dtype})",
         timings=timings,
+        peak_memory_gib=(
+            torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+        ),
     )
     return images, info
 

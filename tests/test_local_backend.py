@@ -79,6 +79,8 @@ def test_every_layout_and_dtype_makes_images(tmp_path, model_dir, dtype, layout)
     assert images.std() > 0  # not a constant picture
     assert info.backend == "local"
     assert info.seeds == [3]
+    assert info.peak_memory_gib is None  # measured on CUDA only
+    assert "peak_memory_gib" not in info.to_json()
 
 
 def test_same_seed_same_image_and_batch_items_equal_single_seeds(tiny_bf16, model_dir):
