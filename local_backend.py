@@ -129,7 +129,6 @@ class LoadedModels:
     ae: Placed
     t5_tokenizer: object
     clip_tokenizer: object
-    load_seconds: float = 0.0
     compiled: object = None  # torch.compile of the transformer, made on first use
 
     def all(self) -> list[Placed]:
@@ -175,7 +174,6 @@ def load_models(files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, 
     # The four files must belong together: checked from their headers, before gigabytes load.
     loading.check_files_compatible(files.transformer, files.t5, files.clip, files.ae)
     narrow = WEIGHT_DTYPES[weight_dtype]
-    started = time.monotonic()
     _drop_loaded()
     log.info("loading FLUX.1-schnell (weights %s) from %s", weight_dtype, files.transformer.parent)
     loaded = LoadedModels(
@@ -192,7 +190,6 @@ def load_models(files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, 
             files.clip_tokenizer, max_length=CLIP_MAX_LENGTH
         ),
     )
-    loaded.load_seconds = time.monotonic() - started
     _loaded = loaded
     return loaded, True
 

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import resource
-import struct
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,9 @@ from pathlib import Path
 import torch
 from comfyui_flux_schnell.flux.model import Flux, FluxParams
 
-CODES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tiny_models import safetensors_header
+
 CASES = {"as stored (mmap)": "none", "cast to fp8": "float8_e4m3fn", "cast to fp32": "float32"}
 
 
@@ -50,20 +51,10 @@ def pick_params(size_gb: float, dtype: torch.dtype) -> FluxParams:
 
 def write_random(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> None:
     """A safetensors file streamed tensor by tensor (never the whole state dict in memory)."""
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        size = math.prod(shape) * dtype.itemsize
-        header[key] = {
-            "dtype": CODES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
+    head, _ = safetensors_header({key: (shape, dtype) for key, shape in shapes.items()})
     g = torch.Generator().manual_seed(0)
     with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.write(head)
         for shape in shapes.values():
             t = (torch.randn(shape, generator=g) * 0.02).to(dtype)
             f.write(t.view(torch.uint8).numpy().tobytes())

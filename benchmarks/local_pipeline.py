@@ -231,52 +231,18 @@ def main():
 def to_diffusers(nets, cfg, device, dtype):
     """The same weights in diffusers' and transformers' modules (moved, not copied)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from diffusers_ae_convert import diffusers_config
+    from diffusers_ae_convert import diffusers_config as ae_config
     from diffusers_ae_convert import to_diffusers as ae_to_diffusers
-    from diffusers_flux_convert import bfl_to_diffusers
-    from transformers import CLIPTextConfig as HFCLIPConfig
+    from diffusers_flux_convert import bfl_to_diffusers, diffusers_config
     from transformers import CLIPTextModel, T5EncoderModel
-    from transformers import T5Config as HFT5Config
+    from transformers_reference import hf_clip_config, hf_t5_config
 
     p: FluxParams = cfg["flux"]
     with torch.device("meta"):
-        transformer = FluxTransformer2DModel(
-            in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single_blocks,
-            attention_head_dim=p.hidden_size // p.num_heads, num_attention_heads=p.num_heads,
-            joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim,
-            axes_dims_rope=p.axes_dim,
-        )  # fmt: skip
-        ae = AutoencoderKL(**diffusers_config(cfg["ae"]))
-        t5c, clc = cfg["t5"], cfg["clip"]
-        t5 = T5EncoderModel(
-            HFT5Config(
-                vocab_size=t5c.vocab_size,
-                d_model=t5c.d_model,
-                d_kv=t5c.d_kv,
-                d_ff=t5c.d_ff,
-                num_layers=t5c.num_layers,
-                num_heads=t5c.num_heads,
-                feed_forward_proj="gated-gelu",
-                relative_attention_num_buckets=t5c.relative_attention_num_buckets,
-                relative_attention_max_distance=t5c.relative_attention_max_distance,
-                layer_norm_epsilon=t5c.layer_norm_epsilon,
-                is_encoder_decoder=False,
-                use_cache=False,
-            )
-        )
-        clip = CLIPTextModel(
-            HFCLIPConfig(
-                vocab_size=clc.vocab_size,
-                hidden_size=clc.hidden_size,
-                intermediate_size=clc.intermediate_size,
-                num_hidden_layers=clc.num_layers,
-                num_attention_heads=clc.num_heads,
-                max_position_embeddings=clc.max_position_embeddings,
-                layer_norm_eps=clc.layer_norm_eps,
-                hidden_act="quick_gelu",
-                eos_token_id=2,
-            )
-        )
+        transformer = FluxTransformer2DModel(**diffusers_config(p))
+        ae = AutoencoderKL(**ae_config(cfg["ae"]))
+        t5 = T5EncoderModel(hf_t5_config(cfg["t5"]))
+        clip = CLIPTextModel(hf_clip_config(cfg["clip"]))
     transformer.load_state_dict(bfl_to_diffusers(nets["transformer"].state_dict()), assign=True)
     ae.load_state_dict(ae_to_diffusers(nets["ae"].state_dict(), cfg["ae"]), assign=True)
     t5_state = nets["t5"].state_dict()

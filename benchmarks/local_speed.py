@@ -76,16 +76,10 @@ def build(kind: str, config: str, device: str) -> tuple[torch.nn.Module, dict]:
         model.load_state_dict(weights, assign=True, strict=True)
     else:
         from diffusers import FluxTransformer2DModel
-        from diffusers_flux_convert import bfl_to_diffusers
+        from diffusers_flux_convert import bfl_to_diffusers, diffusers_config
 
         with torch.device("meta"):
-            model = FluxTransformer2DModel(
-                in_channels=params.in_channels, num_layers=params.depth,
-                num_single_layers=params.depth_single_blocks,
-                attention_head_dim=params.hidden_size // params.num_heads,
-                num_attention_heads=params.num_heads, joint_attention_dim=params.context_in_dim,
-                pooled_projection_dim=params.vec_in_dim, axes_dims_rope=params.axes_dim,
-            )  # fmt: skip
+            model = FluxTransformer2DModel(**diffusers_config(params))
         model.load_state_dict(bfl_to_diffusers(weights), assign=True, strict=True)
     del weights
     model.eval()

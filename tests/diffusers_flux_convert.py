@@ -91,3 +91,20 @@ def bfl_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
             else:
                 out[f"{prefix}.{_SINGLE[module]}.{suffix}"] = tensor
     return out
+
+
+def diffusers_config(params) -> dict:
+    """Keyword arguments of diffusers' `FluxTransformer2DModel` for a `FluxParams`."""
+    return dict(
+        patch_size=1,
+        in_channels=params.in_channels,
+        out_channels=params.out_channels,
+        num_layers=params.depth,
+        num_single_layers=params.depth_single_blocks,
+        attention_head_dim=params.hidden_size // params.num_heads,
+        num_attention_heads=params.num_heads,
+        joint_attention_dim=params.context_in_dim,
+        pooled_projection_dim=params.vec_in_dim,
+        guidance_embeds=params.guidance_embed,
+        axes_dims_rope=params.axes_dim,
+    )

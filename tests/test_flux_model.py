@@ -23,7 +23,7 @@ from comfyui_flux_schnell.flux import layers
 from comfyui_flux_schnell.flux.model import Flux, FluxParams
 from comfyui_flux_schnell.flux.rope import apply_rope, rope_table, timestep_embedding
 from conftest import KEYS_DIR
-from diffusers_flux_convert import bfl_to_diffusers
+from diffusers_flux_convert import bfl_to_diffusers, diffusers_config
 
 KEYS_JSON = KEYS_DIR / "keys_flux1_schnell.json"
 TINY = dict(
@@ -63,13 +63,7 @@ def tiny_diffusers(flux: Flux):
     from diffusers import FluxTransformer2DModel
 
     p = flux.params
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=p.in_channels, out_channels=p.out_channels,
-        num_layers=p.depth, num_single_layers=p.depth_single_blocks,
-        attention_head_dim=p.hidden_size // p.num_heads, num_attention_heads=p.num_heads,
-        joint_attention_dim=p.context_in_dim, pooled_projection_dim=p.vec_in_dim,
-        guidance_embeds=p.guidance_embed, axes_dims_rope=p.axes_dim,
-    )  # fmt: skip
+    model = FluxTransformer2DModel(**diffusers_config(p))
     model.load_state_dict(bfl_to_diffusers(flux.state_dict()), strict=True)
     return model.eval()
 

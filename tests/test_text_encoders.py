@@ -25,6 +25,7 @@ from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder, relative_position_
 from comfyui_flux_schnell.flux.tokenizers import load_clip_tokenizer, load_t5_tokenizer
 from conftest import KEYS_DIR
 from tiny_tokenizers import CLIP_VOCAB_SIZE, T5_VOCAB_SIZE, write_clip_tokenizer, write_t5_tokenizer
+from transformers_reference import hf_clip_config, hf_t5_config
 
 TOL = 1e-5
 
@@ -131,21 +132,8 @@ def test_config_rejects_bad_field(cls, field, value):
 
 def hf_t5(config: T5Config):
     transformers = pytest.importorskip("transformers")
-    hf_config = transformers.T5Config(
-        vocab_size=config.vocab_size,
-        d_model=config.d_model,
-        d_kv=config.d_kv,
-        d_ff=config.d_ff,
-        num_layers=config.num_layers,
-        num_heads=config.num_heads,
-        relative_attention_num_buckets=config.relative_attention_num_buckets,
-        relative_attention_max_distance=config.relative_attention_max_distance,
-        layer_norm_epsilon=config.layer_norm_epsilon,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-    )
     torch.manual_seed(0)
-    return transformers.T5EncoderModel(hf_config).eval()
+    return transformers.T5EncoderModel(hf_t5_config(config)).eval()
 
 
 def t5_state_from_hf(model) -> dict[str, torch.Tensor]:
@@ -209,21 +197,8 @@ def test_t5_refuses_fp16_compute():
 
 def hf_clip(config: CLIPTextConfig):
     transformers = pytest.importorskip("transformers")
-    hf_config = transformers.CLIPTextConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        layer_norm_eps=config.layer_norm_eps,
-        hidden_act="quick_gelu",
-        bos_token_id=config.vocab_size - 2,
-        pad_token_id=config.vocab_size - 1,
-        eos_token_id=2,  # openai/clip-vit-large-patch14's legacy value: pooled at ids.argmax(-1)
-    )
     torch.manual_seed(0)
-    return transformers.CLIPTextModel(hf_config).eval()
+    return transformers.CLIPTextModel(hf_clip_config(config)).eval()
 
 
 def clip_state_from_hf(model) -> dict[str, torch.Tensor]:

@@ -278,12 +278,9 @@ SAFETENSORS_CODES = {
 }
 
 
-def write_header_only(path: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> Path:
-    """A safetensors file of the given keys, shapes and dtypes whose data is a hole (reads as 0).
-
-    The file has its full nominal size but occupies only its header on disk (a sparse file), and a
-    memory-mapped read of it costs no memory until a page is touched.
-    """
+def safetensors_header(layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[bytes, int]:
+    """The 8-byte length and JSON header of a safetensors file of `layout` (key -> shape, dtype),
+    tensors stored back to back in that order; and the number of data bytes that follow."""
     header, offset = {}, 0
     for key, (shape, dtype) in layout.items():
         nbytes = math.prod(shape) * dtype.itemsize
@@ -295,7 +292,17 @@ def write_header_only(path: Path, layout: dict[str, tuple[tuple[int, ...], torch
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as safetensors' own writer does
+    return struct.pack("<Q", len(raw)) + raw, offset
+
+
+def write_header_only(path: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> Path:
+    """A safetensors file of the given keys, shapes and dtypes whose data is a hole (reads as 0).
+
+    The file has its full nominal size but occupies only its header on disk (a sparse file), and a
+    memory-mapped read of it costs no memory until a page is touched.
+    """
+    head, data_bytes = safetensors_header(layout)
     with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
+        f.write(head)
+        f.truncate(len(head) + data_bytes)
     return path
