@@ -18,7 +18,7 @@ calls minus the injected delay), next to Pillow's decode of the same PNG alone. 
 adds a cProfile of the client's per-image work (the N costliest functions by own time), to find
 what the client spends beyond the decode.
 
-Run: /work/venv/bin/python benchmarks/api_throughput.py [--images 16] [--concurrency 4] [--delay 0.3]
+Run: python -m benchmarks.api_throughput [--images 16] [--concurrency 4] [--delay 0.3]
      [--shape b64|url] [--profile 25]
 """
 
@@ -32,18 +32,13 @@ import multiprocessing
 import os
 import pstats
 import statistics
-import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 import numpy as np
 import requests
 import torch
-from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from comfyui_flux_schnell.api_client import (
     GENERATE_PATH,
     ApiImage,
@@ -51,7 +46,9 @@ from comfyui_flux_schnell.api_client import (
     ImageApiClient,
 )
 from comfyui_flux_schnell.settings import ApiSettings
-from fake_imageapi import FakeImageAPI, Reply
+from PIL import Image
+
+from tests.support.fake_imageapi import FakeImageAPI, Reply
 
 KEY = "sk_benchmark_not_a_real_key"
 SIDE = 1024

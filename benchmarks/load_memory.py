@@ -8,7 +8,7 @@ against the file size (and the same less the resident size before loading: Pytho
 torch). Cases: as stored (memory-mapped, zero copy), and cast at load time to fp8 and
 to fp32 (read tensor by tensor).
 
-Usage: python benchmarks/load_memory.py [--size-gb 3] [--folder DIR] [--keep]
+Usage: python -m benchmarks.load_memory [--size-gb 3] [--folder DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 from comfyui_flux_schnell.flux.model import Flux, FluxParams
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tiny_models import safetensors_header
+from tests.support.tiny_models import safetensors_header
 
 CASES = {"as stored (mmap)": "none", "cast to fp8": "float8_e4m3fn", "cast to fp32": "float32"}
 

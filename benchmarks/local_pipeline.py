@@ -11,8 +11,8 @@ Configs: `schnell` (full FLUX.1-schnell size: 12B transformer, T5-XXL, CLIP-L, A
 needs a GPU with ~60 GB, as the two pipelines run one after the other) and `tiny` (small widths, to
 check the script itself on a CPU). `--compile` also times our opt-in `torch.compile` mode.
 
-    python benchmarks/local_pipeline.py --device cuda [--compile]      # on an H100/H200
-    python benchmarks/local_pipeline.py --config tiny --device cpu     # script check, any machine
+    python -m benchmarks.local_pipeline --device cuda [--compile]      # on an H100/H200
+    python -m benchmarks.local_pipeline --config tiny --device cpu     # script check, any machine
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # test-only converters and tokenizer writers
 
 from comfyui_flux_schnell import local_backend  # noqa: E402
 from comfyui_flux_schnell.comfy_bridge import Progress  # noqa: E402
@@ -191,7 +189,8 @@ def main():
     args = parser.parse_args()
     cfg, device = CONFIGS[args.config], torch.device(args.device)
     from comfyui_flux_schnell.flux.tokenizers import load_clip_tokenizer, load_t5_tokenizer
-    from tiny_tokenizers import write_flux_repo_tree
+
+    from tests.support.tiny_tokenizers import write_flux_repo_tree
 
     tmp = Path(tempfile.mkdtemp())
     clip_dir, t5_dir = write_flux_repo_tree(tmp)
@@ -231,11 +230,12 @@ def main():
 def to_diffusers(nets, cfg, device, dtype):
     """The same weights in diffusers' and transformers' modules (moved, not copied)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from diffusers_ae_convert import diffusers_config as ae_config
-    from diffusers_ae_convert import to_diffusers as ae_to_diffusers
-    from diffusers_flux_convert import bfl_to_diffusers, diffusers_config
     from transformers import CLIPTextModel, T5EncoderModel
-    from transformers_reference import hf_clip_config, hf_t5_config
+
+    from tests.support.diffusers_ae_convert import diffusers_config as ae_config
+    from tests.support.diffusers_ae_convert import to_diffusers as ae_to_diffusers
+    from tests.support.diffusers_flux_convert import bfl_to_diffusers, diffusers_config
+    from tests.support.transformers_reference import hf_clip_config, hf_t5_config
 
     p: FluxParams = cfg["flux"]
     with torch.device("meta"):

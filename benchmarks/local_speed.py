@@ -19,7 +19,7 @@ Method:
 
 Configs: `small` (default; hidden 768, 6 heads of 128, 4 double + 8 single blocks, 1024 image + 256
 text tokens, batch 1), and with `--device cuda` also `schnell` (full size, bf16 weights, 1024x1024 =
-4096 image + 256 text tokens). Run: `python benchmarks/local_speed.py [--device cuda] [--threads 2]`.
+4096 image + 256 text tokens). Run: `python -m benchmarks.local_speed [--device cuda] [--threads 2]`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the test-only BFL -> diffusers converter
 
 CONFIGS = {
     # name: (FluxParams overrides, image grid (rows, cols), text tokens, dtype)
@@ -76,7 +75,8 @@ def build(kind: str, config: str, device: str) -> tuple[torch.nn.Module, dict]:
         model.load_state_dict(weights, assign=True, strict=True)
     else:
         from diffusers import FluxTransformer2DModel
-        from diffusers_flux_convert import bfl_to_diffusers, diffusers_config
+
+        from tests.support.diffusers_flux_convert import bfl_to_diffusers, diffusers_config
 
         with torch.device("meta"):
             model = FluxTransformer2DModel(**diffusers_config(params))

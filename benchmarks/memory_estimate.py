@@ -42,10 +42,10 @@ allocated: not counted by `max_memory_allocated`) and the CUDA context (~0.5 GiB
 `max_memory_allocated` but taken from the card).
 
 Usage:
-    python benchmarks/memory_estimate.py                          # fp8_e4m3fn and bf16, 1024x1024
-    python benchmarks/memory_estimate.py --weight-dtype bf16 --height 768 --width 1360 --top 12
-    python benchmarks/memory_estimate.py --native-kernels          # meta's own SDPA / RMS norm
-    python benchmarks/memory_estimate.py --json out.json
+    python -m benchmarks.memory_estimate                          # fp8_e4m3fn and bf16, 1024x1024
+    python -m benchmarks.memory_estimate --weight-dtype bf16 --height 768 --width 1360 --top 12
+    python -m benchmarks.memory_estimate --native-kernels          # meta's own SDPA / RMS norm
+    python -m benchmarks.memory_estimate --json out.json
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ output/, user/), then checks:
    tests/data/comfyui_core_nodes.json from this server and frontend.
 
 Usage (the Python must have ComfyUI's requirements; playwright only for --browser):
-    python scripts/comfyui_check.py --comfyui ~/ComfyUI [--local] [--browser /usr/bin/chromium]
+    python -m scripts.comfyui_check --comfyui ~/ComfyUI [--local] [--browser /usr/bin/chromium]
         [--screenshot docs/workflow_upscale.png] [--record]
 Exit status 0 when every check passed or was skipped with a reason, 1 otherwise.
 """
@@ -41,11 +41,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-import workflow_tools as wt  # noqa: E402  (tests/ is not a package)
-from fake_imageapi import FakeImageAPI  # noqa: E402
+from tests.support import REPO
+from tests.support import workflow_tools as wt
+from tests.support.fake_imageapi import FakeImageAPI
 
 PACKAGE_FOLDER = "comfyui-flux-schnell"
 OWN_NODES = ("FluxSchnellGenerate", "FluxSchnellLocalModel")
@@ -238,7 +236,7 @@ def tiny_local_models(models: Path) -> list[Path]:
         import comfyui_flux_schnell  # noqa: F401  (pip-installed)
     except ImportError:  # ComfyUI's Python: the repository under its installed name
         sys.modules["comfyui_flux_schnell"] = wt.load_like_comfyui(REPO, "comfyui_flux_schnell")
-    import tiny_models as tm
+    from tests.support import tiny_models as tm
 
     parts = {
         models / "diffusion_models" / "flux1-schnell.safetensors": tm.transformer_weights(),

@@ -2,96 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import types
-from pathlib import Path
 
 import pytest
-import torch
-from workflow_tools import load_like_comfyui
-
-REPO = Path(__file__).resolve().parents[1]
-# The project's reference material (checkpoint key layouts) lives in ../shared beside the checkout,
-# as on every developer machine and in CI; FLUX_REFERENCE_DIR names another place.
-REFERENCE = Path(os.environ.get("FLUX_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
-KEYS_DIR = REFERENCE / "keys"
-TEST_KEY = "sk_testkey_DO_NOT_LEAK_0123456789abcdef"
-
-
-class InterruptProcessingException(Exception):
-    """Stand-in for comfy.model_management.InterruptProcessingException."""
-
-
-class ComfyStandIn:
-    """`comfy.utils`, `comfy.model_management` and `folder_paths` as small fakes.
-
-    Like ComfyUI's, `ProgressBar.update*` raises the interrupt exception once an interrupt was
-    requested; `interrupt()` is what the Cancel button does.
-    """
-
-    def __init__(self, tmp_path: Path):
-        self.interrupted = False
-        self.bars: list = []
-        self.updates: list[tuple[int, int, object]] = []
-        self.user_dir = tmp_path / "comfy_user"
-        self.models_dir = tmp_path / "comfy_models"
-        stand_in = self
-
-        class ProgressBar:
-            def __init__(self, total):
-                self.total, self.current = total, 0
-                stand_in.bars.append(self)
-
-            def update_absolute(self, value, total=None, preview=None):
-                stand_in.throw_if_interrupted()
-                self.current = value
-                stand_in.updates.append((value, total or self.total, preview))
-
-            def update(self, value):
-                self.update_absolute(self.current + value, self.total)
-
-        self.utils = types.ModuleType("comfy.utils")
-        self.utils.ProgressBar = ProgressBar
-        self.mm = types.ModuleType("comfy.model_management")
-        self.mm.InterruptProcessingException = InterruptProcessingException
-        self.mm.processing_interrupted = lambda: stand_in.interrupted
-        self.mm.throw_exception_if_processing_interrupted = stand_in.throw_if_interrupted
-        self.mm.get_torch_device = lambda: torch.device("cpu")
-        self.mm.freed: list[tuple[int, object]] = []
-        self.mm.free_memory = lambda num_bytes, device: self.mm.freed.append((num_bytes, device))
-        self.mm.soft_empty_cache = lambda: None
-        self.comfy = types.ModuleType("comfy")
-        self.comfy.utils, self.comfy.model_management = self.utils, self.mm
-        self.folder_paths = types.ModuleType("folder_paths")
-        self.folder_paths.get_user_directory = lambda: str(stand_in.user_dir)
-        self.folder_paths.get_filename_list = self._filenames
-        self.folder_paths.get_folder_paths = lambda name: [str(stand_in.models_dir / name)]
-        self.folder_paths.get_full_path = self._full_path
-
-    def throw_if_interrupted(self):
-        if self.interrupted:
-            self.interrupted = False  # ComfyUI clears the flag when it raises
-            raise InterruptProcessingException()
-
-    def interrupt(self):
-        self.interrupted = True
-
-    def _filenames(self, name):
-        folder = self.models_dir / name
-        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-    def _full_path(self, name, filename):
-        path = self.models_dir / name / filename
-        return str(path) if path.is_file() else None
-
-    def modules(self) -> dict[str, types.ModuleType]:
-        return {
-            "comfy": self.comfy,
-            "comfy.utils": self.utils,
-            "comfy.model_management": self.mm,
-            "folder_paths": self.folder_paths,
-        }
+from support import TEST_KEY
+from support.comfy_stand_in import ComfyStandIn
+from support.workflow_tools import load_like_comfyui
 
 
 @pytest.fixture
@@ -117,7 +33,7 @@ def comfy_package(comfy):
 @pytest.fixture
 def fake_api(tmp_path, monkeypatch):
     """A loopback fake ImageAPI, with the environment pointing the package at it."""
-    from fake_imageapi import FakeImageAPI
+    from support.fake_imageapi import FakeImageAPI
 
     server = FakeImageAPI()
     server.start()

@@ -37,7 +37,8 @@ from comfyui_flux_schnell.errors import (
     ServerError,
 )
 from comfyui_flux_schnell.settings import ApiSettings
-from fake_imageapi import (
+from PIL import Image
+from support.fake_imageapi import (
     ERROR_STYLES,
     LOSSY_SHAPES,
     SHAPES,
@@ -54,7 +55,6 @@ from fake_imageapi import (
     request_image,
     solid_image,
 )
-from PIL import Image
 
 KEY = "sk_test_KEY123"
 LEAK_KEY = "sk_leakcheck_ABC123"

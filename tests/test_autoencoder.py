@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from comfyui_flux_schnell.errors import ConfigurationError, InvalidInputError
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoder, AutoEncoderParams
-from conftest import KEYS_DIR
-from diffusers_ae_convert import diffusers_config, to_diffusers
+from support import KEYS_DIR
+from support.diffusers_ae_convert import diffusers_config, to_diffusers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 

@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 from comfyui_flux_schnell.cli import main
-from conftest import TEST_KEY
-from fake_imageapi import Reply, error_reply, request_image
 from PIL import Image
+from support import TEST_KEY
+from support.fake_imageapi import Reply, error_reply, request_image
 
 
 def png_text(path) -> dict[str, str]:
@@ -127,8 +127,8 @@ def test_module_entry_point_runs_in_a_subprocess(fake_api, tmp_path):
 
 
 def test_local_backend_from_the_command_line(tmp_path):
-    from tiny_models import write_tiny_models
-    from tiny_tokenizers import write_flux_repo_tree
+    from support.tiny_models import write_tiny_models
+    from support.tiny_tokenizers import write_flux_repo_tree
 
     files = write_tiny_models(tmp_path, torch.bfloat16)
     clip_tok, t5_tok = write_flux_repo_tree(tmp_path)

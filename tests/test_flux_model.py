@@ -22,8 +22,8 @@ from comfyui_flux_schnell.errors import InvalidInputError
 from comfyui_flux_schnell.flux import layers
 from comfyui_flux_schnell.flux.model import Flux, FluxParams
 from comfyui_flux_schnell.flux.rope import apply_rope, rope_table, timestep_embedding
-from conftest import KEYS_DIR
-from diffusers_flux_convert import bfl_to_diffusers, diffusers_config
+from support import KEYS_DIR
+from support.diffusers_flux_convert import bfl_to_diffusers, diffusers_config
 
 KEYS_JSON = KEYS_DIR / "keys_flux1_schnell.json"
 TINY = dict(

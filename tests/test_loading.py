@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import tiny_models as tm
 import torch
 from comfyui_flux_schnell.errors import InvalidInputError, ModelLoadError, OutOfMemoryError
 from comfyui_flux_schnell.flux import checkpoint, loading, ops
@@ -21,8 +20,9 @@ from comfyui_flux_schnell.flux.autoencoder import AutoEncoderParams
 from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
 from comfyui_flux_schnell.flux.model import FluxParams
 from comfyui_flux_schnell.flux.t5 import T5Config
-from conftest import KEYS_DIR
 from safetensors.torch import load_file, save_file
+from support import KEYS_DIR
+from support import tiny_models as tm
 
 KEYS = KEYS_DIR
 LOADERS = {

@@ -16,8 +16,8 @@ from comfyui_flux_schnell.errors import (
 from comfyui_flux_schnell.generation import GenerationRequest
 from comfyui_flux_schnell.local_files import LocalModelSpec
 from PIL import Image
-from tiny_models import write_tiny_models, write_transformer
-from tiny_tokenizers import write_comfyui_tree, write_flux_repo_tree
+from support.tiny_models import write_tiny_models, write_transformer
+from support.tiny_tokenizers import write_comfyui_tree, write_flux_repo_tree
 
 SIZE = 256  # the smallest side the node allows: 16x16 tokens
 
@@ -304,7 +304,7 @@ def test_files_that_do_not_belong_together_are_refused_before_loading(
     from dataclasses import replace as dc_replace
 
     from comfyui_flux_schnell.flux import loading
-    from tiny_models import TINY_CLIP, clip_weights, save
+    from support.tiny_models import TINY_CLIP, clip_weights, save
 
     wide_clip = save(
         tmp_path / "clip_g.safetensors",

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from comfyui_flux_schnell.errors import InvalidInputError, LocalBackendUnavailable
 from comfyui_flux_schnell.local_files import LocalModelSpec
-from tiny_tokenizers import write_comfyui_tree, write_flux_repo_tree
+from support.tiny_tokenizers import write_comfyui_tree, write_flux_repo_tree
 
 
 def _touch(path: Path) -> Path:

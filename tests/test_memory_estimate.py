@@ -17,7 +17,7 @@ from comfyui_flux_schnell import local_backend
 from comfyui_flux_schnell.flux import ops
 from comfyui_flux_schnell.flux.model import Flux
 from comfyui_flux_schnell.generation import GenerationRequest
-from tiny_models import TINY_AE, TINY_CLIP, TINY_FLUX, TINY_T5
+from support.tiny_models import TINY_AE, TINY_CLIP, TINY_FLUX, TINY_T5
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_estimate.py"
 _spec = importlib.util.spec_from_file_location("memory_estimate", _PATH)

@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
-from conftest import TEST_KEY
-from fake_imageapi import Reply, error_reply, request_image
+from support import TEST_KEY
+from support.fake_imageapi import Reply, error_reply, request_image
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_images_keep_seed_order(comfy, node, fake_api, send_seed):
 
     fake_api.set_default(slow_first)
     images, info = node.generate("order", "api", 256, 256, 4, 10, 3)
-    from fake_imageapi import color_for
+    from support.fake_imageapi import color_for
 
     for i, seed in enumerate([10, 11, 12]):
         expected = [c / 255 for c in color_for("order", seed)]
@@ -148,7 +148,7 @@ def test_queue_keeps_working_after_an_error(comfy_package, node, fake_api):
 
 
 def test_other_size_from_the_service_is_kept_and_noted(node, fake_api):
-    from fake_imageapi import solid_image
+    from support.fake_imageapi import solid_image
 
     fake_api.set_default(Reply.image(solid_image(320, 320, (1, 2, 3))))
     images, info = node.generate("p", "api", 256, 512, 4, 0, 2)

@@ -9,7 +9,8 @@ import sys
 import pytest
 from comfyui_flux_schnell.errors import InvalidInputError
 from comfyui_flux_schnell.generation import GenerationInfo, GenerationRequest
-from conftest import REPO, load_like_comfyui
+from support import REPO
+from support.workflow_tools import load_like_comfyui
 
 
 def test_import_is_light_and_needs_no_comfyui():

@@ -15,7 +15,7 @@ from comfyui_flux_schnell.errors import InvalidInputError
 from comfyui_flux_schnell.flux import sampling
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoder
 from comfyui_flux_schnell.flux.model import Flux
-from tiny_models import TINY_AE, TINY_FLUX, autoencoder_weights, transformer_weights
+from support.tiny_models import TINY_AE, TINY_FLUX, autoencoder_weights, transformer_weights
 
 
 def reference_noise(num, height, width, seed, dtype):

@@ -23,9 +23,14 @@ from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
 from comfyui_flux_schnell.flux.conditioning import encode_prompts, t5_compute_dtype
 from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder, relative_position_buckets
 from comfyui_flux_schnell.flux.tokenizers import load_clip_tokenizer, load_t5_tokenizer
-from conftest import KEYS_DIR
-from tiny_tokenizers import CLIP_VOCAB_SIZE, T5_VOCAB_SIZE, write_clip_tokenizer, write_t5_tokenizer
-from transformers_reference import hf_clip_config, hf_t5_config
+from support import KEYS_DIR
+from support.tiny_tokenizers import (
+    CLIP_VOCAB_SIZE,
+    T5_VOCAB_SIZE,
+    write_clip_tokenizer,
+    write_t5_tokenizer,
+)
+from support.transformers_reference import hf_clip_config, hf_t5_config
 
 TOL = 1e-5
 

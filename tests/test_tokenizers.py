@@ -25,7 +25,7 @@ from comfyui_flux_schnell.flux.tokenizers import (
     load_t5_tokenizer,
     load_t5_with_transformers,
 )
-from tiny_tokenizers import (
+from support.tiny_tokenizers import (
     CLIP_VOCAB_SIZE,
     LAYOUTS,
     T5_VOCAB_SIZE,

@@ -15,11 +15,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import workflow_tools as wt
-from conftest import TEST_KEY
+from support import TEST_KEY
+from support import workflow_tools as wt
 
 EXPECTED = {
     "flux_schnell_api",
@@ -240,24 +239,9 @@ def test_draft_board_info_lists_the_seed_of_each_draft(comfy_package, fake_api, 
     assert (shown["width"], shown["height"], shown["steps"]) == (512, 512, 4)
 
 
-def _local_backend_runs() -> str | None:
-    """Why the local workflow cannot run here yet (None when it can)."""
-    try:
-        import tiny_models  # noqa: F401
-        from comfyui_flux_schnell import local_backend
-    except ImportError as e:
-        return f"local backend or tiny models not importable: {e}"
-    if not hasattr(local_backend, "generate_local"):
-        return "local_backend.generate_local does not exist yet"
-    return None
-
-
 def test_local_workflow_runs_end_to_end(comfy_package, comfy, tmp_path, monkeypatch):
-    reason = _local_backend_runs()
-    if reason:
-        pytest.skip(reason)
-    import tiny_models
-    from tiny_tokenizers import write_comfyui_tree
+    from support import tiny_models
+    from support.tiny_tokenizers import write_comfyui_tree
 
     write_comfyui_tree(tmp_path / "pkg")  # ComfyUI's bundled tokenizer folders, tiny vocabularies
     if not hasattr(comfy.mm, "get_torch_device"):  # ComfyUI started with --cpu
@@ -290,9 +274,9 @@ def test_real_comfyui_server(tmp_path):
     if not comfyui:
         pytest.skip("set COMFYUI_DIR (and COMFYUI_PYTHON) to run the real-server proof")
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    script = Path(wt.REPO) / "scripts" / "comfyui_check.py"
     done = subprocess.run(
-        [python, str(script), "--comfyui", comfyui, "--python", python],
+        [python, "-m", "scripts.comfyui_check", "--comfyui", comfyui, "--python", python],
+        cwd=wt.REPO,
         capture_output=True,
         text=True,
         timeout=1200,

@@ -35,7 +35,8 @@ from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
 from comfyui_flux_schnell.flux.model import Flux, FluxParams
 from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder
 from safetensors.torch import save_file
-from tiny_tokenizers import CLIP_VOCAB_SIZE, T5_VOCAB_SIZE
+
+from .tiny_tokenizers import CLIP_VOCAB_SIZE, T5_VOCAB_SIZE
 
 TINY_FLUX = FluxParams(
     in_channels=64,

@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from . import DATA_DIR, REPO
+
 WORKFLOW_DIR = REPO / "workflows"
 API_DIR = (
     WORKFLOW_DIR / "api"
 )  # not listed by ComfyUI's template browser (it globs workflows/*.json)
-CORE_NODES_FILE = Path(__file__).resolve().parent / "data" / "comfyui_core_nodes.json"
+CORE_NODES_FILE = DATA_DIR / "comfyui_core_nodes.json"
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
