@@ -74,9 +74,7 @@ def _keep_key(settings: ApiSettings, req: GenerateRequest) -> tuple:
     return (settings.base_url, settings.send_seed, req)
 
 
-def generate_api(
-    request: GenerationRequest, progress: Progress, settings: ApiSettings | None = None
-):
+def generate_api(request: GenerationRequest, progress: Progress, settings: ApiSettings | None = None):
     """Run `request` on the hosted API; returns `(IMAGE tensor, GenerationInfo)`."""
     request.validate("api")
     settings = settings or load_settings()
@@ -153,10 +151,7 @@ def _batch_error(request: GenerationRequest, failures: dict[int, ApiError]) -> A
     if len(failures) == request.batch_size and len({type(e) for e in failures.values()}) == 1:
         return first  # every image failed the same way: the single error says it best
     finished = request.batch_size - len(failures)
-    lines = [
-        f"image {i + 1} (seed {request.seeds[i]}): {type(e).__name__}: {e}"
-        for i, e in failures.items()
-    ]
+    lines = [f"image {i + 1} (seed {request.seeds[i]}): {type(e).__name__}: {e}" for i, e in failures.items()]
     kept = (
         f" The {finished} finished image(s) are kept: queue the same prompt again with seed "
         f"{request.seed} (set the seed's control to 'fixed') and only the failed ones are "
@@ -184,7 +179,5 @@ def _one_size(pictures, request: GenerationRequest):
     if any(p.size != size for p in pictures):
         notes.append(f"images of different sizes were resized to {size[0]}x{size[1]}")
         log.warning(notes[-1])
-        pictures = [
-            p if p.size == size else p.resize(size, Image.Resampling.BICUBIC) for p in pictures
-        ]
+        pictures = [p if p.size == size else p.resize(size, Image.Resampling.BICUBIC) for p in pictures]
     return pictures, notes

@@ -1,6 +1,6 @@
 """The hosted ImageAPI client: what to ask for, the worker pool, the money rules, answer to image.
 
-Based on the service's public contract (shared/reference/imageapi-contract.md): `POST
+Based on the service's public documentation (https://imageapi.org, API reference): `POST
 {base_url}/api/v1/generate` with a Bearer key and a JSON body of documented fields. Here: the
 public `GenerateRequest`, `ApiImage` and `ImageApiClient` (a worker pool with at most
 `concurrency` images in their HTTP calls, decoding outside that bound, results in input order, a
@@ -232,9 +232,7 @@ class ImageApiClient:
         """
         items = list(batch)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise InvalidInputError(
-                f"concurrency must be a whole number >= 1; got {concurrency!r}."
-            )
+            raise InvalidInputError(f"concurrency must be a whole number >= 1; got {concurrency!r}.")
         if not poll_interval > 0:
             raise InvalidInputError(f"poll_interval must be > 0 seconds; got {poll_interval!r}.")
         if not items:
@@ -443,9 +441,7 @@ class ImageApiClient:
                 **common,
             )
         if status in (400, 422):
-            return Failure(
-                BadRequestError, f"the service refused the request ({tag}): {said}", **common
-            )
+            return Failure(BadRequestError, f"the service refused the request ({tag}): {said}", **common)
         if status in (401, 403):
             return Failure(
                 AuthenticationError,
@@ -495,9 +491,7 @@ class ImageApiClient:
                 **common,
             )
         if status in (500, 502, 504):
-            return Failure(
-                ServerError, f"the service failed ({tag}): {said}", retry=BILLED, **common
-            )
+            return Failure(ServerError, f"the service failed ({tag}): {said}", retry=BILLED, **common)
         if status >= 500:
             return Failure(ServerError, f"the service failed ({tag}): {said}", **common)
         return Failure(ApiError, f"unexpected answer from the service ({tag}): {said}", **common)
@@ -549,8 +543,7 @@ class ImageApiClient:
             )
         if isinstance(doc, dict) and doc.get("error"):
             return ApiError(
-                f"the service answered {tag} but reported an error: "
-                f"{self._safe(server_message_from(doc))}",
+                f"the service answered {tag} but reported an error: {self._safe(server_message_from(doc))}",
                 status=reply.status,
                 request_id=request_id,
             )
@@ -614,9 +607,7 @@ class ImageApiClient:
             ) from e
         return self._open(data, where, encoded.status, request_id)
 
-    def _open(
-        self, data: bytes, where: str, status: int | None, request_id: str | None
-    ) -> Image.Image:
+    def _open(self, data: bytes, where: str, status: int | None, request_id: str | None) -> Image.Image:
         """Decode to an RGB image, refusing more than max_image_pixels before decompressing."""
         return open_image(data, where, self.settings.max_image_pixels, status, request_id)
 

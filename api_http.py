@@ -8,7 +8,7 @@ refused connection, connect timeout) or `BILLED` (it may have: read timeout, dro
 by its likely cause (proxy, TLS, DNS, refused, timeout) and the fix. GETs (job polls, image
 downloads) follow their own redirects, only to http(s) URLs, plain http only on this machine, and
 send the API key only to the service's own origin (scheme, host, port), so a download URL on a CDN
-never receives it. Based on the service's contract (shared/reference/imageapi-contract.md) and the
+never receives it. Based on the service's public documentation (https://imageapi.org) and the
 behaviour of requests/urllib3 1.x and 2.x.
 """
 
@@ -83,9 +83,7 @@ class Failure(Exception):
         return self.cls(scrub(self.message + note), **kwargs)
 
 
-def attempt(
-    call: Callable[..., Reply], *args, **kwargs
-) -> tuple[Reply, None] | tuple[None, Failure]:
+def attempt(call: Callable[..., Reply], *args, **kwargs) -> tuple[Reply, None] | tuple[None, Failure]:
     """Run one exchange; a failure is returned, so that the error raised for it later does not
     carry it (and the server text it holds) as its `__context__`."""
     try:
@@ -122,9 +120,7 @@ class _Bearer(requests.auth.AuthBase):
 class HttpTransport:
     """A pooled session that sends one request at a time per caller; thread-safe."""
 
-    def __init__(
-        self, settings: ApiSettings, session: requests.Session | None, logger: logging.Logger
-    ):
+    def __init__(self, settings: ApiSettings, session: requests.Session | None, logger: logging.Logger):
         self.settings = settings
         self.log = logger
         self._own_session = session is None
@@ -173,8 +169,7 @@ class HttpTransport:
         if left <= 0:
             raise Failure(
                 ApiTimeoutError,
-                f"no image within the deadline of {self.settings.deadline_s:g} s per image "
-                "(deadline_s)",
+                f"no image within the deadline of {self.settings.deadline_s:g} s per image (deadline_s)",
                 reason="deadline reached",
             )
         read_timeout = min(timeout_s, left)
@@ -220,9 +215,7 @@ class HttpTransport:
             ) as e:
                 raise self._transport_failure(e, url, read_timeout, may_bill, sent=True) from e
         content = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        return Reply(
-            response.status_code, response.reason or "", response.headers, content, response.url
-        )
+        return Reply(response.status_code, response.reason or "", response.headers, content, response.url)
 
     def _too_big(self, url: str, size: int, cap: int, status: int) -> Failure:
         return Failure(
@@ -323,9 +316,7 @@ class HttpTransport:
 
     # --- never-billed GETs ----------------------------------------------------------------------
 
-    def get(
-        self, url: str, deadline: float, stop: threading.Event, timeout_s: float, cap: int
-    ) -> Reply:
+    def get(self, url: str, deadline: float, stop: threading.Event, timeout_s: float, cap: int) -> Reply:
         """A GET that is never billed: its own redirects followed, the key only to the service."""
         for _ in range(MAX_REDIRECTS + 1):
             self._check_fetch_url(url)
@@ -376,8 +367,7 @@ class HttpTransport:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise Failure(
                 ResponseDecodeError,
-                f"the answer names an image at {self.safe(safe_url(url))!r}, which is not an "
-                "http(s) URL",
+                f"the answer names an image at {self.safe(safe_url(url))!r}, which is not an http(s) URL",
                 reason="bad URL",
             )
         if parts.scheme == "http" and not is_loopback_host(parts.hostname):
@@ -388,9 +378,7 @@ class HttpTransport:
                 reason="plain http URL",
             )
 
-    def download(
-        self, url: str, deadline: float, stop: threading.Event, request_id: str | None
-    ) -> bytes:
+    def download(self, url: str, deadline: float, stop: threading.Event, request_id: str | None) -> bytes:
         """The bytes at an image URL; a transient failure is retried once (downloads are free)."""
         s = self.settings
         for tries in (1, 2):

@@ -2,7 +2,7 @@
 
 Pure functions over a complete answer (`Reply`), no I/O: used by api_client.py (the generate
 call, job polling) and api_http.py (error texts of downloads). Based on the service's public
-contract (shared/reference/imageapi-contract.md), which leaves the success body undocumented, so
+documentation (https://imageapi.org), which leaves the success body undocumented, so
 every common shape of comparable FLUX hosts is recognised: raw image bytes, OpenAI `data[]`,
 `images[]`, single fields, nested wrappers, data URIs and (URL-safe, wrapped, unpadded) base64,
 asynchronous jobs with a poll or result URL. Also here: the service's own message from an error
@@ -116,11 +116,7 @@ def job_info(doc: object) -> Job | None:
         return None
     status = next((doc[k] for k in ("status", "state") if isinstance(doc.get(k), str)), None)
     job_id = next(
-        (
-            str(doc[k])
-            for k in JOB_ID_KEYS
-            if isinstance(doc.get(k), (str, int)) and doc.get(k) != ""
-        ),
+        (str(doc[k]) for k in JOB_ID_KEYS if isinstance(doc.get(k), (str, int)) and doc.get(k) != ""),
         None,
     )
     poll = next((doc[k] for k in POLL_URL_KEYS if isinstance(doc.get(k), str) and doc[k]), None)
@@ -182,9 +178,7 @@ def _string_kind(text: str) -> str | None:
     head = text[:16].lower()
     if head.startswith("data:"):
         return "data"
-    if head.startswith(("https://", "http://")) or (
-        text.startswith("/") and not text.startswith("//")
-    ):
+    if head.startswith(("https://", "http://")) or (text.startswith("/") and not text.startswith("//")):
         return "url" if len(text) < 8192 else None
     if len(text) >= 64 and _BASE64_RE.fullmatch(text[:4096]) is not None:
         return "b64"

@@ -86,9 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--steps", type=int, default=4, help="1..8 (4: fast, 8: quality)")
     params.add_argument("--seed", type=int, help="seed of the first image (default: random)")
     params.add_argument("--batch-size", type=int, default=1, help="images per prompt")
-    params.add_argument(
-        "--concurrency", type=int, default=4, help="api requests in flight at once (1..16)"
-    )
+    params.add_argument("--concurrency", type=int, default=4, help="api requests in flight at once (1..16)")
     local = gen.add_argument_group("local backend")
     local.add_argument("--checkpoint", type=Path, help="all-in-one FLUX.1-schnell checkpoint")
     local.add_argument("--transformer", type=Path, help="flux1-schnell.safetensors")
@@ -134,10 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _set_key() -> int:
     from .settings import save_api_key
 
-    if sys.stdin.isatty():
-        key = getpass.getpass("ImageAPI key (input hidden): ")
-    else:
-        key = sys.stdin.readline()
+    interactive = sys.stdin.isatty()
+    key = getpass.getpass("ImageAPI key (input hidden): ") if interactive else sys.stdin.readline()
     path = save_api_key(key.strip())
     print(f"saved the API key to {path} (readable by you only)")
     return EXIT_OK
@@ -167,9 +163,9 @@ def _generate(parser: argparse.ArgumentParser, args) -> int:
     lines = [(1, args.prompt)] if args.prompt is not None else _read_prompts(args.prompts_file)
     # Validate everything, and that the images can be written, before the first (paid) request.
     for _, prompt in lines:
-        GenerationRequest(
-            prompt, args.width, args.height, args.steps, seed, args.batch_size
-        ).validate(args.backend)
+        GenerationRequest(prompt, args.width, args.height, args.steps, seed, args.batch_size).validate(
+            args.backend
+        )
     _check_writable(args.out.parent if args.out is not None else args.out_dir)
 
     jobs = _plan(lines, seed, args)
@@ -185,9 +181,7 @@ def _generate(parser: argparse.ArgumentParser, args) -> int:
                 continue
         pending.append(job)
     if outcome.skipped:
-        print(
-            f"{outcome.skipped} image(s) already done in {args.out_dir}, skipped", file=sys.stderr
-        )
+        print(f"{outcome.skipped} image(s) already done in {args.out_dir}, skipped", file=sys.stderr)
 
     bar = _ProgressLine(len(pending))
     stop = threading.Event()
@@ -198,9 +192,7 @@ def _generate(parser: argparse.ArgumentParser, args) -> int:
     except GenerationInterrupted:
         print("\ninterrupted: finished images are kept; run again to resume", file=sys.stderr)
     except StopRun as e:
-        print(
-            f"\nerror: {e}\nstopped: the remaining images would fail the same way.", file=sys.stderr
-        )
+        print(f"\nerror: {e}\nstopped: the remaining images would fail the same way.", file=sys.stderr)
         outcome.exit_code = e.exit_code
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -229,9 +221,7 @@ def _read_prompts(path: Path) -> list[tuple[int, str]]:
         if line.strip() and not line.lstrip().startswith("#")
     ]
     if not lines:
-        raise InvalidInputError(
-            f"--prompts-file {path} has no prompts (one a line; '#' starts a comment)"
-        )
+        raise InvalidInputError(f"--prompts-file {path} has no prompts (one a line; '#' starts a comment)")
     return lines
 
 
@@ -256,17 +246,11 @@ def _plan(lines: list[tuple[int, str]], seed: int, args) -> list[Job]:
     editing other lines of the prompts file never renames (and re-buys) finished images."""
     jobs = []
     for line, prompt in lines:
-        request = GenerationRequest(
-            prompt, args.width, args.height, args.steps, seed, args.batch_size
-        )
+        request = GenerationRequest(prompt, args.width, args.height, args.steps, seed, args.batch_size)
         for b, image_seed in enumerate(request.seeds):
             if args.prompts_file is None:
                 out: Path = args.out
-                path = (
-                    out
-                    if args.batch_size == 1
-                    else out.with_name(f"{out.stem}-{b + 1}{out.suffix}")
-                )
+                path = out if args.batch_size == 1 else out.with_name(f"{out.stem}-{b + 1}{out.suffix}")
                 label = f"image {b + 1}"
             else:
                 suffix = "" if args.batch_size == 1 else f"-{b + 1}"
@@ -304,9 +288,7 @@ def _run_api(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Event
         return
     client = client_for(load_settings())
     requests = [
-        api_requests(GenerationRequest(job.prompt, args.width, args.height, args.steps, job.seed))[
-            0
-        ]
+        api_requests(GenerationRequest(job.prompt, args.width, args.height, args.steps, job.seed))[0]
         for job in jobs
     ]
 
@@ -326,9 +308,7 @@ def _run_api(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Event
             _png_text(job, args, "api", {"request_id": result.request_id}),
         )
 
-    client.generate_many(
-        requests, concurrency=args.concurrency, should_stop=stop.is_set, on_result=on_result
-    )
+    client.generate_many(requests, concurrency=args.concurrency, should_stop=stop.is_set, on_result=on_result)
 
 
 def _run_local(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Event) -> None:
@@ -384,9 +364,7 @@ def _summary(outcome: Outcome, planned: int) -> int:
         file=sys.stderr,
     )
     for job, reason in outcome.failed:
-        print(
-            f"  failed {job.label} (seed {job.seed}) -> {job.path.name}: {reason}", file=sys.stderr
-        )
+        print(f"  failed {job.label} (seed {job.seed}) -> {job.path.name}: {reason}", file=sys.stderr)
     if outcome.exit_code is not None:
         return outcome.exit_code
     return EXIT_OK if not outcome.failed and not not_run else EXIT_FAILED

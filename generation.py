@@ -40,13 +40,10 @@ class GenerationRequest:
     def validate(self, backend: str = "api") -> GenerationRequest:
         """Raise `InvalidInputError` naming the first input that cannot be honoured."""
         if backend not in BACKENDS:
-            raise InvalidInputError(
-                f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}."
-            )
+            raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InvalidInputError(
-                "prompt is empty: describe the image to generate (FLUX.1 [schnell] needs a "
-                "non-empty prompt)."
+                "prompt is empty: describe the image to generate (FLUX.1 [schnell] needs a non-empty prompt)."
             )
         for name, value in (("width", self.width), ("height", self.height)):
             _check_int(name, value)
@@ -72,9 +69,7 @@ class GenerationRequest:
             raise InvalidInputError(f"seed must be between 0 and {MAX_SEED}; got {self.seed}.")
         _check_int("batch_size", self.batch_size)
         if not 1 <= self.batch_size <= MAX_BATCH:
-            raise InvalidInputError(
-                f"batch_size must be between 1 and {MAX_BATCH}; got {self.batch_size}."
-            )
+            raise InvalidInputError(f"batch_size must be between 1 and {MAX_BATCH}; got {self.batch_size}.")
         return self
 
 

@@ -30,9 +30,7 @@ def pil_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
                 f"image {i} is {image.size[0]}x{image.size[1]}, image 0 is {width}x{height}: "
                 "a batch needs one size"
             )
-        rgb = np.array(
-            image.convert("RGB") if image.mode != "RGB" else image
-        )  # (H, W, 3) uint8, writable
+        rgb = np.array(image.convert("RGB") if image.mode != "RGB" else image)  # (H, W, 3) uint8, writable
         out[i].copy_(torch.from_numpy(rgb))  # uint8 -> float32 straight into the batch
     return out.div_(255.0)
 

@@ -181,14 +181,10 @@ def load_models(files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, 
         weight_dtype=weight_dtype,
         t5=Placed("T5-XXL", loading.load_t5(files.t5, weight_dtype=narrow)),
         clip=Placed("CLIP-L", loading.load_clip(files.clip)),
-        transformer=Placed(
-            "transformer", loading.load_transformer(files.transformer, weight_dtype=narrow)
-        ),
+        transformer=Placed("transformer", loading.load_transformer(files.transformer, weight_dtype=narrow)),
         ae=Placed("autoencoder", loading.load_autoencoder(files.ae)),
         t5_tokenizer=tokenizers.load_t5_tokenizer(files.t5_tokenizer, max_length=T5_MAX_LENGTH),
-        clip_tokenizer=tokenizers.load_clip_tokenizer(
-            files.clip_tokenizer, max_length=CLIP_MAX_LENGTH
-        ),
+        clip_tokenizer=tokenizers.load_clip_tokenizer(files.clip_tokenizer, max_length=CLIP_MAX_LENGTH),
     )
     _loaded = loaded
     return loaded, True
@@ -290,9 +286,7 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
         _check_device_can_hold(models, device)
         policy = MemoryPolicy(models, device, spec.memory)
         try:
-            images = _run(
-                models, policy, request, device, dtype, progress, timings, compile=spec.compile
-            )
+            images = _run(models, policy, request, device, dtype, progress, timings, compile=spec.compile)
         finally:
             if spec.memory == "free after run":
                 _drop_loaded()
@@ -307,9 +301,7 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
         seconds=time.monotonic() - started,
         device=f"{device} ({str(dtype).removeprefix('torch.')}, weights {spec.weight_dtype})",
         timings=timings,
-        peak_memory_gib=(
-            torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-        ),
+        peak_memory_gib=(torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None),
     )
     return images, info
 
@@ -357,15 +349,13 @@ def _run(
     with _stage("sampling", request, timings), sampling_stage:
         for seed in request.seeds:
             latents.append(
-                _sample_one(transformer, txt, vec, seed, request, device, dtype,
-                            progress, previews)
-            )  # fmt: skip
+                _sample_one(transformer, txt, vec, seed, request, device, dtype, progress, previews)
+            )
 
     decoding_stage = policy.use([models.ae], _decoding_bytes(height, width))
     with _stage("decoding", request, timings), decoding_stage:
         images = [
-            sampling.decode_to_images(models.ae.module, x, height, width, dtype=dtype)
-            for x in latents
+            sampling.decode_to_images(models.ae.module, x, height, width, dtype=dtype) for x in latents
         ]  # each (1, H, W, 3) float32 on the CPU
     return torch.cat(images)
 
@@ -395,9 +385,7 @@ def _sample_one(transformer, txt, vec, seed, request, device, dtype, progress, p
         progress.advance(1, preview)  # ComfyUI's bar raises its interrupt exception here
         progress.raise_if_interrupted()
 
-    return sampling.denoise(
-        transformer, img, img_ids, txt, txt_ids, vec, schedule, on_step=on_step
-    )  # fmt: skip
+    return sampling.denoise(transformer, img, img_ids, txt, txt_ids, vec, schedule, on_step=on_step)
 
 
 def _sampling_bytes(height: int, width: int) -> int:

@@ -99,13 +99,10 @@ class LocalModelSpec:
     def __post_init__(self):
         if self.weight_dtype not in WEIGHT_DTYPE_CHOICES:
             raise InvalidInputError(
-                f"weight_dtype must be one of {', '.join(WEIGHT_DTYPE_CHOICES)}; "
-                f"got {self.weight_dtype!r}"
+                f"weight_dtype must be one of {', '.join(WEIGHT_DTYPE_CHOICES)}; got {self.weight_dtype!r}"
             )
         if self.memory not in MEMORY_CHOICES:
-            raise InvalidInputError(
-                f"memory must be one of {', '.join(MEMORY_CHOICES)}; got {self.memory!r}"
-            )
+            raise InvalidInputError(f"memory must be one of {', '.join(MEMORY_CHOICES)}; got {self.memory!r}")
 
     @classmethod
     def from_node_inputs(cls, *, checkpoint, transformer, t5, clip, vae, weight_dtype, memory):
@@ -176,9 +173,7 @@ class LocalModelSpec:
         ]
         missing = [name for name, path in files.items() if path is None]
         if missing or not_there:
-            raise LocalBackendUnavailable(
-                _missing_message(missing, list(looked.values()), not_there)
-            )
+            raise LocalBackendUnavailable(_missing_message(missing, list(looked.values()), not_there))
         return ResolvedFiles(**{k: v.resolve() for k, v in files.items()})
 
     def _tokenizers(self, transformer: Path | None) -> dict[str, Path | None]:

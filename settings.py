@@ -5,8 +5,8 @@ restart. Sources, first match wins: the environment (`IMAGEAPI_API_KEY`, then `I
 name the service's own docs use; `IMAGEAPI_BASE_URL`), then one JSON config file outside the
 package folder: the first that exists of `$IMAGEAPI_CONFIG` (the only one looked at when set),
 ComfyUI's user directory (inside ComfyUI) and the XDG config directory, where `flux-schnell
-set-key` run from a shell writes. Based on the service's public docs (see
-shared/reference/imageapi-contract.md); the key is never printed, logged or put in an error message.
+set-key` run from a shell writes. Based on the service's public docs
+(https://imageapi.org); the key is never printed, logged or put in an error message.
 """
 
 from __future__ import annotations
@@ -123,9 +123,7 @@ def config_search_paths(environ: Mapping[str, str] | None = None) -> list[Path]:
     return [comfy, _xdg_config(environ)] if comfy is not None else [_xdg_config(environ)]
 
 
-def load_settings(
-    config_path: Path | None = None, environ: Mapping[str, str] | None = None
-) -> ApiSettings:
+def load_settings(config_path: Path | None = None, environ: Mapping[str, str] | None = None) -> ApiSettings:
     """Read the key, base URL and limits from the environment and the config file: `config_path`
     when given, else the first that exists of `config_search_paths()`."""
     environ = os.environ if environ is None else environ
@@ -164,9 +162,7 @@ def load_settings(
     base_url = check_base_url(base_url, base_source)
 
     check_api_key(api_key, key_source)
-    options = {
-        name: config[name] for name in _CONFIG_FIELDS if name in config and name != "base_url"
-    }
+    options = {name: config[name] for name in _CONFIG_FIELDS if name in config and name != "base_url"}
     try:
         return ApiSettings(base_url=base_url, api_key=api_key, key_source=key_source, **options)
     except ConfigurationError as e:  # key and base URL are checked: the file's options are wrong
@@ -257,8 +253,7 @@ def check_api_key(api_key: object, source: str) -> None:
     """Refuse an empty key or one with spaces or control characters, without echoing it."""
     if not isinstance(api_key, str) or not api_key.strip():
         raise ConfigurationError(
-            f"the API key from {source} is empty. Set a key from {KEY_HELP} (or run "
-            f"`{SET_KEY_COMMAND}`)."
+            f"the API key from {source} is empty. Set a key from {KEY_HELP} (or run `{SET_KEY_COMMAND}`)."
         )
     if any(ch.isspace() or not ch.isprintable() or ord(ch) > 126 for ch in api_key):
         raise ConfigurationError(
@@ -271,9 +266,7 @@ def check_api_key(api_key: object, source: str) -> None:
 def check_base_url(url: object, source: str) -> str:
     """An http(s) URL with a host; plain http only to this machine. Returned without a final /."""
     if not isinstance(url, str) or not url.strip():
-        raise ConfigurationError(
-            f"the base URL from {source} is empty; the default is {DEFAULT_BASE_URL}."
-        )
+        raise ConfigurationError(f"the base URL from {source} is empty; the default is {DEFAULT_BASE_URL}.")
     url = url.strip().rstrip("/")
     shown = _shown_url(url)  # what an error may echo: no user name, password, query or fragment
     try:
@@ -414,9 +407,7 @@ def _read_config_if_any(path: Path) -> dict | None:
         )
     for name, kind in _CONFIG_FIELDS.items():
         value = config.get(name)
-        if name in config and (
-            (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind)
-        ):
+        if name in config and ((isinstance(value, bool) and kind is not bool) or not isinstance(value, kind)):
             raise ConfigurationError(
                 f"{name} in the config file {path} must be a {_kind_name(kind)}; got {value!r}."
             )
@@ -465,6 +456,4 @@ def _check_number(name: str, value: object, *, minimum: float, strict: bool) -> 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(
-            f"{name} must be a whole number of at least {minimum}; got {value!r}."
-        )
+        raise ConfigurationError(f"{name} must be a whole number of at least {minimum}; got {value!r}.")

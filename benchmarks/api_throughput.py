@@ -83,9 +83,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).float().div_(255.0).unsqueeze(0)  # (1, H, W, 3)
 
 
-def example_loop(
-    base_url: str, requests_: list[GenerateRequest], shape: str, tensor: bool = True
-) -> list:
+def example_loop(base_url: str, requests_: list[GenerateRequest], shape: str, tensor: bool = True) -> list:
     """The service's Python example, once per image, as a user would copy it."""
     tensors = []
     for req in requests_:
@@ -181,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay", type=float, default=0.3, help="server delay per call, seconds")
     parser.add_argument("--shape", choices=("b64", "url"), default="b64")
     parser.add_argument("--overhead-calls", type=int, default=10)
-    parser.add_argument(
-        "--profile", type=int, default=0, metavar="N", help="print the N costliest functions"
-    )
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest functions")
     args = parser.parse_args(argv)
 
     png = photo_like_png()

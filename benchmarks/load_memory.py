@@ -100,9 +100,7 @@ def main() -> None:
     parser.add_argument("--size-gb", type=float, default=3.0, help="approximate file size")
     parser.add_argument("--folder", type=Path, help="where to write the file (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the file afterwards")
-    parser.add_argument(
-        "--child", nargs=2, metavar=("PATH", "WEIGHT_DTYPE"), help=argparse.SUPPRESS
-    )
+    parser.add_argument("--child", nargs=2, metavar=("PATH", "WEIGHT_DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
@@ -133,7 +131,8 @@ def main() -> None:
             )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(
-                f"{name:<18} {r['param_bytes'] / 1e9:>9.2f} {r['peak'] / 1e9:>11.2f} {r['peak'] / size:>9.3f} "
+                f"{name:<18} {r['param_bytes'] / 1e9:>9.2f} {r['peak'] / 1e9:>11.2f} "
+                f"{r['peak'] / size:>9.3f} "
                 f"{(r['peak'] - r['baseline']) / size:>16.3f} {r['load_s']:>7.2f} {r['touch_s']:>7.2f}"
             )
     finally:

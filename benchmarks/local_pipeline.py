@@ -38,16 +38,25 @@ from comfyui_flux_schnell.generation import GenerationRequest  # noqa: E402
 
 PROMPT = "a photo of a red fox in fresh snow at golden hour, shallow depth of field"
 CONFIGS = {
-    "schnell": dict(flux=FluxParams(), ae=AutoEncoderParams(), t5=T5Config(), clip=CLIPTextConfig(),
-                    size=1024, dtype=torch.bfloat16),
-    "tiny": dict(flux=FluxParams(hidden_size=256, num_heads=2, depth=2, depth_single_blocks=4,
-                                 context_in_dim=256, vec_in_dim=128),
-                 ae=AutoEncoderParams(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
-                 t5=T5Config(d_model=256, d_kv=64, d_ff=512, num_layers=2, num_heads=4),
-                 clip=CLIPTextConfig(hidden_size=128, intermediate_size=256, num_layers=2,
-                                     num_heads=2),
-                 size=256, dtype=torch.float32),
-}  # fmt: skip
+    "schnell": dict(
+        flux=FluxParams(),
+        ae=AutoEncoderParams(),
+        t5=T5Config(),
+        clip=CLIPTextConfig(),
+        size=1024,
+        dtype=torch.bfloat16,
+    ),
+    "tiny": dict(
+        flux=FluxParams(
+            hidden_size=256, num_heads=2, depth=2, depth_single_blocks=4, context_in_dim=256, vec_in_dim=128
+        ),
+        ae=AutoEncoderParams(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1),
+        t5=T5Config(d_model=256, d_kv=64, d_ff=512, num_layers=2, num_heads=4),
+        clip=CLIPTextConfig(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2),
+        size=256,
+        dtype=torch.float32,
+    ),
+}
 
 
 def random_module(cls, config, device, dtype, seed):
@@ -104,14 +113,20 @@ def run_ours(cfg, models, device, steps, repeats, compile_mode):
             torch.cuda.reset_peak_memory_stats()
         sync(device)
         start = time.perf_counter()
-        local_backend._run(models, policy, request, device, cfg["dtype"], progress, timings,
-                           **spec_compile)  # fmt: skip
+        local_backend._run(models, policy, request, device, cfg["dtype"], progress, timings, **spec_compile)
         sync(device)
         total = time.perf_counter() - start
         step_times = clock.steps(start + timings["text encoding"])
         if i >= 2:
-            results.append(dict(text=timings["text encoding"], steps=step_times,
-                                decode=timings["decoding"], total=total, peak=_peak(device)))  # fmt: skip
+            results.append(
+                dict(
+                    text=timings["text encoding"],
+                    steps=step_times,
+                    decode=timings["decoding"],
+                    total=total,
+                    peak=_peak(device),
+                )
+            )
     return results
 
 
@@ -121,14 +136,15 @@ def run_diffusers(cfg, parts, tok_dirs, device, steps, repeats):
 
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False),
-        vae=parts["ae"], text_encoder=parts["clip"],
+        vae=parts["ae"],
+        text_encoder=parts["clip"],
         tokenizer=CLIPTokenizer(
             str(tok_dirs[0] / "vocab.json"), str(tok_dirs[0] / "merges.txt"), model_max_length=77
         ),
         text_encoder_2=parts["t5"],
         tokenizer_2=T5TokenizerFast(tokenizer_file=str(tok_dirs[1] / "tokenizer.json")),
         transformer=parts["transformer"],
-    ).to(device)  # fmt: skip
+    ).to(device)
     pipe.set_progress_bar_config(disable=True)
     results = []
     for i in range(2 + repeats):
@@ -138,17 +154,22 @@ def run_diffusers(cfg, parts, tok_dirs, device, steps, repeats):
         sync(device)
         start = time.perf_counter()
         with torch.inference_mode():
-            prompt_embeds, pooled, _ = pipe.encode_prompt(PROMPT, PROMPT, device=device,
-                                                          max_sequence_length=256)  # fmt: skip
+            prompt_embeds, pooled, _ = pipe.encode_prompt(
+                PROMPT, PROMPT, device=device, max_sequence_length=256
+            )
             sync(device)
             text = time.perf_counter() - start
             latents = pipe(
-                prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled,
-                height=cfg["size"], width=cfg["size"], num_inference_steps=steps,
-                guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(0),
+                prompt_embeds=prompt_embeds,
+                pooled_prompt_embeds=pooled,
+                height=cfg["size"],
+                width=cfg["size"],
+                num_inference_steps=steps,
+                guidance_scale=0.0,
+                generator=torch.Generator("cpu").manual_seed(0),
                 output_type="latent",
                 callback_on_step_end=lambda p, i, t, kw, c=clock: (c.tick(), kw)[1],
-            ).images  # fmt: skip
+            ).images
             sync(device)
             decode_start = time.perf_counter()
             latents = pipe._unpack_latents(latents, cfg["size"], cfg["size"], pipe.vae_scale_factor)
@@ -157,8 +178,15 @@ def run_diffusers(cfg, parts, tok_dirs, device, steps, repeats):
             sync(device)
         end = time.perf_counter()
         if i >= 2:
-            results.append(dict(text=text, steps=clock.steps(start + text),
-                                decode=end - decode_start, total=end - start, peak=_peak(device)))  # fmt: skip
+            results.append(
+                dict(
+                    text=text,
+                    steps=clock.steps(start + text),
+                    decode=end - decode_start,
+                    total=end - start,
+                    peak=_peak(device),
+                )
+            )
     return results
 
 
@@ -170,12 +198,11 @@ def summarize(results):
     med = statistics.median
     return {
         "text encoding, s": med(r["text"] for r in results),
-        **{f"step {k + 1}, s": med(r["steps"][k] for r in results)
-           for k in range(len(results[0]["steps"]))},
+        **{f"step {k + 1}, s": med(r["steps"][k] for r in results) for k in range(len(results[0]["steps"]))},
         "decoding, s": med(r["decode"] for r in results),
         "end to end, s": med(r["total"] for r in results),
         "peak memory, GiB": max(r["peak"] for r in results) / 2**30,
-    }  # fmt: skip
+    }
 
 
 def main():
@@ -203,19 +230,17 @@ def main():
     )
     # one LoadedModels, as the backend's cache would hold it, already on the device
     models = local_backend.LoadedModels(
-        files=None, weight_dtype="as stored",
+        files=None,
+        weight_dtype="as stored",
         **{k: local_backend.Placed(k, m) for k, m in nets.items()},
-        t5_tokenizer=load_t5_tokenizer(t5_dir, 256), clip_tokenizer=load_clip_tokenizer(clip_dir, 77),
-    )  # fmt: skip
+        t5_tokenizer=load_t5_tokenizer(t5_dir, 256),
+        clip_tokenizer=load_clip_tokenizer(clip_dir, 77),
+    )
     for placed in models.all():
         placed.device = device  # the weights were made there
-    columns = {
-        "ours (eager)": summarize(run_ours(cfg, models, device, args.steps, args.repeats, False))
-    }
+    columns = {"ours (eager)": summarize(run_ours(cfg, models, device, args.steps, args.repeats, False))}
     if args.compile:
-        columns["ours (compiled)"] = summarize(
-            run_ours(cfg, models, device, args.steps, args.repeats, True)
-        )
+        columns["ours (compiled)"] = summarize(run_ours(cfg, models, device, args.steps, args.repeats, True))
     if not args.skip_diffusers:
         parts = to_diffusers(nets, cfg, device, dtype)
         del models, nets
@@ -248,8 +273,12 @@ def to_diffusers(nets, cfg, device, dtype):
     t5_state = nets["t5"].state_dict()
     t5_state["encoder.embed_tokens.weight"] = t5_state["shared.weight"]
     t5.load_state_dict(t5_state, assign=True, strict=False)
-    clip_state = {k.removeprefix("text_model.") if not any(k2.startswith("text_model.")
-                  for k2 in clip.state_dict()) else k: v for k, v in nets["clip"].state_dict().items()}  # fmt: skip
+    clip_state = {
+        k.removeprefix("text_model.")
+        if not any(k2.startswith("text_model.") for k2 in clip.state_dict())
+        else k: v
+        for k, v in nets["clip"].state_dict().items()
+    }
     clip.load_state_dict(clip_state, assign=True, strict=False)
     for module in (transformer, ae, t5, clip):
         _materialize_buffers(module)
@@ -263,9 +292,7 @@ def _materialize_buffers(module):
         for name, buf in list(sub._buffers.items()):
             if buf is not None and buf.is_meta:
                 if name != "position_ids":
-                    raise RuntimeError(
-                        f"cannot fill the meta buffer {name} of {type(sub).__name__}"
-                    )
+                    raise RuntimeError(f"cannot fill the meta buffer {name} of {type(sub).__name__}")
                 sub._buffers[name] = torch.arange(buf.shape[-1]).expand(buf.shape).clone()
 
 
@@ -273,8 +300,10 @@ def print_table(columns, args, device):
     names = list(columns)
     rows = list(next(iter(columns.values())))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"\nFLUX.1-schnell pipeline, config {args.config}, {args.steps} steps, batch 1, {gpu}, "
-          f"torch {torch.__version__}, median of {args.repeats} after 2 warm-ups")  # fmt: skip
+    print(
+        f"\nFLUX.1-schnell pipeline, config {args.config}, {args.steps} steps, batch 1, {gpu}, "
+        f"torch {torch.__version__}, median of {args.repeats} after 2 warm-ups"
+    )
     header = f"{'stage':<20}" + "".join(f"{n:>18}" for n in names)
     if "diffusers" in columns:
         header += "".join(f"{'ratio ' + n.split()[-1]:>18}" for n in names if n != "diffusers")

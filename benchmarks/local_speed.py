@@ -40,11 +40,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CONFIGS = {
     # name: (FluxParams overrides, image grid (rows, cols), text tokens, dtype)
-    "tiny": (dict(hidden_size=128, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(16, 24, 24)),
-             (16, 16), 64, "float32"),
+    "tiny": (
+        dict(hidden_size=128, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(16, 24, 24)),
+        (16, 16),
+        64,
+        "float32",
+    ),
     "small": (dict(hidden_size=768, num_heads=6, depth=4, depth_single_blocks=8), (32, 32), 256, "float32"),
     "schnell": (dict(), (64, 64), 256, "bfloat16"),
-}  # fmt: skip
+}
 
 
 def build(kind: str, config: str, device: str) -> tuple[torch.nn.Module, dict]:
@@ -63,11 +67,7 @@ def build(kind: str, config: str, device: str) -> tuple[torch.nn.Module, dict]:
         meta,
     ) in ours.state_dict().items():  # N(0, 1/fan_in) weights, 0.1*N biases, 1+0.2*N norm scales
         t = torch.randn(meta.shape, generator=gen, device=device, dtype=torch.float32)
-        t = (
-            1 + 0.2 * t
-            if name.endswith(".scale")
-            else t * (0.1 if meta.ndim == 1 else meta.shape[1] ** -0.5)
-        )
+        t = 1 + 0.2 * t if name.endswith(".scale") else t * (0.1 if meta.ndim == 1 else meta.shape[1] ** -0.5)
         weights[name] = t.to(dtype)
         del t
     if kind == "ours":
@@ -95,8 +95,7 @@ def build(kind: str, config: str, device: str) -> tuple[torch.nn.Module, dict]:
         txt_ids=torch.zeros(txt_len, 3),
     )
     inputs = {
-        k: v.to(device=device, dtype=dtype if k in ("img", "txt", "y") else None)
-        for k, v in inputs.items()
+        k: v.to(device=device, dtype=dtype if k in ("img", "txt", "y") else None) for k, v in inputs.items()
     }
     return model, inputs
 
@@ -105,9 +104,14 @@ def forward(kind: str, model: torch.nn.Module, x: dict) -> torch.Tensor:
     if kind == "ours":
         return model(x["img"], x["img_ids"][None], x["txt"], x["txt_ids"][None], x["t"], x["y"])
     return model(
-        hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
-        timestep=x["t"], img_ids=x["img_ids"], txt_ids=x["txt_ids"], return_dict=False,
-    )[0]  # fmt: skip
+        hidden_states=x["img"],
+        encoder_hidden_states=x["txt"],
+        pooled_projections=x["y"],
+        timestep=x["t"],
+        img_ids=x["img_ids"],
+        txt_ids=x["txt_ids"],
+        return_dict=False,
+    )[0]
 
 
 def sync(device: str) -> None:
@@ -147,9 +151,7 @@ def worker_memory(kind: str, config: str, device: str) -> dict:
     model, x = build(kind, config, device)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.inference_mode():
-        forward(
-            kind, model, x
-        )  # warm-up: one-time allocations (kernels, thread pools) are not counted
+        forward(kind, model, x)  # warm-up: one-time allocations (kernels, thread pools) are not counted
         sync(device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -157,9 +159,7 @@ def worker_memory(kind: str, config: str, device: str) -> dict:
             out = forward(kind, model, x)
             sync(device)
             peak = torch.cuda.max_memory_allocated()
-            return dict(
-                params=param_bytes, activations=peak - base, total=peak, out_bytes=out.nbytes
-            )
+            return dict(params=param_bytes, activations=peak - base, total=peak, out_bytes=out.nbytes)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         base = proc_kib("VmRSS")
@@ -188,13 +188,9 @@ def mib(n: float) -> str:
 
 def report(config: str, device: str, threads: int, warmup: int, repeats: int) -> None:
     common = ["--config", config, "--device", device]
-    memory = {
-        kind: run_worker(["--worker", kind, *common], threads) for kind in ("ours", "diffusers")
-    }
+    memory = {kind: run_worker(["--worker", kind, *common], threads) for kind in ("ours", "diffusers")}
     if repeats == 0:  # memory only
-        timing = dict(
-            times={k: [math.nan] for k in memory}, max_abs_diff=math.nan, out_max=math.nan
-        )
+        timing = dict(times={k: [math.nan] for k in memory}, max_abs_diff=math.nan, out_max=math.nan)
     else:
         timing_args = [
             "--worker",
@@ -211,21 +207,29 @@ def report(config: str, device: str, threads: int, warmup: int, repeats: int) ->
     cpu = {kind: statistics.median(ts) for kind, ts in timing["cpu"].items()}
     overrides, (rows, cols), txt_len, dtype = CONFIGS[config]
     where = f"{device}, {threads} threads" if device == "cpu" else device
-    print(f"\n## {config}: {overrides or 'full FLUX.1-schnell'}, {rows * cols} image + {txt_len} text "
-          f"tokens, batch 1, {dtype}, {where}")  # fmt: skip
     print(
-        f"max|ours - diffusers| = {timing['max_abs_diff']:.3g} (outputs up to {timing['out_max']:.3g})\n"
+        f"\n## {config}: {overrides or 'full FLUX.1-schnell'}, {rows * cols} image + {txt_len} text "
+        f"tokens, batch 1, {dtype}, {where}"
     )
-    print("| model | median s/forward | min s/forward | median CPU s/forward | params | activation peak "
-          "| total peak |\n| --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
+    print(f"max|ours - diffusers| = {timing['max_abs_diff']:.3g} (outputs up to {timing['out_max']:.3g})\n")
+    print(
+        "| model | median s/forward | min s/forward | median CPU s/forward | params | activation peak "
+        "| total peak |\n| --- | --- | --- | --- | --- | --- | --- |"
+    )
     for kind in ("ours", "diffusers"):
         m = memory[kind]
-        print(f"| {kind} | {med[kind]:.3f} | {best[kind]:.3f} | {cpu[kind]:.3f} | {mib(m['params'])} "
-              f"| {mib(m['activations'])} | {mib(m['total'])} |")  # fmt: skip
+        print(
+            f"| {kind} | {med[kind]:.3f} | {best[kind]:.3f} | {cpu[kind]:.3f} | {mib(m['params'])} "
+            f"| {mib(m['activations'])} | {mib(m['total'])} |"
+        )
     ours, theirs = memory["ours"], memory["diffusers"]
-    print(f"| ours / diffusers | {med['ours'] / med['diffusers']:.3f} | {best['ours'] / best['diffusers']:.3f} "
-          f"| {cpu['ours'] / cpu['diffusers']:.3f} | {ours['params'] / theirs['params']:.3f} "
-          f"| {ours['activations'] / max(theirs['activations'], 1):.3f} | {ours['total'] / theirs['total']:.3f} |")  # fmt: skip
+    print(
+        f"| ours / diffusers | {med['ours'] / med['diffusers']:.3f} "
+        f"| {best['ours'] / best['diffusers']:.3f} "
+        f"| {cpu['ours'] / cpu['diffusers']:.3f} | {ours['params'] / theirs['params']:.3f} "
+        f"| {ours['activations'] / max(theirs['activations'], 1):.3f} "
+        f"| {ours['total'] / theirs['total']:.3f} |"
+    )
     for kind in ("ours", "diffusers"):
         print(f"\n{kind} runs (s): " + ", ".join(f"{t:.3f}" for t in timing["times"][kind]), end="")
     print()
@@ -236,13 +240,12 @@ def report(config: str, device: str, threads: int, warmup: int, repeats: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--config", choices=sorted(CONFIGS), action="append",
-                        help="default: small (and schnell on cuda)")  # fmt: skip
+    parser.add_argument(
+        "--config", choices=sorted(CONFIGS), action="append", help="default: small (and schnell on cuda)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="timed forwards per model; 0: memory only"
-    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per model; 0: memory only")
     parser.add_argument("--worker", choices=["time", "ours", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

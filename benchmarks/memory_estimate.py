@@ -76,9 +76,13 @@ MIB, GIB = 2**20, 2**30
 TARGETS = {"fp8_e4m3fn": 16 * 10**9, "bf16": 26 * 10**9}  # bytes of max_memory_allocated
 CUDA_CONTEXT = GIB // 2  # taken from the card, never counted by max_memory_allocated
 # The dtypes of the official files: flux1-schnell.safetensors, t5xxl_fp16.safetensors,
-# clip_l.safetensors, ae.safetensors (see /work/shared/reference/keys/*.json).
-STORED = {"transformer": torch.bfloat16, "T5-XXL": torch.float16, "CLIP-L": torch.float16,
-          "autoencoder": torch.float32}  # fmt: skip
+# clip_l.safetensors, ae.safetensors (their layouts: tests/data/keys/*.json).
+STORED = {
+    "transformer": torch.bfloat16,
+    "T5-XXL": torch.float16,
+    "CLIP-L": torch.float16,
+    "autoencoder": torch.float32,
+}
 STAGE_NAMES = {"T5-XXL": "text encoding", "transformer": "sampling", "autoencoder": "decoding"}
 ATEN = torch.ops.aten
 _CASTS = (ATEN._to_copy, ATEN.to)
@@ -119,8 +123,7 @@ class Allocation:
 
     def describe(self) -> str:
         return (
-            f"{self.nbytes / MIB:9.1f} MiB  {self.dtype:<14} {self.shape!s:<24} "
-            f"{self.op:<44} {self.module}"
+            f"{self.nbytes / MIB:9.1f} MiB  {self.dtype:<14} {self.shape!s:<24} {self.op:<44} {self.module}"
         )
 
 
@@ -263,8 +266,9 @@ class LiveTensorTracker(TorchDispatchMode):
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False):  # fmt: skip
+def fused_attention(
+    query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
+):
     """What SDPA allocates on a CUDA GPU: the output of flash or memory-efficient attention.
 
     Flash when there is no mask, the dtype is fp16/bf16 and the head is at most 256 wide (with a
@@ -275,12 +279,10 @@ def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     """
     head = query.shape[-1]
     if attn_mask is None and query.dtype in _HALF and head <= 256 and head % 8 == 0:
-        return ATEN._scaled_dot_product_flash_attention(
-            query, key, value, dropout_p, is_causal, scale=scale
-        )[0]
-    if attn_mask is not None and (
-        attn_mask.stride(-1) != 1 or any(s % 16 for s in attn_mask.stride()[:-1])
-    ):
+        return ATEN._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, scale=scale)[
+            0
+        ]
+    if attn_mask is not None and (attn_mask.stride(-1) != 1 or any(s % 16 for s in attn_mask.stride()[:-1])):
         attn_mask = attn_mask.contiguous()
     out = ATEN._scaled_dot_product_efficient_attention(
         query, key, value, attn_mask, False, dropout_p, is_causal, scale=scale
@@ -458,9 +460,7 @@ class _StageMarks:
                 reserved=self._open["reserved"],
                 largest_cast=f"{cast[1]} {cast[0].shape}" if cast else "",
                 largest_cast_bytes=cast[0].nbytes if cast else 0,
-                peak_tensors=[
-                    a.describe() for a in sorted(t.peak_live, key=lambda a: -a.nbytes)[: self.top]
-                ],
+                peak_tensors=[a.describe() for a in sorted(t.peak_live, key=lambda a: -a.nbytes)[: self.top]],
             )
         )
 
@@ -580,11 +580,8 @@ def report(result: PipelineMemory, cards: list[float], out=sys.stdout) -> None:
         f"steps, compute bf16, {kernels} (measured in {r.seconds:.1f} s)",
         file=out,
     )
-    models = ", ".join(
-        f"{name} {gib(b).strip()}" for name, b in r.model_bytes.items()
-    )  # fmt: skip
-    print(f"model weights (GiB): {models}; total {gib(sum(r.model_bytes.values())).strip()}",
-          file=out)  # fmt: skip
+    models = ", ".join(f"{name} {gib(b).strip()}" for name, b in r.model_bytes.items())
+    print(f"model weights (GiB): {models}; total {gib(sum(r.model_bytes.values())).strip()}", file=out)
     print(
         f"{'stage':<14} {'weights':>8} {'activ.':>8} {'peak':>8} {'peak*':>8} "
         f"{'_run reserves':>13}  largest weight cast (transient, inside the activations)",
@@ -611,11 +608,15 @@ def report(result: PipelineMemory, cards: list[float], out=sys.stdout) -> None:
         peak = max(row[3] for row in rows)
         room = card_bytes - CUDA_CONTEXT - peak
         fits = f"fits, {room / GIB:.2f} GiB to spare" if room >= 0 else "OUT OF MEMORY"
-        print(f'pipeline peak, "auto" on a {card:g} GiB card: {gib(peak)} GiB  ({fits} with a '
-              f"{CUDA_CONTEXT / GIB:.1f} GiB CUDA context)", file=out)  # fmt: skip
+        print(
+            f'pipeline peak, "auto" on a {card:g} GiB card: {gib(peak)} GiB  ({fits} with a '
+            f"{CUDA_CONTEXT / GIB:.1f} GiB CUDA context)",
+            file=out,
+        )
         for run, stage, resident, allocated in rows:
-            print(f"    run {run} {stage:<14} {gib(allocated)} GiB, on the GPU: "
-                  f"{', '.join(resident)}", file=out)  # fmt: skip
+            print(
+                f"    run {run} {stage:<14} {gib(allocated)} GiB, on the GPU: {', '.join(resident)}", file=out
+            )
     for s in r.stages:
         print(f"live at the {s.name} peak (largest first):", file=out)
         for line in s.peak_tensors:
@@ -624,23 +625,38 @@ def report(result: PipelineMemory, cards: list[float], out=sys.stdout) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weight-dtype", nargs="+", default=["fp8_e4m3fn", "bf16"],
-                        choices=sorted(local_backend.WEIGHT_DTYPES))  # fmt: skip
+    parser.add_argument(
+        "--weight-dtype",
+        nargs="+",
+        default=["fp8_e4m3fn", "bf16"],
+        choices=sorted(local_backend.WEIGHT_DTYPES),
+    )
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--native-kernels", action="store_true",
-                        help="keep meta's SDPA (math path, L x L scores) and composite RMS norm")  # fmt: skip
-    parser.add_argument("--cards", type=float, nargs="*", default=[16.0, 24.0],
-                        help="card sizes in GiB for the 'auto' simulation")  # fmt: skip
+    parser.add_argument(
+        "--native-kernels",
+        action="store_true",
+        help="keep meta's SDPA (math path, L x L scores) and composite RMS norm",
+    )
+    parser.add_argument(
+        "--cards",
+        type=float,
+        nargs="*",
+        default=[16.0, 24.0],
+        help="card sizes in GiB for the 'auto' simulation",
+    )
     parser.add_argument("--top", type=int, default=8, help="live tensors listed at each peak")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     request = GenerationRequest(
-        prompt="a photo of a cat", width=args.width, height=args.height, steps=args.steps,
+        prompt="a photo of a cat",
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
         batch_size=args.batch_size,
-    ).validate("local")  # fmt: skip
+    ).validate("local")
     results = []
     for weight_dtype in args.weight_dtype:
         result = measure(weight_dtype, request, fused_kernels=not args.native_kernels, top=args.top)

@@ -66,18 +66,10 @@ class AutoEncoderParams:
                 )
         for name in ("scale_factor", "shift_factor"):
             value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-            ):
-                raise ConfigurationError(
-                    f"AutoEncoderParams.{name} must be a finite number, got {value!r}"
-                )
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigurationError(f"AutoEncoderParams.{name} must be a finite number, got {value!r}")
         if self.scale_factor == 0:
-            raise ConfigurationError(
-                "AutoEncoderParams.scale_factor must not be 0 (decode divides by it)"
-            )
+            raise ConfigurationError("AutoEncoderParams.scale_factor must not be 0 (decode divides by it)")
 
     @property
     def downscale_factor(self) -> int:
@@ -97,9 +89,7 @@ class _GroupNorm(nn.GroupNorm):
     """`nn.GroupNorm` that computes in its input's dtype whatever dtype its affine weights are in."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.group_norm(
-            x, self.num_groups, cast_to(self.weight, x), cast_to(self.bias, x), self.eps
-        )
+        return F.group_norm(x, self.num_groups, cast_to(self.weight, x), cast_to(self.bias, x), self.eps)
 
 
 def _norm(channels: int) -> _GroupNorm:
@@ -189,13 +179,10 @@ class _Level(nn.Module):
     level's input alive while its later blocks run.
     """
 
-    def __init__(
-        self, in_channels: int, out_channels: int, num_blocks: int, *, down: bool, up: bool
-    ):
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, *, down: bool, up: bool):
         super().__init__()
         self.block = nn.ModuleList(
-            ResnetBlock(in_channels if j == 0 else out_channels, out_channels)
-            for j in range(num_blocks)
+            ResnetBlock(in_channels if j == 0 else out_channels, out_channels) for j in range(num_blocks)
         )
         self.downsample = Downsample(out_channels) if down else None
         self.upsample = Upsample(out_channels) if up else None

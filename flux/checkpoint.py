@@ -17,8 +17,9 @@ themselves are read later, memory-mapped, by `flux.loading`.
   `text_encoders.clip_l.transformer.` and `text_encoders.t5xxl.transformer.` prefixes, plus the
   unused `text_encoders.*.logit_scale` scalars.
 
-Key layouts: /work/shared/reference/keys/*.json; the prefixes follow ComfyUI's
-`supported_models.Flux` (read for facts only).
+Key layouts: those of the public files (recorded in tests/data/keys/*.json); the all-in-one
+prefixes are those of ComfyUI's `comfy/supported_models.py` (`Flux`),
+https://github.com/comfyanonymous/ComfyUI/blob/master/comfy/supported_models.py.
 """
 
 from __future__ import annotations
@@ -137,9 +138,7 @@ def read_header(path: str | Path, *, expected: str | None = None) -> Header:
         if foreign:
             raise _fail(path, expected, f"it is {foreign}")
         if size < 8:
-            raise _fail(
-                path, expected, f"the file is {size} bytes long, too short for a safetensors file"
-            )
+            raise _fail(path, expected, f"the file is {size} bytes long, too short for a safetensors file")
         (header_len,) = struct.unpack("<Q", head[:8])
         looks_json = head[8:9] == b"{"
         if header_len > MAX_HEADER_BYTES or header_len < 2 or not looks_json:
@@ -180,17 +179,13 @@ def read_header(path: str | Path, *, expected: str | None = None) -> Header:
     return Header(path=path, file_size=size, tensors=tensors, metadata=dict(metadata))
 
 
-def _parse_entry(
-    path: Path, expected: str | None, key: str, desc: object, data_start: int
-) -> TensorEntry:
+def _parse_entry(path: Path, expected: str | None, key: str, desc: object, data_start: int) -> TensorEntry:
     try:
         dtype = desc["dtype"]  # type: ignore[index]
         shape = tuple(int(n) for n in desc["shape"])  # type: ignore[index]
         begin, end = (int(n) for n in desc["data_offsets"])  # type: ignore[index]
     except (TypeError, KeyError, ValueError) as e:
-        raise _fail(
-            path, expected, f"its safetensors header is corrupt at {key!r}: {desc!r}"
-        ) from e
+        raise _fail(path, expected, f"its safetensors header is corrupt at {key!r}: {desc!r}") from e
     if dtype not in SAFETENSORS_DTYPES:
         raise _fail(path, expected, f"tensor {key!r} has dtype {dtype!r}, unknown to this loader")
     itemsize = SAFETENSORS_DTYPES[dtype].itemsize
@@ -276,8 +271,7 @@ UNSUPPORTED_VARIANTS = (
     ),
     (
         lambda k: "bitsandbytes__" in k or k.endswith(".absmax"),
-        "a bitsandbytes NF4/FP4 quantized file; it is not supported: use the fp8_e4m3fn, "
-        "fp16 or bf16 file",
+        "a bitsandbytes NF4/FP4 quantized file; it is not supported: use the fp8_e4m3fn, fp16 or bf16 file",
     ),
 )
 
@@ -381,17 +375,13 @@ def inspect_file(path: str | Path, *, expected: str | None = None) -> Checkpoint
         own = tuple(
             k
             for k in keys
-            if k.startswith(prefix)
-            and not any(k.startswith(p) for p in others)
-            and k not in COMFY_EXTRA_KEYS
+            if k.startswith(prefix) and not any(k.startswith(p) for p in others) and k not in COMFY_EXTRA_KEYS
         )
         spec = next(s for s in COMPONENTS if s.name == name)
         entries = [header.tensors[k] for k in own]
         variant = None
         if spec is TRANSFORMER:
-            variant = (
-                "dev" if f"{prefix}guidance_in.in_layer.weight" in header.tensors else "schnell"
-            )
+            variant = "dev" if f"{prefix}guidance_in.in_layer.weight" in header.tensors else "schnell"
         components[name] = ComponentInfo(
             spec=spec,
             prefix=prefix,
@@ -406,9 +396,7 @@ def inspect_file(path: str | Path, *, expected: str | None = None) -> Checkpoint
         components=components,
         layout=_layout(components),
         looks_like=_looks_like(keys),
-        unsupported=next(
-            (what for test, what in UNSUPPORTED_VARIANTS if any(map(test, keys))), None
-        ),
+        unsupported=next((what for test, what in UNSUPPORTED_VARIANTS if any(map(test, keys))), None),
     )
 
 

@@ -52,9 +52,7 @@ class CLIPTextConfig:
                         f"CLIPTextConfig.layer_norm_eps must be a number > 0, got {value!r}"
                     )
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(
-                    f"CLIPTextConfig.{f.name} must be an integer >= 1, got {value!r}"
-                )
+                raise ConfigurationError(f"CLIPTextConfig.{f.name} must be an integer >= 1, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigurationError(
                 f"CLIPTextConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads "

@@ -1,7 +1,7 @@
 """Building blocks of the FLUX.1 transformer: embedders, QK-norm, modulation, double and single blocks.
 
-Based on the reading of Black Forest Labs' `flux/modules/layers.py` and `flux/math.py` in
-/work/shared/reference/flux-architecture.md (section 2); written from those facts, not copied. Module
+Follows Black Forest Labs' reference, `src/flux/modules/layers.py` and `src/flux/math.py` in
+https://github.com/black-forest-labs/flux. Module
 and parameter names follow the reference so that `state_dict()` keys are those of
 flux1-schnell.safetensors.
 
@@ -37,15 +37,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.transpose(1, 2).flatten(2)  # "B H L D -> B L (H D)"
 
 
-def linear_part(layer: Linear, x: Tensor, rows: slice = slice(None), cols: slice = slice(None),
-                bias: bool = True) -> Tensor:  # fmt: skip
+def linear_part(
+    layer: Linear, x: Tensor, rows: slice = slice(None), cols: slice = slice(None), bias: bool = True
+) -> Tensor:
     """`layer` restricted to some output rows / input columns of its stored weight (a view, no copy)."""
     weight = cast_to(layer.weight[rows, cols], x)
     with_bias = bias and layer.bias is not None
     return F.linear(x, weight, cast_to(layer.bias[rows], x) if with_bias else None)
 
 
-def qkv_heads(qkv: Tensor, num_heads: int, norm: QKNorm, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+def qkv_heads(qkv: Tensor, num_heads: int, norm: QKNorm, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Fused projections (B, L, 3*H*D) -> q, k (QK-normed, then rotated by pe) and v, each (B, L, H, D)."""
     b, seq, width = qkv.shape
     heads = qkv.view(b, seq, 3, num_heads, width // (3 * num_heads))  # "B L (K H D) -> B L K H D"
@@ -135,9 +136,7 @@ class SelfAttention(nn.Module):
 
 def mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
     """Linear -> GELU(tanh) -> Linear, keys `0` and `2` as in the reference."""
-    return nn.Sequential(
-        Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), Linear(mlp_hidden, hidden)
-    )
+    return nn.Sequential(Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), Linear(mlp_hidden, hidden))
 
 
 class DoubleStreamBlock(nn.Module):
@@ -157,9 +156,7 @@ class DoubleStreamBlock(nn.Module):
         """img (B, N, D), txt (B, L, D), vec (B, D), pe for the L + N tokens -> (img, txt)."""
         img_sh1, img_sc1, img_g1, img_sh2, img_sc2, img_g2 = self.img_mod(vec)
         txt_sh1, txt_sc1, txt_g1, txt_sh2, txt_sc2, txt_g2 = self.txt_mod(vec)
-        q, k, v = self.joint_heads(
-            modulate(img, img_sh1, img_sc1), modulate(txt, txt_sh1, txt_sc1), pe
-        )
+        q, k, v = self.joint_heads(modulate(img, img_sh1, img_sc1), modulate(txt, txt_sh1, txt_sc1), pe)
         attn = attention(q, k, v)  # (B, L + N, D), text first
         del q, k, v  # (dels here and below free activations early: lower peak memory)
         img = torch.addcmul(img, img_g1, self.img_attn.proj(attn[:, txt.shape[1] :]))
@@ -201,9 +198,7 @@ class SingleStreamBlock(nn.Module):
         del qkv
         attn = attention(q, k, v)  # (B, L, D)
         del q, k, v
-        mlp = F.gelu(
-            linear_part(self.linear1, x_mod, rows=slice(3 * width, None)), approximate="tanh"
-        )
+        mlp = F.gelu(linear_part(self.linear1, x_mod, rows=slice(3 * width, None)), approximate="tanh")
         del x_mod
         out = linear_part(self.linear2, attn, cols=slice(width), bias=False)  # (B, L, D)
         out += linear_part(self.linear2, mlp, cols=slice(width, None))

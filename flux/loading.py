@@ -238,13 +238,9 @@ class _Network:
 
 
 _TRANSFORMER = _Network(TRANSFORMER, infer_flux_params, Flux, refuse=_refuse_dev)
-_AUTOENCODER = _Network(
-    AUTOENCODER, infer_autoencoder_params, AutoEncoder, refuse=_refuse_foreign_vae
-)
+_AUTOENCODER = _Network(AUTOENCODER, infer_autoencoder_params, AutoEncoder, refuse=_refuse_foreign_vae)
 # T5: `encoder.embed_tokens.weight` is the tied copy of `shared.weight`; used only if that is absent
-_T5 = _Network(
-    T5, infer_t5_config, T5Encoder, aliases={"shared.weight": "encoder.embed_tokens.weight"}
-)
+_T5 = _Network(T5, infer_t5_config, T5Encoder, aliases={"shared.weight": "encoder.embed_tokens.weight"})
 _CLIP = _Network(
     CLIP,
     infer_clip_config,
@@ -287,8 +283,7 @@ def load_clip(
 def _load(path, net: _Network, device, weight_dtype) -> nn.Module:
     if weight_dtype not in WEIGHT_DTYPE_CHOICES:
         raise InvalidInputError(
-            f"weight_dtype must be one of {', '.join(map(str, WEIGHT_DTYPE_CHOICES))}, "
-            f"got {weight_dtype!r}"
+            f"weight_dtype must be one of {', '.join(map(str, WEIGHT_DTYPE_CHOICES))}, got {weight_dtype!r}"
         )
     device = torch.device(device)
     found = _inspect(path, net)
@@ -298,9 +293,7 @@ def _load(path, net: _Network, device, weight_dtype) -> nn.Module:
         model = net.build(config)
     model.requires_grad_(False).eval()
     chosen = _match_keys(fail, comp, entries, model, net, config)
-    narrow = {
-        f"{name}.weight" for name, m in model.named_modules() if isinstance(m, CASTING_LAYERS)
-    }
+    narrow = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, CASTING_LAYERS)}
     state = _read_tensors(
         found.info.header,
         {key: comp.prefix + file_key for key, file_key in chosen.items()},
@@ -369,9 +362,7 @@ def _match_keys(fail, comp, entries: dict[str, TensorEntry], model, net: _Networ
         chosen[key] = file_key
         found = entries[file_key]
         if found.shape != tuple(t.shape):
-            wrong_shape.append(
-                f"{comp.prefix}{file_key}: expected {tuple(t.shape)}, found {found.shape}"
-            )
+            wrong_shape.append(f"{comp.prefix}{file_key}: expected {tuple(t.shape)}, found {found.shape}")
         if found.dtype not in WEIGHT_DTYPES:
             wrong_dtype.append(f"{comp.prefix}{file_key} ({found.dtype})")
     known = set(chosen.values()) | set(net.ignored) | set(net.aliases.values())
@@ -447,9 +438,7 @@ def _map(raw, entries: dict[str, TensorEntry]) -> dict[str, torch.Tensor]:
     with warnings.catch_warnings():  # torch warns that it cannot mark tensors read-only: known
         warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
         return {
-            key: torch.frombuffer(
-                window, dtype=torch.uint8, count=e.end - e.start, offset=e.start - base
-            )
+            key: torch.frombuffer(window, dtype=torch.uint8, count=e.end - e.start, offset=e.start - base)
             .view(e.torch_dtype)
             .view(e.shape)
             for key, e in entries.items()
@@ -488,9 +477,7 @@ def check_compatible(
         raise ModelLoadError("the model files do not belong together: " + "; ".join(problems))
 
 
-def check_files_compatible(
-    transformer: str | Path, t5: str | Path, clip: str | Path, ae: str | Path
-) -> None:
+def check_files_compatible(transformer: str | Path, t5: str | Path, clip: str | Path, ae: str | Path) -> None:
     """Raise ModelLoadError, before any loading, when the four files cannot work together.
 
     Reads the file headers only (no tensor data): each network is found as the loaders find it (its

@@ -1,7 +1,6 @@
 """The FLUX.1 flow transformer (`Flux`) and its hyper-parameters (`FluxParams`).
 
-Based on the reading of Black Forest Labs' `flux/model.py` in
-/work/shared/reference/flux-architecture.md (sections 1-3); written from those facts, not copied.
+Follows Black Forest Labs' reference, `src/flux/model.py` in https://github.com/black-forest-labs/flux.
 State-dict keys and shapes are exactly those of flux1-schnell.safetensors (flux1-dev with
 `guidance_embed=True`). The model computes in the dtype of `img`, whatever dtype its weights are
 stored in (fp32, fp16, bf16 or float8_e4m3fn), and can be built on the meta device.
@@ -42,26 +41,29 @@ class FluxParams:
 
     def __post_init__(self):
         self.axes_dim = tuple(self.axes_dim)
-        for name in ("in_channels", "out_channels", "vec_in_dim", "context_in_dim", "hidden_size",
-                     "num_heads", "theta", "mlp_ratio"):  # fmt: skip
+        for name in (
+            "in_channels",
+            "out_channels",
+            "vec_in_dim",
+            "context_in_dim",
+            "hidden_size",
+            "num_heads",
+            "theta",
+            "mlp_ratio",
+        ):
             if not getattr(self, name) > 0:
-                raise ConfigurationError(
-                    f"FluxParams.{name} must be positive, got {getattr(self, name)}"
-                )
+                raise ConfigurationError(f"FluxParams.{name} must be positive, got {getattr(self, name)}")
         for name in ("depth", "depth_single_blocks"):
             if getattr(self, name) < 0:
-                raise ConfigurationError(
-                    f"FluxParams.{name} must be >= 0, got {getattr(self, name)}"
-                )
+                raise ConfigurationError(f"FluxParams.{name} must be >= 0, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ConfigurationError(
-                f"FluxParams.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+                f"FluxParams.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_heads ({self.num_heads})"
             )
         head_dim = self.hidden_size // self.num_heads
         if not self.axes_dim or any(d <= 0 or d % 2 for d in self.axes_dim):
-            raise ConfigurationError(
-                f"FluxParams.axes_dim must be positive even sizes, got {self.axes_dim}"
-            )
+            raise ConfigurationError(f"FluxParams.axes_dim must be positive even sizes, got {self.axes_dim}")
         if sum(self.axes_dim) != head_dim:
             raise ConfigurationError(
                 f"FluxParams.axes_dim {self.axes_dim} sums to {sum(self.axes_dim)}, but must sum to the "
@@ -81,12 +83,10 @@ class Flux(nn.Module):
         self.guidance_in = MLPEmbedder(TIME_EMBED_DIM, p.hidden_size) if p.guidance_embed else None
         self.txt_in = Linear(p.context_in_dim, p.hidden_size)
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, p.qkv_bias)
-            for _ in range(p.depth)
+            DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, p.qkv_bias) for _ in range(p.depth)
         )
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio)
-            for _ in range(p.depth_single_blocks)
+            SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth_single_blocks)
         )
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
 
@@ -94,8 +94,17 @@ class Flux(nn.Module):
         """RoPE table for ids (B, L + N, 3) of [txt, img] tokens (`joint_ids`); reuse it as `pe=`."""
         return rope_table(ids, self.params.axes_dim, self.params.theta)
 
-    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                y: Tensor, guidance: Tensor | None = None, pe: Tensor | None = None) -> Tensor:  # fmt: skip
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+        pe: Tensor | None = None,
+    ) -> Tensor:
         """Velocity (B, N, out_channels), computed in img's dtype. `pe`: optional `self.rope(ids)`."""
         check_inputs(self.params, img, img_ids, txt, txt_ids, timesteps, y, guidance, pe)
         dtype = img.dtype
@@ -133,19 +142,13 @@ def check_inputs(p: FluxParams, img, img_ids, txt, txt_ids, timesteps, y, guidan
     if img.ndim != 3 or img.shape[-1] != p.in_channels:
         fail("img", f"(batch, tokens, {p.in_channels}) packed latents", img)
     if not img.is_floating_point() or img.dtype.itemsize < 2:
-        raise InvalidInputError(
-            f"Flux input `img` must be float32, float16 or bfloat16, got {img.dtype}"
-        )
+        raise InvalidInputError(f"Flux input `img` must be float32, float16 or bfloat16, got {img.dtype}")
     b, n = img.shape[:2]
     if txt.ndim != 3 or txt.shape[0] != b or txt.shape[-1] != p.context_in_dim:
         fail("txt", f"({b}, text tokens, {p.context_in_dim}) text embeddings", txt)
     seq = txt.shape[1] + n
     for name, ids, length in (("img_ids", img_ids, n), ("txt_ids", txt_ids, txt.shape[1])):
-        if (
-            ids.ndim != 3
-            or ids.shape[0] not in (1, b)
-            or ids.shape[1:] != (length, len(p.axes_dim))
-        ):
+        if ids.ndim != 3 or ids.shape[0] not in (1, b) or ids.shape[1:] != (length, len(p.axes_dim)):
             fail(name, f"({b}, {length}, {len(p.axes_dim)}) position ids", ids)
     if timesteps.shape != (b,):
         fail("timesteps", f"({b},) times in [0, 1]", timesteps)

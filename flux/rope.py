@@ -1,7 +1,7 @@
 """Position and time encodings of the FLUX.1 transformer: 3-axis RoPE and the sinusoidal timestep embedding.
 
-Based on the reading of Black Forest Labs' `flux/math.py` and `modules/layers.py` in
-/work/shared/reference/flux-architecture.md (sections 2 and 3); written from those facts, not copied.
+Follows Black Forest Labs' reference, `src/flux/math.py` and `src/flux/modules/layers.py` in
+https://github.com/black-forest-labs/flux.
 
 - RoPE: every token carries 3 integer-valued ids (axis 0, row, col). Axis i rotates `axes_dim[i]` of
   the head's features, as interleaved pairs (2j, 2j+1), by the angle `id_i * theta**(-2j/axes_dim[i])`.
@@ -57,15 +57,11 @@ def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
     return out.view(x.shape).to(x.dtype)  # "B L H P two -> B L H (P two)"
 
 
-def timestep_embedding(
-    t: Tensor, dim: int, max_period: float = 10_000.0, time_factor: float = 1000.0
-):
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, time_factor: float = 1000.0):
     """Sinusoidal embedding of t (B,) -> (B, dim) in t's dtype: [cos(args), sin(args)], cos first."""
     if dim % 2:
         raise ValueError(f"timestep embedding dim must be even, got {dim}")
-    t = (
-        time_factor * t
-    )  # in t's dtype on purpose: bf16 rounds 750 to 752 exactly like the reference
+    t = time_factor * t  # in t's dtype on purpose: bf16 rounds 750 to 752 exactly like the reference
     half = dim // 2
     freqs = torch.exp(
         -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half

@@ -1,7 +1,6 @@
 """FLUX.1 [schnell] sampling: noise, time schedule, latent packing, position ids, Euler loop, decode.
 
-Based on the reading of Black Forest Labs' `flux/sampling.py` in
-/work/shared/reference/flux-architecture.md (sections 3-5 and 7); written from those facts:
+Follows Black Forest Labs' reference, `src/flux/sampling.py` in https://github.com/black-forest-labs/flux:
 
 - noise is drawn on the CPU from `torch.Generator("cpu").manual_seed(seed)`, so it is the same on
   every device; image i of a batch uses seed + i (for one image this is exactly the reference);
@@ -78,9 +77,7 @@ def get_noise(
     rows, cols = _tokens(height, width)
     shape = (1, LATENT_CHANNELS, PATCH * rows, PATCH * cols)
     noise = [
-        torch.randn(
-            shape, dtype=dtype, generator=torch.Generator("cpu").manual_seed((seed + i) % 2**64)
-        )
+        torch.randn(shape, dtype=dtype, generator=torch.Generator("cpu").manual_seed((seed + i) % 2**64))
         for i in range(num)
     ]
     return torch.cat(noise).to(device)  # (num, 16, 2*rows, 2*cols)
@@ -106,9 +103,7 @@ def unpack(x: Tensor, height: int, width: int) -> Tensor:
             f"packed latents for a {width}x{height} image must have shape (batch, {rows * cols}, "
             f"4*channels), got {tuple(x.shape)}"
         )
-    return rearrange(
-        x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=rows, w=cols, ph=PATCH, pw=PATCH
-    )
+    return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=rows, w=cols, ph=PATCH, pw=PATCH)
 
 
 def image_ids(batch: int, height: int, width: int, *, device: str | torch.device = "cpu") -> Tensor:

@@ -58,9 +58,7 @@ class T5Config:
                         f"T5Config.layer_norm_epsilon must be a number > 0, got {value!r}"
                     )
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(
-                    f"T5Config.{f.name} must be an integer >= 1, got {value!r}"
-                )
+                raise ConfigurationError(f"T5Config.{f.name} must be an integer >= 1, got {value!r}")
         buckets = self.relative_attention_num_buckets
         if buckets < 4 or buckets % 2:
             raise ConfigurationError(
@@ -136,17 +134,14 @@ class T5Attention(nn.Module):
 
     def position_bias(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The additive attention bias for a sequence of `length` tokens, shape (1, H, L, L)."""
-        buckets = relative_position_buckets(
-            length, length, self.num_buckets, self.max_distance, device
-        )
+        buckets = relative_position_buckets(length, length, self.num_buckets, self.max_distance, device)
         table = self.relative_attention_bias.weight
         bias = self.relative_attention_bias(buckets.to(table.device), out_dtype=dtype)  # (L, L, H)
         return rearrange(bias, "Lq Lk H -> 1 H Lq Lk").to(device)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         q, k, v = (
-            rearrange(proj(x), "B L (H D) -> B H L D", H=self.num_heads)
-            for proj in (self.q, self.k, self.v)
+            rearrange(proj(x), "B L (H D) -> B H L D", H=self.num_heads) for proj in (self.q, self.k, self.v)
         )
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # (B, H, L, D)
         return self.o(rearrange(out, "B H L D -> B L (H D)"))
@@ -194,9 +189,7 @@ class T5Block(nn.Module):
 
     def __init__(self, config: T5Config, has_relative_bias: bool):
         super().__init__()
-        self.layer = nn.ModuleList(
-            [T5LayerSelfAttention(config, has_relative_bias), T5LayerFF(config)]
-        )
+        self.layer = nn.ModuleList([T5LayerSelfAttention(config, has_relative_bias), T5LayerFF(config)])
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         attn, ff = self.layer
@@ -229,9 +222,7 @@ class T5Encoder(nn.Module):
         self.shared = TokenEmbedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config)
 
-    def forward(
-        self, input_ids: torch.LongTensor, dtype: torch.dtype | None = None
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.LongTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Encode `input_ids` (B, L) computing in `dtype` (default fp32; bf16 or fp32 only)."""
         dtype = torch.float32 if dtype is None else dtype
         if dtype not in (torch.float32, torch.bfloat16):
@@ -248,14 +239,9 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int, who: str) -> None:
     """Raise InvalidInputError unless `input_ids` is a non-empty (B, L) integer tensor in range."""
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise InvalidInputError(
-            f"{who} input_ids must have shape (batch, length) with both > 0, "
-            f"got {tuple(input_ids.shape)}"
+            f"{who} input_ids must have shape (batch, length) with both > 0, got {tuple(input_ids.shape)}"
         )
-    if (
-        input_ids.dtype.is_floating_point
-        or input_ids.dtype.is_complex
-        or input_ids.dtype == torch.bool
-    ):
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise InvalidInputError(f"{who} input_ids must be an integer tensor, got {input_ids.dtype}")
     if input_ids.device.type != "meta":
         low, high = int(input_ids.min()), int(input_ids.max())

@@ -80,9 +80,7 @@ def find_comfyui_tokenizer_folders() -> TokenizerFolders | None:
         spec = importlib.util.find_spec("comfy")
         roots = list(spec.submodule_search_locations or []) if spec is not None else []
     for root in map(Path, roots):
-        folders = TokenizerFolders(
-            clip=root / "sd1_tokenizer", t5=root / "text_encoders" / "t5_tokenizer"
-        )
+        folders = TokenizerFolders(clip=root / "sd1_tokenizer", t5=root / "text_encoders" / "t5_tokenizer")
         if (folders.clip / "vocab.json").is_file() and (folders.t5 / T5_JSON).is_file():
             return folders
     return None
@@ -92,8 +90,7 @@ def check_prompts(prompts: list[str]) -> list[str]:
     """The prompts as a list, or InvalidInputError if they are not a non-empty list of strings."""
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         raise InvalidInputError(
-            f"prompts must be a list of strings, got {type(prompts).__name__}: "
-            "wrap a single prompt in a list"
+            f"prompts must be a list of strings, got {type(prompts).__name__}: wrap a single prompt in a list"
         )
     if not prompts:
         raise InvalidInputError("prompts must hold at least one prompt, got an empty list")
@@ -144,14 +141,15 @@ class TransformersPromptTokenizer:
         return batch["input_ids"].long()  # (B, max_length)
 
     def __repr__(self) -> str:
-        return f"TransformersPromptTokenizer({self.name}, vocab_size={self.vocab_size}, max_length={self.max_length})"
+        return (
+            f"TransformersPromptTokenizer({self.name}, vocab_size={self.vocab_size}, "
+            f"max_length={self.max_length})"
+        )
 
 
 def _check_max_length(max_length: int, minimum: int, who: str) -> None:
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < minimum:
-        raise InvalidInputError(
-            f"{who} max_length must be an integer >= {minimum}, got {max_length!r}"
-        )
+        raise InvalidInputError(f"{who} max_length must be an integer >= {minimum}, got {max_length!r}")
 
 
 def _check_folder(folder: str | Path, kind: str, where: str) -> Path:
@@ -178,9 +176,7 @@ def load_clip_tokenizer(folder: str | Path, max_length: int = 77) -> FastPromptT
     path = _check_folder(folder, "CLIP", _CLIP_WHERE)
     missing = [name for name in CLIP_FILES if not (path / name).is_file()]
     if missing:
-        raise ModelLoadError(
-            f"CLIP tokenizer folder {str(path)!r} lacks {', '.join(missing)}. {_CLIP_WHERE}"
-        )
+        raise ModelLoadError(f"CLIP tokenizer folder {str(path)!r} lacks {', '.join(missing)}. {_CLIP_WHERE}")
     try:
         vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -205,8 +201,7 @@ def load_clip_tokenizer(folder: str | Path, max_length: int = 77) -> FastPromptT
         )
     except Exception as e:  # tokenizers raises plain Exception for malformed files
         raise ModelLoadError(
-            f"CLIP tokenizer folder {str(path)!r}: vocab.json/merges.txt cannot be read ({e}). "
-            f"{_CLIP_WHERE}"
+            f"CLIP tokenizer folder {str(path)!r}: vocab.json/merges.txt cannot be read ({e}). {_CLIP_WHERE}"
         ) from e
     bos_id, eos_id = vocab[CLIP_BOS], vocab[CLIP_EOS]
 
@@ -276,9 +271,7 @@ def _load_t5_tokenizer_json(path: Path, max_length: int) -> FastPromptTokenizer:
     return FastPromptTokenizer(tokenizer, max_length, pad_id=pad_id, eos_id=eos_id, name=str(path))
 
 
-def load_t5_with_transformers(
-    folder: str | Path, max_length: int = 256
-) -> TransformersPromptTokenizer:
+def load_t5_with_transformers(folder: str | Path, max_length: int = 256) -> TransformersPromptTokenizer:
     """T5 tokenizer through transformers' `T5TokenizerFast` (the path for `spiece.model`-only folders)."""
     _check_max_length(max_length, 1, "T5 tokenizer")
     path = _check_folder(folder, "T5", _T5_WHERE)

@@ -127,9 +127,7 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"ComfyUI exited with {self.proc.returncode}; see {self.log_path}"
-                )
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}; see {self.log_path}")
             try:
                 self.get("/system_stats")
                 return
@@ -155,9 +153,7 @@ class ComfyServer:
 
     def post(self, path: str, doc) -> tuple[int, dict]:
         data = json.dumps(doc).encode()
-        req = urllib.request.Request(
-            self.url + path, data=data, headers={"Content-Type": "application/json"}
-        )
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 body = r.read()
@@ -178,10 +174,7 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             history = self.get(f"/history/{prompt_id}")
-            if (
-                prompt_id in history
-                and history[prompt_id].get("status", {}).get("completed") is not None
-            ):
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
                 entry = history[prompt_id]
                 if entry["status"].get("status_str") in ("success", "error"):
                     return entry
@@ -272,12 +265,8 @@ def check_import(report: Report, log: str) -> None:
         "package imported",
         timing[0].strip() if timing else "no import-time line for the package in the log",
     )
-    ours = [
-        ln for ln in lines if (PACKAGE_FOLDER in ln or "flux_schnell" in ln) and ln not in timing
-    ]
-    report.check(
-        not ours, "no error or warning from the package at start-up", " | ".join(ours)[:800]
-    )
+    ours = [ln for ln in lines if (PACKAGE_FOLDER in ln or "flux_schnell" in ln) and ln not in timing]
+    report.check(not ours, "no error or warning from the package at start-up", " | ".join(ours)[:800])
 
 
 def check_run_log(report: Report, log: str) -> None:
@@ -307,14 +296,10 @@ def check_object_info(report: Report, info: dict, local_files: list[Path]) -> No
         if live.display_name != want.display_name:
             problems.append(f"display name {live.display_name!r} != {want.display_name!r}")
         if [i.name for i in live.inputs] != [i.name for i in want.inputs]:
-            problems.append(
-                f"inputs {[i.name for i in live.inputs]} != {[i.name for i in want.inputs]}"
-            )
+            problems.append(f"inputs {[i.name for i in live.inputs]} != {[i.name for i in want.inputs]}")
         for a, b in zip(live.inputs, want.inputs, strict=False):
             if (a.type, a.required, dict(a.options)) != (b.type, b.required, dict(b.options)):
-                problems.append(
-                    f"{a.name}: {a.type} {dict(a.options)} != {b.type} {dict(b.options)}"
-                )
+                problems.append(f"{a.name}: {a.type} {dict(a.options)} != {b.type} {dict(b.options)}")
             if a.choices != b.choices and not _file_choices(a, b, local_files):
                 problems.append(f"{a.name}: choices {a.choices} != {b.choices}")
         if (live.output_types, live.output_names) != (want.output_types, want.output_names):
@@ -598,9 +583,7 @@ def record(page, server: ComfyServer, info: dict, comfyui: Path, commit: str | N
     frontend_only = {t: converted[t] for t in core}
     extra = {}
     for t, inputs in frontend_only.items():
-        declared = set(info[t]["input"].get("required", {})) | set(
-            info[t]["input"].get("optional", {})
-        )
+        declared = set(info[t]["input"].get("required", {})) | set(info[t]["input"].get("optional", {}))
         added = {k: v for k, v in inputs.items() if k not in declared}
         if added:
             extra[t] = added
@@ -703,9 +686,7 @@ def main(argv: list[str] | None = None) -> int:
             def in_browser(page) -> None:
                 check_frontend(report, page)
                 if args.record:
-                    path = record(
-                        page, server, info, comfyui, args.commit or comfyui_commit(comfyui)
-                    )
+                    path = record(page, server, info, comfyui, args.commit or comfyui_commit(comfyui))
                     report.add("INFO", "recorded", str(path))
 
             run_browser(args.browser, server.url, in_browser)

@@ -24,9 +24,7 @@ def comfy_package(comfy):
     """The repository loaded the ComfyUI way, with ComfyUI stand-ins present."""
     module = load_like_comfyui()
     yield module
-    for key in [
-        k for k in sys.modules if k == module.__name__ or k.startswith(module.__name__ + ".")
-    ]:
+    for key in [k for k in sys.modules if k == module.__name__ or k.startswith(module.__name__ + ".")]:
         del sys.modules[key]
 
 

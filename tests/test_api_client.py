@@ -73,9 +73,7 @@ FAST = {
 
 
 def make_settings(base_url: str, key: str = KEY, **overrides) -> ApiSettings:
-    return ApiSettings(
-        base_url=base_url, api_key=key, key_source="test settings", **{**FAST, **overrides}
-    )
+    return ApiSettings(base_url=base_url, api_key=key, key_source="test settings", **{**FAST, **overrides})
 
 
 @pytest.fixture
@@ -178,9 +176,7 @@ def test_other_image_modes_become_rgb(fake, client, mode):
     image = Image.new("RGB", (16, 8), (200, 100, 50)).convert(mode)
     out = io.BytesIO()
     image.save(out, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
-    fake.script(
-        Reply.image(out.getvalue(), "image/tiff" if mode in ("CMYK", "I;16") else "image/png")
-    )
+    fake.script(Reply.image(out.getvalue(), "image/tiff" if mode in ("CMYK", "I;16") else "image/png"))
     result = client.generate(REQ).image
     assert result.mode == "RGB"
     assert result.size == (16, 8)
@@ -457,10 +453,25 @@ def untrusted_tls_server(tmp_path):
         pytest.skip("openssl command not available")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-         "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     listener = socket.socket()
@@ -772,9 +783,7 @@ def test_success_status_with_an_error_body(fake, client, doc, cls, fragment):
 
 
 def test_job_that_fails_while_polling(fake, client):
-    fake.route(
-        "GET", "/jobs/j9", Reply.json({"status": "error", "error": {"message": "GPU fell over"}})
-    )
+    fake.route("GET", "/jobs/j9", Reply.json({"status": "error", "error": {"message": "GPU fell over"}}))
     fake.script(Reply.json({"id": "j9", "status": "queued", "status_url": "/jobs/j9"}))
     with pytest.raises(ApiError, match="GPU fell over") as info:
         client.generate(REQ)
@@ -793,9 +802,7 @@ def test_job_polling_stops_at_the_deadline(fake, make_client):
 
 def test_job_polling_survives_a_transient_failure(fake, client):
     image_url = fake.put_file(solid_image(8, 8, (9, 9, 9)))
-    fake.route(
-        "GET", "/jobs/j3", error_reply(503), Reply.json({"status": "done", "url": image_url})
-    )
+    fake.route("GET", "/jobs/j3", error_reply(503), Reply.json({"status": "done", "url": image_url}))
     fake.script(Reply.json({"id": "j3", "status": "pending", "poll_url": "/jobs/j3"}))
     result = client.generate(REQ)
     assert result.image.getpixel((0, 0)) == (9, 9, 9)
@@ -902,9 +909,7 @@ def test_download_size_cap(fake, make_client, omit_length):
 
 
 def test_download_retried_once(fake, client, caplog):
-    fake.route(
-        "GET", "/files/flaky.png", error_reply(500), Reply.image(solid_image(8, 8, (3, 3, 3)))
-    )
+    fake.route("GET", "/files/flaky.png", error_reply(500), Reply.image(solid_image(8, 8, (3, 3, 3))))
     fake.script(Reply.json({"url": "/files/flaky.png"}))
     with caplog.at_level(logging.WARNING, logger="flux_schnell.api"):
         result = client.generate(REQ)
@@ -982,9 +987,7 @@ def _exception_texts(exc: BaseException) -> list[str]:
 
 
 @pytest.mark.parametrize("scenario", sorted(_leak_scenarios("", "")), ids=lambda s: s)
-def test_key_never_leaks(
-    fake, other_host, make_client, caplog, capfd, tmp_path, monkeypatch, scenario
-):
+def test_key_never_leaks(fake, other_host, make_client, caplog, capfd, tmp_path, monkeypatch, scenario):
     monkeypatch.chdir(tmp_path)
     other_url = other_host.route("GET", "/private.png", error_reply(403, f"no {LEAK_KEY}"))
     replies, overrides = _leak_scenarios(other_url, f"http://127.0.0.1:{free_port()}")[scenario]
@@ -1024,11 +1027,8 @@ def test_request_id_of_a_success_is_scrubbed(fake, make_client, reply):
 
 
 def test_job_id_of_a_success_is_scrubbed(fake, make_client):
-    fake.route(
-        "GET", "/jobs/j", Reply.json({"status": "done", "image": b64(solid_image(8, 8, (4, 5, 6)))})
-    )
-    fake.script(Reply.json({"id": f"job-{LEAK_KEY}" + "y" * 200, "status": "queued",
-                            "poll_url": "/jobs/j"}))  # fmt: skip
+    fake.route("GET", "/jobs/j", Reply.json({"status": "done", "image": b64(solid_image(8, 8, (4, 5, 6)))}))
+    fake.script(Reply.json({"id": f"job-{LEAK_KEY}" + "y" * 200, "status": "queued", "poll_url": "/jobs/j"}))
     request_id = make_client(key=LEAK_KEY).generate(REQ).request_id
     assert request_id.startswith("job-***y")
     assert len(request_id) <= 100

@@ -76,9 +76,7 @@ def test_diffusers_mapping_is_key_and_shape_identical_at_full_size():
     with torch.device("meta"):
         ours = to_diffusers(AutoEncoder(p).state_dict(), p)
         theirs = diffusers.AutoencoderKL(**diffusers_config(p)).state_dict()
-    assert {k: tuple(t.shape) for k, t in ours.items()} == {
-        k: tuple(t.shape) for k, t in theirs.items()
-    }
+    assert {k: tuple(t.shape) for k, t in ours.items()} == {k: tuple(t.shape) for k, t in theirs.items()}
 
 
 def test_meta_build_then_assign_loads_weights():

@@ -23,8 +23,21 @@ def png_text(path) -> dict[str, str]:
 
 def test_one_prompt_to_a_png_with_metadata(fake_api, tmp_path):
     out = tmp_path / "fox.png"
-    code = main(["generate", "--prompt", "a red fox", "--out", str(out), "--width", "512",
-                 "--height", "256", "--seed", "7"])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "--prompt",
+            "a red fox",
+            "--out",
+            str(out),
+            "--width",
+            "512",
+            "--height",
+            "256",
+            "--seed",
+            "7",
+        ]
+    )
     assert code == 0
     with Image.open(out) as image:
         assert image.size == (512, 256)
@@ -38,8 +51,26 @@ def test_one_prompt_to_a_png_with_metadata(fake_api, tmp_path):
 
 def test_batch_writes_one_file_per_seed(fake_api, tmp_path):
     out = tmp_path / "fox.png"
-    assert main(["generate", "--prompt", "fox", "--out", str(out), "--batch-size", "3",
-                 "--seed", "5", "--width", "256", "--height", "256"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "fox",
+                "--out",
+                str(out),
+                "--batch-size",
+                "3",
+                "--seed",
+                "5",
+                "--width",
+                "256",
+                "--height",
+                "256",
+            ]
+        )
+        == 0
+    )
     seeds = [png_text(tmp_path / f"fox-{i}.png")["seed"] for i in (1, 2, 3)]
     assert seeds == ["5", "6", "7"]
 
@@ -55,8 +86,21 @@ def test_prompts_file_is_resumable_and_reports_failures(fake_api, tmp_path, caps
         return Reply.image(request_image(req))
 
     fake_api.set_default(refuse_dog)
-    args = ["generate", "--prompts-file", str(prompts), "--out-dir", str(out_dir),
-            "--width", "256", "--height", "256", "--seed", "1", "--concurrency", "2"]  # fmt: skip
+    args = [
+        "generate",
+        "--prompts-file",
+        str(prompts),
+        "--out-dir",
+        str(out_dir),
+        "--width",
+        "256",
+        "--height",
+        "256",
+        "--seed",
+        "1",
+        "--concurrency",
+        "2",
+    ]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "done: 2, failed: 1" in err
@@ -90,8 +134,9 @@ def test_refused_key_stops_the_run(fake_api, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"prompt {i}" for i in range(12)))
     fake_api.set_default(error_reply(401, "bad key"))
-    code = main(["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "o"),
-                 "--concurrency", "1"])  # fmt: skip
+    code = main(
+        ["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "o"), "--concurrency", "1"]
+    )
     assert code == 2  # a refused key is a configuration error
     assert fake_api.generate_calls < 12
     err = capsys.readouterr().err
@@ -117,10 +162,25 @@ def test_module_entry_point_runs_in_a_subprocess(fake_api, tmp_path):
     out = tmp_path / "sub.png"
     env = {**os.environ}
     result = subprocess.run(
-        [sys.executable, "-m", "comfyui_flux_schnell", "generate", "--prompt", "p", "--out",
-         str(out), "--width", "256", "--height", "256"],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "comfyui_flux_schnell",
+            "generate",
+            "--prompt",
+            "p",
+            "--out",
+            str(out),
+            "--width",
+            "256",
+            "--height",
+            "256",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert out.is_file()
     assert TEST_KEY not in result.stderr + result.stdout
@@ -134,15 +194,43 @@ def test_local_backend_from_the_command_line(tmp_path):
     clip_tok, t5_tok = write_flux_repo_tree(tmp_path)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na dog\n")
-    code = main(["generate", "--backend", "local", "--prompts-file", str(prompts), "--out-dir",
-                 str(tmp_path / "out"), "--checkpoint", str(files.all_in_one), "--t5-tokenizer",
-                 str(t5_tok), "--clip-tokenizer", str(clip_tok), "--width", "256", "--height",
-                 "256", "--steps", "1", "--seed", "3", "--batch-size", "2", "--device", "cpu"])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "--backend",
+            "local",
+            "--prompts-file",
+            str(prompts),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--checkpoint",
+            str(files.all_in_one),
+            "--t5-tokenizer",
+            str(t5_tok),
+            "--clip-tokenizer",
+            str(clip_tok),
+            "--width",
+            "256",
+            "--height",
+            "256",
+            "--steps",
+            "1",
+            "--seed",
+            "3",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert [n.split("-")[:2] + n.split("-")[-1:] for n in names] == [
-        ["a", "cat", "1.png"], ["a", "cat", "2.png"], ["a", "dog", "1.png"], ["a", "dog", "2.png"]
-    ]  # fmt: skip
+        ["a", "cat", "1.png"],
+        ["a", "cat", "2.png"],
+        ["a", "dog", "1.png"],
+        ["a", "dog", "2.png"],
+    ]
     dog_2 = tmp_path / "out" / names[-1]
     assert png_text(dog_2)["seed"] == "4"
     assert png_text(dog_2)["backend"] == "local"
@@ -151,8 +239,19 @@ def test_local_backend_from_the_command_line(tmp_path):
 def test_editing_the_prompts_file_does_not_rename_finished_drafts(fake_api, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\na cat\n")
-    args = ["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "d"),
-            "--width", "256", "--height", "256", "--seed", "1"]  # fmt: skip
+    args = [
+        "generate",
+        "--prompts-file",
+        str(prompts),
+        "--out-dir",
+        str(tmp_path / "d"),
+        "--width",
+        "256",
+        "--height",
+        "256",
+        "--seed",
+        "1",
+    ]
     assert main(args) == 0
     prompts.write_text("# a fox is done\na cat\na new owl\n")
     assert main(args) == 0
@@ -172,9 +271,7 @@ def test_an_unwritable_output_folder_is_refused_before_any_request(fake_api, tmp
     assert fake_api.generate_calls == 0
 
 
-def test_a_write_failure_mid_run_stops_the_run_with_a_summary(
-    fake_api, tmp_path, monkeypatch, capsys
-):
+def test_a_write_failure_mid_run_stops_the_run_with_a_summary(fake_api, tmp_path, monkeypatch, capsys):
     import comfyui_flux_schnell.images as images
 
     def disk_full(*args, **kwargs):
@@ -183,8 +280,9 @@ def test_a_write_failure_mid_run_stops_the_run_with_a_summary(
     monkeypatch.setattr(images, "save_png", disk_full)
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"p{i}" for i in range(8)))
-    code = main(["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "o"),
-                 "--concurrency", "1"])  # fmt: skip
+    code = main(
+        ["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "o"), "--concurrency", "1"]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err
@@ -197,9 +295,25 @@ def test_local_files_that_fail_to_load_end_the_run_once(tmp_path, capsys):
     prompts.write_text("a\nb\nc\n")
     bad = tmp_path / "flux1-schnell.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
-    code = main(["generate", "--backend", "local", "--prompts-file", str(prompts), "--out-dir",
-                 str(tmp_path / "o"), "--checkpoint", str(bad), "--t5-tokenizer", str(tmp_path),
-                 "--clip-tokenizer", str(tmp_path), "--device", "cpu"])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "--backend",
+            "local",
+            "--prompts-file",
+            str(prompts),
+            "--out-dir",
+            str(tmp_path / "o"),
+            "--checkpoint",
+            str(bad),
+            "--t5-tokenizer",
+            str(tmp_path),
+            "--clip-tokenizer",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 2
     assert capsys.readouterr().err.count("failed line") == 1
 
@@ -208,8 +322,9 @@ def test_pngs_get_the_usual_permissions(fake_api, tmp_path):
     old = os.umask(0o022)
     try:
         out = tmp_path / "perm.png"
-        assert main(["generate", "--prompt", "p", "--out", str(out), "--width", "256",
-                     "--height", "256"]) == 0  # fmt: skip
+        assert (
+            main(["generate", "--prompt", "p", "--out", str(out), "--width", "256", "--height", "256"]) == 0
+        )
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o644

@@ -27,9 +27,16 @@ from support.diffusers_flux_convert import bfl_to_diffusers, diffusers_config
 
 KEYS_JSON = KEYS_DIR / "keys_flux1_schnell.json"
 TINY = dict(
-    in_channels=16, out_channels=16, vec_in_dim=24, context_in_dim=32, hidden_size=64,
-    num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(8, 12, 12),
-)  # fmt: skip
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=24,
+    context_in_dim=32,
+    hidden_size=64,
+    num_heads=2,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=(8, 12, 12),
+)
 TXT_LEN, GRID = 7, (3, 5)  # 7 text tokens, a non-square 3x5 token grid
 
 
@@ -71,9 +78,7 @@ def tiny_diffusers(flux: Flux):
 def grid_ids(rows: int, cols: int, axis0: float = 0.0) -> torch.Tensor:
     """(rows*cols, 3) ids (axis0, row, col), row-major."""
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    return torch.stack((torch.full_like(r, 0).float() + axis0, r.float(), c.float()), -1).view(
-        -1, 3
-    )
+    return torch.stack((torch.full_like(r, 0).float() + axis0, r.float(), c.float()), -1).view(-1, 3)
 
 
 def make_inputs(p: FluxParams, batch: int, ids_kind: str, seed: int = 1) -> dict:
@@ -99,16 +104,27 @@ def make_inputs(p: FluxParams, batch: int, ids_kind: str, seed: int = 1) -> dict
 def run_flux(model: Flux, x: dict, img: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     b = img.shape[0]
     return model(
-        img=img, img_ids=x["img_ids"].expand(b, -1, -1), txt=x["txt"],
-        txt_ids=x["txt_ids"].expand(b, -1, -1), timesteps=t, y=x["y"], guidance=x["guidance"],
-    )  # fmt: skip
+        img=img,
+        img_ids=x["img_ids"].expand(b, -1, -1),
+        txt=x["txt"],
+        txt_ids=x["txt_ids"].expand(b, -1, -1),
+        timesteps=t,
+        y=x["y"],
+        guidance=x["guidance"],
+    )
 
 
 def run_diffusers(model, x: dict, img: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return model(
-        hidden_states=img, encoder_hidden_states=x["txt"], pooled_projections=x["y"], timestep=t,
-        img_ids=x["img_ids"], txt_ids=x["txt_ids"], guidance=x["guidance"], return_dict=False,
-    )[0]  # fmt: skip
+        hidden_states=img,
+        encoder_hidden_states=x["txt"],
+        pooled_projections=x["y"],
+        timestep=t,
+        img_ids=x["img_ids"],
+        txt_ids=x["txt_ids"],
+        guidance=x["guidance"],
+        return_dict=False,
+    )[0]
 
 
 # --- layout ----------------------------------------------------------------------------------
@@ -120,9 +136,7 @@ def test_full_size_meta_model_has_schnell_checkpoint_layout():
         model = Flux(FluxParams())
     sd = model.state_dict()
     assert set(sd) == set(ref["keys"])
-    assert {k: list(v.shape) for k, v in sd.items()} == {
-        k: v["shape"] for k, v in ref["keys"].items()
-    }
+    assert {k: list(v.shape) for k, v in sd.items()} == {k: v["shape"] for k, v in ref["keys"].items()}
     assert len(sd) == ref["num_tensors"] == 776
     assert sum(v.numel() for v in sd.values()) == ref["num_parameters"] == 11_891_178_560
 
@@ -191,9 +205,7 @@ def test_a_forgotten_norm_scale_would_be_caught():
         flux.single_blocks[1].norm.key_norm.scale.fill_(1.0)
     x = make_inputs(flux.params, batch=2, ids_kind="txt2img")
     with torch.no_grad():
-        diff = run_flux(flux, x, x["img"], x["timesteps"]) - run_diffusers(
-            ref, x, x["img"], x["timesteps"]
-        )
+        diff = run_flux(flux, x, x["img"], x["timesteps"]) - run_diffusers(ref, x, x["img"], x["timesteps"])
     assert diff.abs().max() > 1e-3
 
 
@@ -218,9 +230,7 @@ def test_batch_entries_are_independent():
     x = make_inputs(flux.params, batch=2, ids_kind="txt2img")
     with torch.no_grad():
         both = run_flux(flux, x, x["img"], x["timesteps"])
-        second = run_flux(
-            flux, {**x, "txt": x["txt"][1:], "y": x["y"][1:]}, x["img"][1:], x["timesteps"][1:]
-        )
+        second = run_flux(flux, {**x, "txt": x["txt"][1:], "y": x["y"][1:]}, x["img"][1:], x["timesteps"][1:])
     torch.testing.assert_close(both[1:], second, rtol=1e-5, atol=1e-6)
     assert (both[0] - both[1]).abs().max() > 1e-2
 
@@ -267,9 +277,7 @@ def test_rms_fallback_for_old_torch_matches_the_fused_norm(dtype, monkeypatch):
     fallback = layers.rms_normalize(x)
     assert fallback.dtype == dtype
     want = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
-    torch.testing.assert_close(
-        fallback, fused, rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-2
-    )
+    torch.testing.assert_close(fallback, fused, rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-2)
     torch.testing.assert_close(
         fallback.double(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0
     )
@@ -285,12 +293,15 @@ def test_rope_rotates_interleaved_pairs_by_axis_angles():
     x = torch.randn(2, 5, 3, sum(axes), generator=gen)  # (B, L, H, D)
     out = apply_rope(x, rope_table(ids, axes, theta))
     # independent reference: pair p of axis a is the complex number x[2p] + i x[2p+1] times e^{i angle}
-    angles = torch.cat([ids[..., a, None].double() * theta ** (-torch.arange(0, d, 2).double() / d)
-                        for a, d in enumerate(axes)], dim=-1)  # fmt: skip  # (B, L, D/2)
+    angles = torch.cat(
+        [
+            ids[..., a, None].double() * theta ** (-torch.arange(0, d, 2).double() / d)
+            for a, d in enumerate(axes)
+        ],
+        dim=-1,
+    )  # (B, L, D/2)
     z = torch.view_as_complex(x.double().view(2, 5, 3, -1, 2).contiguous())
-    want = torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)[:, :, None]).flatten(
-        -2
-    )
+    want = torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)[:, :, None]).flatten(-2)
     torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
 
 
@@ -351,8 +362,14 @@ def test_bad_params_raise_value_error_naming_the_field(change, field):
 def test_bad_inputs_raise_invalid_input_naming_the_input(name, bad):
     flux = tiny_flux()
     x = make_inputs(flux.params, batch=2, ids_kind="txt2img")
-    args = dict(img=x["img"], img_ids=x["img_ids"].expand(2, -1, -1), txt=x["txt"],
-                txt_ids=x["txt_ids"].expand(2, -1, -1), timesteps=x["timesteps"], y=x["y"])  # fmt: skip
+    args = dict(
+        img=x["img"],
+        img_ids=x["img_ids"].expand(2, -1, -1),
+        txt=x["txt"],
+        txt_ids=x["txt_ids"].expand(2, -1, -1),
+        timesteps=x["timesteps"],
+        y=x["y"],
+    )
     with pytest.raises(InvalidInputError, match=f"`{name}`"):
         flux(**{**args, name: bad})
 

@@ -63,11 +63,7 @@ def config_of(model):
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bits (works for fp8, where torch.equal is not implemented)."""
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-    )
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def narrow_keys(model) -> set[str]:
@@ -83,9 +79,7 @@ def sets(tmp_path_factory):
 
     def get(dtype):
         if dtype not in written:
-            written[dtype] = tm.write_tiny_models(
-                tmp_path_factory.mktemp(tm.DTYPE_NAMES[dtype]), dtype
-            )
+            written[dtype] = tm.write_tiny_models(tmp_path_factory.mktemp(tm.DTYPE_NAMES[dtype]), dtype)
         return written[dtype]
 
     return get
@@ -286,9 +280,7 @@ def real_all_in_one(tmp_path_factory) -> Path:
         "text_encoders.clip_l.logit_scale": ((), torch.float32),
         "text_encoders.t5xxl.logit_scale": ((), torch.float32),
     }
-    return tm.write_header_only(
-        tmp_path_factory.mktemp("real") / "flux1-schnell-aio.safetensors", layout
-    )
+    return tm.write_header_only(tmp_path_factory.mktemp("real") / "flux1-schnell-aio.safetensors", layout)
 
 
 def test_inspect_real_size_all_in_one(real_all_in_one):
@@ -326,9 +318,7 @@ def real_width_all_in_one(tmp_path_factory) -> Path:
         **real_layout("t5xxl_hf", "text_encoders.t5xxl.transformer.", torch.float8_e4m3fn),
         **real_layout("clip_l_hf", "text_encoders.clip_l.transformer.", torch.float16),
     }
-    return tm.write_header_only(
-        tmp_path_factory.mktemp("real") / "reduced.safetensors", reduced(layout)
-    )
+    return tm.write_header_only(tmp_path_factory.mktemp("real") / "reduced.safetensors", reduced(layout))
 
 
 @pytest.mark.parametrize(
@@ -369,9 +359,7 @@ def all_in_mapping(model, path) -> bool:
     )
 
 
-needs_proc = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="reads /proc/self/maps"
-)
+needs_proc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 
 
 @needs_proc
@@ -418,9 +406,7 @@ def test_mapping_is_read_only_and_running_never_writes_the_weights(sets):
     for model in models.values():
         assert all_in_mapping(model, path)
     assert mapping_permissions(path) == {"r--s"}  # read-only: no copy-on-write, no commit charge
-    before = {
-        (name, key): t.clone() for name, m in models.items() for key, t in m.state_dict().items()
-    }
+    before = {(name, key): t.clone() for name, m in models.items() for key, t in m.state_dict().items()}
     run_each(models)
     for (name, key), value in before.items():
         assert torch.equal(models[name].state_dict()[key], value), (name, key)
@@ -571,9 +557,7 @@ def _write(path: Path, data: bytes) -> Path:
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
     weights = tm.transformer_weights()
-    removed = [
-        k for k in weights if k.startswith(("double_blocks.0.txt_", "single_blocks.0.linear2"))
-    ]
+    removed = [k for k in weights if k.startswith(("double_blocks.0.txt_", "single_blocks.0.linear2"))]
     assert len(removed) == 14
     for key in removed:
         del weights[key]
@@ -598,10 +582,7 @@ def test_missing_keys_in_all_in_one_carry_the_prefix(tmp_path):
     del weights["text_model.final_layer_norm.bias"]
     path = tm.write_all_in_one(tmp_path / "aio.safetensors", {"clip": weights})
     message = load_error(loading.load_clip, path)
-    assert (
-        "missing keys (1): text_encoders.clip_l.transformer.text_model.final_layer_norm.bias"
-        in message
-    )
+    assert "missing keys (1): text_encoders.clip_l.transformer.text_model.final_layer_norm.bias" in message
 
 
 def test_shape_mismatch_names_key_expected_and_found(tmp_path):
@@ -616,9 +597,7 @@ def test_shape_mismatch_names_key_expected_and_found(tmp_path):
 
 def test_unsupported_dtype_is_named(tmp_path):
     weights = {k: v.half() for k, v in tm.clip_weights().items()}
-    weights["text_model.final_layer_norm.weight"] = weights[
-        "text_model.final_layer_norm.weight"
-    ].double()
+    weights["text_model.final_layer_norm.weight"] = weights["text_model.final_layer_norm.weight"].double()
     path = tmp_path / "f64.safetensors"
     save_file(weights, str(path))
     message = load_error(loading.load_clip, path)
@@ -648,9 +627,7 @@ def test_tiny_set_is_compatible():
 
 def test_wrong_clip_width_is_named():
     clip_g = CLIPTextConfig(hidden_size=1280, num_heads=20, intermediate_size=5120, num_layers=32)
-    with pytest.raises(
-        ModelLoadError, match=r"CLIP text encoder is 1280 wide.*clip_l\.safetensors"
-    ):
+    with pytest.raises(ModelLoadError, match=r"CLIP text encoder is 1280 wide.*clip_l\.safetensors"):
         loading.check_compatible(FluxParams(), clip=clip_g)
 
 
@@ -686,9 +663,7 @@ def test_check_files_compatible_accepts_matching_files(sets, no_tensor_data, all
 
 
 def test_check_files_compatible_reads_full_size_headers_only(real_all_in_one, no_tensor_data):
-    loading.check_files_compatible(
-        real_all_in_one, real_all_in_one, real_all_in_one, real_all_in_one
-    )
+    loading.check_files_compatible(real_all_in_one, real_all_in_one, real_all_in_one, real_all_in_one)
 
 
 def _meta_layout(build, config, dtype=torch.bfloat16) -> dict:
@@ -750,9 +725,7 @@ def test_check_files_compatible_names_files_and_mismatch(sets, tmp_path, swap, n
         paths[component] = tmp_path / f"{component}.safetensors"
         save_file(tm.store(WRITERS[component](config), torch.float32), paths[component])
     with pytest.raises(ModelLoadError, match="do not belong together") as caught:
-        loading.check_files_compatible(
-            paths["transformer"], paths["t5"], paths["clip"], paths["autoencoder"]
-        )
+        loading.check_files_compatible(paths["transformer"], paths["t5"], paths["clip"], paths["autoencoder"])
     message = str(caught.value)
     for needle in needles:
         assert needle.format(**paths) in message
@@ -762,6 +735,4 @@ def test_check_files_compatible_names_files_and_mismatch(sets, tmp_path, swap, n
 def test_check_files_compatible_names_a_file_of_the_wrong_kind(sets):
     files = sets(torch.float32)
     with pytest.raises(ModelLoadError, match=rf"{files.autoencoder}.* as the CLIP-L text encoder"):
-        loading.check_files_compatible(
-            files.transformer, files.t5, files.autoencoder, files.autoencoder
-        )
+        loading.check_files_compatible(files.transformer, files.t5, files.autoencoder, files.autoencoder)

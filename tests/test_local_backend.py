@@ -157,8 +157,15 @@ def test_node_with_local_backend_and_loader_node(comfy, comfy_package, tiny_bf16
     assert [(value, total) for value, total, _ in comfy.updates] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     # The loader node's choice.
     loader = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellLocalModel"]()
-    (model,) = loader.select("none", "flux1-schnell.safetensors", "t5xxl_fp16.safetensors",
-                             "clip_l.safetensors", "ae.safetensors", "as stored", "offload to CPU")  # fmt: skip
+    (model,) = loader.select(
+        "none",
+        "flux1-schnell.safetensors",
+        "t5xxl_fp16.safetensors",
+        "clip_l.safetensors",
+        "ae.safetensors",
+        "as stored",
+        "offload to CPU",
+    )
     same, _ = generate.generate("a fox", "local", SIZE, SIZE, 2, 5, 1, local_model=model)
     assert torch.equal(same[0], images[0])
 
@@ -317,9 +324,7 @@ def test_files_that_do_not_belong_together_are_refused_before_loading(
     assert "clip_g.safetensors" in str(info.value)
 
 
-def test_previews_when_comfyui_asks_for_them(
-    comfy, comfy_package, tiny_bf16, model_dir, monkeypatch
-):
+def test_previews_when_comfyui_asks_for_them(comfy, comfy_package, tiny_bf16, model_dir, monkeypatch):
     monkeypatch.setattr(comfy_package.comfy_bridge, "previews_enabled", lambda: True)
     generate = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
     spec = spec_for(tiny_bf16, model_dir)

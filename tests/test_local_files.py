@@ -32,8 +32,11 @@ def test_finds_the_usual_names_in_comfyui_folders(comfy_with_tokenizers):
     ae = _touch(models / "vae" / "ae.safetensors")
     files = LocalModelSpec().resolve()
     assert (files.transformer, files.t5, files.clip, files.ae) == (
-        transformer.resolve(), t5.resolve(), clip.resolve(), ae.resolve()
-    )  # fmt: skip
+        transformer.resolve(),
+        t5.resolve(),
+        clip.resolve(),
+        ae.resolve(),
+    )
     assert files.clip_tokenizer.name == "sd1_tokenizer"
     assert files.t5_tokenizer.name == "t5_tokenizer"
     fp8 = LocalModelSpec(weight_dtype="fp8_e4m3fn").resolve()
@@ -53,8 +56,16 @@ def test_missing_files_are_listed_with_where_they_were_looked_for(comfy_with_tok
     with pytest.raises(LocalBackendUnavailable) as info:
         LocalModelSpec().resolve()
     message = str(info.value)
-    for expected in ("transformer (--transformer)", "flux1-schnell.safetensors", "t5xxl",
-                     "clip_l", "ae.safetensors", "diffusion_models", "checkpoints", "backend 'api'"):  # fmt: skip
+    for expected in (
+        "transformer (--transformer)",
+        "flux1-schnell.safetensors",
+        "t5xxl",
+        "clip_l",
+        "ae.safetensors",
+        "diffusion_models",
+        "checkpoints",
+        "backend 'api'",
+    ):
         assert expected in message
 
 
@@ -92,15 +103,25 @@ def test_missing_tokenizers_and_paths_are_reported(tmp_path):
 def test_node_names_resolve_through_comfyui(comfy):
     path = _touch(comfy.models_dir / "vae" / "ae.safetensors")
     spec = LocalModelSpec.from_node_inputs(
-        checkpoint=None, transformer=None, t5=None, clip=None, vae="ae.safetensors",
-        weight_dtype="bf16", memory="offload to CPU",
-    )  # fmt: skip
+        checkpoint=None,
+        transformer=None,
+        t5=None,
+        clip=None,
+        vae="ae.safetensors",
+        weight_dtype="bf16",
+        memory="offload to CPU",
+    )
     assert spec.ae == path
     with pytest.raises(InvalidInputError, match=r"'gone\.safetensors' is not in ComfyUI's vae"):
         LocalModelSpec.from_node_inputs(
-            checkpoint=None, transformer=None, t5=None, clip=None, vae="gone.safetensors",
-            weight_dtype="bf16", memory="auto",
-        )  # fmt: skip
+            checkpoint=None,
+            transformer=None,
+            t5=None,
+            clip=None,
+            vae="gone.safetensors",
+            weight_dtype="bf16",
+            memory="auto",
+        )
 
 
 @pytest.mark.parametrize(("field", "value"), [("weight_dtype", "fp4"), ("memory", "lots")])

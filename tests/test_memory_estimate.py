@@ -102,9 +102,7 @@ def _attention_peak(fused: bool, q_shape, mask=None, causal=False) -> int:
     tracker = me.LiveTensorTracker(META)
     with torch.inference_mode(), me.gpu_kernels(fused), tracker:
         q, k, v = (torch.empty(q_shape, dtype=torch.bfloat16, device=META) for _ in range(3))
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal
-        )
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         assert out.shape == q_shape
     return tracker.peak
 
@@ -160,9 +158,7 @@ def _expected_weight_bytes(module, narrow_itemsize: int | None, stored_itemsize:
     for m in module.modules():
         for name, p in m.named_parameters(recurse=False):
             itemsize = stored_itemsize
-            if narrow_itemsize and (
-                narrow_itemsize > 1 or (isinstance(m, casting) and name == "weight")
-            ):
+            if narrow_itemsize and (narrow_itemsize > 1 or (isinstance(m, casting) and name == "weight")):
                 itemsize = narrow_itemsize
             total += p.numel() * itemsize
     return total
@@ -204,19 +200,16 @@ def test_measure_tiny_pipeline(weight_dtype, itemsize):
 
 def _stages(reserved=0):
     def stage(name, models, weights, activations):
-        return me.StageMemory(name, models, weights, weights, 0, activations, activations,
-                              reserved)  # fmt: skip
+        return me.StageMemory(name, models, weights, weights, 0, activations, activations, reserved)
 
     gib = me.GIB
-    model_bytes = {"T5-XXL": 4 * gib, "CLIP-L": gib // 4, "transformer": 11 * gib,
-                   "autoencoder": gib // 4}  # fmt: skip
+    model_bytes = {"T5-XXL": 4 * gib, "CLIP-L": gib // 4, "transformer": 11 * gib, "autoencoder": gib // 4}
     stages = [
         stage("text encoding", ["T5-XXL", "CLIP-L"], 4 * gib + gib // 4, gib // 8),
         stage("sampling", ["transformer"], 11 * gib, gib // 4),
         stage("decoding", ["autoencoder"], gib // 4, 2 * gib),
     ]
-    return me.PipelineMemory("fp8_e4m3fn", 1024, 1024, 4, 1, True, model_bytes, model_bytes,
-                             stages)  # fmt: skip
+    return me.PipelineMemory("fp8_e4m3fn", 1024, 1024, 4, 1, True, model_bytes, model_bytes, stages)
 
 
 @pytest.mark.parametrize(

@@ -40,8 +40,17 @@ def test_batch_makes_one_request_per_image(comfy, node, fake_api):
     assert 0 <= images.min() <= images.max() <= 1
     assert fake_api.generate_calls == 3
     bodies = [r.json for r in fake_api.requests]
-    assert all(b == {"prompt": "a red fox", "model": "flux-schnell", "width": 512,
-                     "height": 768, "num_inference_steps": 4} for b in bodies)  # fmt: skip
+    assert all(
+        b
+        == {
+            "prompt": "a red fox",
+            "model": "flux-schnell",
+            "width": 512,
+            "height": 768,
+            "num_inference_steps": 4,
+        }
+        for b in bodies
+    )
     data = json.loads(info)
     assert data["backend"] == "api"
     assert data["seeds"] == [42, 43, 44]
@@ -79,8 +88,16 @@ def test_images_keep_seed_order(comfy, node, fake_api, send_seed):
     ],
 )
 def test_bad_inputs_are_refused_before_any_request(node, fake_api, change, message):
-    args = {"prompt": "p", "backend": "api", "width": 1024, "height": 1024,
-            "num_inference_steps": 4, "seed": 0, "batch_size": 1, **change}  # fmt: skip
+    args = {
+        "prompt": "p",
+        "backend": "api",
+        "width": 1024,
+        "height": 1024,
+        "num_inference_steps": 4,
+        "seed": 0,
+        "batch_size": 1,
+        **change,
+    }
     with pytest.raises(ValueError, match=message):
         node.generate(**args)
     assert fake_api.generate_calls == 0

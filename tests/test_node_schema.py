@@ -31,9 +31,7 @@ def test_loads_under_a_path_derived_module_name(comfy):
         assert module.__name__ == str(REPO).replace(".", "_x_")
         assert set(module.NODE_CLASS_MAPPINGS) == {"FluxSchnellGenerate", "FluxSchnellLocalModel"}
         assert module.NODE_DISPLAY_NAME_MAPPINGS["FluxSchnellGenerate"] == "FLUX Schnell Generate"
-        assert (
-            module.NODE_DISPLAY_NAME_MAPPINGS["FluxSchnellLocalModel"] == "FLUX Schnell Local Model"
-        )
+        assert module.NODE_DISPLAY_NAME_MAPPINGS["FluxSchnellLocalModel"] == "FLUX Schnell Local Model"
     finally:
         for key in [k for k in sys.modules if k.startswith(module.__name__)]:
             del sys.modules[key]
@@ -70,15 +68,24 @@ def test_generate_inputs_mirror_the_api(comfy_package):
     spec = node.INPUT_TYPES()
     required = spec["required"]
     assert list(required) == [
-        "prompt", "backend", "width", "height", "num_inference_steps", "seed", "batch_size"
-    ]  # fmt: skip
+        "prompt",
+        "backend",
+        "width",
+        "height",
+        "num_inference_steps",
+        "seed",
+        "batch_size",
+    ]
     assert required["prompt"] == ("STRING", required["prompt"][1])
     assert required["prompt"][1]["multiline"] is True
     assert required["backend"][0] == ["api", "local"]
     for side in ("width", "height"):
         assert {k: required[side][1][k] for k in ("default", "min", "max", "step")} == {
-            "default": 1024, "min": 256, "max": 2048, "step": 16
-        }  # fmt: skip
+            "default": 1024,
+            "min": 256,
+            "max": 2048,
+            "step": 16,
+        }
     steps = required["num_inference_steps"][1]
     assert (steps["default"], steps["min"], steps["max"]) == (4, 1, 8)
     seed = required["seed"][1]

@@ -34,9 +34,7 @@ def reference_noise(num, height, width, seed, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    ("height", "width"), [(64, 64), (48, 80), (1000, 1000), (17, 33), (1360, 768)]
-)
+@pytest.mark.parametrize(("height", "width"), [(64, 64), (48, 80), (1000, 1000), (17, 33), (1360, 768)])
 def test_noise_matches_reference_formula(height, width, dtype):
     noise = sampling.get_noise(1, height, width, seed=1234, dtype=dtype)
     expected = reference_noise(1, height, width, 1234, dtype)
@@ -129,9 +127,7 @@ def test_pack_index_layout():
                 for ph in range(2):
                     for pw in range(2):
                         feature = ch * 4 + ph * 2 + pw
-                        assert torch.equal(
-                            packed[:, token, feature], latent[:, ch, 2 * i + ph, 2 * j + pw]
-                        )
+                        assert torch.equal(packed[:, token, feature], latent[:, ch, 2 * i + ph, 2 * j + pw])
 
 
 def test_unpack_inverts_pack():

@@ -211,13 +211,12 @@ def test_base_url_refused(cfg, url, match):
     [
         ("ftp://me:PASSWD@imageapi.org/p?tok=QSECRET#FRAG", "ftp://imageapi.org/p", "https://"),
         ("me:PASSWD@imageapi.org?tok=QSECRET", "imageapi.org", "https://"),
-        ("https://me:PASSWD@imageapi.org:99999/p?tok=QSECRET", "https://imageapi.org:99999/p",
-         "malformed"),
+        ("https://me:PASSWD@imageapi.org:99999/p?tok=QSECRET", "https://imageapi.org:99999/p", "malformed"),
         ("https://me:PASSWD@[::1/p?tok=QSECRET", "https://[::1/p", "malformed"),
         ("https://me:PASS\uff20WD@imageapi.org/p", "https://imageapi.org/p", "malformed"),
         ("https://imageapi.org/v1?tok=QSECRET#FRAG", "https://imageapi.org/v1", "query"),
     ],
-)  # fmt: skip
+)
 def test_base_url_errors_never_echo_userinfo_or_query(cfg, url, shown, match):
     with pytest.raises(ConfigurationError, match=match) as info:
         load_settings(cfg, environ={"IMAGEAPI_API_KEY": KEY, "IMAGEAPI_BASE_URL": url})
@@ -361,9 +360,7 @@ def test_missing_key_when_an_earlier_file_hides_the_key(inside_comfyui):
 def test_config_search_paths(inside_comfyui, tmp_path, monkeypatch):
     comfy_file, xdg_file, env = inside_comfyui
     assert config_search_paths(env) == [comfy_file, xdg_file]
-    assert config_search_paths({**env, "IMAGEAPI_CONFIG": str(tmp_path / "c.json")}) == [
-        tmp_path / "c.json"
-    ]
+    assert config_search_paths({**env, "IMAGEAPI_CONFIG": str(tmp_path / "c.json")}) == [tmp_path / "c.json"]
     monkeypatch.setattr(comfy_bridge, "user_directory", lambda: None)
     assert config_search_paths(env) == [xdg_file]
     assert shell_config_path(env) == xdg_file

@@ -113,9 +113,9 @@ def test_clip_matches_transformers(folders):
     transformers = pytest.importorskip("transformers")
     reference = transformers.CLIPTokenizer.from_pretrained(str(folders[0]), local_files_only=True)
     prompts = [*PROMPTS, SPECIAL, LONG]
-    expected = reference(
-        prompts, truncation=True, max_length=77, padding="max_length", return_tensors="pt"
-    )["input_ids"]
+    expected = reference(prompts, truncation=True, max_length=77, padding="max_length", return_tensors="pt")[
+        "input_ids"
+    ]
     assert torch.equal(load_clip_tokenizer(folders[0])(prompts), expected)
 
 
@@ -163,9 +163,9 @@ def test_t5_matches_transformers(folders):
     transformers = pytest.importorskip("transformers")
     reference = transformers.T5TokenizerFast.from_pretrained(str(folders[1]), local_files_only=True)
     prompts = [*PROMPTS, SPECIAL, LONG * 3]
-    expected = reference(
-        prompts, truncation=True, max_length=256, padding="max_length", return_tensors="pt"
-    )["input_ids"]
+    expected = reference(prompts, truncation=True, max_length=256, padding="max_length", return_tensors="pt")[
+        "input_ids"
+    ]
     assert torch.equal(load_t5_tokenizer(folders[1])(prompts), expected)
 
 
@@ -252,9 +252,7 @@ def test_t5_tokenizer_json_without_t5_tokens(tmp_path):
 
     folder = tmp_path / "t5"
     folder.mkdir()
-    Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(
-        str(folder / "tokenizer.json")
-    )
+    Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
     with pytest.raises(ModelLoadError, match="not a T5 tokenizer"):
         load_t5_tokenizer(folder)
 

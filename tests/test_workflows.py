@@ -37,9 +37,7 @@ def record():
 
 @pytest.fixture
 def specs(comfy_package, record):
-    own = wt.package_specs(
-        comfy_package.NODE_CLASS_MAPPINGS, comfy_package.NODE_DISPLAY_NAME_MAPPINGS
-    )
+    own = wt.package_specs(comfy_package.NODE_CLASS_MAPPINGS, comfy_package.NODE_DISPLAY_NAME_MAPPINGS)
     return {**wt.core_specs(record), **own}
 
 
@@ -222,11 +220,7 @@ def test_api_workflow_runs_end_to_end(path, comfy_package, fake_api, tmp_path):
         (n["inputs"]["width"], n["inputs"]["height"]) for n in gens
     }
     assert all(r["prompt"] == gens[0]["inputs"]["prompt"] for r in sent)
-    infos = [
-        out[1]
-        for nid, out in result.outputs.items()
-        if api[nid]["class_type"] == gens[0]["class_type"]
-    ]
+    infos = [out[1] for nid, out in result.outputs.items() if api[nid]["class_type"] == gens[0]["class_type"]]
     assert TEST_KEY not in json.dumps(infos)
 
 

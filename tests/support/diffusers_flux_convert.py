@@ -1,8 +1,9 @@
 """Test-only helper: a BFL FLUX.1 transformer state dict in diffusers' `FluxTransformer2DModel` layout.
 
 diffusers' own single-file converter hard-codes the schnell width (3072, mlp ratio 4), so parity tests
-on tiny configs need this generic mapping. It follows the key table in
-/work/shared/reference/flux-architecture.md section 8 and works for any width: the hidden size is read
+on tiny configs need this generic mapping. It follows the key mapping of diffusers'
+`convert_flux_transformer_checkpoint_to_diffusers` (src/diffusers/loaders/single_file_utils.py in
+https://github.com/huggingface/diffusers) and works for any width: the hidden size is read
 from `img_in.weight`. Fused weights are split (double-block `qkv` into `to_{q,k,v}` / `add_{q,k,v}_proj`;
 single-block `linear1` into `to_{q,k,v}` + `proj_mlp`) and the final adaLN halves are swapped from
 (shift, scale) to diffusers' (scale, shift). Splits are views of the input tensors; `load_state_dict`
@@ -74,9 +75,7 @@ def bfl_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
                     if module.startswith("img")
                     else ("add_q_proj", "add_k_proj", "add_v_proj")
                 )
-                for name, part in zip(
-                    names, tensor.chunk(3, dim=0), strict=True
-                ):  # [q | k | v] rows
+                for name, part in zip(names, tensor.chunk(3, dim=0), strict=True):  # [q | k | v] rows
                     out[f"{prefix}.attn.{name}.{suffix}"] = part
             else:
                 out[f"{prefix}.{_DOUBLE[module]}.{suffix}"] = tensor

@@ -5,8 +5,8 @@ No pytest needed. `FakeImageAPI()` is a context manager (or `.start()` / `.stop(
 script: `.script(r1, r2, ...)` queues answers for the generate call (then `.set_default(...)`,
 which starts as "a PNG of the requested size"), `.route(method, path, ...)` scripts any other
 path, `.put_file(...)` serves bytes at /files/<name>. An answer is a `Reply` or a callable
-`(request, server) -> Reply`; `SHAPES` builds every success shape of the contract
-(shared/reference/imageapi-contract.md) and the helpers below build every fault (error statuses
+`(request, server) -> Reply`; `SHAPES` builds every success shape of the service's
+documented contract (https://imageapi.org) and the helpers below build every fault (error statuses
 and bodies, Retry-After, slow headers, slow body, a connection cut mid-body, non-JSON, corrupt and
 decompression-bomb images, asynchronous jobs). Every request is recorded (`.requests`,
 `.count()`), so tests prove what was and was not retried. The default image is a solid colour
@@ -131,9 +131,7 @@ class FakeImageAPI:
         self._closing = threading.Event()
         self._names = itertools.count(1)
         self._files: dict[str, Reply] = {}
-        self._routes: dict[tuple[str, str], _Route] = {
-            ("POST", GENERATE_PATH): _Route(default=default_png)
-        }
+        self._routes: dict[tuple[str, str], _Route] = {("POST", GENERATE_PATH): _Route(default=default_png)}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -191,9 +189,7 @@ class FakeImageAPI:
             route.queue.extend(responders)
         return self.url(path)
 
-    def put_file(
-        self, data: bytes, content_type: str = "image/png", name: str | None = None
-    ) -> str:
+    def put_file(self, data: bytes, content_type: str = "image/png", name: str | None = None) -> str:
         """Serve `data` at /files/<name> (a fresh name when None); returns its absolute URL."""
         name = name or f"img-{next(self._names)}.{content_type.rsplit('/', 1)[-1]}"
         with self._lock:
@@ -499,9 +495,7 @@ SHAPES: dict[str, Responder] = {
     ),
     "image_url": _json_with(lambda d, r, f: {"image_url": f.put_file(d)}),
     "url": _json_with(lambda d, r, f: {"url": f.put_file(d)}),
-    "relative_url": _json_with(
-        lambda d, r, f: {"url": urlsplit(f.put_file(d)).path, "status": "succeeded"}
-    ),
+    "relative_url": _json_with(lambda d, r, f: {"url": urlsplit(f.put_file(d)).path, "status": "succeeded"}),
     "nested_data_result_output": _json_with(
         lambda d, r, f: {"data": {"result": {"output": [{"image": data_uri(d)}]}}}
     ),
@@ -541,9 +535,7 @@ def error_reply(
         doc = {"error": {"message": message, "code": "bad_thing", "type": "invalid"}}
         return Reply.json(doc, status, headers=headers, **kwargs)
     if style == "message":
-        return Reply.json(
-            {"message": message, "statusCode": status}, status, headers=headers, **kwargs
-        )
+        return Reply.json({"message": message, "statusCode": status}, status, headers=headers, **kwargs)
     if style == "detail":
         return Reply.json({"detail": message}, status, headers=headers, **kwargs)
     if style == "detail_list":
@@ -585,9 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_signal)  # `kill` ends it like Ctrl-C does
     fake = FakeImageAPI(args.host, args.port, delay_s=args.delay).start()
-    print(
-        f"fake ImageAPI at {fake.base_url} (set IMAGEAPI_BASE_URL to it); Ctrl-C stops", flush=True
-    )
+    print(f"fake ImageAPI at {fake.base_url} (set IMAGEAPI_BASE_URL to it); Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(1.0)

@@ -54,9 +54,7 @@ TINY_FLUX = FluxParams(
     guidance_embed=False,
 )
 TINY_AE = AutoEncoderParams(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=16)
-TINY_T5 = T5Config(
-    vocab_size=T5_VOCAB_SIZE, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=2
-)
+TINY_T5 = T5Config(vocab_size=T5_VOCAB_SIZE, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=2)
 TINY_CLIP = CLIPTextConfig(
     vocab_size=CLIP_VOCAB_SIZE,
     hidden_size=64,  # one 64-wide head, as inference assumes
@@ -185,16 +183,12 @@ def write_tiny_models(folder: Path, dtype: torch.dtype = torch.float32, seed: in
         "clip": clip_weights(seed=seed + 3),
     }
     paths = {
-        "transformer": save(
-            folder / f"flux1-schnell-tiny_{tag}.safetensors", parts["transformer"], dtype
-        ),
+        "transformer": save(folder / f"flux1-schnell-tiny_{tag}.safetensors", parts["transformer"], dtype),
         "autoencoder": save(folder / f"ae-tiny_{tag}.safetensors", parts["autoencoder"], dtype),
         "t5": save(folder / f"t5xxl-tiny_{tag}.safetensors", parts["t5"], dtype),
         "clip": save(folder / f"clip_l-tiny_{tag}.safetensors", parts["clip"], dtype),
     }
-    paths["all_in_one"] = write_all_in_one(
-        folder / f"flux1-schnell-tiny-aio_{tag}.safetensors", parts, dtype
-    )
+    paths["all_in_one"] = write_all_in_one(folder / f"flux1-schnell-tiny-aio_{tag}.safetensors", parts, dtype)
     return TinyModelFiles(folder=folder, dtype=dtype, **paths)
 
 
@@ -230,9 +224,7 @@ def write_sd_unet(path: Path) -> Path:
 def write_truncated(source: Path, path: Path, keep_fraction=0.6, keep_bytes=None) -> Path:
     """A copy of `source` cut short (to `keep_bytes`, or a fraction), as a broken download is."""
     data = source.read_bytes()
-    path.write_bytes(
-        data[: keep_bytes if keep_bytes is not None else int(len(data) * keep_fraction)]
-    )
+    path.write_bytes(data[: keep_bytes if keep_bytes is not None else int(len(data) * keep_fraction)])
     return path
 
 

@@ -155,9 +155,7 @@ def write_clip_tokenizer(folder: str | Path, layout: str = "comfyui") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab_and_merges()
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"
-    )
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     (folder / "special_tokens_map.json").write_text(
         json.dumps(_clip_special_tokens_map(), indent=2), encoding="utf-8"
     )

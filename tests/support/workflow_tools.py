@@ -29,9 +29,7 @@ from typing import Any
 from . import DATA_DIR, REPO
 
 WORKFLOW_DIR = REPO / "workflows"
-API_DIR = (
-    WORKFLOW_DIR / "api"
-)  # not listed by ComfyUI's template browser (it globs workflows/*.json)
+API_DIR = WORKFLOW_DIR / "api"  # not listed by ComfyUI's template browser (it globs workflows/*.json)
 CORE_NODES_FILE = DATA_DIR / "comfyui_core_nodes.json"
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -154,10 +152,7 @@ def load_core_record(path: Path = CORE_NODES_FILE) -> dict[str, Any]:
 def core_specs(record: Mapping[str, Any] | None = None) -> dict[str, NodeSpec]:
     record = record if record is not None else load_core_record()
     extra = record.get("frontend_only_widgets", {})
-    return {
-        name: spec_from_object_info(entry, extra.get(name))
-        for name, entry in record["nodes"].items()
-    }
+    return {name: spec_from_object_info(entry, extra.get(name)) for name, entry in record["nodes"].items()}
 
 
 def ui_only_types(record: Mapping[str, Any] | None = None) -> frozenset[str]:
@@ -205,9 +200,7 @@ def split_widget_values(spec: NodeSpec, values: list) -> tuple[dict[str, Any], d
             controls[widget.name] = values[pos]
             pos += 1
     if pos != len(values):
-        raise ValueError(
-            f"{spec.name}: widgets_values has {len(values)} entries, the widgets need {pos}"
-        )
+        raise ValueError(f"{spec.name}: widgets_values has {len(values)} entries, the widgets need {pos}")
     return named, controls
 
 
@@ -293,8 +286,7 @@ def check_ui_workflow(
         for slot, inp in enumerate(n.get("inputs", [])):
             if inp.get("link") is not None and linked_in.get((n["id"], slot)) != inp["link"]:
                 problems.append(
-                    f"node {n['id']} input {inp['name']!r} names link {inp['link']}, which does "
-                    "not end there"
+                    f"node {n['id']} input {inp['name']!r} names link {inp['link']}, which does not end there"
                 )
         for slot, out in enumerate(n.get("outputs", [])):
             for link_id in out.get("links") or []:
@@ -450,9 +442,7 @@ def run_api_graph(
             if k in declared.get("required", {}) or k in declared.get("optional", {})
         }  # frontend-only widgets (PreviewAny's "preview") are not function arguments
         for arg, kind in declared.get("hidden", {}).items():
-            kwargs[arg] = (
-                node_id if kind == "UNIQUE_ID" else (hidden(kind, node_id) if hidden else None)
-            )
+            kwargs[arg] = node_id if kind == "UNIQUE_ID" else (hidden(kind, node_id) if hidden else None)
         out = getattr(cls(), cls.FUNCTION)(**kwargs)
         if isinstance(out, dict):
             ui[node_id] = out.get("ui", {})
@@ -533,9 +523,7 @@ def core_stand_ins(output_dir: Path, prompt: Mapping[str, Any] | None = None) ->
             return {
                 "required": {
                     "image": ("IMAGE",),
-                    "upscale_method": (
-                        ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"],
-                    ),
+                    "upscale_method": (["nearest-exact", "bilinear", "area", "bicubic", "lanczos"],),
                     "scale_by": ("FLOAT", {}),
                 }
             }

@@ -1,0 +1,47 @@
+"""Checks on the repository itself: it stands alone, whatever machine it was written on."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+from support import REPO
+
+# An absolute path into a home, work or root directory: written on one machine, meaningless on the
+# next. Built from parts so that this file does not match itself.
+MACHINE_PATH = re.compile("|".join(["/" + "home/[A-Za-z]", "/" + "root/", "/" + "work/", "/" + "Users/"]))
+
+
+def tracked_text_files():
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=False, text=True
+    ).stdout.split("\0")
+    files = [REPO / name for name in listed if name] or [  # a copy without .git (as in CI)
+        p
+        for p in REPO.rglob("*")
+        if not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(REPO).parts)
+    ]
+    for path in files:
+        if not path.is_file() or path.suffix in {".png", ".jpg", ".webp", ".safetensors", ".gguf"}:
+            continue
+        try:
+            yield path, path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+
+
+def test_no_tracked_file_names_an_absolute_machine_path():
+    found = [
+        f"{path.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
+        for path, text in tracked_text_files()
+        for m in MACHINE_PATH.finditer(text)
+    ]
+    assert not found, "absolute machine paths in tracked files:\n" + "\n".join(found)
+
+
+def test_the_check_sees_the_files_and_would_catch_a_path(tmp_path):
+    names = {path.name for path, _ in tracked_text_files()}
+    assert {"README.md", "pyproject.toml", "nodes.py"} <= names
+    assert MACHINE_PATH.search("see " + "/" + "work/shared/reference/keys")
+    assert MACHINE_PATH.search("/" + "home/alice/ComfyUI")
+    assert not MACHINE_PATH.search("~/ComfyUI and models/diffusion_models")
