@@ -1,13 +1,19 @@
-"""The api backend of the node: a `GenerationRequest` to an IMAGE batch through the hosted service.
+"""The api backend: a `GenerationRequest` to images through the hosted service, for the node (one
+IMAGE batch) and for the command line (a stream of drafts).
 
-Per run: settings are re-read (a new key or base URL needs no restart), the batch becomes one
-request per seed (`seed, seed + 1, ...`) run through the client's bounded worker pool, and the
-finished images become one IMAGE tensor in seed order.
+Per run the caller passes the settings it read where the program starts (the node reads them on
+every run, so a new key or base URL needs no restart); a batch becomes one request per seed (`seed,
+seed + 1, ...`) run through the client's bounded worker pool.
 
-When some images of a batch fail the node raises (ComfyUI shows the error and caches nothing), but
-the images that did finish were paid for: they are kept here, keyed by their exact request, and a
-re-queue of the same batch only sends the requests that failed. The kept images are dropped once
-used, and at most `KEEP_LIMIT` are held.
+`generate_api` (the node): the finished images become one IMAGE tensor in seed order. When some
+images of a batch fail the node raises (ComfyUI shows the error and caches nothing), but the images
+that did finish were paid for: they are kept here, keyed by their exact request, and a re-queue of
+the same batch only sends the requests that failed. The kept images are dropped once used, and at
+most `KEEP_LIMIT` are held.
+
+`stream_api_images` (the command line): any number of requests, read lazily, each result given
+back as it finishes; a refused key or an empty account ends the stream. Neither path imports torch
+until a tensor is made (`generate_api` only), so the command line runs without it.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 
 from PIL import Image
 
-from .api_client import ApiImage, GenerateRequest, ImageApiClient
+from .api_client import ImageApiClient, OnEvent
+from .api_request import ApiImage, ApiImageRequest
 from .comfy_bridge import Progress
 from .errors import (
     ApiError,
@@ -29,7 +37,6 @@ from .errors import (
     InsufficientCreditsError,
 )
 from .generation import MODEL_NAME, GenerationInfo, GenerationRequest
-from .images import pil_to_tensor
 from .settings import ApiSettings, load_settings
 
 log = logging.getLogger("flux_schnell.api")
@@ -56,30 +63,72 @@ def client_for(settings: ApiSettings) -> ImageApiClient:
         return _client
 
 
-def api_requests(request: GenerationRequest) -> list[GenerateRequest]:
+def image_requests(request: GenerationRequest, labels: Iterable[str] = ()) -> list[ApiImageRequest]:
+    """One service request per image of `request` (seeds `seed, seed + 1, ...`); `labels` name
+    them in messages (default: "image 1", "image 2", ...)."""
+    names = list(labels)
     return [
-        GenerateRequest(
+        ApiImageRequest(
             prompt=request.prompt,
             width=request.width,
             height=request.height,
             num_inference_steps=request.steps,
             seed=seed,
             model=MODEL_NAME,
+            label=names[i] if i < len(names) else "",
         )
-        for seed in request.seeds
+        for i, seed in enumerate(request.seeds)
     ]
 
 
-def _keep_key(settings: ApiSettings, req: GenerateRequest) -> tuple:
+def ends_the_run(error: ApiError) -> bool:
+    """Whether every other request would fail the same way (a refused key, no credits left)."""
+    return isinstance(error, ABORT_BATCH)
+
+
+def stream_api_images(
+    requests_in: Iterable[ApiImageRequest],
+    settings: ApiSettings,
+    *,
+    concurrency: int = CONCURRENCY,
+    should_stop: Callable[[], bool] | None = None,
+    on_event: OnEvent | None = None,
+    keep_data: bool = False,
+) -> Iterator[tuple[int, ApiImage | ApiError]]:
+    """`(index, result)` for each request as it finishes, read lazily; images alive at once are
+    bounded by the concurrency (see `ImageApiClient.generate_stream`). After an error for which
+    `ends_the_run` is true, nothing more is sent and the stream ends. `keep_data` keeps the
+    service's file (`ApiImage.data`, `.format`) so a caller can write it without re-encoding."""
+    stream = client_for(settings).generate_stream(
+        requests_in,
+        concurrency=concurrency,
+        should_stop=should_stop,
+        on_event=on_event,
+        keep_data=keep_data,
+    )
+    try:
+        for index, result in stream:
+            yield index, result
+            if isinstance(result, ApiError) and ends_the_run(result):
+                return
+    finally:
+        stream.close()  # stops the pool: nothing more is sent
+
+
+def _keep_key(settings: ApiSettings, req: ApiImageRequest) -> tuple:
     return (settings.base_url, settings.send_seed, req)
 
 
 def generate_api(request: GenerationRequest, progress: Progress, settings: ApiSettings | None = None):
-    """Run `request` on the hosted API; returns `(IMAGE tensor, GenerationInfo)`."""
+    """Run `request` on the hosted API; returns `(IMAGE tensor, GenerationInfo)`. Synchronous,
+    called from one thread per run. `settings`: what the caller read at its start (the node reads
+    them on every run); None reads them here."""
+    from .images import pil_to_tensor  # torch: the node's path only (ComfyUI always has it)
+
     request.validate("api")
     settings = settings or load_settings()
     started = time.monotonic()
-    reqs = api_requests(request)
+    reqs = image_requests(request)
     results: list[ApiImage | ApiError | None] = [None] * len(reqs)
 
     with _lock:

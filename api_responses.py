@@ -1,7 +1,7 @@
 """Reading the ImageAPI's answers: where the image is, whether it is a job, what an error says.
 
-Pure functions over a complete answer (`Reply`), no I/O: used by api_client.py (the generate
-call, job polling) and api_http.py (error texts of downloads). Based on the service's public
+Pure functions over a complete answer (`Reply`), no I/O: used by api_answers.py (the
+generate call's answer, job polling) and api_failures.py (error texts). Based on the service's public
 documentation (https://imageapi.org), which leaves the success body undocumented, so
 every common shape of comparable FLUX hosts is recognised: raw image bytes, OpenAI `data[]`,
 `images[]`, single fields, nested wrappers, data URIs and (URL-safe, wrapped, unpadded) base64,
@@ -85,7 +85,9 @@ class Reply:
 
 
 @dataclass
-class Job:
+class AsyncJob:
+    """An answer that says the image is being made elsewhere: where to poll it, or its result."""
+
     id: str | None
     status: str | None
     poll_url: str | None
@@ -110,7 +112,7 @@ class Job:
         return self._norm in FAILED
 
 
-def job_info(doc: object) -> Job | None:
+def job_info(doc: object) -> AsyncJob | None:
     """The job fields of an asynchronous answer, None when `doc` does not look like a job."""
     if not isinstance(doc, dict):
         return None
@@ -128,7 +130,7 @@ def job_info(doc: object) -> Job | None:
         return None
     has_message = doc.get("error") or any(isinstance(doc.get(k), str) for k in MESSAGE_KEYS)
     error_text = server_message_from(doc) if has_message else None
-    return Job(job_id, status, poll, result, error_text)
+    return AsyncJob(job_id, status, poll, result, error_text)
 
 
 # --- where the image is ---------------------------------------------------------------------------
@@ -211,8 +213,9 @@ def decode_data_uri(uri: str) -> bytes:
 
 def open_image(
     data: bytes, where: str, max_pixels: int, status: int | None, request_id: str | None
-) -> Image.Image:
-    """Decode to an RGB image, refusing more than `max_pixels` before decompressing."""
+) -> tuple[Image.Image, str]:
+    """Decode to an RGB image, refusing more than `max_pixels` before decompressing; also the
+    file's format as Pillow names it ("PNG", "JPEG", ...)."""
 
     def refused(message: str) -> ResponseDecodeError:
         return ResponseDecodeError(message, status=status, request_id=request_id)
@@ -235,7 +238,7 @@ def open_image(
     try:
         image.load()
         # An RGB image is used as it is: convert() would copy it.
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return (image if image.mode == "RGB" else image.convert("RGB")), image.format
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise refused(
             f"{where} is corrupt or truncated: {type(e).__name__} while decoding a "

@@ -38,7 +38,7 @@ log = logging.getLogger("flux_schnell.cli")
 
 
 @dataclass
-class Job:
+class PlannedImage:
     """One image to make: prompt, seed and where it goes."""
 
     prompt: str
@@ -51,7 +51,7 @@ class Job:
 class Outcome:
     done: int = 0
     skipped: int = 0
-    failed: list[tuple[Job, str]] = field(default_factory=list)
+    failed: list[tuple[PlannedImage, str]] = field(default_factory=list)
     exit_code: int | None = None  # set when the run stopped early for a reason that ends it
 
 
@@ -168,6 +168,10 @@ def _generate(parser: argparse.ArgumentParser, args) -> int:
         )
     _check_writable(args.out.parent if args.out is not None else args.out_dir)
 
+    if args.backend == "api":  # the key and base URL, read once where the program starts
+        from .settings import load_settings
+
+        args.settings = load_settings()
     jobs = _plan(lines, seed, args)
     resumable = args.prompts_file is not None
     outcome = Outcome()
@@ -241,7 +245,7 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
 
 
-def _plan(lines: list[tuple[int, str]], seed: int, args) -> list[Job]:
+def _plan(lines: list[tuple[int, str]], seed: int, args) -> list[PlannedImage]:
     """One job per image. Draft files are named by prompt and settings, not by position, so
     editing other lines of the prompts file never renames (and re-buys) finished images."""
     jobs = []
@@ -256,7 +260,7 @@ def _plan(lines: list[tuple[int, str]], seed: int, args) -> list[Job]:
                 suffix = "" if args.batch_size == 1 else f"-{b + 1}"
                 path = args.out_dir / f"{_slug(prompt)}-{_settings_tag(prompt, args)}{suffix}.png"
                 label = f"line {line}" + (f" image {b + 1}" if args.batch_size > 1 else "")
-            jobs.append(Job(prompt, image_seed, path, label))
+            jobs.append(PlannedImage(prompt, image_seed, path, label))
     return jobs
 
 
@@ -266,7 +270,7 @@ def _settings_tag(prompt: str, args) -> str:
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
 
 
-def _png_text(job: Job, args, backend: str, extra: dict | None = None) -> dict[str, str]:
+def _png_text(job: PlannedImage, args, backend: str, extra: dict | None = None) -> dict[str, str]:
     text = {
         "prompt": job.prompt,
         "seed": str(job.seed),
@@ -279,39 +283,31 @@ def _png_text(job: Job, args, backend: str, extra: dict | None = None) -> dict[s
     return text
 
 
-def _run_api(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Event) -> None:
-    from .api_backend import ABORT_BATCH, api_requests, client_for
+def _run_api(jobs: list[PlannedImage], args, outcome: Outcome, bar, stop: threading.Event) -> None:
+    from .api_backend import ends_the_run, image_requests, stream_api_images
     from .errors import AuthenticationError
-    from .settings import load_settings
 
     if not jobs:
         return
-    client = client_for(load_settings())
     requests = [
-        api_requests(GenerationRequest(job.prompt, args.width, args.height, args.steps, job.seed))[0]
+        image_requests(
+            GenerationRequest(job.prompt, args.width, args.height, args.steps, job.seed), [job.label]
+        )[0]
         for job in jobs
     ]
-
-    def on_result(i: int, result) -> None:
+    stream = stream_api_images(requests, args.settings, concurrency=args.concurrency, should_stop=stop.is_set)
+    for i, result in stream:
         job = jobs[i]
         if isinstance(result, FluxSchnellError):
             _failed(outcome, bar, job, result)
-            if isinstance(result, ABORT_BATCH):  # a refused key, no credits
+            if ends_the_run(result):  # a refused key, no credits
                 code = EXIT_USAGE if isinstance(result, AuthenticationError) else EXIT_FAILED
                 raise StopRun(str(result), code)
-            return
-        _save(
-            outcome,
-            bar,
-            job,
-            result.image,
-            _png_text(job, args, "api", {"request_id": result.request_id}),
-        )
-
-    client.generate_many(requests, concurrency=args.concurrency, should_stop=stop.is_set, on_result=on_result)
+            continue
+        _save(outcome, bar, job, result.image, _png_text(job, args, "api", {"request_id": result.request_id}))
 
 
-def _run_local(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Event) -> None:
+def _run_local(jobs: list[PlannedImage], args, outcome: Outcome, bar, stop: threading.Event) -> None:
     from .comfy_bridge import Progress
     from .errors import LocalBackendUnavailable, ModelLoadError
     from .images import tensor_to_pil
@@ -338,12 +334,12 @@ def _run_local(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Eve
         _save(outcome, bar, job, tensor_to_pil(images)[0], _png_text(job, args, "local"))
 
 
-def _failed(outcome: Outcome, bar, job: Job, error: Exception) -> None:
+def _failed(outcome: Outcome, bar, job: PlannedImage, error: Exception) -> None:
     outcome.failed.append((job, f"{type(error).__name__}: {error}"))
     bar.advance(failed=True)
 
 
-def _save(outcome: Outcome, bar, job: Job, image, text: dict[str, str]) -> None:
+def _save(outcome: Outcome, bar, job: PlannedImage, image, text: dict[str, str]) -> None:
     """Write one finished image; a disk that refuses it ends the run (the rest would be lost)."""
     from .images import save_png
 

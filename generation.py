@@ -18,7 +18,7 @@ MAX_SIDE = 2048
 SIDE_MULTIPLE = 16
 MAX_STEPS = 8  # the service's hard cap for flux-schnell; schnell is distilled for 1-4 steps
 MAX_BATCH = 16
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
+MAX_SEED = 2**64 - 1  # the seeds torch.Generator.manual_seed takes (unsigned 64-bit)
 
 
 @dataclass(frozen=True)

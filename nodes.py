@@ -152,8 +152,10 @@ class FluxSchnellGenerate:
         request.validate(backend)
         if backend == "api":
             from .api_backend import generate_api
+            from .settings import load_settings
 
-            images, info = generate_api(request, comfy_bridge.progress_for(request.batch_size))
+            settings = load_settings()  # the environment and config file, read on every run
+            images, info = generate_api(request, comfy_bridge.progress_for(request.batch_size), settings)
         else:
             from .local_backend import generate_local
 

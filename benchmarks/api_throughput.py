@@ -1,6 +1,6 @@
 """Throughput of the API client against the service's own Python example, on a loopback fake.
 
-A fake ImageAPI (tests/fake_imageapi.py) on 127.0.0.1 answers every generate call after an injected
+A fake ImageAPI (tests/support/fake_imageapi.py) on 127.0.0.1 answers every generate call after an injected
 delay (default 300 ms, about a hosted FLUX.1-schnell call) with one 1024x1024 PNG of photo-like
 content (~2 MB), as JSON with base64 (OpenAI style `{"data": [{"b64_json": ...}]}`) or as JSON
 with a URL the fake serves (`--shape url`). The fake runs in a process of its own (started with
@@ -39,12 +39,8 @@ from multiprocessing.connection import Connection
 import numpy as np
 import requests
 import torch
-from comfyui_flux_schnell.api_client import (
-    GENERATE_PATH,
-    ApiImage,
-    GenerateRequest,
-    ImageApiClient,
-)
+from comfyui_flux_schnell.api_client import GENERATE_PATH, ImageApiClient
+from comfyui_flux_schnell.api_request import ApiImage, ApiImageRequest
 from comfyui_flux_schnell.settings import ApiSettings
 from PIL import Image
 
@@ -83,7 +79,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).float().div_(255.0).unsqueeze(0)  # (1, H, W, 3)
 
 
-def example_loop(base_url: str, requests_: list[GenerateRequest], shape: str, tensor: bool = True) -> list:
+def example_loop(base_url: str, requests_: list[ApiImageRequest], shape: str, tensor: bool = True) -> list:
     """The service's Python example, once per image, as a user would copy it."""
     tensors = []
     for req in requests_:
@@ -110,7 +106,7 @@ def example_loop(base_url: str, requests_: list[GenerateRequest], shape: str, te
 
 
 def client_batch(
-    client: ImageApiClient, requests_: list[GenerateRequest], concurrency: int
+    client: ImageApiClient, requests_: list[ApiImageRequest], concurrency: int
 ) -> list[torch.Tensor]:
     tensors: list[torch.Tensor | None] = [None] * len(requests_)
 
@@ -186,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = cProfile.Profile()
     with ServerProcess(png, args.shape, args.delay) as server:
         base_url = server.base_url
-        reqs = [GenerateRequest(f"benchmark prompt {i}", SIDE, SIDE, 4) for i in range(args.images)]
+        reqs = [ApiImageRequest(f"benchmark prompt {i}", SIDE, SIDE, 4) for i in range(args.images)]
         settings = ApiSettings(base_url=base_url, api_key=KEY, key_source="benchmark")
 
         with ImageApiClient(settings) as client:
@@ -222,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                 tensors.append(time.perf_counter() - t0)
 
             # cProfile sees only the thread that enables it, and `generate` works in a pool
-            # thread: profile the per-image work (`_generate_one`) in this thread instead.
+            # thread: profile the per-image work (`_attempts`) in this thread instead.
             for i, req in enumerate(reqs[: args.overhead_calls] if args.profile else []):
                 profile.enable()
-                client._generate_one(req, i, threading.Event())
+                client._attempts(req, i, threading.Event())
                 profile.disable()
     expected_calls = 2 + 2 * args.images + 2 * args.overhead_calls
     expected_calls += args.overhead_calls if args.profile else 0

@@ -21,13 +21,13 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 from ..errors import InvalidInputError
+from ..generation import MAX_SEED  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 from .autoencoder import AutoEncoder
 from .model import Flux, joint_ids
 
 LATENT_CHANNELS = 16
 PATCH = 2  # latent pixels per token side
 PIXELS_PER_TOKEN = 16  # image pixels per token side: the autoencoder's 8 times the 2x2 patch
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 
 StepCallback = Callable[[int, int, Tensor], None]
 

@@ -41,3 +41,48 @@ def fake_api(tmp_path, monkeypatch):
     monkeypatch.setenv("IMAGEAPI_CONFIG", str(tmp_path / "flux_schnell_config.json"))
     yield server
     server.stop()
+
+
+# --- the hosted-API client against loopback fakes (tests/test_api_*.py) -----------------------------
+
+
+@pytest.fixture
+def fake():
+    """A loopback fake ImageAPI (the service's own origin for the client under test)."""
+    from support.fake_imageapi import FakeImageAPI
+
+    with FakeImageAPI() as server:
+        yield server
+
+
+@pytest.fixture
+def other_host():
+    """A second fake: "another host" for downloads (another port = another origin)."""
+    from support.fake_imageapi import FakeImageAPI
+
+    with FakeImageAPI() as server:
+        yield server
+
+
+@pytest.fixture
+def make_client(fake):
+    """Builds `ImageApiClient`s on `fake` with fast test settings; closes them afterwards."""
+    from comfyui_flux_schnell.api_client import ImageApiClient
+    from support.api_testing import KEY, make_settings
+
+    clients = []
+
+    def build(key: str = KEY, base_url: str | None = None, clock=None, **overrides):
+        kwargs = {"clock": clock} if clock is not None else {}
+        client = ImageApiClient(make_settings(base_url or fake.base_url, key, **overrides), **kwargs)
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()

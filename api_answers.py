@@ -1,0 +1,314 @@
+"""From a successful ImageAPI answer to an RGB image: find it, fetch it, follow a job, decode it.
+
+The service's public documentation (https://imageapi.org) leaves the success body open, so an
+answer may be the image itself, JSON with base64 or a data URI, JSON naming a URL to download, or
+an asynchronous job with a URL to poll (api_responses.py reads those shapes). `AnswerReader.locate`
+does the HTTP part (downloads and polls are GETs, never billed: a failed one is asked again after
+the backoff or its `Retry-After`, within the image's deadline) and returns the image still encoded;
+`decode` needs no HTTP, so the client does it after giving back its place in the pool. Every text
+that comes from the server is passed through `safe` (the API key replaced by ***) and ids are cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urljoin
+
+from PIL import Image
+
+from .api_failures import attempt
+from .api_http import HttpTransport
+from .api_redact import safe_url
+from .api_responses import (
+    NOT_JSON,
+    AsyncJob,
+    Reply,
+    b64decode,
+    clean_id,
+    decode_data_uri,
+    find_image,
+    job_info,
+    key_paths,
+    looks_like_image,
+    open_image,
+    parse_json,
+    request_id_of,
+    server_message_from,
+    status_tag,
+)
+from .api_retry import Clock, RetryPolicy
+from .errors import ApiError, ApiTimeoutError, ResponseDecodeError
+from .settings import ApiSettings
+
+OnWait = Callable[[float, str], None]  # (seconds until the next poll, why), for progress events
+
+
+@dataclass
+class Encoded:
+    """An image located in an answer but not decoded yet: its bytes, base64 or a data URI."""
+
+    kind: str  # "bytes", "b64" or "data"
+    value: bytes | str
+    where: str  # for messages: which part of which answer
+    status: int | None
+    request_id: str | None
+
+
+class AnswerReader:
+    """Finds the image in the answers of one client (thread-safe: it keeps no per-call state)."""
+
+    def __init__(
+        self,
+        settings: ApiSettings,
+        http: HttpTransport,
+        policy: RetryPolicy,
+        clock: Clock,
+        logger: logging.Logger,
+    ):
+        self.settings = settings
+        self._http = http
+        self._policy = policy
+        self._clock = clock
+        self.log = logger
+
+    def safe(self, text: str) -> str:
+        """`text` (which may come from the server) with the API key replaced by ***."""
+        return self._http.safe(text)
+
+    def request_id(self, reply: Reply) -> str | None:
+        """The call's id from the server: printable, the key replaced by ***, cut short. It goes
+        into errors, the node's info output and PNG text, so it is made safe here, at its source."""
+        return request_id_of(reply, self.safe)
+
+    # --- where the image is ---------------------------------------------------------------------
+
+    def locate(
+        self,
+        reply: Reply,
+        deadline: float,
+        stop: threading.Event,
+        request_id: str | None,
+        on_wait: OnWait | None = None,
+    ) -> tuple[Encoded, str | None]:
+        """The image in a successful answer (fetched when it is elsewhere), and the job id if it
+        came through a job. Not decoded yet: that needs no HTTP place."""
+        tag = status_tag(reply.status, reply.reason, request_id)
+        if looks_like_image(reply):
+            where = f"the image body ({tag})"
+            return Encoded("bytes", reply.content, where, reply.status, request_id), None
+        doc = self._json(reply, tag, request_id)
+        job = self._job_info(doc)
+        if job is not None and ((job.pending and job.poll_url) or (job.done and job.result_url)):
+            return self._follow_job(job, reply.url, deadline, stop, request_id, on_wait)
+        found = find_image(doc)
+        if found is None:
+            raise self._no_image(doc, reply, job, request_id, tag)
+        return self._fetch_reference(found, reply.url, deadline, stop, request_id, tag), None
+
+    def _no_image(
+        self, doc: object, reply: Reply, job: AsyncJob | None, request_id: str | None, tag: str
+    ) -> ApiError:
+        """The error for a JSON answer without an image: a failed job, an error, or a new shape."""
+        request_id = request_id or (job.id if job else None)
+        if job is not None and job.failed:
+            return ApiError(
+                f"the service reported job {self.safe(job.id or '?')} as "
+                f"{self.safe(job.status)!r}"
+                + (f": {self.safe(job.error)}" if job.error else "")
+                + f" ({tag})",
+                status=reply.status,
+                request_id=request_id,
+            )
+        if isinstance(doc, dict) and doc.get("error"):
+            return ApiError(
+                f"the service answered {tag} but reported an error: {self.safe(server_message_from(doc))}",
+                status=reply.status,
+                request_id=request_id,
+            )
+        if job is not None and job.pending and not job.poll_url:
+            return ResponseDecodeError(
+                f"the service answered with an asynchronous job (id {self.safe(job.id or '?')}, "
+                f"status {self.safe(job.status or '?')!r}) but named no URL to poll for the "
+                f"result ({tag}); the answer's keys: {self._keys(doc)}",
+                status=reply.status,
+                request_id=request_id,
+            )
+        return ResponseDecodeError(
+            f"the service's answer ({tag}, Content-Type {self.safe(reply.content_type) or 'none'})"
+            f" holds no image this client recognises; its JSON keys: {self._keys(doc)}. Please "
+            "report these keys so the client can learn this shape",
+            status=reply.status,
+            request_id=request_id,
+        )
+
+    def _json(self, reply: Reply, tag: str, request_id: str | None) -> object:
+        doc = parse_json(reply.content)
+        if doc is NOT_JSON:  # raised outside the except: the decode error holds the whole body
+            raise ResponseDecodeError(
+                f"the service's answer ({tag}) is neither an image nor JSON: Content-Type "
+                f"{self.safe(reply.content_type) or 'none'}, {len(reply.content):,} bytes",
+                status=reply.status,
+                request_id=request_id,
+            )
+        return doc
+
+    def _fetch_reference(
+        self,
+        found: tuple[str, str, str],
+        base: str,
+        deadline: float,
+        stop: threading.Event,
+        request_id: str | None,
+        tag: str,
+    ) -> Encoded:
+        """An image reference from `find_image`: a URL is downloaded, base64 is kept as it is."""
+        kind, value, path = found
+        where = f"{self.safe(path)} of the answer ({tag})"
+        if kind == "url":
+            url = urljoin(base, value)
+            data = self._http.download(url, deadline, stop, request_id)
+            where = f"the image at {self.safe(safe_url(url))} ({where})"
+            return Encoded("bytes", data, where, None, request_id)
+        return Encoded(kind, value, where, None, request_id)
+
+    # --- decoding -------------------------------------------------------------------------------
+
+    def decode(self, encoded: Encoded) -> tuple[Image.Image, bytes, str]:
+        """The RGB image from located bytes or base64 (no HTTP), the file's bytes and format."""
+        value, where, request_id = encoded.value, encoded.where, encoded.request_id
+        if isinstance(value, bytes):
+            data = value
+        else:
+            try:
+                data = decode_data_uri(value) if encoded.kind == "data" else b64decode(value)
+            except ValueError as e:  # binascii.Error is a ValueError
+                raise ResponseDecodeError(
+                    f"{where} is not valid base64 ({len(value):,} characters)",
+                    request_id=request_id,
+                ) from e
+        image, fmt = self.open(data, where, encoded.status, request_id)
+        return image, data, fmt
+
+    def open(
+        self, data: bytes, where: str, status: int | None, request_id: str | None
+    ) -> tuple[Image.Image, str]:
+        """Decode to an RGB image, refusing more than max_image_pixels before decompressing."""
+        return open_image(data, where, self.settings.max_image_pixels, status, request_id)
+
+    # --- asynchronous jobs ----------------------------------------------------------------------
+
+    def _follow_job(
+        self,
+        job: AsyncJob,
+        base: str,
+        deadline: float,
+        stop: threading.Event,
+        request_id: str | None,
+        on_wait: OnWait | None,
+    ) -> tuple[Encoded, str | None]:
+        """Poll a job's status URL (GET, free) until it has an image, fails, or the deadline. A
+        failed poll or result fetch is asked again after the backoff (or its Retry-After)."""
+        s = self.settings
+        clock = self._clock
+        poll_url = urljoin(base, job.poll_url) if job.poll_url else None
+        job_id = job.id
+        failures = 0
+        waited = False  # a failed GET was just followed by its backoff
+        while True:
+            if job.done and job.result_url:  # finished: fetch the result, no wait
+                url = urljoin(poll_url or base, job.result_url)
+            elif waited:  # pending, and the backoff after a failed poll was the wait
+                url = poll_url
+            else:
+                if poll_url is None:  # a result URL answered "pending", and no poll URL
+                    raise ResponseDecodeError(
+                        f"job {self.safe(job_id or '?')} is {self.safe(job.status or '?')!r} "
+                        "but the service named no URL to poll for its result",
+                        request_id=request_id or job_id,
+                    )
+                left = deadline - clock.monotonic()
+                if left <= 0:
+                    raise self._job_too_slow(job, job_id, request_id)
+                wait = min(s.poll_interval_s, left)
+                if on_wait is not None:
+                    on_wait(wait, f"job {self.safe(job.status or 'pending')}")
+                clock.sleep(wait, stop)
+                if clock.monotonic() >= deadline:
+                    continue  # the check above raises the error that names the job's status
+                url = poll_url
+            reply, failure = attempt(
+                self._http.get, url, deadline, stop, s.request_timeout_s, self._http.body_cap()
+            )
+            waited = False
+            if failure is not None:
+                note = ""
+                if failure.retry is not None and failures < s.max_free_retries:
+                    wait = self._policy.backoff(failure, failures)
+                    if wait < deadline - clock.monotonic():
+                        failures += 1
+                        self.log.warning(
+                            "ImageAPI job %s: fetching %s failed (%s); asking again in %.2f s "
+                            "(polls are not billed)",
+                            self.safe(job_id or "?"),
+                            "its result" if url != poll_url else "its status",
+                            self.safe(failure.reason),
+                            wait,
+                        )
+                        clock.sleep(wait, stop)
+                        waited = True
+                        continue
+                    if url == poll_url and not job.done:  # still pending: say so
+                        raise self._job_too_slow(
+                            job, job_id, request_id, failure.reason
+                        ) from failure.__cause__
+                    note = f"; not asked again: waiting {wait:.1f} s would pass deadline_s"
+                failure.request_id = failure.request_id or request_id or job_id
+                raise failure.error(
+                    f" (while polling job {job_id or '?'}{note})", self.safe
+                ) from failure.__cause__
+            tag = status_tag(reply.status, reply.reason, self.request_id(reply) or job_id)
+            if looks_like_image(reply):
+                where = f"the job's result ({tag})"
+                return Encoded("bytes", reply.content, where, reply.status, job_id), job_id
+            doc = self._json(reply, tag, job_id)
+            found = find_image(doc)
+            if found is not None:
+                encoded = self._fetch_reference(found, reply.url, deadline, stop, job_id, tag)
+                return encoded, job_id
+            nxt = self._job_info(doc)
+            if nxt is None or not (nxt.pending or (nxt.done and nxt.result_url)):
+                raise self._no_image(doc, reply, nxt, request_id or job_id, tag)
+            if nxt.done and url != poll_url:  # a result URL answered "done" again: no image
+                raise self._no_image(doc, reply, nxt, request_id or job_id, tag)
+            if nxt.poll_url:
+                poll_url = urljoin(reply.url, nxt.poll_url)
+            job_id = job_id or nxt.id
+            job = nxt
+
+    def _job_too_slow(
+        self, job: AsyncJob, job_id: str | None, request_id: str | None, failed: str | None = None
+    ) -> ApiTimeoutError:
+        """The error for a job still pending at the deadline, or with no time left after a failed
+        poll (`failed`: why it failed)."""
+        still = f"job {self.safe(job_id or '?')} was still {self.safe(job.status or 'pending')!r}"
+        limit = f"the deadline of {self.settings.deadline_s:g} s per image (deadline_s)"
+        if failed is None:
+            text = f"{still} when {limit} passed"
+        else:
+            text = f"{still}, its last poll failed ({self.safe(failed)}), and {limit} leaves no "
+            text += "time to poll it again"
+        return ApiTimeoutError(text, request_id=request_id or job_id)
+
+    def _job_info(self, doc: object) -> AsyncJob | None:
+        """`job_info`, with the job's id (also from the server) made safe like a request id."""
+        job = job_info(doc)
+        if job is not None and job.id is not None:
+            job.id = clean_id(job.id, self.safe)
+        return job
+
+    def _keys(self, doc: object) -> str:
+        paths = key_paths(doc)
+        return self.safe(", ".join(paths)) if paths else "(none)"

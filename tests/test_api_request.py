@@ -1,0 +1,27 @@
+"""Tests of api_request.py: what an `ApiImageRequest` accepts and what it sends."""
+
+from __future__ import annotations
+
+import pytest
+from comfyui_flux_schnell.api_request import ApiImageRequest
+from comfyui_flux_schnell.errors import (
+    InvalidInputError,
+)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"width": 0}, "width"),
+        ({"height": 1.5}, "height"),
+        ({"num_inference_steps": True}, "num_inference_steps"),
+        ({"seed": -1}, "seed"),
+        ({"model": ""}, "model"),
+    ],
+)
+def test_generate_request_validation(kwargs, field):
+    base = {"prompt": "p", "width": 64, "height": 64, "num_inference_steps": 4}
+    with pytest.raises(InvalidInputError, match=field):
+        ApiImageRequest(**{**base, **kwargs})
