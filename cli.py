@@ -3,91 +3,139 @@
     flux-schnell generate --prompt TEXT --out FILE.png [--backend api|local] [--width W]
                           [--height H] [--steps N] [--seed S] [--batch-size B]
     flux-schnell generate --prompts-file FILE --out-dir DIR [--concurrency N] [...]
+    flux-schnell gallery DIR        (thumbnails and index.html for a folder of drafts)
     flux-schnell set-key            (reads the API key from standard input)
     flux-schnell config             (where the key and base URL come from; never the key)
 
-Draft runs (`--prompts-file`) are resumable: each image is written atomically as soon as it is
-done, and a re-run skips the images already on disk. Exit codes: 0 all done, 1 some images failed
-(or the run was interrupted), 2 a usage or configuration error.
+Everything the user gives is checked before anything is paid for or created: the prompts (every
+line of a prompts file), the sizes, the output paths, the API key or the local backend's packages.
+Only then are folders made and the run started (drafts_run.py). The environment is read here, at
+the start. The api path never imports torch. Exit codes: 0 all done, 1 some images failed (or the
+run was interrupted), 2 a usage or configuration error.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
-import hashlib
-import json
 import logging
+import os
 import random
-import re
 import signal
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._version import __version__
-from .errors import ConfigurationError, FluxSchnellError, GenerationInterrupted, InvalidInputError
-from .generation import BACKENDS, MODEL_NAME, GenerationRequest
+from .errors import (
+    ConfigurationError,
+    FluxSchnellError,
+    GenerationInterrupted,
+    InvalidInputError,
+    LocalBackendUnavailable,
+)
+from .generation import BACKENDS, MAX_BATCH, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, GenerationRequest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+MAX_CONCURRENCY = 16
+OUT_SUFFIX = ".png"  # the prompt, seed and model go into PNG text chunks
 log = logging.getLogger("flux_schnell.cli")
 
+ENVIRONMENT_HELP = """\
+environment variables:
+  IMAGEAPI_API_KEY     the ImageAPI key for --backend api (IMAGEAPI_KEY, the service's name, works
+                       too); or run `flux-schnell set-key` once
+  IMAGEAPI_BASE_URL    the service's address (default https://imageapi.org)
+  IMAGEAPI_CONFIG      the one config file to read and write, instead of the default
+  XDG_CONFIG_HOME      where the default config file lives (default ~/.config)
+  HTTPS_PROXY, HTTP_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE
+                       proxies and certificates, as for any program using requests
 
-@dataclass
-class PlannedImage:
-    """One image to make: prompt, seed and where it goes."""
-
-    prompt: str
-    seed: int
-    path: Path
-    label: str
-
-
-@dataclass
-class Outcome:
-    done: int = 0
-    skipped: int = 0
-    failed: list[tuple[PlannedImage, str]] = field(default_factory=list)
-    exit_code: int | None = None  # set when the run stopped early for a reason that ends it
+exit codes:
+  0  every image is done (or was already on disk)
+  1  some images failed, or the run was interrupted: run the same command again to resume
+  2  a usage or configuration error (bad input, no or refused API key, a missing package)"""
 
 
-class StopRun(Exception):
-    """Ends a run early: every remaining image would fail the same way."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (when it has one worth showing) and keeps the epilog's layout."""
 
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" not in text
+            and action.option_strings
+            and default not in (None, False, argparse.SUPPRESS)
+            and action.nargs != 0
+        ):
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log every request and retry (accepted before or after the command)",
+    )
     parser = argparse.ArgumentParser(
-        prog="flux-schnell", description="FLUX.1 [schnell] images from the command line."
+        prog="flux-schnell",
+        description="FLUX.1 [schnell] images from the command line: the hosted ImageAPI service "
+        "or local weight files.",
+        epilog=ENVIRONMENT_HELP,
+        formatter_class=_HelpFormatter,
+        parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser("generate", help="generate images")
+    def command(name: str, text: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=text,
+            description=description,
+            epilog=ENVIRONMENT_HELP,
+            formatter_class=_HelpFormatter,
+            parents=[common],
+        )
+
+    gen = command(
+        "generate",
+        "generate images",
+        "One prompt to --out, or a prompts file (one prompt a line, '#' comments) to a draft "
+        "folder: resumable, each image written as it arrives, duplicates requested once, a "
+        "manifest.jsonl of every line and an index.html gallery.",
+    )
+    gen.set_defaults(command_parser=gen)
     what = gen.add_argument_group("what to generate")
     one = what.add_mutually_exclusive_group(required=True)
-    one.add_argument("--prompt", help="the prompt (one run)")
-    one.add_argument("--prompts-file", type=Path, help="a text file, one prompt a line (drafts)")
+    one.add_argument("--prompt", help=f"the prompt (at most {MAX_PROMPT_CHARS:,} characters)")
+    one.add_argument("--prompts-file", type=Path, help="a UTF-8 text file, one prompt a line (drafts)")
     where = gen.add_argument_group("where to write")
-    where.add_argument("--out", type=Path, help="output PNG for --prompt")
-    where.add_argument("--out-dir", type=Path, help="output folder for --prompts-file")
+    where.add_argument("--out", type=Path, help="the PNG for --prompt (FILE-1.png, ... with --batch-size)")
+    where.add_argument("--out-dir", type=Path, help="the draft folder for --prompts-file")
     params = gen.add_argument_group("generation")
-    params.add_argument("--backend", choices=BACKENDS, default="api")
-    params.add_argument("--width", type=int, default=1024)
-    params.add_argument("--height", type=int, default=1024)
-    params.add_argument("--steps", type=int, default=4, help="1..8 (4: fast, 8: quality)")
-    params.add_argument("--seed", type=int, help="seed of the first image (default: random)")
-    params.add_argument("--batch-size", type=int, default=1, help="images per prompt")
-    params.add_argument("--concurrency", type=int, default=4, help="api requests in flight at once (1..16)")
-    local = gen.add_argument_group("local backend")
+    params.add_argument("--backend", choices=BACKENDS, default="api", help="where images are made")
+    params.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
+    params.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16")
+    params.add_argument("--steps", type=int, default=4, help=f"1..{MAX_STEPS} (4: fast, 8: quality)")
+    params.add_argument(
+        "--seed", type=int, help=f"seed of each prompt's first image, 0..{MAX_SEED} (default: random)"
+    )
+    params.add_argument("--batch-size", type=int, default=1, help=f"images per prompt, 1..{MAX_BATCH}")
+    params.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help=f"api requests in flight at once, 1..{MAX_CONCURRENCY}",
+    )
+    local = gen.add_argument_group('local backend (needs: pip install "comfyui-flux-schnell[local]")')
     local.add_argument("--checkpoint", type=Path, help="all-in-one FLUX.1-schnell checkpoint")
     local.add_argument("--transformer", type=Path, help="flux1-schnell.safetensors")
     local.add_argument("--t5", type=Path, help="t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn")
@@ -106,27 +154,61 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="torch.compile the transformer (slow first image)"
     )
 
-    sub.add_parser("set-key", help="save the ImageAPI key (read from standard input)")
-    sub.add_parser("config", help="show where the settings come from (never the key)")
+    gallery = command(
+        "gallery",
+        "write the review page of a draft folder",
+        "Writes DIR/index.html (opens from disk) and the thumbnails it shows in DIR/thumbs/: every "
+        "PNG of the folder, captioned with its prompts-file line and seed, and the lines that failed.",
+    )
+    gallery.add_argument("dir", type=Path, metavar="DIR", help="a draft folder (--out-dir of a run)")
+    command(
+        "set-key",
+        "save the ImageAPI key (read from standard input)",
+        "Reads the key from standard input (hidden on a terminal) and stores it in the config file, "
+        "readable by you only.",
+    )
+    command(
+        "config",
+        "show where the settings come from (never the key)",
+        "Lists the config files looked at, where set-key writes, whether a key is set and where from, "
+        "and the base URL. Exits 0 also when no key is set.",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    _set_up_logging(getattr(args, "verbose", False))
     try:
         if args.command == "set-key":
             return _set_key()
         if args.command == "config":
             return _show_config()
-        return _generate(parser, args)
-    except (ConfigurationError, InvalidInputError) as e:
+        if args.command == "gallery":
+            return _gallery(args.dir)
+        return _generate(args)
+    except (ConfigurationError, InvalidInputError, LocalBackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _set_up_logging(verbose: bool) -> None:
+    from .cli_progress import ProgressLogHandler
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, ProgressLogHandler)]:
+        root.removeHandler(handler)
+    handler = ProgressLogHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _progress_handler():
+    from .cli_progress import ProgressLogHandler
+
+    return next((h for h in logging.getLogger().handlers if isinstance(h, ProgressLogHandler)), None)
 
 
 def _set_key() -> int:
@@ -140,68 +222,236 @@ def _set_key() -> int:
 
 
 def _show_config() -> int:
-    from .settings import config_search_paths, default_config_path, load_settings
+    from .settings import config_search_paths, default_config_path, load_settings, masked, missing_key_message
 
-    looked = ", ".join(f"{p}{'' if p.is_file() else ' (none)'}" for p in config_search_paths())
-    print(f"config files read, first found wins: {looked}")
-    print(f"set-key writes:  {default_config_path()}")
-    settings = load_settings()
-    print(f"API key:         set (from {settings.key_source})")
-    print(f"base URL:        {settings.base_url}")
+    looked = config_search_paths()
+    files = ", ".join(f"{masked(str(p))}{'' if p.is_file() else ' (none)'}" for p in looked)
+    print(f"config files read, first found wins: {files}")
+    print(f"set-key writes:  {masked(str(default_config_path()))}")
+    try:
+        settings = load_settings()
+    except ConfigurationError as e:
+        if "No ImageAPI key is set" not in str(e):
+            raise
+        print("API key:         not set")
+        print(
+            "\n".join("  " + line for line in missing_key_message(looked, _first_file(looked)).splitlines())
+        )
+        return EXIT_OK
+    print(f"API key:         set (from {masked(settings.key_source)})")
+    print(f"base URL:        {masked(settings.base_url)}")
     print(f"send seed:       {settings.send_seed}")
     return EXIT_OK
 
 
-def _generate(parser: argparse.ArgumentParser, args) -> int:
+def _first_file(paths: list[Path]) -> Path | None:
+    return next((p for p in paths if p.is_file()), None)
+
+
+def _gallery(folder: Path) -> int:
+    from .drafts_gallery import write_gallery
+
+    if not folder.is_dir():
+        raise InvalidInputError(f"gallery: {folder} is not a folder; give the --out-dir of a draft run.")
+    stats = write_gallery(folder)
+    print(
+        f"wrote {stats.path}: {stats.images} image(s), {stats.failures} failed line(s), "
+        f"{stats.thumbnails_made} new thumbnail(s)"
+    )
+    return EXIT_OK
+
+
+# --- generate ---------------------------------------------------------------------------------------
+
+
+def _generate(args) -> int:
+    from .drafts_prompts import check_prompts_file, read_prompts
+    from .drafts_run import RunSettings
+
+    gen_parser = args.command_parser  # its usage line goes with the errors below
     if args.prompt is not None and args.out is None:
-        parser.error("--prompt needs --out FILE.png")
+        gen_parser.error("--prompt needs --out FILE.png")
     if args.prompts_file is not None and args.out_dir is None:
-        parser.error("--prompts-file needs --out-dir DIR")
-    if not 1 <= args.concurrency <= 16:
-        parser.error("--concurrency must be between 1 and 16")
+        gen_parser.error("--prompts-file needs --out-dir DIR")
+    if args.prompt is not None and args.out_dir is not None:
+        gen_parser.error("--out-dir goes with --prompts-file; with --prompt, name the file with --out")
+    if args.prompts_file is not None and args.out is not None:
+        gen_parser.error("--out goes with --prompt; with --prompts-file, name a folder with --out-dir")
+    if not 1 <= args.concurrency <= MAX_CONCURRENCY:
+        gen_parser.error(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
+
+    # 1. Where the images go: checked, nothing created yet.
+    if args.out is not None:
+        _check_out_file(args.out)
+    else:
+        _check_folder(args.out_dir, "--out-dir")
+
+    # 2. What to generate: every input, every line of a prompts file.
     seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
-    lines = [(1, args.prompt)] if args.prompt is not None else _read_prompts(args.prompts_file)
-    # Validate everything, and that the images can be written, before the first (paid) request.
-    for _, prompt in lines:
+
+    def check(prompt: str) -> None:
         GenerationRequest(prompt, args.width, args.height, args.steps, seed, args.batch_size).validate(
             args.backend
         )
-    _check_writable(args.out.parent if args.out is not None else args.out_dir)
 
-    if args.backend == "api":  # the key and base URL, read once where the program starts
+    if args.prompt is not None:
+        check(args.prompt)
+        prompts_total = 1
+    else:
+        check("x")  # size, steps, seed and batch, once, with the file's name out of the message
+        prompts_total = check_prompts_file(args.prompts_file, lambda _line, prompt: check(prompt))
+
+    # 3. What the backend needs: the key (read here, where the program starts) or the packages.
+    if args.backend == "api":
         from .settings import load_settings
 
-        args.settings = load_settings()
-    jobs = _plan(lines, seed, args)
-    resumable = args.prompts_file is not None
-    outcome = Outcome()
-    pending = []
-    for job in jobs:
-        if resumable and job.path.exists():
-            from .images import is_complete_png
+        settings = load_settings()
+    else:
+        from .local_packages import require_local_packages
 
-            if is_complete_png(job.path):
-                outcome.skipped += 1
-                continue
-        pending.append(job)
-    if outcome.skipped:
-        print(f"{outcome.skipped} image(s) already done in {args.out_dir}, skipped", file=sys.stderr)
+        require_local_packages()
+        settings = None
 
-    bar = _ProgressLine(len(pending))
+    # 4. Only now: folders, and what a killed run left behind.
+    s = RunSettings(
+        backend=args.backend,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        seed=seed,
+        seed_given=args.seed,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        out=args.out,
+        out_dir=args.out_dir,
+    )
+    _prepare_folders(s)
+    lines = read_prompts(args.prompts_file) if args.prompts_file is not None else [(1, args.prompt.strip())]
+    return _run(s, args, settings, lines, prompts_total * args.batch_size)
+
+
+def _check_out_file(out: Path) -> None:
+    if out.suffix.lower() != OUT_SUFFIX:
+        raise InvalidInputError(
+            f"--out {out}: only PNG files are written (the prompt, seed and model go into their text "
+            f"chunks); name the file {out.with_suffix(OUT_SUFFIX).name}."
+        )
+    if out.is_dir():
+        raise InvalidInputError(f"--out {out} is a folder; name a file in it, like {out / 'image.png'}.")
+    _check_folder(out.parent, "--out")
+
+
+def _check_folder(folder: Path, flag: str) -> None:
+    """Refuse a folder that cannot take the images, without creating anything."""
+    if folder.exists() and not folder.is_dir():
+        raise InvalidInputError(f"{flag}: {folder} exists and is not a folder; choose another {flag}.")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidInputError(
+            f"{flag}: cannot create {folder}: {existing} is not a folder; choose another {flag}."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidInputError(
+            f"{flag}: cannot write images to {folder}: {existing} is not writable; choose another {flag}."
+        )
+
+
+def _prepare_folders(s) -> None:
+    from .drafts_gallery import THUMBS_DIR
+    from .image_files import remove_stale_parts
+
+    folder = s.out_dir if s.drafts else s.out.parent
+    flag = "--out-dir" if s.drafts else "--out"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+        if s.drafts:
+            (folder / THUMBS_DIR).mkdir(exist_ok=True)
+    except OSError as e:
+        raise InvalidInputError(
+            f"{flag}: cannot write images to {folder}: {e.strerror}; choose another {flag}."
+        ) from e
+    if s.drafts:
+        removed = remove_stale_parts(folder) + remove_stale_parts(folder / THUMBS_DIR)
+    else:
+        removed = []
+        for name in {s.out.name} | {f"{s.out.stem}-{b + 1}{s.out.suffix}" for b in range(s.batch_size)}:
+            removed += remove_stale_parts(folder, name)
+    if removed:
+        log.info("removed %d unfinished file(s) left by an interrupted run", len(removed))
+
+
+def _run(s, args, settings, lines, planned: int) -> int:
+    from .cli_progress import Progress
+    from .drafts_run import DraftRun, StopRun, api_results, local_results
+
+    progress = Progress(planned)
+    handler = _progress_handler()
+    if handler is not None:
+        handler.progress = progress
     stop = threading.Event()
+    if s.backend == "api":
+        from .api_backend import ends_the_run
+        from .errors import AuthenticationError
+
+        def ends_run(error: FluxSchnellError) -> int | None:
+            if not ends_the_run(error):  # a refused key, no credits left
+                return None
+            return EXIT_USAGE if isinstance(error, AuthenticationError) else EXIT_FAILED
+
+        backend = api_results(settings, s, stop, on_event=_show_event(progress))
+    else:
+        from .errors import ModelLoadError
+        from .local_files import LocalModelSpec
+
+        spec = LocalModelSpec(
+            checkpoint=args.checkpoint,
+            transformer=args.transformer,
+            t5=args.t5,
+            clip=args.clip,
+            ae=args.ae,
+            t5_tokenizer=args.t5_tokenizer,
+            clip_tokenizer=args.clip_tokenizer,
+            weight_dtype="as stored" if args.dtype in (None, "as-stored") else args.dtype,
+            device=args.device,
+            compile=args.compile,
+        )
+
+        def ends_run(error: FluxSchnellError) -> int | None:
+            return EXIT_USAGE if isinstance(error, (ModelLoadError, LocalBackendUnavailable)) else None
+
+        backend = local_results(spec, s, stop)
+
+    run = DraftRun(s, backend, progress, ends_run)
     previous = signal.signal(signal.SIGINT, lambda *_: _first_interrupt(stop, previous))
     try:
-        runner = _run_api if args.backend == "api" else _run_local
-        runner(pending, args, outcome, bar, stop)
+        run.run(lines, planned)
     except GenerationInterrupted:
-        print("\ninterrupted: finished images are kept; run again to resume", file=sys.stderr)
+        progress.note("interrupted: finished images are kept; run the same command again to resume")
     except StopRun as e:
-        print(f"\nerror: {e}\nstopped: the remaining images would fail the same way.", file=sys.stderr)
-        outcome.exit_code = e.exit_code
+        progress.note(f"error: {e}\nstopped: the remaining images would fail the same way.")
+        run.outcome.exit_code = e.exit_code
     finally:
         signal.signal(signal.SIGINT, previous)
-        bar.close()
-    return _summary(outcome, len(pending))
+        progress.close()
+        if handler is not None:
+            handler.progress = None
+    return _summary(run.outcome, s)
+
+
+def _show_event(progress):
+    from .api_request import DONE, FAILED, RATE_LIMITED, RETRYING, STARTED, WAITING
+
+    def on_event(event) -> None:
+        if event.kind in (RATE_LIMITED, RETRYING, WAITING):
+            progress.waiting_on(event.label, event.kind)
+        elif event.kind in (STARTED, DONE, FAILED):
+            progress.waiting_on(event.label, None)
+
+    return on_event
 
 
 def _first_interrupt(stop: threading.Event, previous) -> None:
@@ -213,194 +463,38 @@ def _first_interrupt(stop: threading.Event, previous) -> None:
     print("\nstopping (Ctrl-C again to abort at once)...", file=sys.stderr)
 
 
-def _read_prompts(path: Path) -> list[tuple[int, str]]:
-    """(line number, prompt) for every prompt line; blank lines and '#' comments are skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InvalidInputError(f"--prompts-file {path}: cannot read it ({e.strerror})") from e
-    lines = [
-        (n, line.strip())
-        for n, line in enumerate(text.splitlines(), start=1)
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
-    if not lines:
-        raise InvalidInputError(f"--prompts-file {path} has no prompts (one a line; '#' starts a comment)")
-    return lines
+def _summary(outcome, s) -> int:
+    from .drafts_gallery import GALLERY_NAME, write_gallery
+    from .drafts_manifest import MANIFEST_NAME
 
-
-def _check_writable(folder: Path) -> None:
-    """Refuse a folder that cannot take the images before any (paid) work starts."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
-    except OSError as e:
-        raise InvalidInputError(
-            f"cannot write images to {folder}: {e.strerror}; choose another --out/--out-dir"
-        ) from e
-
-
-def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
-
-
-def _plan(lines: list[tuple[int, str]], seed: int, args) -> list[PlannedImage]:
-    """One job per image. Draft files are named by prompt and settings, not by position, so
-    editing other lines of the prompts file never renames (and re-buys) finished images."""
-    jobs = []
-    for line, prompt in lines:
-        request = GenerationRequest(prompt, args.width, args.height, args.steps, seed, args.batch_size)
-        for b, image_seed in enumerate(request.seeds):
-            if args.prompts_file is None:
-                out: Path = args.out
-                path = out if args.batch_size == 1 else out.with_name(f"{out.stem}-{b + 1}{out.suffix}")
-                label = f"image {b + 1}"
-            else:
-                suffix = "" if args.batch_size == 1 else f"-{b + 1}"
-                path = args.out_dir / f"{_slug(prompt)}-{_settings_tag(prompt, args)}{suffix}.png"
-                label = f"line {line}" + (f" image {b + 1}" if args.batch_size > 1 else "")
-            jobs.append(PlannedImage(prompt, image_seed, path, label))
-    return jobs
-
-
-def _settings_tag(prompt: str, args) -> str:
-    """8 hex digits naming what makes the image: prompt, size, steps, backend, the given seed."""
-    what = [prompt, args.width, args.height, args.steps, args.backend, args.seed]
-    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
-
-
-def _png_text(job: PlannedImage, args, backend: str, extra: dict | None = None) -> dict[str, str]:
-    text = {
-        "prompt": job.prompt,
-        "seed": str(job.seed),
-        "model": MODEL_NAME,
-        "steps": str(args.steps),
-        "backend": backend,
-        "software": f"comfyui-flux-schnell {__version__}",
-    }
-    text.update({k: str(v) for k, v in (extra or {}).items() if v is not None})
-    return text
-
-
-def _run_api(jobs: list[PlannedImage], args, outcome: Outcome, bar, stop: threading.Event) -> None:
-    from .api_backend import ends_the_run, image_requests, stream_api_images
-    from .errors import AuthenticationError
-
-    if not jobs:
-        return
-    requests = [
-        image_requests(
-            GenerationRequest(job.prompt, args.width, args.height, args.steps, job.seed), [job.label]
-        )[0]
-        for job in jobs
-    ]
-    stream = stream_api_images(requests, args.settings, concurrency=args.concurrency, should_stop=stop.is_set)
-    for i, result in stream:
-        job = jobs[i]
-        if isinstance(result, FluxSchnellError):
-            _failed(outcome, bar, job, result)
-            if ends_the_run(result):  # a refused key, no credits
-                code = EXIT_USAGE if isinstance(result, AuthenticationError) else EXIT_FAILED
-                raise StopRun(str(result), code)
-            continue
-        _save(outcome, bar, job, result.image, _png_text(job, args, "api", {"request_id": result.request_id}))
-
-
-def _run_local(jobs: list[PlannedImage], args, outcome: Outcome, bar, stop: threading.Event) -> None:
-    from .comfy_bridge import Progress
-    from .errors import LocalBackendUnavailable, ModelLoadError
-    from .images import tensor_to_pil
-    from .local_backend import LocalModelSpec, generate_local
-
-    if not jobs:
-        return
-    spec = LocalModelSpec(
-        checkpoint=args.checkpoint,
-        transformer=args.transformer,
-        t5=args.t5,
-        clip=args.clip,
-        ae=args.ae,
-        t5_tokenizer=args.t5_tokenizer,
-        clip_tokenizer=args.clip_tokenizer,
-        weight_dtype="as stored" if args.dtype in (None, "as-stored") else args.dtype,
-        device=args.device,
-        compile=args.compile,
-    )
-    for job in jobs:  # models load once (the backend keeps them) and serve every prompt
-        if stop.is_set():
-            raise GenerationInterrupted("interrupted")
-        request = GenerationRequest(job.prompt, args.width, args.height, args.steps, job.seed, 1)
-        try:
-            images, info = generate_local(request, spec, Progress(args.steps, stop_flag=stop))
-        except (ModelLoadError, LocalBackendUnavailable) as e:  # the files, not this prompt
-            _failed(outcome, bar, job, e)
-            raise StopRun(str(e), EXIT_USAGE) from e
-        except FluxSchnellError as e:
-            if isinstance(e, (GenerationInterrupted, ConfigurationError)):
-                raise
-            _failed(outcome, bar, job, e)
-            continue
-        log.debug("%s: %s", job.label, info.to_json())  # timings, device, peak GPU memory
-        _save(outcome, bar, job, tensor_to_pil(images)[0], _png_text(job, args, "local"))
-
-
-def _failed(outcome: Outcome, bar, job: PlannedImage, error: Exception) -> None:
-    outcome.failed.append((job, f"{type(error).__name__}: {error}"))
-    bar.advance(failed=True)
-
-
-def _save(outcome: Outcome, bar, job: PlannedImage, image, text: dict[str, str]) -> None:
-    """Write one finished image; a disk that refuses it ends the run (the rest would be lost)."""
-    from .images import save_png
-
-    try:
-        save_png(image, job.path, text)
-    except OSError as e:
-        _failed(outcome, bar, job, e)
-        raise StopRun(f"cannot write {job.path}: {e.strerror or e}", EXIT_FAILED) from e
-    outcome.done += 1
-    bar.advance()
-
-
-def _summary(outcome: Outcome, planned: int) -> int:
-    not_run = planned - outcome.done - len(outcome.failed)
+    err = sys.stderr
+    if outcome.skipped:
+        print(f"{outcome.skipped} image(s) already done in {s.out_dir}, skipped", file=err)
+    not_run = outcome.not_run
     print(
-        f"done: {outcome.done}, failed: {len(outcome.failed)}, skipped (already done): "
-        f"{outcome.skipped}" + (f", not run: {not_run}" if not_run else ""),
-        file=sys.stderr,
+        f"done: {outcome.done}, failed: {outcome.failed_count}, duplicates (requested once): "
+        f"{outcome.duplicates}, skipped (already done): {outcome.skipped}"
+        + (f", not run: {not_run}" if not_run else ""),
+        file=err,
     )
-    for job, reason in outcome.failed:
-        print(f"  failed {job.label} (seed {job.seed}) -> {job.path.name}: {reason}", file=sys.stderr)
+    for p, reason in outcome.failed:
+        print(f"  failed {p.label} (seed {p.seed}): {reason}", file=err)
+    if outcome.failed_count > len(outcome.failed):
+        print(f"  ... and {outcome.failed_count - len(outcome.failed)} more", file=err)
+    if s.drafts:
+        try:
+            gallery = write_gallery(s.out_dir)
+        except OSError as e:
+            print(f"could not write the gallery: {e}", file=err)
+        else:
+            print(
+                f"images in {s.out_dir}; every line in {s.out_dir / MANIFEST_NAME}; "
+                f"review them in {s.out_dir / GALLERY_NAME} ({gallery.images} image(s))",
+                file=err,
+            )
+    else:
+        for path in outcome.written:
+            print(f"wrote {path}", file=err)
     if outcome.exit_code is not None:
         return outcome.exit_code
-    return EXIT_OK if not outcome.failed and not not_run else EXIT_FAILED
-
-
-class _ProgressLine:
-    """A one-line progress bar on a terminal; a log line per image otherwise."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.failed = total, 0, 0
-        self.started = time.monotonic()
-        self.tty = sys.stderr.isatty()
-
-    def advance(self, failed: bool = False) -> None:
-        self.done += 1
-        self.failed += failed
-        elapsed = time.monotonic() - self.started
-        eta = elapsed / self.done * (self.total - self.done)
-        width = 30
-        filled = int(width * self.done / max(self.total, 1))
-        line = (
-            f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}"
-            f" failed {self.failed}  {elapsed:5.1f}s elapsed, ~{eta:5.1f}s left"
-        )
-        if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tty and self.done:
-            print(file=sys.stderr)
+    return EXIT_OK if not outcome.failed_count and not not_run else EXIT_FAILED

@@ -18,6 +18,9 @@ MAX_SIDE = 2048
 SIDE_MULTIPLE = 16
 MAX_STEPS = 8  # the service's hard cap for flux-schnell; schnell is distilled for 1-4 steps
 MAX_BATCH = 16
+# T5 reads the first 256 tokens of a prompt (about 1,000 characters of English) and CLIP 77: a longer
+# prompt changes nothing in the image, but it would be sent, paid for and copied into every PNG.
+MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**64 - 1  # the seeds torch.Generator.manual_seed takes (unsigned 64-bit)
 
 
@@ -44,6 +47,11 @@ class GenerationRequest:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InvalidInputError(
                 "prompt is empty: describe the image to generate (FLUX.1 [schnell] needs a non-empty prompt)."
+            )
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidInputError(
+                f"prompt is {len(self.prompt):,} characters long; at most {MAX_PROMPT_CHARS:,} are "
+                "accepted (the text encoder reads about the first 1,000): shorten it."
             )
         for name, value in (("width", self.width), ("height", self.height)):
             _check_int(name, value)

@@ -165,6 +165,9 @@ class FluxSchnellGenerate:
             settings = load_settings()  # the environment and config file, read on every run
             images, info = generate_api(request, comfy_bridge.progress_for(request.batch_size), settings)
         else:
+            from .local_packages import require_local_packages
+
+            require_local_packages()  # one clear error naming the package and the pip command
             from .local_backend import generate_local
 
             images, info = generate_local(
@@ -238,7 +241,10 @@ class FluxSchnellLocalModel:
         }
 
     def select(self, checkpoint, transformer, t5, clip, vae, weight_dtype, memory):
-        from .local_backend import LocalModelSpec
+        from .local_packages import require_local_packages
+
+        require_local_packages()  # the same clear error as FLUX Schnell Generate's
+        from .local_files import LocalModelSpec
 
         spec = LocalModelSpec.from_node_inputs(
             checkpoint=None if checkpoint == NO_CHECKPOINT else checkpoint,

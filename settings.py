@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,13 @@ _CONFIG_FIELDS: dict[str, type | tuple[type, ...]] = {
     "min_call_s": (int, float),
 }
 _ALLOWED_KEYS = ("api_key", *_CONFIG_FIELDS)
+# What an API key looks like when pasted where it does not belong (a base URL, a path): "sk_..." and
+# the like, or a run of 40 or more letters and digits mixed (a random token; folder names have
+# separators).
+_KEY_LIKE = re.compile(
+    r"\b(?:sk|pk|rk)[_-][A-Za-z0-9_\-]{6,}"
+    r"|(?<![A-Za-z0-9])(?=[A-Za-z0-9]*\d)(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{40,}"
+)
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 log = logging.getLogger("flux_schnell.settings")
@@ -218,7 +226,7 @@ def missing_key_message(
         f'  - write {{"api_key": "sk_..."}} into {target} yourself.',
         f"Get a key at {KEY_HELP}. No restart is needed: the key is read on every run.",
     ]
-    return "\n".join(lines)
+    return masked("\n".join(lines))  # the paths come from the environment
 
 
 def save_api_key(api_key: str, config_path: Path | None = None) -> Path:
@@ -268,14 +276,15 @@ def check_base_url(url: object, source: str) -> str:
     if not isinstance(url, str) or not url.strip():
         raise ConfigurationError(f"the base URL from {source} is empty; the default is {DEFAULT_BASE_URL}.")
     url = url.strip().rstrip("/")
-    shown = _shown_url(url)  # what an error may echo: no user name, password, query or fragment
+    # What an error may echo: no user name, password, query, fragment, or anything like a key.
+    shown = masked(_shown_url(url))
     try:
         parts = urlsplit(url)
         host = parts.hostname
         _ = parts.port  # raises ValueError for a bad port
     except ValueError as e:
         raise ConfigurationError(
-            f"the base URL {shown!r} from {source} is malformed: {_safe_reason(e, url)}."
+            f"the base URL {shown!r} from {source} is malformed: {masked(_safe_reason(e, url))}."
         ) from None  # the ValueError may quote the whole URL
     if parts.scheme not in ("http", "https") or not host:
         raise ConfigurationError(
@@ -298,6 +307,12 @@ def check_base_url(url: object, source: str) -> str:
             "localhost)."
         )
     return url
+
+
+def masked(text: str) -> str:
+    """`text` (a value from the environment or a config file) with anything that looks like an API
+    key replaced by ***, for messages and `flux-schnell config`."""
+    return _KEY_LIKE.sub("***", text)
 
 
 def _shown_url(url: str) -> str:

@@ -105,7 +105,7 @@ def test_prompts_file_is_resumable_and_reports_failures(fake_api, tmp_path, caps
     err = capsys.readouterr().err
     assert "done: 2, failed: 1" in err
     assert "the word dog is not allowed" in err
-    names = sorted(p.name for p in out_dir.iterdir())
+    names = sorted(p.name for p in out_dir.glob("*.png"))
     assert [n.rsplit("-", 1)[0] for n in names] == ["a-bird", "a-cat"]
     assert "failed line 4" in err  # the file's own line number
     assert fake_api.generate_calls == 3
@@ -224,7 +224,7 @@ def test_local_backend_from_the_command_line(tmp_path):
         ]
     )
     assert code == 0
-    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert [n.split("-")[:2] + n.split("-")[-1:] for n in names] == [
         ["a", "cat", "1.png"],
         ["a", "cat", "2.png"],
@@ -272,12 +272,12 @@ def test_an_unwritable_output_folder_is_refused_before_any_request(fake_api, tmp
 
 
 def test_a_write_failure_mid_run_stops_the_run_with_a_summary(fake_api, tmp_path, monkeypatch, capsys):
-    import comfyui_flux_schnell.images as images
+    import comfyui_flux_schnell.image_files as image_files
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(images, "save_png", disk_full)
+    monkeypatch.setattr(image_files, "write_atomically", disk_full)
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(f"p{i}" for i in range(8)))
     code = main(

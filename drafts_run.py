@@ -1,0 +1,402 @@
+"""A command-line run: prompts to PNG files, streamed, resumable, each distinct image paid for once.
+
+`plan` turns the prompts (a file read lazily, or one `--prompt`) into the images to make, one per
+line and seed, each named after its prompt and settings (not its position, so editing other lines
+renames nothing). `run` sends them to a backend (`api_results`: the hosted service's bounded pool;
+`local_results`: the local models, one image after another) and writes each image the moment it
+arrives, then drops it: images alive at once are bounded by the concurrency, whatever the length of
+the run. In a draft folder (`--out-dir`) it also:
+
+- skips what is already on disk (a file the manifest lists as done with its size, or a complete PNG
+  it does not list: a run killed between writing and recording);
+- requests identical images (same trimmed prompt, size, steps and seed) once: a repeated line is
+  recorded as a duplicate of the first, never sent;
+- appends every line it finishes to `manifest.jsonl` (drafts_manifest.py) and writes a thumbnail per
+  image for the gallery (drafts_gallery.py).
+
+Memory besides the images in flight: a few dozen bytes per distinct image of the run (which
+requests were already seen, which files are done), never the images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import image_files
+from ._version import __version__
+from .drafts_gallery import thumbnail_path
+from .drafts_manifest import DONE, DUPLICATE, FAILED, MANIFEST_NAME, ManifestWriter, read_manifest
+from .errors import ConfigurationError, FluxSchnellError, GenerationInterrupted
+from .generation import MODEL_NAME, GenerationRequest
+
+log = logging.getLogger("flux_schnell.cli")
+
+MAX_FAILURES_LISTED = 20  # the summary lists this many failures; the manifest has them all
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the command line asked for (after its checks)."""
+
+    backend: str
+    width: int
+    height: int
+    steps: int
+    seed: int  # of the first image of each prompt
+    seed_given: int | None  # --seed as given (None: a random one), part of the file names
+    batch_size: int
+    concurrency: int
+    out: Path | None = None  # --prompt: the file
+    out_dir: Path | None = None  # --prompts-file: the draft folder
+
+    @property
+    def drafts(self) -> bool:
+        return self.out_dir is not None
+
+
+@dataclass
+class PlannedImage:
+    """One image to make: its prompt, seed, file, what messages call it, and its identity."""
+
+    line: int
+    prompt: str
+    seed: int
+    path: Path
+    label: str
+    key: int  # the same for identical requests (trimmed prompt, size, steps, seed)
+
+
+@dataclass
+class Finished:
+    """A finished image from a backend: the picture, and the file as the service sent it."""
+
+    image: object  # PIL.Image.Image
+    data: bytes | None = None
+    format: str | None = None
+    request_id: str | None = None
+    attempts: int = 1
+    billed_attempts: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class RunOutcome:
+    planned: int = 0
+    done: int = 0
+    skipped: int = 0
+    duplicates: int = 0
+    failed: list[tuple[PlannedImage, str]] = field(default_factory=list)
+    failed_count: int = 0
+    written: list[Path] = field(default_factory=list)  # --prompt runs only: what was written
+    exit_code: int | None = None  # set when the run stopped early for a reason that ends it
+    stop_message: str | None = None
+
+    @property
+    def not_run(self) -> int:
+        return self.planned - self.done - self.skipped - self.duplicates - self.failed_count
+
+
+class StopRun(Exception):
+    """Ends a run early: every remaining image would fail the same way."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+Results = Iterator[tuple[PlannedImage, "Finished | FluxSchnellError"]]
+Backend = Callable[[Iterator[PlannedImage]], Results]
+
+
+# --- naming ---------------------------------------------------------------------------------------
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
+
+
+def settings_tag(prompt: str, s: RunSettings) -> str:
+    """8 hex digits naming what makes the image: prompt, size, steps, backend, the given seed."""
+    what = [prompt, s.width, s.height, s.steps, s.backend, s.seed_given]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
+
+
+def request_key(prompt: str, s: RunSettings, image: int) -> int:
+    """64 bits that identify a request: equal for the same trimmed prompt, size, steps and seed."""
+    what = json.dumps([prompt.strip(), s.width, s.height, s.steps, s.backend, s.seed, image])
+    return int.from_bytes(hashlib.blake2b(what.encode(), digest_size=8).digest(), "big")
+
+
+def plan(lines: Iterable[tuple[int, str]], s: RunSettings) -> Iterator[PlannedImage]:
+    """One `PlannedImage` per image, lazily: per prompt, the seeds `seed .. seed + batch - 1`."""
+    for line, prompt in lines:
+        request = GenerationRequest(prompt, s.width, s.height, s.steps, s.seed, s.batch_size)
+        tag = settings_tag(prompt, s) if s.drafts else ""
+        for b, image_seed in enumerate(request.seeds):
+            if s.drafts:
+                suffix = "" if s.batch_size == 1 else f"-{b + 1}"
+                path = s.out_dir / f"{slug(prompt)}-{tag}{suffix}.png"
+                label = f"line {line}" + (f" image {b + 1}" if s.batch_size > 1 else "")
+            else:
+                out = s.out
+                path = out if s.batch_size == 1 else out.with_name(f"{out.stem}-{b + 1}{out.suffix}")
+                label = f"image {b + 1}"
+            label += f" -> {path.name}"
+            yield PlannedImage(line, prompt, image_seed, path, label, request_key(prompt, s, b))
+
+
+def png_text(p: PlannedImage, s: RunSettings, request_id: str | None = None) -> dict[str, str]:
+    text = {
+        "prompt": p.prompt,
+        "seed": str(p.seed),
+        "model": MODEL_NAME,
+        "steps": str(s.steps),
+        "backend": s.backend,
+        "software": f"comfyui-flux-schnell {__version__}",
+    }
+    if request_id is not None:
+        text["request_id"] = request_id
+    return text
+
+
+# --- backends -------------------------------------------------------------------------------------
+
+
+def api_results(settings, s: RunSettings, stop: threading.Event, on_event=None) -> Backend:
+    """The hosted service: `PlannedImage`s in, results out as they finish (see api_backend)."""
+    from .api_backend import image_requests, stream_api_images
+
+    def results(planned: Iterator[PlannedImage]) -> Results:
+        by_index: dict[int, PlannedImage] = {}
+
+        def requests_in():
+            for i, p in enumerate(planned):
+                by_index[i] = p
+                request = GenerationRequest(p.prompt, s.width, s.height, s.steps, p.seed)
+                yield image_requests(request, [p.label])[0]
+
+        stream = stream_api_images(
+            requests_in(),
+            settings,
+            concurrency=s.concurrency,
+            should_stop=stop.is_set,
+            on_event=on_event,
+            keep_data=True,
+        )
+        try:
+            for i, result in stream:
+                p = by_index.pop(i)
+                if isinstance(result, FluxSchnellError):
+                    yield p, result
+                else:
+                    yield (
+                        p,
+                        Finished(
+                            result.image,
+                            result.data,
+                            result.format,
+                            result.request_id,
+                            result.attempts,
+                            result.billed_attempts,
+                            result.seconds,
+                        ),
+                    )
+                del result
+        finally:
+            stream.close()
+
+    return results
+
+
+def local_results(spec, s: RunSettings, stop: threading.Event) -> Backend:
+    """The local models, one image after another; they load once and serve the whole run."""
+
+    def results(planned: Iterator[PlannedImage]) -> Results:
+        from .comfy_bridge import Progress
+        from .errors import LocalBackendUnavailable, ModelLoadError
+        from .images import tensor_to_pil
+        from .local_backend import generate_local
+
+        for p in planned:
+            if stop.is_set():
+                raise GenerationInterrupted("interrupted")
+            request = GenerationRequest(p.prompt, s.width, s.height, s.steps, p.seed, 1)
+            try:
+                images, info = generate_local(request, spec, Progress(s.steps, stop_flag=stop))
+            except (ModelLoadError, LocalBackendUnavailable) as e:  # the files, not this prompt
+                yield p, e
+                return
+            except FluxSchnellError as e:
+                if isinstance(e, (GenerationInterrupted, ConfigurationError)):
+                    raise
+                yield p, e
+                continue
+            log.debug("%s: %s", p.label, info.to_json())  # timings, device, peak GPU memory
+            yield p, Finished(tensor_to_pil(images)[0], seconds=info.seconds)
+
+    return results
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+class DraftRun:
+    """One run: plans lazily, feeds the backend, writes what comes back, records every line."""
+
+    def __init__(
+        self,
+        s: RunSettings,
+        backend: Backend,
+        progress,
+        ends_run: Callable[[FluxSchnellError], int | None],
+    ):
+        self.s = s
+        self.backend = backend
+        self.progress = progress
+        self.ends_run = ends_run
+        self.outcome = RunOutcome()
+        self.manifest: ManifestWriter | None = None
+        self._done_files: dict[str, int] = {}  # file -> size, from earlier runs' manifests
+        self._seen: dict[int, int] = {}  # request key -> line of its first occurrence
+        self._first_failed: dict[int, str] = {}  # request key -> why its first occurrence failed
+        self._waiting: dict[int, list[PlannedImage]] = {}  # in flight: key -> its duplicates so far
+
+    def run(self, lines: Iterable[tuple[int, str]], planned_total: int) -> RunOutcome:
+        self.outcome.planned = planned_total
+        if self.s.drafts:
+            self.manifest = ManifestWriter(self.s.out_dir / MANIFEST_NAME)
+            for record in read_manifest(self.s.out_dir / MANIFEST_NAME):
+                name, size = record.get("file"), record.get("bytes")
+                if record["status"] == DONE and isinstance(name, str) and isinstance(size, int):
+                    self._done_files[name] = size
+        results = self.backend(self._to_make(plan(lines, self.s)))
+        try:
+            for p, result in results:
+                if isinstance(result, FluxSchnellError):
+                    code = self.ends_run(result)
+                    self._failed(p, result, announce=code is None)  # else the stop message says it
+                    if code is not None:
+                        raise StopRun(str(result), code)
+                else:
+                    self._write(p, result)
+                del result
+        finally:
+            results.close()  # stops the backend: nothing more is sent
+            if self.manifest is not None:
+                self.manifest.close()
+        return self.outcome
+
+    # planning: what to send
+
+    def _to_make(self, planned: Iterator[PlannedImage]) -> Iterator[PlannedImage]:
+        """The planned images the backend must make: not on disk, not a repeat of another line."""
+        for p in planned:
+            if p.key in self._waiting:  # its first occurrence is being made now
+                self._waiting[p.key].append(p)
+                continue
+            if p.key in self._seen:
+                self._duplicate(p, self._seen[p.key], self._first_failed.get(p.key))
+                continue
+            if self.s.drafts and self._on_disk(p):
+                self._seen[p.key] = p.line
+                self.outcome.skipped += 1
+                self.progress.advance(skipped=True)
+                continue
+            self._waiting[p.key] = []
+            yield p
+
+    def _on_disk(self, p: PlannedImage) -> bool:
+        try:
+            size = p.path.stat().st_size
+        except OSError:
+            return False
+        if self._done_files.get(p.path.name) == size:
+            return True
+        if not image_files.is_complete_png(p.path):
+            return False  # damaged, or a file of another kind: made again
+        self._record(p, DONE, bytes=size, found_on_disk=True)  # written, then the run was killed
+        return True
+
+    # what came back
+
+    def _write(self, p: PlannedImage, result: Finished) -> None:
+        """Write one finished image; a disk that refuses it ends the run (the rest would be lost)."""
+        text = png_text(p, self.s, result.request_id)
+        try:
+            if result.format == "PNG" and result.data is not None:
+                image_files.save_png_bytes(result.data, p.path, text)
+            else:
+                image_files.save_png(result.image, p.path, text)
+            size = p.path.stat().st_size
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "strerror", None) or str(e)
+            self._failed(p, e, announce=False)
+            raise StopRun(f"cannot write {p.path}: {reason}", 1) from e
+        if self.s.drafts:
+            try:
+                image_files.save_thumbnail(result.image, thumbnail_path(self.s.out_dir, p.path.name))
+            except OSError as e:  # the image is safe; the gallery makes the thumbnail later
+                log.warning("could not write the thumbnail of %s: %s", p.path.name, e)
+        else:
+            self.outcome.written.append(p.path)
+        self.outcome.done += 1
+        self._record(
+            p,
+            DONE,
+            bytes=size,
+            attempts=result.attempts,
+            billed_attempts=result.billed_attempts,
+            seconds=round(result.seconds, 3),
+            request_id=result.request_id,
+        )
+        self.progress.advance()
+        self._settle(p, None)
+
+    def _failed(self, p: PlannedImage, error: Exception, announce: bool = True) -> None:
+        reason = f"{type(error).__name__}: {error}"
+        self.outcome.failed_count += 1
+        if len(self.outcome.failed) < MAX_FAILURES_LISTED:
+            self.outcome.failed.append((p, reason))
+        self._record(p, FAILED, error=reason)
+        self.progress.advance(failed=True)
+        if announce:  # at once, above the bar; the summary lists it again at the end
+            self.progress.note(f"{p.label} (seed {p.seed}) failed: {reason}")
+        self._settle(p, reason)
+
+    def _settle(self, p: PlannedImage, failed: str | None) -> None:
+        """The first occurrence of a request finished: record the duplicates that waited for it."""
+        self._seen[p.key] = p.line
+        if failed is not None:
+            self._first_failed[p.key] = failed
+        for duplicate in self._waiting.pop(p.key, []):
+            self._duplicate(duplicate, p.line, failed)
+
+    def _duplicate(self, p: PlannedImage, first_line: int, failed: str | None) -> None:
+        self.outcome.duplicates += 1
+        extra = {"error": f"same request as line {first_line}, which failed: {failed}"} if failed else {}
+        self._record(p, DUPLICATE, duplicate_of=first_line, **extra)
+        self.progress.advance(duplicate=True)
+
+    def _record(self, p: PlannedImage, status: str, **fields) -> None:
+        if self.manifest is None:
+            return
+        record = {
+            "line": p.line,
+            "prompt": p.prompt,
+            "seed": p.seed,
+            "status": status,
+            "file": p.path.name,
+            "width": self.s.width,
+            "height": self.s.height,
+            "steps": self.s.steps,
+            "backend": self.s.backend,
+        }
+        record.update({k: v for k, v in fields.items() if v is not None})
+        self.manifest.append(record)
