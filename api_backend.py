@@ -111,6 +111,7 @@ def stream_api_images(
             yield index, result
             if isinstance(result, ApiError) and ends_the_run(result):
                 return
+            del result  # the caller has it; this frame keeps no image alive
     finally:
         stream.close()  # stops the pool: nothing more is sent
 

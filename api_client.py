@@ -229,6 +229,7 @@ class ImageApiClient:
                 finally:
                     place.release()
                 done.put((i, outcome))
+                del outcome  # this thread keeps no image while it waits for the next request
 
         def read_more() -> None:
             nonlocal taken, exhausted

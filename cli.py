@@ -331,13 +331,13 @@ def _generate(args) -> int:
 
 
 def _check_out_file(out: Path) -> None:
+    if out.is_dir():
+        raise InvalidInputError(f"--out {out} is a folder; name a file in it, like {out / 'image.png'}.")
     if out.suffix.lower() != OUT_SUFFIX:
         raise InvalidInputError(
             f"--out {out}: only PNG files are written (the prompt, seed and model go into their text "
             f"chunks); name the file {out.with_suffix(OUT_SUFFIX).name}."
         )
-    if out.is_dir():
-        raise InvalidInputError(f"--out {out} is a folder; name a file in it, like {out / 'image.png'}.")
     _check_folder(out.parent, "--out")
 
 

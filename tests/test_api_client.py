@@ -24,6 +24,7 @@ from support.api_testing import (
     exception_texts,
     expected_color,
     free_port,
+    retry_warnings,
     stop_after,
 )
 from support.fake_imageapi import (
@@ -224,6 +225,9 @@ def _leak_scenarios(other_url: str, refused_url: str):
         "dropped": ([dropped_mid_body] * 2, {}),
         "redirect": ([Reply(status=307, headers={"Location": f"/x?k={LEAK_KEY}"})], {}),
         "download_other_host_403": ([Reply.json({"url": other_url})], {}),
+        # A download URL that carries the key in its query: failing, and failing to connect.
+        "download_url_query_404": ([Reply.json({"url": f"{other_url}?k={LEAK_KEY}"})], {}),
+        "download_url_query_refused": ([Reply.json({"url": f"{refused_url}/x.png?k={LEAK_KEY}"})], {}),
         "refused": ([], {"base_url": refused_url}),
     }
 
@@ -255,3 +259,80 @@ def test_key_not_in_success_logs(fake, make_client, caplog):
         make_client(key=LEAK_KEY).generate(REQ)
     assert caplog.records  # debug logging did run
     assert not [r for r in caplog.records if LEAK_KEY in logging.Formatter().format(r)]
+
+
+# --- streaming ------------------------------------------------------------------------------------
+
+
+def test_generate_stream_reads_its_input_lazily_and_keeps_few_images(fake, client):
+    fake.set_default(lambda req, f: Reply.image(request_image(req), delay_s=0.02))
+    pulled = []
+
+    def requests_in():
+        for i in range(40):
+            pulled.append(i)
+            yield ApiImageRequest(f"p{i}", 16, 16, 1, label=f"line {i + 1}")
+
+    most = 0
+    read_at_first_result = None
+    stream = client.generate_stream(requests_in(), concurrency=2)
+    for given, (i, result) in enumerate(stream, start=1):
+        if read_at_first_result is None:
+            read_at_first_result = len(pulled)
+        assert isinstance(result, ApiImage)
+        assert result.image.getpixel((0, 0)) == expected_color(ApiImageRequest(f"p{i}", 16, 16, 1))
+        most = max(most, len(pulled) - given)  # read, and not yet given back
+    assert read_at_first_result <= 4  # 2 x concurrency, not the whole input
+    assert most <= 4
+    assert len(pulled) == 40
+    assert fake.generate_calls == 40
+
+
+def test_closing_a_stream_early_sends_nothing_more(fake, client):
+    fake.set_default(lambda req, f: Reply.image(request_image(req), delay_s=0.05))
+    stream = client.generate_stream((ApiImageRequest(f"p{i}", 16, 16, 1) for i in range(100)), concurrency=2)
+    next(stream)
+    stream.close()
+    time.sleep(0.3)  # calls already out may finish; no new one starts
+    assert fake.generate_calls <= 5
+
+
+def test_events_name_the_image_and_carry_no_key_or_url(fake, make_client):
+    fake.script(error_reply(429, retry_after="0.05"), error_reply(503), SHAPES["raw_png"])
+    events = []
+    threads = set()
+
+    def on_event(event):
+        events.append(event)
+        threads.add(threading.get_ident())
+
+    client = make_client(key=LEAK_KEY)
+    request = ApiImageRequest("a fox", 64, 48, 4, label="line 7 -> a-fox-1234abcd.png")
+    results = client.generate_many([request], on_event=on_event)
+    assert isinstance(results[0], ApiImage)
+    assert [e.kind for e in events] == ["started", "rate limited", "retrying", "done"]
+    assert all(e.label == "line 7 -> a-fox-1234abcd.png" and e.index == 0 for e in events)
+    assert events[1].retry_in_s == 0.05
+    assert events[1].message == "HTTP 429"
+    assert events[2].message == "HTTP 503"
+    assert events[3].attempt == 3
+    assert threads == {threading.get_ident()}  # in the caller's thread
+    for event in events:
+        assert LEAK_KEY not in str(event)
+        assert "http" not in str(event)
+
+
+def test_a_failed_image_ends_with_a_failed_event(fake, client):
+    fake.script(error_reply(400, "no"))
+    events = []
+    client.generate_many([REQ], on_event=events.append)
+    assert [e.kind for e in events] == ["started", "failed"]
+    assert events[-1].message == "BadRequestError"
+
+
+def test_retry_log_lines_name_the_label(fake, client, caplog):
+    fake.script(error_reply(503), SHAPES["raw_png"])
+    with caplog.at_level(logging.WARNING, logger="flux_schnell.api"):
+        client.generate(ApiImageRequest("x", 16, 16, 1, label="line 12 -> x-00000000.png"))
+    (warning,) = retry_warnings(caplog)
+    assert warning.startswith("ImageAPI line 12 -> x-00000000.png, attempt 1 failed (HTTP 503)")

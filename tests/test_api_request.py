@@ -25,3 +25,15 @@ def test_generate_request_validation(kwargs, field):
     base = {"prompt": "p", "width": 64, "height": 64, "num_inference_steps": 4}
     with pytest.raises(InvalidInputError, match=field):
         ApiImageRequest(**{**base, **kwargs})
+
+
+def test_the_label_is_for_messages_only():
+    a = ApiImageRequest("p", 64, 64, 4, seed=1, label="line 3 -> p.png")
+    b = ApiImageRequest("p", 64, 64, 4, seed=1)
+    assert a == b
+    assert hash(a) == hash(b)
+    assert "label" not in a.to_body(send_seed=True)
+    assert a.name(0) == "line 3 -> p.png"
+    assert b.name(2) == "image 3"
+    with pytest.raises(InvalidInputError, match="label"):
+        ApiImageRequest("p", 64, 64, 4, label=3)

@@ -328,3 +328,248 @@ def test_pngs_get_the_usual_permissions(fake_api, tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o644
+
+
+# --- every bad input is refused with exit 2 before anything is paid for or created ------------------
+
+
+def bad_prompts_file(tmp_path, kind: str) -> str:
+    path = tmp_path / "p.txt"
+    if kind == "not_utf8":
+        path.write_bytes(b"a cat\n\xff\xfe a dog\n")
+    elif kind == "too_long_prompt":
+        path.write_text("ok\n" + "y" * 2001 + "\n")
+    elif kind == "device":
+        return "/dev/zero"
+    elif kind == "folder":
+        return str(tmp_path)
+    elif kind == "empty":
+        path.write_text("# nothing\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("not_utf8", "line 2: not UTF-8"),
+        ("too_long_prompt", "line 2: prompt is 2,001 characters long; at most 2,000"),
+        ("device", "is a character device, not a text file"),
+        ("folder", "is a folder, not a text file"),
+        ("empty", "has no prompts"),
+    ],
+)
+def test_bad_prompts_files_are_refused_before_anything_happens(fake_api, tmp_path, capsys, kind, message):
+    out_dir = tmp_path / "new" / "drafts"
+    code = main(["generate", "--prompts-file", bad_prompts_file(tmp_path, kind), "--out-dir", str(out_dir)])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert fake_api.generate_calls == 0
+    assert not (tmp_path / "new").exists()  # no folder made
+
+
+def test_too_large_a_prompts_file_is_refused(fake_api, tmp_path, capsys, monkeypatch):
+    from comfyui_flux_schnell import drafts_prompts
+
+    monkeypatch.setattr(drafts_prompts, "MAX_PROMPTS_FILE_BYTES", 100)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a prompt\n" * 50)
+    assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "new")]) == 2
+    assert "split it into several files" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("x.jpg", "only PNG files are written"),
+        ("x.webp", "name the file x.png"),
+        ("folder", "is a folder"),
+        ("blocker/x.png", "is not a folder"),
+    ],
+)
+def test_bad_out_paths_are_refused_before_anything_happens(fake_api, tmp_path, capsys, out, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    code = main(
+        ["generate", "--prompt", "p", "--out", str(tmp_path / out), "--width", "256", "--height", "256"]
+    )
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert fake_api.generate_calls == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "folder"]
+
+
+def test_a_long_prompt_is_refused(fake_api, tmp_path, capsys):
+    assert main(["generate", "--prompt", "z" * 2001, "--out", str(tmp_path / "new" / "x.png")]) == 2
+    assert "at most 2,000" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert fake_api.generate_calls == 0
+
+
+def test_no_folder_is_made_before_the_key_is_checked(fake_api, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("IMAGEAPI_API_KEY")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "new" / "d")]) == 2
+    assert "No ImageAPI key is set" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_out_dir_that_is_a_file_is_refused(fake_api, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(prompts)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--prompt", "p", "--out-dir", "d"],
+        ["generate", "--prompts-file", "p.txt", "--out", "x.png"],
+        ["generate", "--prompt", "p", "--out", "x.png", "--concurrency", "17"],
+    ],
+)
+def test_mismatched_options_are_usage_errors(argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+
+
+# --- the terminal ---------------------------------------------------------------------------------
+
+
+def test_a_finished_run_says_where_its_files_are(fake_api, tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    assert main(["generate", "--prompt", "fox", "--out", str(out), "--width", "256", "--height", "256"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().err
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    assert (
+        main(
+            [
+                "generate",
+                "--prompts-file",
+                str(prompts),
+                "--out-dir",
+                str(tmp_path / "d"),
+                "--width",
+                "256",
+                "--height",
+                "256",
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert f"images in {tmp_path / 'd'}" in err
+    assert str(tmp_path / "d" / "manifest.jsonl") in err
+    assert str(tmp_path / "d" / "index.html") in err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_is_accepted_anywhere(fake_api, tmp_path, where, capsys):
+    args = [
+        "generate",
+        "--prompt",
+        "p",
+        "--out",
+        str(tmp_path / "x.png"),
+        "--width",
+        "256",
+        "--height",
+        "256",
+    ]
+    argv = ["-v", *args] if where == "before" else [*args, "-v"]
+    assert main(argv) == 0
+    assert "POST" in capsys.readouterr().err  # the request, logged at DEBUG
+    assert main(["config", "-v"]) == 0
+
+
+@pytest.mark.parametrize("command", ["generate", "gallery", "set-key", "config", None])
+def test_help_shows_defaults_environment_variables_and_exit_codes(capsys, command):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"] if command else ["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for name in ("IMAGEAPI_API_KEY", "IMAGEAPI_KEY", "IMAGEAPI_BASE_URL", "IMAGEAPI_CONFIG", "HTTPS_PROXY"):
+        assert name in text
+    assert "exit codes:" in text
+    assert "2  a usage or configuration error" in text
+    if command == "generate":
+        assert "(default: 1024)" in text
+        assert "(default: 4)" in text
+        assert "(default: api)" in text
+        assert "(default: None)" not in text
+
+
+def test_config_without_a_key_says_not_set_and_exits_0(fake_api, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("IMAGEAPI_API_KEY")
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "API key:         not set" in out
+    assert "flux_schnell_config.json" in out  # where it would be read from
+    assert "IMAGEAPI_API_KEY" in out
+
+
+def test_config_masks_a_key_pasted_into_the_environment(fake_api, monkeypatch, capsys):
+    monkeypatch.setenv("IMAGEAPI_BASE_URL", "https://imageapi.org/sk_live_pasted_by_mistake_123")
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert "sk_live_pasted" not in out
+    assert "https://imageapi.org/***" in out
+
+
+# --- the torch-free install -----------------------------------------------------------------------
+
+# Runs the command line in a Python where `import torch` fails, then checks torch was never loaded.
+WITHOUT_TORCH = """
+import importlib.abc, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+from comfyui_flux_schnell.cli import main
+code = main(sys.argv[1:])
+assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")], "torch was imported"
+print("torch never imported")
+sys.exit(code)
+"""
+
+
+def run_without_torch(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, *argv], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_api_path_runs_without_torch(fake_api, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\na\n")
+    out = tmp_path / "d"
+    result = run_without_torch(
+        "generate", "--prompts-file", str(prompts), "--out-dir", str(out), "--width", "256", "--height", "256"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "torch never imported" in result.stdout
+    assert len(list(out.glob("*.png"))) == 2
+    assert (out / "index.html").is_file()
+    for argv in (["config"], ["gallery", str(out)]):
+        result = run_without_torch(*argv)
+        assert result.returncode == 0, result.stderr
+        assert "torch never imported" in result.stdout
+
+
+def test_local_backend_without_its_extra_exits_2_naming_the_package_and_the_command(tmp_path):
+    result = run_without_torch(
+        "generate", "--backend", "local", "--prompt", "p", "--out", str(tmp_path / "new" / "x.png")
+    )
+    assert result.returncode == 2
+    assert "'torch'" in result.stderr
+    assert 'pip install "comfyui-flux-schnell[local]"' in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "new").exists()

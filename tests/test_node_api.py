@@ -85,6 +85,7 @@ def test_images_keep_seed_order(comfy, node, fake_api, send_seed):
         ({"num_inference_steps": 9}, "num_inference_steps must be between 1 and 8"),
         ({"prompt": ""}, "prompt is empty"),
         ({"width": 1000}, "width must be a multiple of 16"),
+        ({"prompt": "w" * 2001}, "prompt is 2,001 characters long; at most 2,000"),
     ],
 )
 def test_bad_inputs_are_refused_before_any_request(node, fake_api, change, message):

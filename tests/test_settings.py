@@ -226,6 +226,28 @@ def test_base_url_errors_never_echo_userinfo_or_query(cfg, url, shown, match):
         assert secret not in msg
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sk_live_PASTEDKEY123456",  # the key pasted into IMAGEAPI_BASE_URL by mistake
+        "http://example.com/sk-PASTEDKEY123456",
+        "ftp://imageapi.org/a1b2c3d4e5f6a7b8c9d0a1b2c3d4e5f6a7b8c9d0PASTEDKEY",
+    ],
+)
+def test_base_url_errors_never_echo_what_looks_like_a_key(cfg, url):
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(cfg, environ={"IMAGEAPI_API_KEY": KEY, "IMAGEAPI_BASE_URL": url})
+    assert "PASTEDKEY" not in str(info.value)
+    assert "***" in str(info.value)
+
+
+def test_missing_key_message_masks_a_key_pasted_into_imageapi_config(tmp_path):
+    environ = {"IMAGEAPI_CONFIG": str(tmp_path / "sk_live_PASTEDKEY123456")}
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(environ=environ)
+    assert "PASTEDKEY" not in str(info.value)
+
+
 def test_env_base_url_overrides_config(cfg):
     write(cfg, {"api_key": KEY, "base_url": "https://from-file.example.com"})
     env = {"IMAGEAPI_BASE_URL": "https://from-env.example.com"}
