@@ -44,7 +44,7 @@ from comfyui_flux_schnell.api_request import ApiImage, ApiImageRequest
 from comfyui_flux_schnell.settings import ApiSettings
 from PIL import Image
 
-from tests.support.fake_imageapi import FakeImageAPI, Reply
+from tests.support.fake_imageapi import FakeImageAPI, Reply, photo_like_png
 
 KEY = "sk_benchmark_not_a_real_key"
 SIDE = 1024
@@ -53,24 +53,6 @@ SHAPE_TEXT = {
     "b64": 'JSON with base64: {"data": [{"b64_json": "<PNG>"}]}',
     "url": 'JSON with a URL: {"data": [{"url": ...}]}, then a GET of the PNG',
 }
-
-
-def photo_like_png(side: int = SIDE, seed: int = 0) -> bytes:
-    """Smooth colour fields plus sensor-like noise: compresses like a photo (~2 MB), not a flat fill."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:side, 0:side].astype(np.float32)  # (H, W) each
-    base = np.stack(
-        [
-            128 + 100 * np.sin(x / 97 + y / 131),
-            128 + 100 * np.cos(y / 73),
-            128 + 80 * np.sin((x + y) / 53),
-        ],
-        axis=-1,
-    )  # (H, W, 3)
-    pixels = np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -178,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest functions")
     args = parser.parse_args(argv)
 
-    png = photo_like_png()
+    png = photo_like_png(SIDE)
     profile = cProfile.Profile()
     with ServerProcess(png, args.shape, args.delay) as server:
         base_url = server.base_url

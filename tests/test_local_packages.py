@@ -37,3 +37,20 @@ def test_local_model_node_says_the_same(without_tokenizers):
         without_tokenizers.errors.LocalBackendUnavailable, match="comfyui-flux-schnell\\[local\\]"
     ):
         node.select("none", "auto", "auto", "auto", "auto", "as stored", "auto")
+
+
+def test_the_base_install_is_torch_free_and_the_extra_has_what_the_check_looks_for():
+    import re
+
+    import tomllib
+    from support import REPO
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def names(requirements):
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    assert names(project["dependencies"]) == {"requests", "pillow", "numpy"}
+    from comfyui_flux_schnell.local_packages import LOCAL_PACKAGES
+
+    assert names(project["optional-dependencies"]["local"]) == set(LOCAL_PACKAGES)
