@@ -120,10 +120,18 @@ def _keep_key(settings: ApiSettings, req: ApiImageRequest) -> tuple:
     return (settings.base_url, settings.send_seed, req)
 
 
-def generate_api(request: GenerationRequest, progress: Progress, settings: ApiSettings | None = None):
+def generate_api(
+    request: GenerationRequest,
+    progress: Progress,
+    settings: ApiSettings | None = None,
+    *,
+    on_event: OnEvent | None = None,
+):
     """Run `request` on the hosted API; returns `(IMAGE tensor, GenerationInfo)`. Synchronous,
     called from one thread per run. `settings`: what the caller read at its start (the node reads
-    them on every run); None reads them here."""
+    them on every run); None reads them here. `on_event(ApiEvent)` is called in this thread for
+    each image's progress (started, rate limited, retrying, waiting, done, failed), with the
+    image's label ("image 2") and never the key or a URL: for a status line."""
     from .images import pil_to_tensor  # torch: the node's path only (ComfyUI always has it)
 
     request.validate("api")
@@ -156,6 +164,7 @@ def generate_api(request: GenerationRequest, progress: Progress, settings: ApiSe
                 concurrency=min(CONCURRENCY, len(todo)),
                 should_stop=progress.should_stop,
                 on_result=on_result,
+                on_event=on_event,
             )
     except GenerationInterrupted:
         _keep_finished(settings, reqs, results)

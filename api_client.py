@@ -71,7 +71,7 @@ class _Place:
             self._places.release()
 
 
-_NO_MORE = object()  # put on the work queue once per worker when the input is used up
+_NO_MORE = object()  # put on the work queue once per worker when the input is used up or the run stops
 
 
 def _tried(attempts: int) -> str:
@@ -204,32 +204,27 @@ class ImageApiClient:
         exhausted = False
 
         def worker() -> None:
-            while not stop.is_set():
-                if not places.acquire(timeout=SLEEP_SLICE_S):
-                    continue  # all places taken: look at the stop again
+            while True:
+                job = todo.get()  # a request, or _NO_MORE: the input is used up or the run stops
+                if job is _NO_MORE or stop.is_set():
+                    return
+                i, request = job
+                while not places.acquire(timeout=SLEEP_SLICE_S):  # all places taken: wait,
+                    if stop.is_set():  # looking at the stop
+                        return
                 place = _Place(places)
                 try:
-                    try:
-                        job = todo.get(timeout=SLEEP_SLICE_S)
-                    except queue.Empty:
-                        continue  # nothing to do yet: give the place back, look at the stop
-                    if job is _NO_MORE:
-                        return
-                    i, request = job
-                    try:
-                        outcome: object = self._attempts(
-                            request, i, stop, place.release, events.put, keep_data
-                        )
-                    except ApiError as e:
-                        outcome = self._scrubbed(e)
-                    except GenerationInterrupted:
-                        return
-                    except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
-                        outcome = _Crash(e)
+                    outcome: object = self._attempts(request, i, stop, place.release, events.put, keep_data)
+                except ApiError as e:
+                    outcome = self._scrubbed(e)
+                except GenerationInterrupted:
+                    return
+                except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
+                    outcome = _Crash(e)
                 finally:
                     place.release()
                 done.put((i, outcome))
-                del outcome  # this thread keeps no image while it waits for the next request
+                del outcome, job, request  # this thread keeps no image while it waits for more
 
         def read_more() -> None:
             nonlocal taken, exhausted
@@ -293,6 +288,8 @@ class ImageApiClient:
                 read_more()
         finally:
             stop.set()  # workers take nothing new and leave their waits
+            for _ in workers:
+                todo.put(_NO_MORE)  # wakes the ones waiting for a request
 
     # --- one image ------------------------------------------------------------------------------
 
