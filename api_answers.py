@@ -51,7 +51,7 @@ class Encoded:
     """An image located in an answer but not decoded yet: its bytes, base64 or a data URI."""
 
     kind: str  # "bytes", "b64" or "data"
-    value: bytes | str
+    value: bytes | bytearray | str
     where: str  # for messages: which part of which answer
     status: int | None
     request_id: str | None
@@ -176,10 +176,10 @@ class AnswerReader:
 
     # --- decoding -------------------------------------------------------------------------------
 
-    def decode(self, encoded: Encoded) -> tuple[Image.Image, bytes, str]:
+    def decode(self, encoded: Encoded) -> tuple[Image.Image, bytes | bytearray, str]:
         """The RGB image from located bytes or base64 (no HTTP), the file's bytes and format."""
         value, where, request_id = encoded.value, encoded.where, encoded.request_id
-        if isinstance(value, bytes):
+        if isinstance(value, (bytes, bytearray)):
             data = value
         else:
             try:
@@ -189,6 +189,7 @@ class AnswerReader:
                     f"{where} is not valid base64 ({len(value):,} characters)",
                     request_id=request_id,
                 ) from e
+            encoded.value = value = b""  # the base64 text is not needed any more
         image, fmt = self.open(data, where, encoded.status, request_id)
         return image, data, fmt
 

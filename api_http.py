@@ -140,14 +140,20 @@ class HttpTransport:
             length = response.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > cap:
                 raise self._too_big(url, int(length), cap, response.status_code)
-            chunks: list[bytes] = []
+            # One buffer, filled in place when the length is known: no second copy of the body.
+            expected = int(length) if length.isdigit() else 0
+            content = bytearray(expected)
             size = 0
             try:
                 for chunk in _body_chunks(response):
-                    size += len(chunk)
-                    if size > cap:
-                        raise self._too_big(url, size, cap, response.status_code)
-                    chunks.append(chunk)
+                    end = size + len(chunk)
+                    if end > cap:
+                        raise self._too_big(url, end, cap, response.status_code)
+                    if end <= expected:
+                        content[size:end] = chunk
+                    else:  # longer than announced, or no length given: grow
+                        content[size:] = chunk
+                    size = end
                     if stop.is_set():
                         raise GenerationInterrupted("stopped")
                     if self.clock.monotonic() > call_end:
@@ -159,7 +165,7 @@ class HttpTransport:
             ) as e:
                 failure = self._transport_failure(e, url, read_timeout, may_bill, sent=True)
                 raise failure from failure.__cause__
-        content = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        del content[size:]  # a body shorter than announced (urllib3 normally raises for it)
         return Reply(response.status_code, response.reason or "", response.headers, content, response.url)
 
     def _transport_failure(self, e: Exception, url: str, timeout_s: float, may_bill: bool, sent: bool):

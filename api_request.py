@@ -85,7 +85,7 @@ class ApiImage:
     seconds: float  # wall time for this image, retries included
     attempts: int  # generate calls made (1 = no retry)
     billed_attempts: int = 0  # of those, calls sent again after one that may have been billed
-    data: bytes | None = None
+    data: bytes | bytearray | None = None
     format: str | None = None
 
 

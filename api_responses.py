@@ -73,7 +73,7 @@ class Reply:
     status: int
     reason: str
     headers: requests.structures.CaseInsensitiveDict
-    content: bytes
+    content: bytes | bytearray  # the body as read, without a second copy
     url: str
 
     @property

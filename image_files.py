@@ -52,14 +52,14 @@ def save_png(image: Image.Image, path: str | os.PathLike, text: Mapping[str, str
     return write_atomically(Path(path), lambda f: image.save(f, format="PNG", pnginfo=info, compress_level=4))
 
 
-def save_png_bytes(data: bytes, path: str | os.PathLike, text: Mapping[str, str]) -> Path:
+def save_png_bytes(data: bytes | bytearray, path: str | os.PathLike, text: Mapping[str, str]) -> Path:
     """Write PNG `data` as it is, with `text` added as iTXt chunks (replacing text chunks of the
     same keywords), atomically. Raises ValueError when `data` is not a well-formed PNG."""
     with_text = png_with_text(data, text)
     return write_atomically(Path(path), lambda f: f.write(with_text))
 
 
-def png_with_text(data: bytes, text: Mapping[str, str]) -> bytes:
+def png_with_text(data: bytes | bytearray, text: Mapping[str, str]) -> bytes:
     """`data` (a PNG) with iTXt chunks for `text` inserted before its first IDAT chunk."""
     if not data.startswith(PNG_SIGNATURE):
         raise ValueError("not a PNG: the signature is missing")
@@ -70,7 +70,7 @@ def png_with_text(data: bytes, text: Mapping[str, str]) -> bytes:
         if kind == b"IDAT" and not inserted:
             out += [_itxt_chunk(_keyword(k), str(v)) for k, v in text.items()]
             inserted = True
-        if kind in TEXT_CHUNKS and chunk[8:].split(b"\0", 1)[0] in keywords:
+        if kind in TEXT_CHUNKS and bytes(chunk[8:].split(b"\0", 1)[0]) in keywords:
             continue  # the service's own chunk of a keyword we write
         out.append(chunk)
     if not inserted:
@@ -78,7 +78,7 @@ def png_with_text(data: bytes, text: Mapping[str, str]) -> bytes:
     return b"".join(out)
 
 
-def _chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+def _chunks(data: bytes | bytearray) -> Iterator[tuple[bytes, bytes | bytearray]]:
     """(type, whole chunk: length, type, data, CRC) for each chunk up to IEND."""
     pos = len(PNG_SIGNATURE)
     while pos + 8 <= len(data):
@@ -86,7 +86,7 @@ def _chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         end = pos + 12 + length
         if end > len(data):
             raise ValueError("not a PNG: a chunk runs past the end of the data")
-        kind = data[pos + 4 : pos + 8]
+        kind = bytes(data[pos + 4 : pos + 8])
         yield kind, data[pos:end]
         pos = end
         if kind == b"IEND":
