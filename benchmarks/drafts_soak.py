@@ -204,6 +204,9 @@ def run_cli(
         offset = 0
         rss_at_100 = None
         last_rss = peak = 0.0
+        trajectory: list[float] = []
+        with open(prompts) as f:
+            step = max(1, sum(1 for _ in f) // 10)
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid != 0:  # ended: its exit status and the CPU time it used
@@ -220,6 +223,8 @@ def run_cli(
                 last_rss, peak = rss_mib(process.pid)
             if rss_at_100 is None and lines >= 100:
                 rss_at_100 = last_rss
+            if lines >= (len(trajectory) + 1) * step:  # RSS at each tenth of the run
+                trajectory.append(last_rss)
             time.sleep(0.2)
         code = process.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - started
@@ -230,6 +235,7 @@ def run_cli(
         "rss_end": last_rss,
         "rss_peak": peak,
         "cpu_s": usage.ru_utime + usage.ru_stime,
+        "trajectory": trajectory,
         "log": log,
     }
 
@@ -395,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                 "RSS growth from image 100: to the end / to the peak, MiB (target < 100)",
                 f"{growth_end:.0f} / {growth_peak:.0f}",
             ),
+            ("RSS at each tenth of the run, MiB", " ".join(f"{r:.0f}" for r in soak["trajectory"])),
             (
                 "wall time, s / CPU time of the command line per image, ms",
                 f"{soak['seconds']:.0f} / {1000 * soak['cpu_s'] / max(done, 1):.1f}",
