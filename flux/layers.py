@@ -43,7 +43,8 @@ def linear_part(
     """`layer` restricted to some output rows / input columns of its stored weight (a view, no copy)."""
     weight = cast_to(layer.weight[rows, cols], x)
     with_bias = bias and layer.bias is not None
-    return F.linear(x, weight, cast_to(layer.bias[rows], x) if with_bias else None)
+    out = F.linear(x, weight, cast_to(layer.bias[rows], x) if with_bias else None)
+    return out if layer.lora is None else layer.lora.add_to(out, x, rows, cols)
 
 
 def qkv_heads(qkv: Tensor, num_heads: int, norm: QKNorm, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -25,10 +25,17 @@ def cast_to(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` that computes in its input's dtype whatever dtype its weight is stored in."""
+    """`nn.Linear` that computes in its input's dtype whatever dtype its weight is stored in.
+
+    `lora`: the LoRAs' low-rank updates (`flux.lora_adapter.LowRankAdapter`), added to the output at
+    run time; None (no LoRA) by default. Not a parameter: the stored weights never change.
+    """
+
+    lora = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, cast_to(self.weight, x), cast_to(self.bias, x))
+        out = F.linear(x, cast_to(self.weight, x), cast_to(self.bias, x))
+        return out if self.lora is None else self.lora.add_to(out, x)
 
 
 class Conv2d(nn.Conv2d):
