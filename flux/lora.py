@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..local_components import CLIP, TRANSFORMER
 from . import lora_keys
 from .checkpoint import SAFETENSORS_DTYPES, Header, TensorEntry, inspect_file, list_keys, read_header
 from .lora_adapter import LowRankAdapter, LowRankPiece
@@ -41,7 +42,8 @@ from .ops import Linear
 LORA_TITLE = "FLUX.1 LoRA"
 SHOWN = 5  # how many keys an error lists before "... and N more"
 PEFT_METADATA_KEY = "lora_adapter_metadata"  # diffusers' JSON of the PEFT LoraConfig per component
-PEFT_COMPONENTS = {lora_keys.TRANSFORMER: "transformer", lora_keys.CLIP: "text_encoder"}
+# network name -> its component prefix in diffusers' files and metadata
+PEFT_COMPONENTS = {TRANSFORMER.name: "transformer", CLIP.name: "text_encoder"}
 
 
 @dataclass
@@ -109,7 +111,7 @@ def read_lora(path: str | Path) -> LoRA:
         what, keys = next(iter(refused.items()))
         raise _fail(
             path,
-            f"it is {what}, which this node does not apply ({len(keys)} keys such as {keys[0]}); "
+            f"it is {what}, which this node does not apply ({len(keys)} such tensors, e.g. {keys[0]}); "
             "use a plain LoRA (lora_down/lora_up or lora_A/lora_B)",
         )
     if not kinds:
@@ -187,27 +189,26 @@ def linear_layers(networks: Mapping[str, nn.Module]) -> dict[str, dict[str, Line
 def plan_lora(lora: LoRA, networks: Mapping[str, nn.Module]) -> list[Update]:
     """Every module of `lora` matched to its layer (shapes checked); ModelLoadError otherwise.
 
-    `networks`: lora_keys.TRANSFORMER / CLIP / T5 -> the loaded module (any subset).
+    `networks`: network name ("transformer", "clip", "t5") -> the loaded module (any subset).
     """
     layers = linear_layers(networks)
     shapes = {net: {n: (m.out_features, m.in_features) for n, m in ls.items()} for net, ls in layers.items()}
     aliases = lora_keys.alias_map(shapes)
     matched = {alias: aliases[alias] for alias in lora.modules if alias in aliases}
-    if not matched:
-        looks = lora_keys.describe_foreign(lora.modules, lora.metadata)
+    unmatched = [a for a in lora.modules if a not in matched]
+    if not matched or (unmatched and all(t.network != TRANSFORMER.name for t in matched.values())):
+        looks = lora_keys.describe_foreign(unmatched, lora.metadata)
         raise _fail(
             lora.path,
-            f"none of its {len(lora.modules)} layers is a layer of FLUX.1's transformer, CLIP-L or T5 "
-            f"(first: {list_keys(lora.modules, SHOWN)}); it looks like {looks}",
+            f"{len(unmatched)} of its {len(lora.modules)} layers are no layer of FLUX.1's transformer, "
+            f"CLIP-L or T5 (first: {list_keys(unmatched, SHOWN)}); it looks like {looks}",
         )
-    unmatched = [a for a in lora.modules if a not in matched]
     if unmatched:
-        keys = [k for a in unmatched for k in lora.modules[a].keys]
         raise _fail(
             lora.path,
             f"{len(unmatched)} of its {len(lora.modules)} layers match no layer of the loaded "
             f"FLUX.1 [schnell] networks ({_loaded(networks)}), so it would apply only in part: "
-            f"{list_keys(keys, SHOWN)}" + _hint(unmatched),
+            f"{list_keys(unmatched, SHOWN)}" + _hint(unmatched),
         )
     peft = _peft_alphas(lora)
     updates, wrong = [], []
@@ -219,7 +220,7 @@ def plan_lora(lora: LoRA, networks: Mapping[str, nn.Module]) -> list[Update]:
         if module.up.shape[0] != want_up or module.down.shape[1] != want_down:
             wrong.append(
                 f"{alias}: up {tuple(module.up.shape)}, down {tuple(module.down.shape)} but the "
-                f"{lora_keys.NETWORK_TITLES[target.network]}'s {target.module} needs up ({want_up}, r), "
+                f"{lora_keys.NETWORKS[target.network].title}'s {target.module} needs up ({want_up}, r), "
                 f"down (r, {want_down})"
             )
             continue
@@ -228,15 +229,15 @@ def plan_lora(lora: LoRA, networks: Mapping[str, nn.Module]) -> list[Update]:
     if wrong:
         raise _fail(
             lora.path,
-            f"{len(wrong)} of its layers do not fit the shapes of the loaded networks (a LoRA for "
-            f"another FLUX model?): {'; '.join(wrong[:SHOWN])}"
+            f"{len(wrong)} of its {len(lora.modules)} layers do not fit the shapes of the loaded networks "
+            f"(a LoRA for another FLUX model?): {'; '.join(wrong[:SHOWN])}"
             + (f"; ... and {len(wrong) - SHOWN} more" if len(wrong) > SHOWN else ""),
         )
     return updates
 
 
 def _loaded(networks: Mapping[str, nn.Module]) -> str:
-    return ", ".join(lora_keys.NETWORK_TITLES[n] for n in networks)
+    return ", ".join(lora_keys.NETWORKS[n].title for n in networks)
 
 
 def _hint(unmatched: Sequence[str]) -> str:

@@ -33,15 +33,16 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-TRANSFORMER, CLIP, T5 = "transformer", "clip", "t5"
-NETWORK_TITLES = {TRANSFORMER: "transformer", CLIP: "CLIP-L text encoder", T5: "T5-XXL text encoder"}
+from ..local_components import CLIP, T5, TRANSFORMER
+
+NETWORKS = {c.name: c for c in (TRANSFORMER, CLIP, T5)}  # the networks LoRAs update, by name
 
 
 @dataclass(frozen=True)
 class Target:
     """The part of one of our Linear layers a LoRA module updates."""
 
-    network: str  # TRANSFORMER, CLIP or T5
+    network: str  # the network's name: "transformer", "clip" or "t5" (local_components)
     module: str  # the layer's name in that network, e.g. "double_blocks.0.img_attn.qkv"
     rows: tuple[int, int] | None = None  # the output rows [start, stop) it updates; None: all
     swap_halves: bool = False  # its output halves come in the other order (diffusers' norm_out)
@@ -167,7 +168,8 @@ def _underscored(name: str) -> str:
 def alias_map(layers: Mapping[str, Mapping[str, tuple[int, int]]]) -> dict[str, Target]:
     """Every LoRA module alias of the given layers -> the Target it updates.
 
-    `layers`: network (TRANSFORMER, CLIP, T5) -> {Linear layer name: (out_features, in_features)}.
+    `layers`: network name ("transformer", "clip", "t5") -> {Linear layer name: (out_features,
+    in_features)}.
     """
     aliases: dict[str, Target] = {}
 
@@ -175,13 +177,13 @@ def alias_map(layers: Mapping[str, Mapping[str, tuple[int, int]]]) -> dict[str, 
         for name in names:
             aliases[name] = target
 
-    transformer = layers.get(TRANSFORMER, {})
+    transformer = layers.get(TRANSFORMER.name, {})
     hidden = transformer["img_in"][0] if "img_in" in transformer else 0
     for module, (out_features, _) in transformer.items():
-        whole = Target(TRANSFORMER, module)
+        whole = Target(TRANSFORMER.name, module)
         add((module, f"diffusion_model.{module}", f"lora_unet_{_underscored(module)}"), whole)
         for name, rows, swap in diffusers_names(module, out_features, hidden):
-            target = Target(TRANSFORMER, module, rows, swap)
+            target = Target(TRANSFORMER.name, module, rows, swap)
             add(
                 (
                     name,
@@ -192,7 +194,7 @@ def alias_map(layers: Mapping[str, Mapping[str, tuple[int, int]]]) -> dict[str, 
                 ),
                 target,
             )
-    for module in layers.get(CLIP, {}):
+    for module in layers.get(CLIP.name, {}):
         add(
             (
                 f"lora_te1_{_underscored(module)}",
@@ -200,9 +202,9 @@ def alias_map(layers: Mapping[str, Mapping[str, tuple[int, int]]]) -> dict[str, 
                 f"text_encoder.{module}",
                 f"text_encoders.clip_l.transformer.{module}",
             ),
-            Target(CLIP, module),
+            Target(CLIP.name, module),
         )
-    for module in layers.get(T5, {}):
+    for module in layers.get(T5.name, {}):
         add(
             (
                 f"lora_te3_{_underscored(module)}",
@@ -210,7 +212,7 @@ def alias_map(layers: Mapping[str, Mapping[str, tuple[int, int]]]) -> dict[str, 
                 f"text_encoder_2.{module}",
                 f"text_encoders.t5xxl.transformer.{module}",
             ),
-            Target(T5, module),
+            Target(T5.name, module),
         )
     return aliases
 
