@@ -32,6 +32,7 @@ from pathlib import Path
 from ._version import __version__
 from .errors import ConfigurationError, FluxSchnellError, GenerationInterrupted, InvalidInputError
 from .generation import BACKENDS, MODEL_NAME, GenerationRequest
+from .local_lora import LoraChoice, parse_lora_option
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 log = logging.getLogger("flux_schnell.cli")
@@ -105,10 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument(
         "--compile", action="store_true", help="torch.compile the transformer (slow first image)"
     )
+    local.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=_lora_option,
+        metavar="FILE[:STRENGTH]",
+        help="apply a LoRA (repeatable: they stack); strength -10..10, default 1.0, negative allowed",
+    )
 
     sub.add_parser("set-key", help="save the ImageAPI key (read from standard input)")
     sub.add_parser("config", help="show where the settings come from (never the key)")
     return parser
+
+
+def _lora_option(text: str) -> LoraChoice:
+    try:
+        return parse_lora_option(text)
+    except InvalidInputError as e:  # argparse shows this message, not a generic one
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,6 +175,8 @@ def _generate(parser: argparse.ArgumentParser, args) -> int:
         parser.error("--prompts-file needs --out-dir DIR")
     if not 1 <= args.concurrency <= 16:
         parser.error("--concurrency must be between 1 and 16")
+    if args.lora and args.backend != "local":
+        parser.error("--lora needs --backend local (the hosted API applies no LoRA)")
     seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
     lines = [(1, args.prompt)] if args.prompt is not None else _read_prompts(args.prompts_file)
     # Validate everything, and that the images can be written, before the first (paid) request.
@@ -263,6 +281,8 @@ def _plan(lines: list[tuple[int, str]], seed: int, args) -> list[Job]:
 def _settings_tag(prompt: str, args) -> str:
     """8 hex digits naming what makes the image: prompt, size, steps, backend, the given seed."""
     what = [prompt, args.width, args.height, args.steps, args.backend, args.seed]
+    if args.lora:  # a LoRA makes another image (names without LoRAs stay as they were)
+        what.append([[str(c.path), c.strength] for c in args.lora])
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
 
 
@@ -330,7 +350,9 @@ def _run_local(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Eve
         weight_dtype="as stored" if args.dtype in (None, "as-stored") else args.dtype,
         device=args.device,
         compile=args.compile,
+        loras=tuple(args.lora),
     )
+    loras = {"loras": ", ".join(c.describe() for c in args.lora) or None}
     for job in jobs:  # models load once (the backend keeps them) and serve every prompt
         if stop.is_set():
             raise GenerationInterrupted("interrupted")
@@ -346,7 +368,7 @@ def _run_local(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Eve
             _failed(outcome, bar, job, e)
             continue
         log.debug("%s: %s", job.label, info.to_json())  # timings, device, peak GPU memory
-        _save(outcome, bar, job, tensor_to_pil(images)[0], _png_text(job, args, "local"))
+        _save(outcome, bar, job, tensor_to_pil(images)[0], _png_text(job, args, "local", loras))
 
 
 def _failed(outcome: Outcome, bar, job: Job, error: Exception) -> None:

@@ -13,7 +13,7 @@ from types import ModuleType
 
 from .errors import GenerationInterrupted
 
-MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae")
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras")
 
 
 def _comfy(name: str) -> ModuleType | None:

@@ -102,6 +102,7 @@ class Placed:
             try:
                 for name, t in self._tensors():
                     t.data = self.cpu_tensors[name].to(device, non_blocking=True)
+                _move_loras(self.module, device)
             except BaseException:  # out of memory half way: give back what did move
                 self._restore()
                 raise
@@ -115,7 +116,20 @@ class Placed:
     def _restore(self) -> None:
         for name, t in self._tensors():
             t.data = self.cpu_tensors[name]
+        _move_loras(self.module, torch.device("cpu"))
         self.device = torch.device("cpu")
+
+    def refresh_size(self) -> None:
+        """Recount `nbytes` (the weights and the LoRA updates now attached)."""
+        from .flux.lora import adapters
+
+        self.nbytes = module_bytes(self.module) + sum(a.nbytes for a in adapters(self.module))
+
+
+def _move_loras(module: nn.Module, device: torch.device) -> None:
+    from .flux.lora import move_loras
+
+    move_loras(module, device)
 
 
 @dataclass
@@ -131,6 +145,7 @@ class LoadedModels:
     t5_tokenizer: object
     clip_tokenizer: object
     compiled: object = None  # torch.compile of the transformer, made on first use
+    lora_state: tuple = ()  # local_lora.lora_state of the LoRAs on the models (() : none)
 
     def all(self) -> list[Placed]:
         return [self.t5, self.clip, self.transformer, self.ae]
@@ -285,6 +300,7 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
         if not loaded_now:
             timings.pop("loading")
         _check_device_can_hold(models, device)
+        _set_loras(models, spec.loras, dtype)
         run = PipelineRun(
             request=request,
             device=device,
@@ -311,8 +327,29 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
         device=f"{device} ({str(dtype).removeprefix('torch.')}, weights {spec.weight_dtype})",
         timings=timings,
         peak_memory_gib=(torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None),
+        loras=[c.describe() for c in spec.loras] or None,
     )
     return images, info
+
+
+def _set_loras(models: LoadedModels, choices, dtype: torch.dtype) -> None:
+    """Put the chosen LoRAs on the loaded models when they differ from what is there (the caller
+    holds `_lock`). Only the LoRA files are read; a LoRA that does not fit raises and leaves the
+    models as they were."""
+    from .local_components import CLIP, T5, TRANSFORMER
+    from .local_lora import lora_state, use_loras
+
+    state = (lora_state(choices), dtype) if choices else ()
+    if state == models.lora_state:
+        return
+    networks = {TRANSFORMER.name: models.transformer, CLIP.name: models.clip, T5.name: models.t5}
+    layers = use_loras({name: placed.module for name, placed in networks.items()}, choices, dtype)
+    models.lora_state = state
+    models.compiled = None  # compiled code holds on to the layers' previous updates
+    for placed in networks.values():
+        placed.refresh_size()
+    if choices:
+        log.info("LoRAs %s on %d layers", ", ".join(c.describe() for c in choices), layers)
 
 
 def _check_device_can_hold(models: LoadedModels, device: torch.device) -> None:

@@ -3,6 +3,7 @@
 - `FluxSchnellGenerate` ("FLUX Schnell Generate"): prompt to IMAGE through the hosted API or the local
   model.
 - `FluxSchnellLocalModel` ("FLUX Schnell Local Model"): picks the weight files of the local backend.
+- `FluxSchnellLoRA` ("FLUX Schnell LoRA"): adds a LoRA (models/loras) to a local model; several chain.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 
 from . import comfy_bridge
+from .errors import InvalidInputError
 from .generation import (
     BACKENDS,
     MAX_BATCH,
@@ -21,6 +23,7 @@ from .generation import (
     GenerationRequest,
 )
 from .local_files import MEMORY_CHOICES, WEIGHT_DTYPE_OPTIONS
+from .local_lora import LORA_FOLDER, STRENGTH_LIMIT, lora_from_comfy
 
 CATEGORY = "image/generation/FLUX Schnell"
 LOCAL_MODEL_TYPE = "FLUX_SCHNELL_MODEL"
@@ -158,6 +161,11 @@ class FluxSchnellGenerate:
             batch_size=batch_size,
         )
         request.validate(backend)
+        if backend == "api" and local_model is not None and local_model.loras:
+            raise InvalidInputError(
+                "LoRAs run on the local backend only: set backend to 'local', or bypass the FLUX "
+                "Schnell LoRA nodes (the hosted API would make the images without them)"
+            )
         if backend == "api":
             from .api_backend import generate_api
 
@@ -251,11 +259,56 @@ class FluxSchnellLocalModel:
         return (spec,)
 
 
+class FluxSchnellLoRA:
+    DESCRIPTION = (
+        "Adds a LoRA from models/loras to the local FLUX.1 [schnell] model: kohya / sd-scripts, "
+        "diffusers / ai-toolkit (PEFT) and ComfyUI files, for the transformer and the CLIP-L / T5 "
+        "text encoders. Chain several to stack them. The model stays loaded: changing a LoRA or its "
+        "strength reads only the LoRA file. A LoRA made for another model is refused by name."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = (LOCAL_MODEL_TYPE,)
+    RETURN_NAMES = ("local_model",)
+    OUTPUT_TOOLTIPS = ("The model with this LoRA added: into FLUX Schnell Generate or another LoRA node.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "local_model": (
+                    LOCAL_MODEL_TYPE,
+                    {"tooltip": "From 'FLUX Schnell Local Model' or another 'FLUX Schnell LoRA'."},
+                ),
+                "lora_name": (
+                    comfy_bridge.model_file_lists()[LORA_FOLDER],
+                    {"tooltip": "A FLUX.1 LoRA file in models/loras (refresh with R after adding one)."},
+                ),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -STRENGTH_LIMIT,
+                        "max": STRENGTH_LIMIT,
+                        "step": 0.01,
+                        "tooltip": "How strongly the LoRA changes the model: 1 as trained, 0 off, "
+                        "negative values push the other way.",
+                    },
+                ),
+            }
+        }
+
+    def apply(self, local_model, lora_name, strength):
+        return (local_model.with_lora(lora_from_comfy(lora_name, strength)),)
+
+
 NODE_CLASS_MAPPINGS = {
     "FluxSchnellGenerate": FluxSchnellGenerate,
     "FluxSchnellLocalModel": FluxSchnellLocalModel,
+    "FluxSchnellLoRA": FluxSchnellLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FluxSchnellGenerate": "FLUX Schnell Generate",
     "FluxSchnellLocalModel": "FLUX Schnell Local Model",
+    "FluxSchnellLoRA": "FLUX Schnell LoRA",
 }

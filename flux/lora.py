@@ -301,6 +301,8 @@ def apply_loras(
     layers = linear_layers(networks)
     pieces: dict[tuple[str, str], list[LowRankPiece]] = {}
     for updates, strength in plans:
+        if strength == 0:  # checked above, adds nothing
+            continue
         for u in updates:
             layer = layers[u.target.network][u.target.module]
             start, stop = u.target.rows or (0, layer.out_features)

@@ -200,6 +200,7 @@ def alias_map(layers: Mapping[str, Mapping[str, tuple[int, int]]]) -> dict[str, 
                 f"lora_te1_{_underscored(module)}",
                 f"lora_te_{_underscored(module)}",
                 f"text_encoder.{module}",
+                f"text_encoder.{module.removeprefix('text_model.')}",  # as transformers >= 5 names it
                 f"text_encoders.clip_l.transformer.{module}",
             ),
             Target(CLIP.name, module),
