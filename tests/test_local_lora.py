@@ -247,6 +247,6 @@ def test_command_line_applies_loras_and_records_them(tiny, tmp_path):
     assert main([*args, "--out", str(tmp_path / "lora.png"), *lora_args]) == 0
     with Image.open(tmp_path / "lora.png") as image:
         assert image.text["loras"] == "style.safetensors:0.4, blocks.safetensors:-0.8"
-        with_lora = torch.from_numpy(numpy.asarray(image.convert("RGB"))).to(torch.int64)
+        with_lora = torch.from_numpy(numpy.array(image.convert("RGB"))).to(torch.int64)
     same, _ = run(spec_for(tiny, ("style", 0.4), ("blocks", -0.8)))
     assert torch.equal(with_lora.view(SIZE, SIZE, 3), (same[0] * 255).round().to(torch.int64))
