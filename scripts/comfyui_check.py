@@ -241,7 +241,18 @@ def tiny_local_models(models: Path) -> list[Path]:
         ),
         models / "vae" / "ae.safetensors": tm.autoencoder_weights(),
     }
-    return [tm.save(path, weights) for path, weights in parts.items()]
+    from tests.support.tiny_loras import write_tiny_lora
+
+    lora_names = sorted(  # the LoRAs the saved workflows pick, fitting the tiny transformer
+        {
+            node["inputs"]["lora_name"]
+            for path in wt.API_DIR.glob("*.json")
+            for node in wt.load_json(path).values()
+            if node["class_type"] == "FluxSchnellLoRA"
+        }
+    )
+    loras = [write_tiny_lora(models / "loras" / name, seed=i) for i, name in enumerate(lora_names)]
+    return [tm.save(path, weights) for path, weights in parts.items()] + loras
 
 
 def make_base(base: Path, local: bool) -> None:

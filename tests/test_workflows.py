@@ -25,6 +25,7 @@ EXPECTED = {
     "flux_schnell_local",
     "flux_schnell_upscale",
     "flux_schnell_draft_board",
+    "flux_schnell_lora",
 }
 UI_PATHS = wt.ui_workflow_paths()
 KEY_PATTERN = re.compile(r"sk_[A-Za-z0-9]{6,}")
@@ -63,7 +64,7 @@ def test_ui_workflow_agrees_with_node_schemas(path, specs, ui_only):
 
 @pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
 def test_core_nodes_and_inputs_exist_in_the_record(path, record, ui_only):
-    own = {"FluxSchnellGenerate", "FluxSchnellLocalModel"}
+    own = {"FluxSchnellGenerate", "FluxSchnellLocalModel", "FluxSchnellLoRA"}
     core = wt.core_specs(record)
     for node in wt.load_json(path)["nodes"]:
         if node["type"] in own or node["type"] in ui_only:
@@ -190,7 +191,7 @@ def test_execution_order_refuses_a_cycle():
 
 # --- running the API graphs in-process ---------------------------------------------------------
 
-API_RUNS = [p for p in UI_PATHS if p.stem != "flux_schnell_local"]
+API_RUNS = [p for p in UI_PATHS if p.stem not in ("flux_schnell_local", "flux_schnell_lora")]  # weights
 
 
 def _classes(comfy_package, tmp_path, api):
@@ -233,8 +234,9 @@ def test_draft_board_info_lists_the_seed_of_each_draft(comfy_package, fake_api, 
     assert (shown["width"], shown["height"], shown["steps"]) == (512, 512, 4)
 
 
-def test_local_workflow_runs_end_to_end(comfy_package, comfy, tmp_path, monkeypatch):
-    from support import tiny_models
+@pytest.mark.parametrize("workflow", ["flux_schnell_local", "flux_schnell_lora"])
+def test_local_workflow_runs_end_to_end(workflow, comfy_package, comfy, tmp_path, monkeypatch):
+    from support import tiny_loras, tiny_models
     from support.tiny_tokenizers import write_comfyui_tree
 
     write_comfyui_tree(tmp_path / "pkg")  # ComfyUI's bundled tokenizer folders, tiny vocabularies
@@ -251,7 +253,9 @@ def test_local_workflow_runs_end_to_end(comfy_package, comfy, tmp_path, monkeypa
     ):
         (models / folder).mkdir(parents=True, exist_ok=True)
         source.replace(models / folder / name)
-    api = copy.deepcopy(wt.load_json(wt.API_DIR / "flux_schnell_local.json"))
+    api = copy.deepcopy(wt.load_json(wt.API_DIR / f"{workflow}.json"))
+    for n, node in enumerate(n for n in api.values() if n["class_type"] == "FluxSchnellLoRA"):
+        tiny_loras.write_tiny_lora(models / "loras" / node["inputs"]["lora_name"], seed=n)
     gen = next(n for n in api.values() if n["class_type"] == "FluxSchnellGenerate")
     gen["inputs"].update(width=256, height=256)  # the saved 1024 x 1024 is slow for a CPU test
     result = wt.run_api_graph(api, _classes(comfy_package, tmp_path, api))

@@ -152,3 +152,16 @@ def write_sdxl_lora(path: Path) -> Path:
             )
         )
     return save_lora(path, tensors, {"ss_base_model_version": "sdxl_base_v1-0"}, dtype=torch.float16)
+
+
+def write_tiny_lora(path: Path, seed: int = 0, rank: int = 4) -> Path:
+    """A kohya LoRA of every Linear layer of the tiny transformer (tiny_models.TINY_FLUX), bf16."""
+    from comfyui_flux_schnell.flux.model import Flux
+
+    from .tiny_models import TINY_FLUX
+
+    with torch.device("meta"):
+        shapes = linear_shapes(Flux(TINY_FLUX))
+    return save_lora(
+        path, kohya_tensors(random_lora(shapes, rank, seed, alpha=rank / 2)), dtype=torch.bfloat16
+    )
