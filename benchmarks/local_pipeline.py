@@ -25,16 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-
-from comfyui_flux_schnell import local_backend  # noqa: E402
-from comfyui_flux_schnell.comfy_bridge import Progress  # noqa: E402
-from comfyui_flux_schnell.flux.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
-from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder  # noqa: E402
-from comfyui_flux_schnell.flux.model import Flux, FluxParams  # noqa: E402
-from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder  # noqa: E402
-from comfyui_flux_schnell.generation import GenerationRequest  # noqa: E402
+from comfyui_flux_schnell import local_backend
+from comfyui_flux_schnell.comfy_bridge import Progress
+from comfyui_flux_schnell.flux.autoencoder import AutoEncoder, AutoEncoderParams
+from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
+from comfyui_flux_schnell.flux.model import Flux, FluxParams
+from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder
+from comfyui_flux_schnell.generation import GenerationRequest
 
 PROMPT = "a photo of a red fox in fresh snow at golden hour, shallow depth of field"
 CONFIGS = {

@@ -18,7 +18,7 @@ from comfyui_flux_schnell.errors import InvalidInputError, ModelLoadError, OutOf
 from comfyui_flux_schnell.flux import checkpoint, loading, ops
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoderParams
 from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
-from comfyui_flux_schnell.flux.model import FluxParams
+from comfyui_flux_schnell.flux.model import Flux, FluxParams
 from comfyui_flux_schnell.flux.t5 import T5Config
 from safetensors.torch import load_file, save_file
 from support import KEYS_DIR
@@ -227,6 +227,18 @@ def test_infer_schnell_config_from_real_layout():
     assert params == FluxParams(**data["params"])
     assert params == FluxParams()
     assert params.guidance_embed is False
+
+
+@pytest.mark.parametrize(("hidden", "mlp_hidden"), [(896, 1840), (3072, 12288), (1152, 2300)])
+def test_inferred_mlp_width_rebuilds_the_files_shapes(hidden, mlp_hidden):
+    """1840 / 896 * 896 is 1839.99...: the width must come back exact, not truncated."""
+    params = FluxParams(hidden_size=hidden, num_heads=hidden // 128, mlp_ratio=mlp_hidden / hidden)
+    params = replace(params, depth=1, depth_single_blocks=1)
+    with torch.device("meta"):
+        shapes = {k: list(t.shape) for k, t in Flux(params).state_dict().items()}
+        rebuilt = Flux(loading.infer_flux_params(shapes))
+    assert {k: list(t.shape) for k, t in rebuilt.state_dict().items()} == shapes
+    assert shapes["single_blocks.0.linear1.weight"][0] == 3 * hidden + mlp_hidden
 
 
 def test_infer_dev_config_from_real_layout():
