@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import struct
 import sys
 import warnings
 from dataclasses import replace
@@ -565,6 +566,20 @@ def test_broken_and_foreign_files_are_named(sets, tmp_path, make, needle):
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+@pytest.mark.parametrize("header_len", [896, 1152, 23328, 31520, 66432])
+def test_header_lengths_that_look_like_other_formats_are_still_safetensors(tmp_path, header_len):
+    """Bytes 0..7 are the header's length: 896 = 80 03 ..., like a pickle's first bytes; 31520 =
+    20 7b ..., which a JSON sniffer that strips spaces would take for '{'."""
+    save_file({"w": torch.ones(2, 3)}, tmp_path / "plain.safetensors")
+    raw = (tmp_path / "plain.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = raw[8 : 8 + length].rstrip(), raw[8 + length :]
+    padded = header + b" " * (header_len - len(header))  # safetensors allows trailing spaces
+    path = _write(tmp_path / "padded.safetensors", struct.pack("<Q", header_len) + padded + data)
+    assert load_file(path)["w"].shape == (2, 3)  # the reference reader takes it
+    assert checkpoint.read_header(path).tensors["w"].shape == (2, 3)
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
