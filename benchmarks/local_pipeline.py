@@ -230,6 +230,7 @@ def main():
     # one LoadedModels, as the backend's cache would hold it, already on the device
     models = local_backend.LoadedModels(
         files=None,
+        stamps=(),
         weight_dtype="as stored",
         **{k: local_backend.Placed(k, m) for k, m in nets.items()},
         t5_tokenizer=load_t5_tokenizer(t5_dir, 256),

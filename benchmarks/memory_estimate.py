@@ -494,6 +494,7 @@ def measure(
     placed = {name: local_backend.Placed(name, m) for name, m in modules.items()}
     models = local_backend.LoadedModels(
         files=None,
+        stamps=(),
         weight_dtype=weight_dtype,
         t5=placed["T5-XXL"],
         clip=placed["CLIP-L"],
