@@ -35,7 +35,7 @@ from .local_files import LocalModelSpec, ResolvedFiles
 
 log = logging.getLogger("flux_schnell.local")
 
-__all__ = ["LocalModelSpec", "PipelineRun", "generate_local", "release_models", "run_pipeline"]
+__all__ = ["PipelineRun", "generate_local", "release_models", "run_pipeline"]
 
 # local_files.WEIGHT_DTYPE_OPTIONS -> the dtype weights are narrowed to at load (None: as stored)
 NARROW_DTYPE_OF_OPTION = {"as stored": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
@@ -412,7 +412,7 @@ def _sample_one(
 
     request, device, dtype, progress = run.request, run.device, run.dtype, run.progress
     height, width = request.height, request.width
-    # Drawn in bf16 as the reference does, so a seed starts from the same noise on every device.
+    # Drawn by a CPU generator (the same numbers on every device), in bf16 as the reference does.
     noise = sampling.get_noise(1, height, width, seed, device=device, dtype=torch.bfloat16)
     noise = noise.to(dtype)
     img, img_ids = sampling.pack(noise), sampling.image_ids(1, height, width, device=device)
