@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import struct
 import sys
 import warnings
 from dataclasses import replace
@@ -18,7 +19,7 @@ from comfyui_flux_schnell.errors import InvalidInputError, ModelLoadError, OutOf
 from comfyui_flux_schnell.flux import checkpoint, loading, ops
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoderParams
 from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
-from comfyui_flux_schnell.flux.model import FluxParams
+from comfyui_flux_schnell.flux.model import Flux, FluxParams
 from comfyui_flux_schnell.flux.t5 import T5Config
 from safetensors.torch import load_file, save_file
 from support import KEYS_DIR
@@ -227,6 +228,18 @@ def test_infer_schnell_config_from_real_layout():
     assert params == FluxParams(**data["params"])
     assert params == FluxParams()
     assert params.guidance_embed is False
+
+
+@pytest.mark.parametrize(("hidden", "mlp_hidden"), [(896, 1840), (3072, 12288), (1152, 2300)])
+def test_inferred_mlp_width_rebuilds_the_files_shapes(hidden, mlp_hidden):
+    """1840 / 896 * 896 is 1839.99...: the width must come back exact, not truncated."""
+    params = FluxParams(hidden_size=hidden, num_heads=hidden // 128, mlp_ratio=mlp_hidden / hidden)
+    params = replace(params, depth=1, depth_single_blocks=1)
+    with torch.device("meta"):
+        shapes = {k: list(t.shape) for k, t in Flux(params).state_dict().items()}
+        rebuilt = Flux(loading.infer_flux_params(shapes))
+    assert {k: list(t.shape) for k, t in rebuilt.state_dict().items()} == shapes
+    assert shapes["single_blocks.0.linear1.weight"][0] == 3 * hidden + mlp_hidden
 
 
 def test_infer_dev_config_from_real_layout():
@@ -553,6 +566,20 @@ def test_broken_and_foreign_files_are_named(sets, tmp_path, make, needle):
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+@pytest.mark.parametrize("header_len", [896, 1152, 23328, 31520, 66432])
+def test_header_lengths_that_look_like_other_formats_are_still_safetensors(tmp_path, header_len):
+    """Bytes 0..7 are the header's length: 896 = 80 03 ..., like a pickle's first bytes; 31520 =
+    20 7b ..., which a JSON sniffer that strips spaces would take for '{'."""
+    save_file({"w": torch.ones(2, 3)}, tmp_path / "plain.safetensors")
+    raw = (tmp_path / "plain.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = raw[8 : 8 + length].rstrip(), raw[8 + length :]
+    padded = header + b" " * (header_len - len(header))  # safetensors allows trailing spaces
+    path = _write(tmp_path / "padded.safetensors", struct.pack("<Q", header_len) + padded + data)
+    assert load_file(path)["w"].shape == (2, 3)  # the reference reader takes it
+    assert checkpoint.read_header(path).tensors["w"].shape == (2, 3)
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
