@@ -6,7 +6,8 @@ for and where. Inside ComfyUI the folders are ComfyUI's own (`models/diffusion_m
 `models/unet`, `models/text_encoders` and `models/clip`, `models/vae`, `models/checkpoints`) and the
 tokenizers are the ones ComfyUI ships; outside it, files are named on the command line, and the
 tokenizer folders may also sit beside the transformer as in the FLUX.1-schnell repository
-(`tokenizer/`, `tokenizer_2/`).
+(`tokenizer/`, `tokenizer_2/`). The spec also carries the LoRAs to apply (`local_lora.LoraChoice`);
+they are not part of the loaded models' identity, so changing them reloads nothing.
 """
 
 from __future__ import annotations

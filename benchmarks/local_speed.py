@@ -17,9 +17,17 @@ Method:
   * CUDA: torch.cuda.reset_peak_memory_stats(), then max_memory_allocated() minus
     memory_allocated() before the forward; the total max_memory_allocated() is shown as well.
 
+LoRA overhead (`--part lora`, also part of the default `all`): one worker builds our model and a
+LoRA of rank 16 and one of rank 64 on every Linear layer (random factors, kohya names, applied by
+`flux.lora.apply_loras` as run-time updates), and alternates no LoRA / rank 16 / rank 64 forwards
+the same way; it reports the median s/forward of each, the ratio to no LoRA, the bytes of the
+updates and the seconds `apply_loras` took (what changing a LoRA or its strength costs).
+`lora_overhead(config, device, ...)` returns the numbers, `report_lora` prints the table.
+
 Configs: `small` (default; hidden 768, 6 heads of 128, 4 double + 8 single blocks, 1024 image + 256
 text tokens, batch 1), and with `--device cuda` also `schnell` (full size, bf16 weights, 1024x1024 =
-4096 image + 256 text tokens). Run: `python -m benchmarks.local_speed [--device cuda] [--threads 2]`.
+4096 image + 256 text tokens). Run: `python -m benchmarks.local_speed [--device cuda] [--threads 2]
+[--part all|compare|lora]`.
 """
 
 from __future__ import annotations
@@ -147,6 +155,100 @@ def worker_time(config: str, device: str, warmup: int, repeats: int) -> dict:
     return dict(times=times, cpu=cpu, max_abs_diff=diff, out_max=out_max)
 
 
+LORA_RANKS = (16, 64)
+
+
+def random_lora_for(model: torch.nn.Module, rank: int, seed: int):
+    """A LoRA (flux.lora.LoRA, in memory, on the CPU as read from a file) of `rank` on every Linear
+    layer of `model`, in kohya names: down ~ N/sqrt(in), up ~ 0.01 N (stored bf16, as most are)."""
+    from comfyui_flux_schnell.flux import lora as flux_lora
+    from comfyui_flux_schnell.flux.ops import Linear
+
+    gen = torch.Generator("cpu").manual_seed(seed)
+    modules = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, Linear):
+            down = torch.randn(rank, layer.in_features, generator=gen) * layer.in_features**-0.5
+            up = 0.01 * torch.randn(layer.out_features, rank, generator=gen)
+            modules[f"lora_unet_{name.replace('.', '_')}"] = flux_lora.LoRAModule(
+                down.to(torch.bfloat16), up.to(torch.bfloat16)
+            )
+    return flux_lora.LoRA(path=Path(f"random-rank-{rank}.safetensors"), modules=modules, metadata={})
+
+
+def lora_overhead(config: str, device: str, warmup: int = 1, repeats: int = 5) -> dict:
+    """Seconds per forward of our model with no LoRA and with a LoRA of each rank in LORA_RANKS on
+    every Linear layer (alternated, medians), the LoRAs' bytes on the device, and apply seconds."""
+    from comfyui_flux_schnell.flux import lora as flux_lora
+
+    model, x = build("ours", config, device)
+    dtype = x["img"].dtype
+    networks = {"transformer": model}
+    variants: dict[str, dict] = {"none": {}}
+    info = {"none": dict(layers=0, bytes=0, apply_s=0.0)}
+    for i, rank in enumerate(LORA_RANKS):
+        lora = random_lora_for(model, rank, seed=10 + i)
+        sync(device)
+        start = time.perf_counter()
+        layers = flux_lora.apply_loras(networks, [(lora, 1.0)], dtype)
+        sync(device)
+        apply_s = time.perf_counter() - start
+        variants[f"rank {rank}"] = {
+            name: layer.lora
+            for name, layer in model.named_modules()
+            if getattr(layer, "lora", None) is not None
+        }
+        info[f"rank {rank}"] = dict(
+            layers=layers, bytes=sum(a.nbytes for a in variants[f"rank {rank}"].values()), apply_s=apply_s
+        )
+        flux_lora.remove_loras(networks)
+        del lora
+    layers_by_name = dict(model.named_modules())
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            for name, adapters in variants.items():
+                flux_lora.remove_loras(networks)
+                for layer_name, adapter in adapters.items():
+                    layers_by_name[layer_name].lora = adapter
+                sync(device)
+                start = time.perf_counter()
+                forward("ours", model, x)
+                sync(device)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return dict(times=times, info=info, param_bytes=param_bytes, dtype=str(dtype).removeprefix("torch."))
+
+
+def report_lora(config: str, device: str, threads: int, warmup: int, repeats: int) -> dict:
+    """Print the LoRA overhead table of one config (measured in a worker process); returns its data."""
+    args = ["--worker", "lora", "--config", config, "--device", device]
+    result = run_worker([*args, "--warmup", str(warmup), "--repeats", str(max(repeats, 1))], threads)
+    overrides, (rows, cols), txt_len, dtype = CONFIGS[config]
+    where = f"{device}, {threads} threads" if device == "cpu" else device
+    print(
+        f"\n## LoRA overhead, {config}: {overrides or 'full FLUX.1-schnell'}, {rows * cols} image + "
+        f"{txt_len} text tokens, {dtype}, {where}; weights {mib(result['param_bytes'])}\n"
+    )
+    print(
+        "| LoRA | layers | median s/forward | / no LoRA | update bytes | apply s |\n"
+        "| --- | --- | --- | --- | --- | --- |"
+    )
+    base = statistics.median(result["times"]["none"])
+    for name, ts in result["times"].items():
+        i = result["info"][name]
+        apply_s = f"{i['apply_s']:.3f}" if name != "none" else "-"
+        print(
+            f"| {name} | {i['layers']} | {statistics.median(ts):.3f} | {statistics.median(ts) / base:.3f} "
+            f"| {mib(i['bytes'])} | {apply_s} |"
+        )
+    for name, ts in result["times"].items():
+        print(f"\n{name} runs (s): " + ", ".join(f"{t:.3f}" for t in ts), end="")
+    print()
+    return result
+
+
 def worker_memory(kind: str, config: str, device: str) -> dict:
     model, x = build(kind, config, device)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -247,13 +349,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per model; 0: memory only")
-    parser.add_argument("--worker", choices=["time", "ours", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--part",
+        choices=["all", "compare", "lora"],
+        default="all",
+        help="ours vs diffusers, LoRA overhead, or both",
+    )
+    parser.add_argument("--worker", choices=["time", "ours", "diffusers", "lora"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
         (config,) = args.config
         if args.worker == "time":
             result = worker_time(config, args.device, args.warmup, args.repeats)
+        elif args.worker == "lora":
+            result = lora_overhead(config, args.device, args.warmup, args.repeats)
         else:
             result = worker_memory(args.worker, config, args.device)
         print(json.dumps(result))
@@ -263,7 +373,10 @@ def main() -> None:
     configs = args.config or (["small", "schnell"] if args.device == "cuda" else ["small"])
     print(f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}")
     for config in configs:
-        report(config, args.device, args.threads, args.warmup, args.repeats)
+        if args.part in ("all", "compare"):
+            report(config, args.device, args.threads, args.warmup, args.repeats)
+        if args.part in ("all", "lora"):
+            report_lora(config, args.device, args.threads, args.warmup, args.repeats)
 
 
 if __name__ == "__main__":

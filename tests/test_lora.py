@@ -218,7 +218,7 @@ def diffusers_layer_names():
     return transformer, clip
 
 
-@pytest.mark.parametrize("alphas", ["none", "alpha keys", "metadata"])
+@pytest.mark.parametrize("alphas", ["none", "alpha keys", "metadata", "rslora metadata"])
 def test_peft_lora_matches_diffusers(tmp_path, base, alphas):
     pytest.importorskip("peft")
     transformer_shapes, clip_shapes = diffusers_layer_names()
@@ -231,7 +231,7 @@ def test_peft_lora_matches_diffusers(tmp_path, base, alphas):
     transformer = random_lora(transformer_shapes, rank=4, seed=4, alpha=alpha)
     clip = random_lora(clip_shapes, rank=2, seed=5, alpha=alpha)
     metadata = None
-    if alphas == "metadata":  # as diffusers' save_lora_weights writes a LoraConfig
+    if alphas.endswith("metadata"):  # as diffusers' save_lora_weights writes a LoraConfig
         metadata = {
             "lora_adapter_metadata": {
                 "transformer.r": 4,
@@ -243,6 +243,8 @@ def test_peft_lora_matches_diffusers(tmp_path, base, alphas):
                 "text_encoder.target_modules": sorted(k.removeprefix("text_model.") for k in clip_shapes),
             }
         }
+        if alphas == "rslora metadata":  # scale alpha / sqrt(r)
+            metadata["lora_adapter_metadata"]["transformer.use_rslora"] = True
     path = save_lora(tmp_path / "peft.safetensors", peft_tensors(transformer, clip), metadata)
     check_against_diffusers(base, path, 0.8)
 
