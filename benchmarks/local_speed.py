@@ -205,6 +205,7 @@ def lora_overhead(config: str, device: str, warmup: int = 1, repeats: int = 5) -
         del lora
     layers_by_name = dict(model.named_modules())
     times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}  # CPU seconds of all threads
     with torch.inference_mode():
         for i in range(warmup + repeats):
             for name, adapters in variants.items():
@@ -212,13 +213,14 @@ def lora_overhead(config: str, device: str, warmup: int = 1, repeats: int = 5) -
                 for layer_name, adapter in adapters.items():
                     layers_by_name[layer_name].lora = adapter
                 sync(device)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 forward("ours", model, x)
                 sync(device)
                 if i >= warmup:
                     times[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - start_cpu)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return dict(times=times, info=info, param_bytes=param_bytes, dtype=str(dtype).removeprefix("torch."))
+    return dict(times=times, cpu=cpu, info=info, param_bytes=param_bytes)
 
 
 def report_lora(config: str, device: str, threads: int, warmup: int, repeats: int) -> dict:
@@ -232,16 +234,18 @@ def report_lora(config: str, device: str, threads: int, warmup: int, repeats: in
         f"{txt_len} text tokens, {dtype}, {where}; weights {mib(result['param_bytes'])}\n"
     )
     print(
-        "| LoRA | layers | median s/forward | / no LoRA | update bytes | apply s |\n"
-        "| --- | --- | --- | --- | --- | --- |"
+        "| LoRA | layers | median s/forward | / no LoRA | median CPU s/forward | / no LoRA | update bytes "
+        "| apply s |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     base = statistics.median(result["times"]["none"])
+    base_cpu = statistics.median(result["cpu"]["none"])
     for name, ts in result["times"].items():
         i = result["info"][name]
+        med, med_cpu = statistics.median(ts), statistics.median(result["cpu"][name])
         apply_s = f"{i['apply_s']:.3f}" if name != "none" else "-"
         print(
-            f"| {name} | {i['layers']} | {statistics.median(ts):.3f} | {statistics.median(ts) / base:.3f} "
-            f"| {mib(i['bytes'])} | {apply_s} |"
+            f"| {name} | {i['layers']} | {med:.3f} | {med / base:.3f} | {med_cpu:.3f} "
+            f"| {med_cpu / base_cpu:.3f} | {mib(i['bytes'])} | {apply_s} |"
         )
     for name, ts in result["times"].items():
         print(f"\n{name} runs (s): " + ", ".join(f"{t:.3f}" for t in ts), end="")

@@ -78,6 +78,7 @@ UNSUPPORTED_KINDS = (
     (".w_norm", "norm weight updates (.w_norm)"),
     (".b_norm", "norm bias updates (.b_norm)"),
     (".reshape_weight", "a control LoRA that reshapes layers (.reshape_weight)"),
+    (".processor.", "an XLabs LoRA (double_blocks.N.processor.qkv_lora1 ...: its own attention processors)"),
 )
 
 

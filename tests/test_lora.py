@@ -422,6 +422,7 @@ def test_shapes_that_do_not_fit_fail_naming_how_many_and_which(tmp_path):
         ({"lora_unet_double_blocks_0_img_attn_proj.hada_w1_a": torch.ones(4, 4)}, "LoHa"),
         ({"lora_unet_double_blocks_0_txt_attn_proj.lora_up.weight": torch.ones(256, 2)}, "has no down"),
         ({"emb_params": torch.ones(2, 64)}, "not LoRA tensors"),
+        ({"double_blocks.0.processor.qkv_lora1.down.weight": torch.ones(4, 256)}, "XLabs"),
         ({"lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.ones(2)}, "should be one number"),
     ],
 )
