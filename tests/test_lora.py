@@ -347,6 +347,36 @@ def test_lora_on_an_fp8_base_equals_merging_into_the_dequantized_weights(tmp_pat
     assert max_diff(rounded, expected) > 1e-3
 
 
+# --- the run-time update ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(None, None), (slice(0, 12), None), (slice(8, 30), slice(3, 17))])
+def test_adapter_adds_exactly_its_dense_update_to_any_part_of_a_layer(rows, cols):
+    from comfyui_flux_schnell.flux.lora_adapter import LowRankAdapter, LowRankPiece
+
+    g = torch.Generator().manual_seed(5)
+    out_features, in_features = 30, 20
+    pieces = [  # a whole-layer LoRA, split q/k/v-like ranges, and one overlapping another
+        LowRankPiece(0, 30, torch.randn(3, in_features, generator=g), torch.randn(30, 3, generator=g)),
+        LowRankPiece(0, 10, torch.randn(2, in_features, generator=g), torch.randn(10, 2, generator=g)),
+        LowRankPiece(10, 20, torch.randn(4, in_features, generator=g), torch.randn(10, 4, generator=g)),
+        LowRankPiece(20, 30, torch.randn(1, in_features, generator=g), torch.randn(10, 1, generator=g)),
+        LowRankPiece(5, 25, torch.randn(2, in_features, generator=g), torch.randn(20, 2, generator=g)),
+    ]
+    adapter = LowRankAdapter(out_features, pieces, torch.float32)
+    assert adapter.rank == 12
+    dense = torch.zeros(out_features, in_features)
+    for p in pieces:
+        dense[p.start : p.stop] += p.up @ p.down
+    assert torch.allclose(adapter.delta_weight(), dense, atol=1e-5)
+
+    r, c = rows or slice(None), cols or slice(None)
+    x = torch.randn(2, 7, dense[:, c].shape[1], generator=g)  # (B, L, in part)
+    base = torch.randn(2, 7, dense[r].shape[0], generator=g)  # the layer's own output part
+    got = adapter.add_to(base.clone(), x, rows, cols)
+    assert torch.allclose(got, base + x @ dense[r, c].T, atol=1e-5)
+
+
 # --- refusals --------------------------------------------------------------------------------------
 
 
