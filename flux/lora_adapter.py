@@ -112,13 +112,11 @@ class LowRankAdapter:
         k0 = min(g.rank_start for g in needed)
         k1 = max(g.rank_stop for g in needed)
         down = self.down[k0:k1] if cols is None else self.down[k0:k1, cols]
-        h = F.linear(x, down.to(x.dtype))  # (..., k1 - k0)
+        h = F.linear(x, down.to(x.dtype)).view(-1, k1 - k0)  # (tokens, k1 - k0)
+        flat = out.view(-1, r1 - r0)  # (tokens, n_rows): F.linear's output is contiguous
         for g in needed:
             lo, hi = max(g.start, r0), min(g.stop, r1)
-            up = g.up[lo - g.start : hi - g.start].to(x.dtype)
-            part = F.linear(h[..., g.rank_start - k0 : g.rank_stop - k0], up)  # (..., hi - lo)
-            if lo == r0 and hi == r1:
-                out += part
-            else:
-                out[..., lo - r0 : hi - r0] += part
+            up = g.up[lo - g.start : hi - g.start].to(x.dtype)  # (hi - lo, r_group)
+            # one GEMM that accumulates into the output (beta = 1): no (tokens, rows) temporary
+            flat[:, lo - r0 : hi - r0].addmm_(h[:, g.rank_start - k0 : g.rank_stop - k0], up.T)
         return out
