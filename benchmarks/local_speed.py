@@ -25,8 +25,9 @@ updates and the seconds `apply_loras` took (what changing a LoRA or its strength
 `lora_overhead(config, device, ...)` returns the numbers, `report_lora` prints the table.
 
 Configs: `small` (default; hidden 768, 6 heads of 128, 4 double + 8 single blocks, 1024 image + 256
-text tokens, batch 1), and with `--device cuda` also `schnell` (full size, bf16 weights, 1024x1024 =
-4096 image + 256 text tokens). Run: `python -m benchmarks.local_speed [--device cuda] [--threads 2]
+text tokens, batch 1), `wide` (FLUX.1's widths, 1 double + 2 single blocks, 512 + 64 tokens), and
+with `--device cuda` also `schnell` (full size, bf16 weights, 1024x1024 = 4096 image + 256 text
+tokens). Run: `python -m benchmarks.local_speed [--device cuda] [--threads 2] [--config NAME]
 [--part all|compare|lora]`.
 """
 
@@ -55,6 +56,8 @@ CONFIGS = {
         "float32",
     ),
     "small": (dict(hidden_size=768, num_heads=6, depth=4, depth_single_blocks=8), (32, 32), 256, "float32"),
+    # FLUX.1's layer widths (3072, MLP 12288) with 1 double + 2 single blocks: per-layer costs as at full size
+    "wide": (dict(depth=1, depth_single_blocks=2), (16, 32), 64, "float32"),
     "schnell": (dict(), (64, 64), 256, "bfloat16"),
 }
 
