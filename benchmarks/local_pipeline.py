@@ -100,7 +100,6 @@ class StepClock:
 
 
 def run_ours(cfg, models, device, steps, repeats, compile_mode):
-    spec_compile = {"compile": True} if compile_mode else {}
     policy = local_backend.MemoryPolicy(models, device, "keep on GPU")
     request = GenerationRequest(PROMPT, cfg["size"], cfg["size"], steps, 0, 1)
     results = []
@@ -113,7 +112,10 @@ def run_ours(cfg, models, device, steps, repeats, compile_mode):
             torch.cuda.reset_peak_memory_stats()
         sync(device)
         start = time.perf_counter()
-        local_backend._run(models, policy, request, device, cfg["dtype"], progress, timings, **spec_compile)
+        run = local_backend.PipelineRun(
+            request, device, cfg["dtype"], policy, progress, compile=compile_mode, timings=timings
+        )
+        local_backend.run_pipeline(models, run)
         sync(device)
         total = time.perf_counter() - start
         step_times = clock.steps(start + timings["text encoding"])

@@ -27,31 +27,31 @@ from support import tiny_models as tm
 KEYS = KEYS_DIR
 LOADERS = {
     "transformer": loading.load_transformer,
-    "autoencoder": loading.load_autoencoder,
+    "ae": loading.load_autoencoder,
     "t5": loading.load_t5,
     "clip": loading.load_clip,
 }
 TITLES = {
     "transformer": "FLUX.1 [schnell] transformer",
-    "autoencoder": "FLUX.1 autoencoder (VAE)",
+    "ae": "FLUX.1 autoencoder (VAE)",
     "t5": "T5-XXL text encoder",
     "clip": "CLIP-L text encoder",
 }
 HINTS = {
     "transformer": "flux1-schnell.safetensors",
-    "autoencoder": "ae.safetensors",
+    "ae": "ae.safetensors",
     "t5": "t5xxl_fp16.safetensors",
     "clip": "clip_l.safetensors",
 }
 TINY_CONFIGS = {
     "transformer": tm.TINY_FLUX,
-    "autoencoder": tm.TINY_AE,
+    "ae": tm.TINY_AE,
     "t5": tm.TINY_T5,
     "clip": tm.TINY_CLIP,
 }
 WRITERS = {
     "transformer": tm.transformer_weights,
-    "autoencoder": tm.autoencoder_weights,
+    "ae": tm.autoencoder_weights,
     "t5": tm.t5_weights,
     "clip": tm.clip_weights,
 }
@@ -286,12 +286,12 @@ def real_all_in_one(tmp_path_factory) -> Path:
 def test_inspect_real_size_all_in_one(real_all_in_one):
     info = checkpoint.inspect_file(real_all_in_one)
     assert info.layout == "ComfyUI all-in-one checkpoint"
-    assert set(info.components) == {"transformer", "autoencoder", "t5", "clip"}
+    assert set(info.components) == {"transformer", "ae", "t5", "clip"}
     transformer = info.components["transformer"]
     assert transformer.variant == "schnell"
     assert transformer.num_params == 11_891_178_560
     assert transformer.dtypes == {"BF16": 776}
-    assert info.components["autoencoder"].num_params == 83_819_683
+    assert info.components["ae"].num_params == 83_819_683
     assert info.components["t5"].dtypes == {"F8_E4M3": 220}
     assert len(info.components["clip"].keys) == 196
     assert "a FLUX.1 [schnell] transformer (under 'model.diffusion_model.'; 776" in info.describe()
@@ -325,7 +325,7 @@ def real_width_all_in_one(tmp_path_factory) -> Path:
     ("component", "config"),
     [
         ("transformer", FluxParams(depth=2, depth_single_blocks=2)),
-        ("autoencoder", AutoEncoderParams()),
+        ("ae", AutoEncoderParams()),
         ("t5", T5Config(num_layers=2)),
         ("clip", CLIPTextConfig()),
     ],
@@ -393,7 +393,7 @@ def run_each(models: dict) -> None:
         )
         models["t5"](torch.tensor([[5, 9, 1]]))
         models["clip"](torch.tensor([[3, 7, 2]]))
-        models["autoencoder"].decode(torch.randn(1, 16, 2, 2, generator=g))
+        models["ae"].decode(torch.randn(1, 16, 2, 2, generator=g))
 
 
 @needs_proc
@@ -428,13 +428,13 @@ def test_cast_parameters_are_not_in_the_mapping(sets):
     ("attr", "layout", "components"),
     [
         ("transformer", "Black Forest Labs single file", {"transformer"}),
-        ("autoencoder", "Black Forest Labs single file", {"autoencoder"}),
+        ("ae", "Black Forest Labs single file", {"ae"}),
         ("t5", "Hugging Face single file", {"t5"}),
         ("clip", "Hugging Face single file", {"clip"}),
         (
             "all_in_one",
             "ComfyUI all-in-one checkpoint",
-            {"transformer", "autoencoder", "t5", "clip"},
+            {"transformer", "ae", "t5", "clip"},
         ),
     ],
 )
@@ -690,7 +690,7 @@ def test_check_files_compatible_names_a_clip_g_file(real_all_in_one, clip_g, no_
     assert f"the transformer ({real_all_in_one}) takes a 768-wide pooled vector" in message
     assert "clip_l.safetensors" in message
     assert "T5" not in message
-    assert "autoencoder" not in message
+    assert "ae" not in message
 
 
 @pytest.mark.parametrize(
@@ -706,7 +706,7 @@ def test_check_files_compatible_names_a_clip_g_file(real_all_in_one, clip_g, no_
         ),
         (
             {"transformer": replace(tm.TINY_FLUX, in_channels=32, out_channels=32)},
-            ["the autoencoder ({autoencoder}) has 16 latent channels, 64 features", "takes 32"],
+            ["the autoencoder ({ae}) has 16 latent channels, 64 features", "takes 32"],
         ),
         (
             {
@@ -716,7 +716,7 @@ def test_check_files_compatible_names_a_clip_g_file(real_all_in_one, clip_g, no_
             ["({t5}) is 32 wide", "({clip}) is 128 wide"],
         ),
     ],
-    ids=["t5", "clip", "autoencoder", "t5_and_clip"],
+    ids=["t5", "clip", "ae", "t5_and_clip"],
 )
 def test_check_files_compatible_names_files_and_mismatch(sets, tmp_path, swap, needles):
     files = sets(torch.float32)
@@ -725,7 +725,7 @@ def test_check_files_compatible_names_files_and_mismatch(sets, tmp_path, swap, n
         paths[component] = tmp_path / f"{component}.safetensors"
         save_file(tm.store(WRITERS[component](config), torch.float32), paths[component])
     with pytest.raises(ModelLoadError, match="do not belong together") as caught:
-        loading.check_files_compatible(paths["transformer"], paths["t5"], paths["clip"], paths["autoencoder"])
+        loading.check_files_compatible(paths["transformer"], paths["t5"], paths["clip"], paths["ae"])
     message = str(caught.value)
     for needle in needles:
         assert needle.format(**paths) in message
@@ -734,5 +734,5 @@ def test_check_files_compatible_names_files_and_mismatch(sets, tmp_path, swap, n
 
 def test_check_files_compatible_names_a_file_of_the_wrong_kind(sets):
     files = sets(torch.float32)
-    with pytest.raises(ModelLoadError, match=rf"{files.autoencoder}.* as the CLIP-L text encoder"):
-        loading.check_files_compatible(files.transformer, files.t5, files.autoencoder, files.autoencoder)
+    with pytest.raises(ModelLoadError, match=rf"{files.ae}.* as the CLIP-L text encoder"):
+        loading.check_files_compatible(files.transformer, files.t5, files.ae, files.ae)

@@ -247,7 +247,7 @@ def test_local_workflow_runs_end_to_end(comfy_package, comfy, tmp_path, monkeypa
         (files.transformer, "diffusion_models", "flux1-schnell.safetensors"),
         (files.t5, "text_encoders", "t5xxl_fp16.safetensors"),
         (files.clip, "text_encoders", "clip_l.safetensors"),
-        (files.autoencoder, "vae", "ae.safetensors"),
+        (files.ae, "vae", "ae.safetensors"),
     ):
         (models / folder).mkdir(parents=True, exist_ok=True)
         source.replace(models / folder / name)
