@@ -156,7 +156,10 @@ def _parse(cur: _Cursor, path: Path, size: int, fail) -> GGUFHeader:
         raise fail(f"it is a GGUF file of version {version}; versions {SUPPORTED_VERSIONS} are read")
     n_tensors, n_values = cur.take("Q"), cur.take("Q")
     if n_tensors > size // 24 or n_values > size // 12:  # each entry takes at least that many bytes
-        raise fail(f"its GGUF header is corrupt ({n_tensors} tensors, {n_values} metadata values)")
+        raise fail(
+            f"the file is truncated or corrupt: its GGUF header lists {n_tensors} tensors and {n_values} "
+            f"metadata values, more than its {size} bytes can hold; download it again"
+        )
 
     metadata: dict[str, object] = {}
     for _ in range(n_values):

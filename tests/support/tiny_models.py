@@ -245,7 +245,8 @@ def write_pickle(path: Path, zip_format: bool = True) -> Path:
 
 
 def write_gguf(path: Path) -> Path:
-    """The start of a GGUF file: magic, version 3, tensor and metadata counts."""
+    """The start of a GGUF file (magic, version 3, one tensor, no metadata), then zeros: a tensor
+    without a name or dimensions (tests/support/tiny_gguf.py writes real ones)."""
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + b"\0" * 64)
     return path
 
