@@ -320,7 +320,7 @@ def _check_device_can_hold(models: LoadedModels, device: torch.device) -> None:
     if device.type in ("cpu", "cuda"):
         return
     for placed in models.all():
-        if any(t.dtype.itemsize == 1 for t in placed.cpu_tensors.values()):
+        if any(t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in placed.cpu_tensors.values()):
             raise LocalBackendUnavailable(
                 f"the {placed.name} weights are fp8, which {device.type} cannot hold: choose "
                 "weight_dtype 'bf16' (or a bf16/fp16 file), or the api backend"

@@ -251,16 +251,6 @@ def write_gguf(path: Path) -> Path:
     return path
 
 
-def write_scaled_fp8(path: Path) -> Path:
-    """A ComfyUI 'scaled fp8' transformer: fp8 weights with `.scale_weight` and a `scaled_fp8` marker."""
-    weights = transformer_weights()
-    tensors = store(weights, torch.float8_e4m3fn)
-    for key in [k for k, t in weights.items() if t.ndim == 2]:
-        tensors[key.removesuffix(".weight") + ".scale_weight"] = torch.tensor(1.0)
-    tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    return save(path, tensors)
-
-
 # --- header-only (sparse) files ------------------------------------------------------------------
 
 SAFETENSORS_CODES = {
