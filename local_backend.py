@@ -258,8 +258,9 @@ def _stage(name: str, request: GenerationRequest, timings: dict[str, float]):
             torch.cuda.empty_cache()
         raise OutOfMemoryError(
             f"out of GPU memory during {name} at {request.width}x{request.height}: use a smaller "
-            "width/height, weight_dtype 'fp8_e4m3fn' (half the transformer's memory), memory "
-            "'offload to CPU', or close other programs using the GPU"
+            "width/height, weight_dtype 'fp8_e4m3fn' (half the transformer's memory), a GGUF "
+            "transformer and T5 (Q4_K_S: about a quarter), memory 'offload to CPU', or close other "
+            "programs using the GPU"
         ) from e
     finally:
         timings[name] = timings.get(name, 0.0) + time.monotonic() - started
