@@ -13,7 +13,7 @@ autoencoder fp32, CLIP and AE being loaded as stored). The GGUF forms ("gguf-Q8_
 "gguf-Q4_K_S") keep the transformer's and T5's matrices as the bytes of their blocks, as
 `flux.stored_layers` loads them, with city96's and llama.cpp's choices of what stays unquantized
 (`gguf_form`); every layer then dequantizes its weight when it runs, and those transients are
-counted like any other tensor. Then the real `local_backend._run` runs on
+counted like any other tensor. Then the real `local_backend.run_pipeline` runs on
 them with device "meta": text encoding, sampling one image at a time, decoding. A
 `TorchDispatchMode` (`LiveTensorTracker`) sees every tensor each aten op creates, counts each new
 storage once (views and in-place results share their input's storage), subtracts it when the
@@ -436,7 +436,7 @@ class StageMemory:
     carried_bytes: int  # live when the stage began (txt, vec, latents of earlier stages)
     activation_peak: int  # the peak of everything not a weight, carried bytes included
     activation_peak_rounded: int
-    reserved: int  # what `_run` tells the memory policy to keep free for the activations
+    reserved: int  # what `run_pipeline` tells the memory policy to keep free for the activations
     largest_cast: str = ""
     largest_cast_bytes: int = 0
     peak_tensors: list[str] = field(default_factory=list)
@@ -533,13 +533,14 @@ def measure(
     fused_kernels: bool = True,
     top: int = 8,
 ) -> PipelineMemory:
-    """Run `local_backend._run` on meta models and measure each stage's memory."""
+    """Run `local_backend.run_pipeline` on meta models and measure each stage's memory."""
     started = time.monotonic()
     configs = configs or Configs()
     modules = build_models(weight_dtype, configs)
     placed = {name: local_backend.Placed(name, m) for name, m in modules.items()}
     models = local_backend.LoadedModels(
         files=None,
+        stamps=(),
         weight_dtype=weight_dtype,
         t5=placed["T5-XXL"],
         clip=placed["CLIP-L"],
@@ -633,7 +634,7 @@ def report(result: PipelineMemory, cards: list[float], out=sys.stdout) -> None:
     print(f"model weights (GiB): {models}; total {gib(sum(r.model_bytes.values())).strip()}", file=out)
     print(
         f"{'stage':<14} {'weights':>8} {'activ.':>8} {'peak':>8} {'peak*':>8} "
-        f"{'_run reserves':>13}  largest weight cast (transient, inside the activations)",
+        f"{'reserved':>13}  largest weight cast (transient, inside the activations)",
         file=out,
     )
     for s in r.stages:

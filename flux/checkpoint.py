@@ -154,16 +154,19 @@ def read_header(path: str | Path, *, expected: str | None = None) -> Header:
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(16)
-        if head.startswith(GGUF_MAGIC):
+        if head.startswith(GGUF_MAGIC):  # as a safetensors length, "GGUF" + version is > 100 MB
             return _read_gguf(path, expected)
-        foreign = _foreign_format(head)
-        if foreign:
-            raise _fail(path, expected, f"it is {foreign}")
-        if size < 8:
-            raise _fail(path, expected, f"the file is {size} bytes long, too short for a safetensors file")
-        (header_len,) = struct.unpack("<Q", head[:8])
-        looks_json = head[8:9] == b"{"
-        if header_len > MAX_HEADER_BYTES or header_len < 2 or not looks_json:
+        # safetensors' own rules first: its first 8 bytes are a length, and some lengths look like
+        # the magic bytes of other formats (896 starts like a pickle, 31520 like JSON text).
+        header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        if not (2 <= header_len <= MAX_HEADER_BYTES and head[8:9] == b"{"):
+            foreign = _foreign_format(head)
+            if foreign:
+                raise _fail(path, expected, f"it is {foreign}")
+            if size < 8:
+                raise _fail(
+                    path, expected, f"the file is {size} bytes long, too short for a safetensors file"
+                )
             raise _fail(
                 path,
                 expected,
