@@ -8,12 +8,18 @@ back to plain behaviour, so the rest of the package never imports ComfyUI itself
 from __future__ import annotations
 
 import importlib
+import os
 import threading
+from pathlib import Path
 from types import ModuleType
 
 from .errors import GenerationInterrupted
 
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "loras")
+# Folders whose .gguf files are listed too: ComfyUI's own lists hold only its model extensions
+# (.safetensors, .ckpt, ...); ComfyUI-GGUF's users keep GGUF transformers in diffusion_models/unet
+# and GGUF text encoders in text_encoders/clip (its "unet_gguf" and "clip_gguf" folders).
+GGUF_FOLDERS = ("diffusion_models", "text_encoders")
 
 
 def _comfy(name: str) -> ModuleType | None:
@@ -75,7 +81,8 @@ def progress_for(total: int) -> Progress:
 
 
 def model_file_lists() -> dict[str, list[str]]:
-    """File names ComfyUI knows in each model folder; empty lists outside ComfyUI."""
+    """File names ComfyUI knows in each model folder, and the .gguf files of `GGUF_FOLDERS`; empty
+    lists outside ComfyUI."""
     folder_paths = _comfy("folder_paths")
     lists: dict[str, list[str]] = {}
     for folder in MODEL_FOLDERS:
@@ -83,7 +90,19 @@ def model_file_lists() -> dict[str, list[str]]:
             lists[folder] = list(folder_paths.get_filename_list(folder)) if folder_paths else []
         except KeyError:  # a ComfyUI too old to know this folder name
             lists[folder] = []
+        if folder in GGUF_FOLDERS:
+            lists[folder] += [name for name in _gguf_files(folder) if name not in lists[folder]]
     return lists
+
+
+def _gguf_files(folder: str) -> list[str]:
+    """The .gguf files under ComfyUI's paths of `folder`, named relative to their path as ComfyUI
+    names files (so `full_model_path(folder, name)` finds them)."""
+    names = set()
+    for root in model_folder_paths(folder):
+        if os.path.isdir(root):
+            names.update(os.path.relpath(p, root) for p in Path(root).rglob("*.gguf") if p.is_file())
+    return sorted(names)
 
 
 def full_model_path(folder: str, filename: str) -> str | None:

@@ -295,8 +295,9 @@ def _stage(name: str, request: GenerationRequest, timings: dict[str, float]):
             torch.cuda.empty_cache()
         raise OutOfMemoryError(
             f"out of GPU memory during {name} at {request.width}x{request.height}: use a smaller "
-            "width/height, weight_dtype 'fp8_e4m3fn' (half the transformer's memory), memory "
-            "'offload to CPU', or close other programs using the GPU"
+            "width/height, weight_dtype 'fp8_e4m3fn' (half the transformer's memory), a GGUF "
+            "transformer and T5 (Q4_K_S: about a quarter), memory 'offload to CPU', or close other "
+            "programs using the GPU"
         ) from e
     finally:
         timings[name] = timings.get(name, 0.0) + time.monotonic() - started
@@ -379,7 +380,7 @@ def _check_device_can_hold(models: LoadedModels, device: torch.device) -> None:
     if device.type in ("cpu", "cuda"):
         return
     for placed in models.all():
-        if any(t.dtype.itemsize == 1 for t in placed.cpu_tensors.values()):
+        if any(t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in placed.cpu_tensors.values()):
             raise LocalBackendUnavailable(
                 f"the {placed.name} weights are fp8, which {device.type} cannot hold: choose "
                 "weight_dtype 'bf16' (or a bf16/fp16 file), or the api backend"

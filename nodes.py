@@ -208,11 +208,19 @@ class FluxSchnellLocalModel:
                 ),
                 "transformer": (
                     [AUTO, *files["diffusion_models"]],
-                    {"default": AUTO, "tooltip": "flux1-schnell*.safetensors"},
+                    {
+                        "default": AUTO,
+                        "tooltip": "flux1-schnell*.safetensors (bf16, fp8, scaled fp8) or a "
+                        "FLUX.1-schnell GGUF (Q8_0 ... Q2_K)",
+                    },
                 ),
                 "t5": (
                     [AUTO, *files["text_encoders"]],
-                    {"default": AUTO, "tooltip": "t5xxl_fp16 / t5xxl_fp8_e4m3fn .safetensors"},
+                    {
+                        "default": AUTO,
+                        "tooltip": "t5xxl_fp16 / t5xxl_fp8_e4m3fn(_scaled) .safetensors or a T5-XXL "
+                        "encoder GGUF",
+                    },
                 ),
                 "clip": (
                     [AUTO, *files["text_encoders"]],

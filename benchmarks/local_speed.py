@@ -29,6 +29,16 @@ text tokens, batch 1), `wide` (FLUX.1's widths, 1 double + 2 single blocks, 512 
 with `--device cuda` also `schnell` (full size, bf16 weights, 1024x1024 = 4096 image + 256 text
 tokens). Run: `python -m benchmarks.local_speed [--device cuda] [--threads 2] [--config NAME]
 [--part all|compare|lora]`.
+
+`--gguf` instead times our `Flux` with its matrices stored as GGUF blocks (Q8_0, Q4_K) against the
+same model with bf16 weights, in one worker alternating the three (A B C A B C ...): the cost of
+dequantizing every layer's weight at each forward (compute dtype fp32 on the CPU, where bf16
+weights are cast to fp32 at each forward too; bf16 on CUDA). Every matrix whose rows split into
+whole blocks is stored in the type (city96's files keep `img_in`, `txt_in`, `time_in`, `vector_in`
+and `final_layer` unquantized; so does this), with random block bytes whose scales give weights of
+about 1/sqrt(fan_in): the speed does not depend on the values. It also reports the time to
+dequantize all those weights once, outside a forward.
+Run: `python -m benchmarks.local_speed --gguf [--device cuda] [--config small|schnell]`.
 """
 
 from __future__ import annotations
@@ -62,12 +72,13 @@ CONFIGS = {
 }
 
 
-def build(kind: str, config: str, device: str) -> tuple[torch.nn.Module, dict]:
-    """The named model with seeded random weights (identical for both kinds), and its inputs."""
+def build(kind: str, config: str, device: str, dtype_name: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """The named model with seeded random weights (identical for both kinds), and its inputs;
+    `dtype_name` overrides the config's dtype."""
     from comfyui_flux_schnell.flux.model import Flux, FluxParams
 
-    overrides, (rows, cols), txt_len, dtype_name = CONFIGS[config]
-    dtype = getattr(torch, dtype_name)
+    overrides, (rows, cols), txt_len, config_dtype = CONFIGS[config]
+    dtype = getattr(torch, dtype_name or config_dtype)
     params = FluxParams(**overrides)
     with torch.device("meta"):
         ours = Flux(params)
@@ -283,6 +294,100 @@ def worker_memory(kind: str, config: str, device: str) -> dict:
     )
 
 
+# --- GGUF: dequantization overhead ---------------------------------------------------------------
+
+GGUF_TYPES = ("Q8_0", "Q4_K")
+UNQUANTIZED = ("img_in", "txt_in", "time_in", "vector_in", "final_layer")
+# per type: byte offset of each fp16 scale field in a block -> its value x sqrt(fan_in) (about
+# 1 / the typical |integer part| of a value, so that the weights come out near 1/sqrt(fan_in))
+SCALE_FIELDS = {"Q8_0": {0: 1 / 64}, "Q4_K": {0: 1 / 240, 2: 7.5 / 240}}
+
+
+def to_gguf(model: torch.nn.Module, type_name: str, gen: torch.Generator) -> torch.nn.Module:
+    """`model` with its matrices (those whose rows split into whole blocks, outside `UNQUANTIZED`)
+    replaced, in place, by random `type_name` blocks."""
+    from comfyui_flux_schnell.flux import ops
+    from comfyui_flux_schnell.flux.gguf_quants import GGML_TYPES
+    from comfyui_flux_schnell.flux.stored_layers import make_gguf_layer
+
+    t = GGML_TYPES[type_name]
+    for name, layer in model.named_modules():
+        if not isinstance(layer, ops.Linear) or name.split(".")[0] in UNQUANTIZED:
+            continue
+        rows, cols = layer.weight.shape
+        if cols % t.block_size:
+            continue
+        device = layer.weight.device
+        nbytes = cols // t.block_size * t.type_size
+        raw = torch.randint(0, 256, (rows, nbytes), dtype=torch.uint8, generator=gen, device=device)
+        blocks = raw.view(-1, t.type_size)  # (rows * blocks per row, type_size)
+        for offset, factor in SCALE_FIELDS[type_name].items():
+            d = torch.full((blocks.shape[0],), factor * cols**-0.5, dtype=torch.float16, device=device)
+            blocks[:, offset : offset + 2] = d.view(torch.uint8).view(-1, 2)
+        make_gguf_layer(layer, type_name, (rows, cols), raw)
+    return model
+
+
+def worker_gguf(config: str, device: str, warmup: int, repeats: int) -> dict:
+    """Forward times of the bf16 model and its GGUF twins, alternated; dequantization alone."""
+    from comfyui_flux_schnell.flux import ops
+
+    compute = torch.float32 if device == "cpu" else torch.bfloat16
+    gen = torch.Generator(device).manual_seed(2)
+    models = {}
+    for form in ("bf16", *GGUF_TYPES):
+        model, x = build("ours", config, device, dtype_name="bfloat16")
+        models[form] = to_gguf(model, form, gen) if form in GGUF_TYPES else model
+    x = {k: v.to(compute) if k in ("img", "txt", "y") else v for k, v in x.items()}
+    times: dict[str, list[float]] = {form: [] for form in models}
+    dequant: dict[str, list[float]] = {form: [] for form in GGUF_TYPES}
+    like = torch.empty(0, dtype=compute, device=device)
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            for form, model in models.items():
+                sync(device)
+                start = time.perf_counter()
+                forward("ours", model, x)
+                sync(device)
+                if i >= warmup:
+                    times[form].append(time.perf_counter() - start)
+            for form in GGUF_TYPES:  # every quantized weight once, as a forward dequantizes them
+                layers = [m for m in models[form].modules() if isinstance(m, ops.Linear) and m.gguf_type]
+                sync(device)
+                start = time.perf_counter()
+                for layer in layers:
+                    ops.compute_weight(layer, like)
+                sync(device)
+                if i >= warmup:
+                    dequant[form].append(time.perf_counter() - start)
+    weight_bytes = {
+        form: sum(t.numel() * t.element_size() for t in model.parameters()) for form, model in models.items()
+    }
+    return dict(times=times, dequant=dequant, weight_bytes=weight_bytes, compute=str(compute))
+
+
+def report_gguf(config: str, device: str, threads: int, warmup: int, repeats: int) -> None:
+    args = ["--worker", "gguf", "--config", config, "--device", device]
+    result = run_worker([*args, "--warmup", str(warmup), "--repeats", str(max(repeats, 1))], threads)
+    med = {form: statistics.median(ts) for form, ts in result["times"].items()}
+    overrides, (rows, cols), txt_len, _ = CONFIGS[config]
+    where = f"{device}, {threads} threads" if device == "cpu" else device
+    print(
+        f"\n## GGUF, {config}: {overrides or 'full FLUX.1-schnell'}, {rows * cols} image + {txt_len} text "
+        f"tokens, batch 1, compute {result['compute'].removeprefix('torch.')}, {where}\n"
+    )
+    print(
+        "| weights | median s/forward | / bf16 | dequantizing all weights once, s (median) | weight bytes |\n"
+        "| --- | --- | --- | --- | --- |"
+    )
+    for form, t in med.items():
+        once = f"{statistics.median(result['dequant'][form]):.3f}" if form in result["dequant"] else "-"
+        print(f"| {form} | {t:.3f} | {t / med['bf16']:.3f} | {once} | {mib(result['weight_bytes'][form])} |")
+    for form, ts in result["times"].items():
+        print(f"\n{form} runs (s): " + ", ".join(f"{t:.3f}" for t in ts), end="")
+    print()
+
+
 def run_worker(args: list[str], threads: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "benchmarks.local_speed", "--threads", str(threads), *args]
@@ -363,7 +468,10 @@ def main() -> None:
         default="all",
         help="ours vs diffusers, LoRA overhead, or both",
     )
-    parser.add_argument("--worker", choices=["time", "ours", "diffusers", "lora"], help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", action="store_true", help="time GGUF Q8_0 / Q4_K weights against bf16")
+    parser.add_argument(
+        "--worker", choices=["time", "gguf", "ours", "diffusers", "lora"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
@@ -372,6 +480,8 @@ def main() -> None:
             result = worker_time(config, args.device, args.warmup, args.repeats)
         elif args.worker == "lora":
             result = lora_overhead(config, args.device, args.warmup, args.repeats)
+        elif args.worker == "gguf":
+            result = worker_gguf(config, args.device, args.warmup, args.repeats)
         else:
             result = worker_memory(args.worker, config, args.device)
         print(json.dumps(result))
@@ -379,6 +489,11 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     configs = args.config or (["small", "schnell"] if args.device == "cuda" else ["small"])
+    if args.gguf:
+        print(f"torch {torch.__version__}")
+        for config in configs:
+            report_gguf(config, args.device, args.threads, args.warmup, args.repeats)
+        return
     print(f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}")
     for config in configs:
         if args.part in ("all", "compare"):

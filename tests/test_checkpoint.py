@@ -1,5 +1,5 @@
 """Tests of flux/checkpoint.py: reading a safetensors header and naming truncated, corrupt and
-foreign files (pickle, GGUF, scaled fp8, JSON, ...); `inspect_file` on every layout (single files,
+foreign files (pickle, broken GGUF, JSON, ...); `inspect_file` on every layout (single files,
 ComfyUI all-in-one, a header-only full-size checkpoint); and the component found in a file named in
 the message when it is not the one asked for.
 """
@@ -51,8 +51,7 @@ def real_all_in_one(tmp_path_factory) -> Path:
         (lambda d, src: tm.write_corrupt_header(d / "corrupt.safetensors"), "header is corrupt"),
         (lambda d, src: tm.write_pickle(d / "model.ckpt"), "PyTorch checkpoint (.ckpt/.pt/.pth"),
         (lambda d, src: tm.write_pickle(d / "model.bin", zip_format=False), "Python pickle"),
-        (lambda d, src: tm.write_gguf(d / "flux1-schnell-Q4_K.gguf"), "GGUF file"),
-        (lambda d, src: tm.write_scaled_fp8(d / "scaled.safetensors"), "'scaled fp8' file"),
+        (lambda d, src: tm.write_gguf(d / "flux1-schnell-Q4_K.gguf"), "its GGUF header is corrupt"),
         (lambda d, src: _write(d / "empty.safetensors", b""), "too short"),
         (lambda d, src: _write(d / "config.json", b'{"a": 1}'), "JSON text file"),
         (lambda d, src: _write(d / "noise.bin", bytes(range(7, 200))), "not a safetensors file"),
@@ -66,7 +65,6 @@ def real_all_in_one(tmp_path_factory) -> Path:
         "zip_ckpt",
         "pickle",
         "gguf",
-        "scaled_fp8",
         "empty",
         "json",
         "random",

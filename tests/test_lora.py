@@ -5,7 +5,8 @@
   q/k/v, proj_mlp, norm_out's swapped halves, alphas from `.alpha` keys or from diffusers' metadata):
   the fused weights equal ours merged, and our run-time updates give diffusers' fused outputs;
 - BFL / ComfyUI names and T5 keys against a plain merge `W + strength * alpha / r * up @ down`;
-- stacking, negative strength, strength 0, removal, an fp8 base (the update is not rounded to fp8);
+- stacking, negative strength, strength 0, removal; fp8, scaled fp8 and GGUF (Q8_0, Q4_K) bases:
+  the result is that of the dequantized weights plus the update (never rounded into the storage);
 - every refusal: a LoRA for another model, keys that match no layer, shapes that do not fit, other
   adapter kinds, a full model or a non-safetensors file given as a LoRA.
 
@@ -331,7 +332,7 @@ def computed_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     weight is read back through the layer (`layer(I) - layer(0)`, LoRA updates included)."""
     from comfyui_flux_schnell.flux.ops import Linear
 
-    out = {k: v.float() for k, v in model.state_dict().items() if v.is_floating_point()}
+    out = {k: v.float() for k, v in model.named_parameters() if v.is_floating_point()}  # no scale buffers
     with torch.no_grad():
         for name, layer in model.named_modules():
             if isinstance(layer, Linear):
@@ -346,17 +347,43 @@ def write_fp8_base(stem, weights):
     return save(stem.with_suffix(".safetensors"), weights, torch.float8_e4m3fn)
 
 
+def write_scaled_fp8_base(stem, weights):
+    from safetensors.torch import save_file
+    from support.tiny_scaled_fp8 import scaled_fp8
+
+    tensors, metadata, _reference = scaled_fp8(weights)
+    path = stem.with_suffix(".safetensors")
+    save_file(tensors, str(path), metadata=metadata or None)
+    return path
+
+
+def gguf_base(quant: str):
+    def write(stem, weights):
+        from support.tiny_gguf import write_flux_gguf
+
+        path = stem.with_suffix(".gguf")
+        write_flux_gguf(path, weights, quant)
+        return path
+
+    return write
+
+
 # Quantized bases a LoRA must not be rounded into: name -> writer(path stem, weights) of the tiny
-# transformer's weights in that storage. GGUF and scaled fp8 join here when their loaders are in the
-# package: `computed_weights` reads any storage back through the layers.
-QUANTIZED_BASES = {"fp8": write_fp8_base}
+# transformer's weights in that storage; `computed_weights` reads any storage back through the layers.
+QUANTIZED_BASES = {
+    "fp8": write_fp8_base,
+    "scaled fp8": write_scaled_fp8_base,
+    "GGUF Q8_0": gguf_base("Q8_0"),
+    "GGUF Q4_K": gguf_base("Q4_K"),
+}
 
 
 @pytest.mark.parametrize("storage", sorted(QUANTIZED_BASES))
 def test_lora_on_a_quantized_base_equals_merging_into_the_dequantized_weights(tmp_path, base, storage):
     from comfyui_flux_schnell.flux.loading import load_transformer
 
-    model = load_transformer(QUANTIZED_BASES[storage](tmp_path / f"flux-{storage}", base["transformer"]))
+    stem = tmp_path / f"flux-{storage.replace(' ', '_')}"
+    model = load_transformer(QUANTIZED_BASES[storage](stem, base["transformer"]))
     stored = {k: v.clone() for k, v in model.state_dict().items()}
     dequantized = computed_weights(model)
     assert max_diff(dequantized, {k: v.float() for k, v in base["transformer"].items()}) > 1e-4  # lossy

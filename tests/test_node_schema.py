@@ -105,20 +105,42 @@ def test_generate_inputs_mirror_the_api(comfy_package):
 
 
 def test_local_model_lists_comfyui_files(comfy, comfy_package):
-    (comfy.models_dir / "diffusion_models").mkdir(parents=True)
+    (comfy.models_dir / "diffusion_models" / "gguf").mkdir(parents=True)
     (comfy.models_dir / "diffusion_models" / "flux1-schnell.safetensors").write_bytes(b"")
+    (comfy.models_dir / "diffusion_models" / "gguf" / "flux1-schnell-Q4_K_S.gguf").write_bytes(b"")
+    (comfy.models_dir / "text_encoders").mkdir(parents=True)
+    (comfy.models_dir / "text_encoders" / "t5-v1_1-xxl-encoder-Q8_0.gguf").write_bytes(b"")
+    (comfy.models_dir / "text_encoders" / "clip_l.safetensors").write_bytes(b"")
     node = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellLocalModel"]
     required = node.INPUT_TYPES()["required"]
-    assert required["transformer"][0] == ["auto", "flux1-schnell.safetensors"]
+    # ComfyUI's own lists skip .gguf files; the node adds those of the folders ComfyUI-GGUF uses
+    assert required["transformer"][0] == [
+        "auto",
+        "flux1-schnell.safetensors",
+        "gguf/flux1-schnell-Q4_K_S.gguf",
+    ]
+    assert required["t5"][0] == ["auto", "clip_l.safetensors", "t5-v1_1-xxl-encoder-Q8_0.gguf"]
+    assert required["vae"][0] == ["auto"]
+    (spec,) = node().select(
+        "none",
+        "gguf/flux1-schnell-Q4_K_S.gguf",
+        "t5-v1_1-xxl-encoder-Q8_0.gguf",
+        "auto",
+        "auto",
+        "as stored",
+        "auto",
+    )
+    assert spec.transformer == comfy.models_dir / "diffusion_models" / "gguf" / "flux1-schnell-Q4_K_S.gguf"
+    assert spec.t5 == comfy.models_dir / "text_encoders" / "t5-v1_1-xxl-encoder-Q8_0.gguf"
     assert required["checkpoint"][0] == ["none"]
     assert node.RETURN_TYPES == ("FLUX_SCHNELL_MODEL",)
 
 
 def test_lora_node_lists_comfyui_loras_and_chains(comfy, comfy_package):
     loras = comfy.models_dir / "loras"
-    (loras / "styles").mkdir(parents=True)
-    (loras / "styles" / "ink.safetensors").write_bytes(b"")
+    loras.mkdir(parents=True)
     (loras / "fox.safetensors").write_bytes(b"")
+    (loras / "notes.txt").write_text("not a model")
     node = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellLoRA"]
     assert node.DESCRIPTION
     assert node.CATEGORY == comfy_package.nodes.CATEGORY
@@ -127,7 +149,7 @@ def test_lora_node_lists_comfyui_loras_and_chains(comfy, comfy_package):
     required = node.INPUT_TYPES()["required"]
     assert list(required) == ["local_model", "lora_name", "strength"]
     assert required["local_model"][0] == "FLUX_SCHNELL_MODEL"
-    assert required["lora_name"][0] == ["fox.safetensors", "styles"]  # the stand-in lists one level
+    assert required["lora_name"][0] == ["fox.safetensors"]  # ComfyUI lists model files only
     strength = required["strength"]
     assert strength[0] == "FLOAT"
     assert {k: strength[1][k] for k in ("default", "min", "max", "step")} == {

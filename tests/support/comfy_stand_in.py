@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+# folder_paths.supported_pt_extensions of ComfyUI
+MODEL_EXTENSIONS = (".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft")
+
 
 class InterruptProcessingException(Exception):
     """Stand-in for comfy.model_management.InterruptProcessingException."""
@@ -68,8 +71,10 @@ class ComfyStandIn:
         self.interrupted = True
 
     def _filenames(self, name):
+        """Like ComfyUI's: the files with one of its model extensions (never .gguf)."""
         folder = self.models_dir / name
-        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        return [f for f in files if f.endswith(MODEL_EXTENSIONS)]
 
     def _full_path(self, name, filename):
         path = self.models_dir / name / filename

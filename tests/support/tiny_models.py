@@ -245,19 +245,10 @@ def write_pickle(path: Path, zip_format: bool = True) -> Path:
 
 
 def write_gguf(path: Path) -> Path:
-    """The start of a GGUF file: magic, version 3, tensor and metadata counts."""
+    """The start of a GGUF file (magic, version 3, one tensor, no metadata), then zeros: a tensor
+    without a name or dimensions (tests/support/tiny_gguf.py writes real ones)."""
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + b"\0" * 64)
     return path
-
-
-def write_scaled_fp8(path: Path) -> Path:
-    """A ComfyUI 'scaled fp8' transformer: fp8 weights with `.scale_weight` and a `scaled_fp8` marker."""
-    weights = transformer_weights()
-    tensors = store(weights, torch.float8_e4m3fn)
-    for key in [k for k, t in weights.items() if t.ndim == 2]:
-        tensors[key.removesuffix(".weight") + ".scale_weight"] = torch.tensor(1.0)
-    tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    return save(path, tensors)
 
 
 # --- header-only (sparse) files ------------------------------------------------------------------
