@@ -6,7 +6,7 @@ output/, user/), then checks:
 
 1. the package imported with no error or warning in ComfyUI's start-up log;
 2. /object_info shows both nodes as INPUT_TYPES declares them;
-3. each API-format workflow in workflows/api/ POSTed to /prompt finishes and writes PNGs of the
+3. each API-format workflow in example_workflows/api/ POSTed to /prompt finishes and writes PNGs of the
    expected count and size (local workflows only with --local: tiny random-weight models from
    tests/tiny_models.py are put into models/; the upscale model is a tiny random ESRGAN);
 4. an identical re-post is served from ComfyUI's cache, with no second request to the service;
@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -150,6 +151,10 @@ class ComfyServer:
     def get(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return json.loads(r.read())
+
+    def get_bytes(self, path: str) -> tuple[int, str, bytes]:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.status, r.headers.get("Content-Type", ""), r.read()
 
     def post(self, path: str, doc) -> tuple[int, dict]:
         data = json.dumps(doc).encode()
@@ -553,10 +558,26 @@ def screenshot(page, ui_path: Path, target: Path) -> None:
 
 
 def check_templates(report: Report, server: ComfyServer) -> None:
-    """ComfyUI's template browser lists the UI workflows and none of the API twins."""
+    """ComfyUI's template browser lists the UI workflows (none of the API twins), and serves each
+    one's JSON and its thumbnail where the frontend asks for them."""
     listed = sorted(server.get("/api/workflow_templates").get(PACKAGE_FOLDER, []))
     want = sorted(p.stem for p in wt.ui_workflow_paths())
     report.check(listed == want, "template browser lists the UI workflows only", str(listed))
+    for ui_path in wt.ui_workflow_paths():
+        thumb = wt.thumbnail_path(ui_path)
+        for path, kind in ((ui_path, "workflow"), (thumb, "thumbnail")):
+            url = f"/api/workflow_templates/{PACKAGE_FOLDER}/{urllib.parse.quote(path.name)}"
+            try:
+                status, content_type, body = server.get_bytes(url)
+            except urllib.error.HTTPError as e:
+                status, content_type, body = e.code, "", b""
+            same = path.is_file() and body == path.read_bytes()
+            report.check(
+                status == 200 and same,
+                f"template {kind} served: {path.name}",
+                f"GET {url}: {status} {content_type}, {len(body)} bytes"
+                + ("" if same else " (not the file's bytes)"),
+            )
 
 
 CREATE_AND_CONVERT = """async (types) => {
@@ -676,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         pngs: list[Path] = []
         for ui_path in wt.ui_workflow_paths():
             pngs += check_workflow(report, server, fake, ui_path, args.local)
-        first = wt.WORKFLOW_DIR / "flux_schnell_api.json"
+        first = wt.TEXT_TO_IMAGE
         check_cache(report, server, fake, first)
         check_interrupt(report, server, fake, first)
         check_no_key(report, server, key, [p for p in pngs if p.is_file()])
@@ -692,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
             run_browser(args.browser, server.url, in_browser)
             if args.screenshot:
                 server.post("/settings", SCREENSHOT_SETTINGS)
-                upscale = wt.WORKFLOW_DIR / "flux_schnell_upscale.json"
+                upscale = wt.UPSCALE
                 run_browser(
                     args.browser,
                     server.url,

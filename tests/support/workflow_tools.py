@@ -28,8 +28,16 @@ from typing import Any
 
 from . import DATA_DIR, REPO
 
-WORKFLOW_DIR = REPO / "workflows"
-API_DIR = WORKFLOW_DIR / "api"  # not listed by ComfyUI's template browser (it globs workflows/*.json)
+# ComfyUI's template browser lists custom_nodes/<package>/example_workflows/*.json (not subfolders)
+# and serves that folder at /api/workflow_templates/<package>/; the frontend shows each file name as
+# the title and asks for <name>.jpg beside it as the thumbnail.
+WORKFLOW_DIR = REPO / "example_workflows"
+API_DIR = WORKFLOW_DIR / "api"  # the API-format twins: served, but not listed
+THUMBNAIL_SUFFIX = ".jpg"
+TEXT_TO_IMAGE = WORKFLOW_DIR / "FLUX Schnell text to image (API).json"
+LOCAL = WORKFLOW_DIR / "FLUX Schnell text to image (local).json"
+UPSCALE = WORKFLOW_DIR / "FLUX Schnell generate and upscale.json"
+DRAFT_BOARD = WORKFLOW_DIR / "FLUX Schnell draft board (four prompts).json"
 CORE_NODES_FILE = DATA_DIR / "comfyui_core_nodes.json"
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -176,6 +184,10 @@ def ui_workflow_paths() -> list[Path]:
 
 def api_twin_path(ui_path: Path) -> Path:
     return API_DIR / ui_path.name
+
+
+def thumbnail_path(ui_path: Path) -> Path:
+    return ui_path.with_suffix(THUMBNAIL_SUFFIX)
 
 
 def load_json(path: Path) -> Any:
