@@ -13,7 +13,9 @@ output/, user/), then checks:
 5. POST /interrupt stops a generation waiting on a slow service within a few seconds;
 6. no saved PNG text chunk, history entry or log line contains the API key;
 7. with --browser (needs the `playwright` package and a Chromium): each UI workflow loads in the
-   real frontend, and the frontend's own UI-to-API conversion equals the API twin on disk;
+   real frontend (ComfyUI's own, or --front-end-root), and the frontend's own UI-to-API conversion
+   means what the API twin on disk means (node types, links, widget values: frontend releases
+   write the same graph differently);
    --screenshot saves a picture of the upscale workflow; --record rewrites
    tests/data/comfyui_core_nodes.json from this server and frontend.
 
@@ -100,8 +102,17 @@ def free_port() -> int:
 class ComfyServer:
     """A ComfyUI process on 127.0.0.1 with its own base directory, and its HTTP API."""
 
-    def __init__(self, comfyui: Path, python: str, base: Path, port: int, env: dict[str, str]):
+    def __init__(
+        self,
+        comfyui: Path,
+        python: str,
+        base: Path,
+        port: int,
+        env: dict[str, str],
+        front_end_root: Path | None = None,
+    ):
         self.comfyui, self.python, self.base, self.port, self.env = comfyui, python, base, port, env
+        self.front_end_root = front_end_root
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = base / "comfyui.log"
         self.proc: subprocess.Popen | None = None
@@ -121,6 +132,8 @@ class ComfyServer:
             "--database-url",
             "sqlite:///:memory:",
         ]
+        if self.front_end_root is not None:
+            cmd += ["--front-end-root", str(self.front_end_root)]
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             cmd, cwd=self.comfyui, env=self.env, stdout=log, stderr=subprocess.STDOUT
@@ -500,38 +513,41 @@ LOAD_AND_CONVERT = """async (data) => {
 }"""
 
 
-def check_frontend(report: Report, page) -> None:
+def live_specs(info: dict) -> dict[str, wt.NodeSpec]:
+    """Node schemas from this server's /object_info (frontend-only widgets from the record)."""
+    extra = wt.load_core_record().get("frontend_only_widgets", {})
+    return {name: wt.spec_from_object_info(entry, extra.get(name)) for name, entry in info.items()}
+
+
+def check_frontend(report: Report, page, info: dict) -> None:
+    """The frontend loads each UI graph, converts it to what its API twin means and re-saves it
+    meaning the same: compared as node types, links and widget values (workflow_tools.ui_meaning,
+    api_meaning), not as JSON text, which frontend releases write differently."""
+    version = page.evaluate("window.__COMFYUI_FRONTEND_VERSION__ || null")
+    report.add("INFO", "frontend", f"version {version}")
+    specs, ui_only = live_specs(info), wt.ui_only_types()
     for ui_path in wt.ui_workflow_paths():
         ui = wt.load_json(ui_path)
         got = json.loads(page.evaluate(LOAD_AND_CONVERT, ui))
         twin = wt.load_json(wt.api_twin_path(ui_path))
+        problems = wt.meaning_differences(wt.api_meaning(got["output"], specs), wt.api_meaning(twin, specs))
+        exact = "identical JSON" if got["output"] == twin else "same meaning, JSON differs"
         report.check(
-            got["output"] == twin,
+            not problems,
             f"frontend converts {ui_path.name} to its API twin",
-            "" if got["output"] == twin else _diff(got["output"], twin),
+            "; ".join(problems)[:1500] if problems else exact,
         )
-        same = _graph_core(got["workflow"]) == _graph_core(ui)
-        report.check(same, f"frontend re-saves {ui_path.name} unchanged (nodes, links, widgets)")
-
-
-def _graph_core(wf: dict) -> tuple:
-    nodes = sorted(
-        (
-            n["id"],
-            n["type"],
-            json.dumps(n.get("widgets_values")),
-            json.dumps(n.get("inputs")),
-            json.dumps(n.get("outputs")),
-            n.get("title"),
+        try:
+            problems = wt.meaning_differences(
+                wt.ui_meaning(got["workflow"], specs, ui_only), wt.ui_meaning(ui, specs, ui_only)
+            )
+        except ValueError as e:
+            problems = [str(e)]
+        report.check(
+            not problems,
+            f"frontend re-saves {ui_path.name} meaning the same (node types, links, widget values)",
+            "; ".join(problems)[:1500],
         )
-        for n in wf["nodes"]
-    )
-    return nodes, sorted(map(tuple, wf["links"]))
-
-
-def _diff(a: dict, b: dict) -> str:
-    keys = sorted(set(a) | set(b))
-    return "; ".join(f"{k}: {a.get(k)} != {b.get(k)}" for k in keys if a.get(k) != b.get(k))[:1500]
 
 
 SCREENSHOT_SETTINGS = {
@@ -655,6 +671,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="ComfyUI port (default: a free one)")
     parser.add_argument("--local", action="store_true", help="also run the local workflows")
     parser.add_argument("--browser", help="Chromium executable for the frontend checks")
+    parser.add_argument(
+        "--front-end-root",
+        type=Path,
+        help="serve this frontend build (comfyui_frontend_package/static) instead of ComfyUI's own",
+    )
     parser.add_argument("--screenshot", type=Path, help="save the upscale workflow's picture here")
     parser.add_argument("--record", action="store_true", help="rewrite the core-node record")
     parser.add_argument("--commit", help="ComfyUI commit to note in the record")
@@ -665,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     comfyui = args.comfyui.expanduser().resolve()
     if not (comfyui / "main.py").is_file():
         parser.error(f"{comfyui} has no main.py: pass the ComfyUI folder")
+    front_end_root = args.front_end_root.expanduser().resolve() if args.front_end_root else None
+    if front_end_root is not None and not (front_end_root / "index.html").is_file():
+        parser.error(f"{front_end_root} has no index.html: pass .../comfyui_frontend_package/static")
 
     report = Report()
     key = "sk_check_" + secrets.token_hex(16)
@@ -679,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         IMAGEAPI_BASE_URL=fake.base_url,
         IMAGEAPI_CONFIG=str(base / "flux_schnell_config.json"),
     )
-    server = ComfyServer(comfyui, args.python, base, args.port or free_port(), env)
+    server = ComfyServer(comfyui, args.python, base, args.port or free_port(), env, front_end_root)
     print(f"ComfyUI {comfyui} with {args.python}; base directory {base}; fake API {fake.base_url}")
     try:
         server.start()
@@ -705,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.browser:
 
             def in_browser(page) -> None:
-                check_frontend(report, page)
+                check_frontend(report, page, info)
                 if args.record:
                     path = record(page, server, info, comfyui, args.commit or comfyui_commit(comfyui))
                     report.add("INFO", "recorded", str(path))

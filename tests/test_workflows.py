@@ -192,6 +192,95 @@ def test_conversion_skips_the_control_slot_and_notes(specs, ui_only):
     assert api["6"]["inputs"] == {"upscale_model": ["5", 0], "image": ["2", 0]}
 
 
+# --- comparing graphs across frontend releases -------------------------------------------------
+
+
+def _as_newer_frontend(wf):
+    """Rewritten the ways newer frontends save the same graph: no widgets_values on nodes without
+    widgets (1.58), and widget inputs listed in `inputs` ahead of the sockets, shifting link slots."""
+    wf = copy.deepcopy(wf)
+    shift = {}
+    for n in wf["nodes"]:
+        if n.get("widgets_values") == []:
+            del n["widgets_values"]
+        if n["type"] == "FluxSchnellGenerate":
+            widgets = [
+                {"name": w, "type": "INT", "widget": {"name": w}, "link": None} for w in ("width", "seed")
+            ]
+            n["inputs"] = widgets + n["inputs"]
+            shift[n["id"]] = len(widgets)
+    for link in wf["links"]:
+        link[4] += shift.get(link[3], 0)
+    return wf
+
+
+@pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
+def test_meaning_ignores_how_a_frontend_writes_a_graph(path, specs, ui_only):
+    ui = wt.load_json(path)
+    newer = _as_newer_frontend(ui)
+    assert newer != ui
+    want = wt.ui_meaning(ui, specs, ui_only)
+    assert wt.meaning_differences(wt.ui_meaning(newer, specs, ui_only), want) == []
+    api = wt.load_json(wt.api_twin_path(path))
+    without_preview = copy.deepcopy(api)  # frontend 1.58 sends no PreviewAny "preview" value
+    for node in without_preview.values():
+        node["inputs"].pop("preview", None)
+        node["_meta"]["title"] = "renamed"
+    assert wt.api_meaning(without_preview, specs) == wt.api_meaning(api, specs)
+
+
+def test_meaning_keeps_what_a_graph_does(specs, ui_only):
+    ui = wt.load_json(wt.UPSCALE)
+    want = wt.ui_meaning(ui, specs, ui_only)
+
+    def gen(wf):
+        return next(n for n in wf["nodes"] if n["type"] == "FluxSchnellGenerate")
+
+    def seed(wf):
+        gen(wf)["widgets_values"][5] += 1
+
+    def control(wf):
+        gen(wf)["widgets_values"][6] = "fixed"
+
+    def other_output(wf):
+        link = next(link for link in wf["links"] if link[5] == "IMAGE" and link[1] == gen(wf)["id"])
+        link[2] = 1
+
+    def other_input(wf):
+        link = next(link for link in wf["links"] if link[5] == "UPSCALE_MODEL")
+        link[4] = 1  # into the image input
+
+    def node_type(wf):
+        next(n for n in wf["nodes"] if n["type"] == "SaveImage")["type"] = "PreviewImage"
+
+    for change, words in (
+        (seed, "seed"),
+        (control, "fixed"),
+        (other_output, "link"),
+        (other_input, "link"),
+        (node_type, "PreviewImage"),
+    ):
+        wf = copy.deepcopy(ui)
+        change(wf)
+        try:
+            got = wt.ui_meaning(wf, specs, ui_only)
+        except ValueError as e:  # widget values that no longer fit the node type
+            got = {"nodes": {}, "links": [], "error": str(e)}
+        problems = wt.meaning_differences(got, want)
+        assert problems, change.__name__
+        assert any(words in p for p in problems) or "error" in got, (change.__name__, problems)
+
+    api = wt.load_json(wt.api_twin_path(wt.UPSCALE))
+    for mutate in (
+        lambda a: a["2"]["inputs"].update(seed=1),
+        lambda a: a["6"]["inputs"].update(image=["5", 0]),
+        lambda a: a["3"].update(class_type="PreviewImage"),
+    ):
+        changed = copy.deepcopy(api)
+        mutate(changed)
+        assert wt.meaning_differences(wt.api_meaning(changed, specs), wt.api_meaning(api, specs))
+
+
 def test_execution_order_refuses_a_cycle():
     api = {
         "1": {"class_type": "A", "inputs": {"x": ["2", 0]}},

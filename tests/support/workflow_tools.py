@@ -359,6 +359,76 @@ def _check_link(link, by_id, specs, ui_only) -> list[str]:
     return problems
 
 
+# --- what a graph means (the same across frontend releases) -------------------------------------
+
+
+def ui_meaning(
+    wf: Mapping[str, Any], specs: Mapping[str, NodeSpec], ui_only: frozenset[str]
+) -> dict[str, Any]:
+    """A UI-format graph reduced to what it means, leaving out what frontends write differently.
+
+    Nodes: type, title and widget values by input name (with each control_after_generate
+    setting); a UI-only node (a note) keeps its values as they are. Links: (from node, output
+    slot, to node, input *name*, type), since frontends order a node's `inputs` list differently
+    (newer ones list widget inputs there too). Left out: positions, sizes, order, a missing versus
+    empty `widgets_values`, and the values of frontend-only widgets (PreviewAny's `preview`).
+    """
+    nodes: dict[int, Any] = {}
+    for n in wf["nodes"]:
+        values = list(n.get("widgets_values") or [])
+        spec = specs.get(n["type"])
+        if n["type"] in ui_only or spec is None:
+            nodes[n["id"]] = (n["type"], n.get("title"), json.dumps(values, sort_keys=True))
+            continue
+        slots = len(spec.widgets) + sum(w.has_control for w in spec.widgets)
+        if spec.frontend_widgets and len(values) > slots:
+            values = values[:slots]  # what a frontend-only widget shows is no input of the node
+        named, controls = split_widget_values(spec, values)
+        nodes[n["id"]] = (n["type"], n.get("title"), named, controls)
+    input_names = {
+        (n["id"], slot): inp["name"] for n in wf["nodes"] for slot, inp in enumerate(n.get("inputs") or [])
+    }
+    links = sorted(
+        (src, src_slot, dst, input_names.get((dst, dst_slot), f"slot {dst_slot}"), kind)
+        for _link_id, src, src_slot, dst, dst_slot, kind in wf.get("links", [])
+    )
+    return {"nodes": nodes, "links": links}
+
+
+def api_meaning(api: Mapping[str, Mapping[str, Any]], specs: Mapping[str, NodeSpec]) -> dict[str, Any]:
+    """An API-format graph reduced to what runs: each node's class and the inputs it declares.
+
+    Left out: `_meta` (titles) and inputs the node does not declare (a frontend-only widget such as
+    PreviewAny's `preview`, which frontend 1.27 sends and 1.58 does not; ComfyUI drops it anyway).
+    """
+    meaning = {}
+    for node_id, node in api.items():
+        spec = specs.get(node["class_type"])
+        declared = {i.name for i in spec.inputs} if spec is not None else set(node["inputs"])
+        inputs = {k: v for k, v in node["inputs"].items() if k in declared}
+        meaning[node_id] = (node["class_type"], inputs)
+    return meaning
+
+
+def meaning_differences(got: Mapping[str, Any], want: Mapping[str, Any], what: str = "") -> list[str]:
+    """Readable differences between two meanings (of `ui_meaning` or `api_meaning`)."""
+    problems = []
+    if "nodes" in want and "links" in want:
+        problems += meaning_differences(got.get("nodes", {}), want["nodes"], "node ")
+        missing = [x for x in want["links"] if x not in got.get("links", [])]
+        extra = [x for x in got.get("links", []) if x not in want["links"]]
+        problems += [f"link {x} missing" for x in missing] + [f"link {x} added" for x in extra]
+        return problems
+    for key in sorted(set(got) | set(want), key=str):
+        if key not in got:
+            problems.append(f"{what}{key} missing")
+        elif key not in want:
+            problems.append(f"{what}{key} added")
+        elif got[key] != want[key]:
+            problems.append(f"{what}{key}: {got[key]} != {want[key]}")
+    return problems
+
+
 # --- UI format to API format -------------------------------------------------------------------
 
 
