@@ -328,9 +328,11 @@ def test_api_workflow_runs_end_to_end(path, comfy_package, fake_api, tmp_path):
     assert TEST_KEY not in json.dumps(infos)
 
 
-def test_draft_board_info_shows_the_seed_of_each_draft(comfy_package, fake_api, tmp_path):
+def test_draft_board_runs_its_four_nodes_at_once(comfy_package, fake_api, tmp_path):
     api = wt.load_json(wt.api_twin_path(wt.DRAFT_BOARD))
+    fake_api.delay_s = 0.3
     result = wt.run_api_graph(api, _classes(comfy_package, tmp_path, api))
+    assert fake_api.max_in_flight == 4  # run one after another, one request would be open at a time
     shown = {}
     for node_id, node in api.items():
         if node["class_type"] == "PreviewAny":

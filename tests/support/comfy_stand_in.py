@@ -1,5 +1,5 @@
 """Small fakes of the few ComfyUI modules the package touches: `comfy.utils`,
-`comfy.model_management` and `folder_paths` (what comfy_bridge.py calls, nothing more)."""
+`comfy.model_management`, `folder_paths` and `server` (what comfy_bridge.py calls, nothing more)."""
 
 from __future__ import annotations
 
@@ -14,29 +14,33 @@ class InterruptProcessingException(Exception):
 
 
 class ComfyStandIn:
-    """`comfy.utils`, `comfy.model_management` and `folder_paths` as small fakes.
+    """`comfy.utils`, `comfy.model_management`, `folder_paths` and `server` as small fakes.
 
     Like ComfyUI's, `ProgressBar.update*` raises the interrupt exception once an interrupt was
-    requested; `interrupt()` is what the Cancel button does.
+    requested; `interrupt()` is what the Cancel button does. `texts` collects (node id, text) of
+    every `PromptServer.instance.send_progress_text` call, from any thread.
     """
 
     def __init__(self, tmp_path: Path):
         self.interrupted = False
         self.bars: list = []
         self.updates: list[tuple[int, int, object]] = []
+        self.bar_updates: list[tuple[str | None, int]] = []  # (node id, value) of every update
+        self.texts: list[tuple[str, str]] = []
         self.user_dir = tmp_path / "comfy_user"
         self.models_dir = tmp_path / "comfy_models"
         stand_in = self
 
         class ProgressBar:
-            def __init__(self, total):
-                self.total, self.current = total, 0
+            def __init__(self, total, node_id=None):
+                self.total, self.current, self.node_id = total, 0, node_id
                 stand_in.bars.append(self)
 
             def update_absolute(self, value, total=None, preview=None):
                 stand_in.throw_if_interrupted()
                 self.current = value
                 stand_in.updates.append((value, total or self.total, preview))
+                stand_in.bar_updates.append((self.node_id, value))
 
             def update(self, value):
                 self.update_absolute(self.current + value, self.total)
@@ -59,6 +63,16 @@ class ComfyStandIn:
         self.folder_paths.get_folder_paths = lambda name: [str(stand_in.models_dir / name)]
         self.folder_paths.get_full_path = self._full_path
 
+        class PromptServer:
+            instance = None
+
+            def send_progress_text(self, text, node_id, sid=None):
+                stand_in.texts.append((str(node_id), text))
+
+        PromptServer.instance = PromptServer()
+        self.server = types.ModuleType("server")
+        self.server.PromptServer = PromptServer
+
     def throw_if_interrupted(self):
         if self.interrupted:
             self.interrupted = False  # ComfyUI clears the flag when it raises
@@ -66,6 +80,10 @@ class ComfyStandIn:
 
     def interrupt(self):
         self.interrupted = True
+
+    def next_prompt(self):
+        """What ComfyUI's executor does as a prompt starts: clear a Cancel left from the last one."""
+        self.interrupted = False
 
     def _filenames(self, name):
         folder = self.models_dir / name
@@ -81,4 +99,5 @@ class ComfyStandIn:
             "comfy.utils": self.utils,
             "comfy.model_management": self.mm,
             "folder_paths": self.folder_paths,
+            "server": self.server,
         }

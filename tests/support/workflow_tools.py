@@ -10,14 +10,17 @@ real server, see tests/data/comfyui_core_nodes.json and scripts/comfyui_check.py
 - API format (what `POST /prompt` takes and "Export (API)" writes): `{id: {"inputs", "class_type",
   "_meta": {"title"}}}`, links as `[from_id, from_slot]`.
 - The executor runs an API-format graph in dependency order, the way ComfyUI's executor calls a
-  V1 node (`getattr(node, FUNCTION)(**inputs)`, hidden `UNIQUE_ID` = the node id), with small
-  stand-ins for the core nodes our workflows use. The stand-ins are test doubles written here,
+  V1 node (`getattr(node, FUNCTION)(**inputs)`, hidden `UNIQUE_ID` = the node id; an `async def`
+  function is awaited as a task, so independent ones overlap), with small stand-ins for the core
+  nodes our workflows use. The stand-ins are test doubles written here,
   not ComfyUI's code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import inspect
 import json
 import sys
 import types
@@ -505,32 +508,85 @@ def run_api_graph(
     node_classes: Mapping[str, type],
     hidden: Callable[[str, str], Any] | None = None,
 ) -> RunResult:
-    """Run every node of `api` once, in dependency order, as ComfyUI's executor calls V1 nodes."""
+    """Run every node of `api` once, as ComfyUI's executor calls V1 nodes (see `run_api_graph_async`)."""
+    return asyncio.run(run_api_graph_async(api, node_classes, hidden))
+
+
+async def run_api_graph_async(
+    api: Mapping[str, Mapping[str, Any]],
+    node_classes: Mapping[str, type],
+    hidden: Callable[[str, str], Any] | None = None,
+) -> RunResult:
+    """Run every node of `api` once, the way ComfyUI's executor (0.3.45 and later) does.
+
+    A node runs once the nodes it takes inputs from are done, as `getattr(node, FUNCTION)(**inputs)`
+    with the hidden `UNIQUE_ID` set to its id. An `async def` function becomes a task that is
+    given one turn of the loop; if it is not finished then, it stays pending while the nodes that
+    are ready run, so independent async nodes overlap. The first failure raises (the rest are
+    cancelled, as when ComfyUI ends a prompt).
+    """
     results: dict[str, tuple] = {}
     ui: dict[str, dict] = {}
-    for node_id in execution_order(api):
-        entry = api[node_id]
-        cls = node_classes.get(entry["class_type"])
-        if cls is None:
-            raise KeyError(f"no node class for {entry['class_type']!r} (node {node_id})")
-        kwargs = {
-            name: results[value[0]][value[1]] if _is_link(value) else value
-            for name, value in entry["inputs"].items()
-        }
-        declared = cls.INPUT_TYPES()
-        kwargs = {
-            k: v
-            for k, v in kwargs.items()
-            if k in declared.get("required", {}) or k in declared.get("optional", {})
-        }  # frontend-only widgets (PreviewAny's "preview") are not function arguments
-        for arg, kind in declared.get("hidden", {}).items():
-            kwargs[arg] = node_id if kind == "UNIQUE_ID" else (hidden(kind, node_id) if hidden else None)
-        out = getattr(cls(), cls.FUNCTION)(**kwargs)
+    pending: dict[asyncio.Task, str] = {}
+    order = execution_order(api)
+
+    def ready(node_id: str) -> bool:
+        links = [v for v in api[node_id]["inputs"].values() if _is_link(v)]
+        return all(value[0] in results for value in links)
+
+    def finish(node_id: str, out) -> None:
         if isinstance(out, dict):
             ui[node_id] = out.get("ui", {})
             out = out.get("result", ())
         results[node_id] = tuple(out)
+
+    try:
+        while len(results) < len(order):
+            waiting = set(pending.values())
+            startable = [n for n in order if n not in results and n not in waiting and ready(n)]
+            for node_id in startable:
+                out = _call_node(api, node_classes, node_id, results, hidden)
+                if inspect.iscoroutine(out):
+                    task = asyncio.ensure_future(out)
+                    await asyncio.sleep(0)  # one turn, as ComfyUI gives it
+                    if not task.done():
+                        pending[task] = node_id
+                        continue
+                    out = task.result()
+                finish(node_id, out)
+            if startable:
+                continue  # what finished may have made other nodes ready
+            if not pending:
+                raise RuntimeError("no node can run (a bug in the graph runner)")
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                finish(pending.pop(task), task.result())
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
     return RunResult(results, ui)
+
+
+def _call_node(api, node_classes, node_id: str, results, hidden):
+    entry = api[node_id]
+    cls = node_classes.get(entry["class_type"])
+    if cls is None:
+        raise KeyError(f"no node class for {entry['class_type']!r} (node {node_id})")
+    kwargs = {
+        name: results[value[0]][value[1]] if _is_link(value) else value
+        for name, value in entry["inputs"].items()
+    }
+    declared = cls.INPUT_TYPES()
+    kwargs = {
+        k: v
+        for k, v in kwargs.items()
+        if k in declared.get("required", {}) or k in declared.get("optional", {})
+    }  # frontend-only widgets (PreviewAny's "preview") are not function arguments
+    for arg, kind in declared.get("hidden", {}).items():
+        kwargs[arg] = node_id if kind == "UNIQUE_ID" else (hidden(kind, node_id) if hidden else None)
+    return getattr(cls(), cls.FUNCTION)(**kwargs)
 
 
 # --- stand-ins for ComfyUI core nodes ---------------------------------------------------------
