@@ -319,7 +319,18 @@ def _run_local(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Eve
 
     if not jobs:
         return
-    spec = LocalModelSpec.from_cli_args(args)
+    spec = LocalModelSpec(
+        checkpoint=args.checkpoint,
+        transformer=args.transformer,
+        t5=args.t5,
+        clip=args.clip,
+        ae=args.ae,
+        t5_tokenizer=args.t5_tokenizer,
+        clip_tokenizer=args.clip_tokenizer,
+        weight_dtype="as stored" if args.dtype in (None, "as-stored") else args.dtype,
+        device=args.device,
+        compile=args.compile,
+    )
     for job in jobs:  # models load once (the backend keeps them) and serve every prompt
         if stop.is_set():
             raise GenerationInterrupted("interrupted")

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,9 +35,10 @@ from .local_files import LocalModelSpec, ResolvedFiles
 
 log = logging.getLogger("flux_schnell.local")
 
-__all__ = ["LocalModelSpec", "generate_local", "release_models"]
+__all__ = ["LocalModelSpec", "PipelineRun", "generate_local", "release_models", "run_pipeline"]
 
-WEIGHT_DTYPES = {"as stored": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+# local_files.WEIGHT_DTYPE_OPTIONS -> the dtype weights are narrowed to at load (None: as stored)
+NARROW_DTYPE_OF_OPTION = {"as stored": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
 T5_MAX_LENGTH = 256  # FLUX.1 [schnell] encodes 256 T5 tokens (dev: 512)
 CLIP_MAX_LENGTH = 77
 PREVIEW_MAX_SIZE = 512
@@ -173,7 +174,7 @@ def load_models(files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, 
         return _loaded, False
     # The four files must belong together: checked from their headers, before gigabytes load.
     loading.check_files_compatible(files.transformer, files.t5, files.clip, files.ae)
-    narrow = WEIGHT_DTYPES[weight_dtype]
+    narrow = NARROW_DTYPE_OF_OPTION[weight_dtype]
     _drop_loaded()
     log.info("loading FLUX.1-schnell (weights %s) from %s", weight_dtype, files.transformer.parent)
     loaded = LoadedModels(
@@ -284,9 +285,17 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
         if not loaded_now:
             timings.pop("loading")
         _check_device_can_hold(models, device)
-        policy = MemoryPolicy(models, device, spec.memory)
+        run = PipelineRun(
+            request=request,
+            device=device,
+            dtype=dtype,
+            policy=MemoryPolicy(models, device, spec.memory),
+            progress=progress,
+            compile=spec.compile,
+            timings=timings,
+        )
         try:
-            images = _run(models, policy, request, device, dtype, progress, timings, compile=spec.compile)
+            images = run_pipeline(models, run)
         finally:
             if spec.memory == "free after run":
                 _drop_loaded()
@@ -318,13 +327,27 @@ def _check_device_can_hold(models: LoadedModels, device: torch.device) -> None:
             )
 
 
+@dataclass
+class PipelineRun:
+    """One generation on loaded models: what to make, where and in which dtype, how the models
+    share the device, and where progress and stage timings go."""
+
+    request: GenerationRequest
+    device: torch.device
+    dtype: torch.dtype  # the compute dtype (compute_dtype(device))
+    policy: MemoryPolicy
+    progress: Progress
+    compile: bool = False  # torch.compile the transformer (kept on the LoadedModels)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, filled in
+
+
 @torch.inference_mode()
-def _run(
-    models, policy, request, device, dtype, progress: Progress, timings, compile: bool = False
-) -> torch.Tensor:
+def run_pipeline(models: LoadedModels, run: PipelineRun) -> torch.Tensor:
+    """Text encoding, sampling (one image per seed) and decoding: IMAGE tensor (B, H, W, 3) on the CPU."""
     from .flux import sampling
     from .flux.conditioning import encode_prompts
 
+    request, policy, timings, device, dtype = run.request, run.policy, run.timings, run.device, run.dtype
     height, width = request.height, request.width
     with _stage("text encoding", request, timings), policy.use([models.t5, models.clip], GIB // 2):
         txt, vec = encode_prompts(
@@ -336,10 +359,10 @@ def _run(
             device,
             dtype,
         )  # (1, 256, 4096), (1, 768): one prompt serves every image of the batch
-    progress.raise_if_interrupted()
+    run.progress.raise_if_interrupted()
 
     transformer = models.transformer.module
-    if compile:  # opt-in: the first run compiles (tens of seconds), later runs are faster
+    if run.compile:  # opt-in: the first run compiles (tens of seconds), later runs are faster
         if models.compiled is None:
             models.compiled = torch.compile(transformer, dynamic=False)
         transformer = models.compiled
@@ -348,9 +371,7 @@ def _run(
     sampling_stage = policy.use([models.transformer], _sampling_bytes(height, width))
     with _stage("sampling", request, timings), sampling_stage:
         for seed in request.seeds:
-            latents.append(
-                _sample_one(transformer, txt, vec, seed, request, device, dtype, progress, previews)
-            )
+            latents.append(_sample_one(transformer, txt, vec, seed, run, previews))
 
     decoding_stage = policy.use([models.ae], _decoding_bytes(height, width))
     with _stage("decoding", request, timings), decoding_stage:
@@ -360,10 +381,14 @@ def _run(
     return torch.cat(images)
 
 
-def _sample_one(transformer, txt, vec, seed, request, device, dtype, progress, previews):
+def _sample_one(
+    transformer: nn.Module, txt: torch.Tensor, vec: torch.Tensor, seed: int, run: PipelineRun, previews: bool
+) -> torch.Tensor:
+    """The packed latent (1, H/16 * W/16, 64) of one seed, after `run.request.steps` Euler steps."""
     from .flux import sampling
     from .flux.preview import latent_preview
 
+    request, device, dtype, progress = run.request, run.device, run.dtype, run.progress
     height, width = request.height, request.width
     # Drawn in bf16 as the reference does, so a seed starts from the same noise on every device.
     noise = sampling.get_noise(1, height, width, seed, device=device, dtype=torch.bfloat16)

@@ -12,60 +12,16 @@ tokenizer folders may also sit beside the transformer as in the FLUX.1-schnell r
 from __future__ import annotations
 
 import fnmatch
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import comfy_bridge
 from .errors import InvalidInputError, LocalBackendUnavailable
+from .local_components import CHECKPOINT_PATTERNS, COMPONENTS, Component
 
-WEIGHT_DTYPE_CHOICES = ("as stored", "bf16", "fp8_e4m3fn")
+WEIGHT_DTYPE_OPTIONS = ("as stored", "bf16", "fp8_e4m3fn")
+"""How the transformer and T5 weights are kept in memory (the loader node's and --dtype's choices)."""
 MEMORY_CHOICES = ("auto", "keep on GPU", "offload to CPU", "free after run")
-
-
-@dataclass(frozen=True)
-class Component:
-    """One network's file: the flag that names it, the ComfyUI folders and usual names to try."""
-
-    name: str
-    flag: str
-    folders: tuple[str, ...]
-    patterns: tuple[str, ...]
-
-
-COMPONENTS = (
-    Component(
-        "transformer",
-        "--transformer",
-        ("diffusion_models", "unet"),
-        (
-            "flux1-schnell.safetensors",
-            "flux1-schnell*.safetensors",
-            "flux1_schnell*.safetensors",
-            "flux-schnell*.safetensors",
-            "flux1-schnell*.sft",
-        ),
-    ),
-    Component(
-        "t5",
-        "--t5",
-        ("text_encoders", "clip"),
-        ("t5xxl_fp16.safetensors", "t5xxl*.safetensors", "t5*xxl*.safetensors"),
-    ),
-    Component(
-        "clip",
-        "--clip",
-        ("text_encoders", "clip"),
-        ("clip_l.safetensors", "clip_l*.safetensors", "clip-l*.safetensors"),
-    ),
-    Component(
-        "ae",
-        "--ae",
-        ("vae",),
-        ("ae.safetensors", "ae.sft", "flux*ae*.safetensors", "flux*vae*.safetensors"),
-    ),
-)
-CHECKPOINT_PATTERNS = ("flux1-schnell*.safetensors", "flux1_schnell*.safetensors")
 
 
 @dataclass(frozen=True)
@@ -97,15 +53,15 @@ class LocalModelSpec:
     compile: bool = False  # torch.compile the transformer (faster after a slow first run)
 
     def __post_init__(self):
-        if self.weight_dtype not in WEIGHT_DTYPE_CHOICES:
+        if self.weight_dtype not in WEIGHT_DTYPE_OPTIONS:
             raise InvalidInputError(
-                f"weight_dtype must be one of {', '.join(WEIGHT_DTYPE_CHOICES)}; got {self.weight_dtype!r}"
+                f"weight_dtype must be one of {', '.join(WEIGHT_DTYPE_OPTIONS)}; got {self.weight_dtype!r}"
             )
         if self.memory not in MEMORY_CHOICES:
             raise InvalidInputError(f"memory must be one of {', '.join(MEMORY_CHOICES)}; got {self.memory!r}")
 
     @classmethod
-    def from_node_inputs(cls, *, checkpoint, transformer, t5, clip, vae, weight_dtype, memory):
+    def from_node_inputs(cls, *, checkpoint, transformer, t5, clip, vae, weight_dtype, memory, compile=False):
         """File names from ComfyUI's dropdowns (None: find it) to full paths."""
         named = {
             "checkpoint": (checkpoint, "checkpoints"),
@@ -127,24 +83,7 @@ class LocalModelSpec:
                     "refresh the page (R) after adding files, or pick another file"
                 )
             paths[field_name] = Path(full)
-        compile_env = os.environ.get("FLUX_SCHNELL_COMPILE", "").lower() in ("1", "true", "yes")
-        return cls(**paths, weight_dtype=weight_dtype, memory=memory, compile=compile_env)
-
-    @classmethod
-    def from_cli_args(cls, args) -> LocalModelSpec:
-        dtype = "as stored" if args.dtype in (None, "as-stored") else args.dtype
-        return cls(
-            checkpoint=args.checkpoint,
-            transformer=args.transformer,
-            t5=args.t5,
-            clip=args.clip,
-            ae=args.ae,
-            t5_tokenizer=args.t5_tokenizer,
-            clip_tokenizer=args.clip_tokenizer,
-            weight_dtype=dtype,
-            device=args.device,
-            compile=getattr(args, "compile", False),
-        )
+        return cls(**paths, weight_dtype=weight_dtype, memory=memory, compile=compile)
 
     def resolve(self) -> ResolvedFiles:
         """Every path this spec needs, checked to exist; one error listing all that is missing."""

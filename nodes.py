@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import os
+
 from . import comfy_bridge
 from .generation import (
     BACKENDS,
@@ -18,13 +20,19 @@ from .generation import (
     SIDE_MULTIPLE,
     GenerationRequest,
 )
-from .local_files import MEMORY_CHOICES, WEIGHT_DTYPE_CHOICES
+from .local_files import MEMORY_CHOICES, WEIGHT_DTYPE_OPTIONS
 
 CATEGORY = "image/generation/FLUX Schnell"
 LOCAL_MODEL_TYPE = "FLUX_SCHNELL_MODEL"
 
 AUTO = "auto"
 NO_CHECKPOINT = "none"
+COMPILE_ENV = "FLUX_SCHNELL_COMPILE"  # "1": torch.compile the transformer (ComfyUI has no CLI flag for it)
+
+
+def _compile_requested() -> bool:
+    """The environment is read here, where ComfyUI enters the package, not deep in the backend."""
+    return os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 class FluxSchnellGenerate:
@@ -215,7 +223,7 @@ class FluxSchnellLocalModel:
                     {"default": AUTO, "tooltip": "ae.safetensors (the FLUX autoencoder)"},
                 ),
                 "weight_dtype": (
-                    list(WEIGHT_DTYPE_CHOICES),
+                    list(WEIGHT_DTYPE_OPTIONS),
                     {
                         "default": "as stored",
                         "tooltip": "How the transformer and T5 weights are kept in memory. "
@@ -246,6 +254,7 @@ class FluxSchnellLocalModel:
             vae=None if vae == AUTO else vae,
             weight_dtype=weight_dtype,
             memory=memory,
+            compile=_compile_requested(),
         )
         return (spec,)
 

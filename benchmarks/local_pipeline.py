@@ -25,16 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-
-from comfyui_flux_schnell import local_backend  # noqa: E402
-from comfyui_flux_schnell.comfy_bridge import Progress  # noqa: E402
-from comfyui_flux_schnell.flux.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
-from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder  # noqa: E402
-from comfyui_flux_schnell.flux.model import Flux, FluxParams  # noqa: E402
-from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder  # noqa: E402
-from comfyui_flux_schnell.generation import GenerationRequest  # noqa: E402
+from comfyui_flux_schnell import local_backend
+from comfyui_flux_schnell.comfy_bridge import Progress
+from comfyui_flux_schnell.flux.autoencoder import AutoEncoder, AutoEncoderParams
+from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
+from comfyui_flux_schnell.flux.model import Flux, FluxParams
+from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder
+from comfyui_flux_schnell.generation import GenerationRequest
 
 PROMPT = "a photo of a red fox in fresh snow at golden hour, shallow depth of field"
 CONFIGS = {
@@ -100,7 +97,6 @@ class StepClock:
 
 
 def run_ours(cfg, models, device, steps, repeats, compile_mode):
-    spec_compile = {"compile": True} if compile_mode else {}
     policy = local_backend.MemoryPolicy(models, device, "keep on GPU")
     request = GenerationRequest(PROMPT, cfg["size"], cfg["size"], steps, 0, 1)
     results = []
@@ -113,7 +109,10 @@ def run_ours(cfg, models, device, steps, repeats, compile_mode):
             torch.cuda.reset_peak_memory_stats()
         sync(device)
         start = time.perf_counter()
-        local_backend._run(models, policy, request, device, cfg["dtype"], progress, timings, **spec_compile)
+        run = local_backend.PipelineRun(
+            request, device, cfg["dtype"], policy, progress, compile=compile_mode, timings=timings
+        )
+        local_backend.run_pipeline(models, run)
         sync(device)
         total = time.perf_counter() - start
         step_times = clock.steps(start + timings["text encoding"])

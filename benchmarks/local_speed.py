@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # workers run as `python -m benchmarks.local_speed` here
 
 CONFIGS = {
     # name: (FluxParams overrides, image grid (rows, cols), text tokens, dtype)
@@ -175,8 +175,8 @@ def worker_memory(kind: str, config: str, device: str) -> dict:
 
 def run_worker(args: list[str], threads: int) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--threads", str(threads), *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    cmd = [sys.executable, "-m", "benchmarks.local_speed", "--threads", str(threads), *args]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"worker {' '.join(args)} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -190,7 +190,8 @@ def report(config: str, device: str, threads: int, warmup: int, repeats: int) ->
     common = ["--config", config, "--device", device]
     memory = {kind: run_worker(["--worker", kind, *common], threads) for kind in ("ours", "diffusers")}
     if repeats == 0:  # memory only
-        timing = dict(times={k: [math.nan] for k in memory}, max_abs_diff=math.nan, out_max=math.nan)
+        nan = {k: [math.nan] for k in memory}
+        timing = dict(times=nan, cpu=nan, max_abs_diff=math.nan, out_max=math.nan)
     else:
         timing_args = [
             "--worker",

@@ -367,7 +367,7 @@ def on_meta(build, config, stored: torch.dtype, weight_dtype: torch.dtype | None
 
 def build_models(weight_dtype: str, configs: Configs) -> dict[str, nn.Module]:
     """name -> module, as `local_backend.load_models` loads them (T5 and transformer narrowed)."""
-    narrow = local_backend.WEIGHT_DTYPES[weight_dtype]
+    narrow = local_backend.NARROW_DTYPE_OF_OPTION[weight_dtype]
     return {
         "T5-XXL": on_meta(T5Encoder, configs.t5, STORED["T5-XXL"], narrow),
         "CLIP-L": on_meta(CLIPTextEncoder, configs.clip, STORED["CLIP-L"], None),
@@ -509,7 +509,8 @@ def measure(
     device, dtype = torch.device("meta"), torch.bfloat16
     progress = Progress(request.steps * request.batch_size)
     with gpu_kernels(fused_kernels), tracker.module_names(), tracker:
-        local_backend._run(models, marks, request, device, dtype, progress, {})
+        run = local_backend.PipelineRun(request, device, dtype, policy=marks, progress=progress)
+        local_backend.run_pipeline(models, run)
     return PipelineMemory(
         weight_dtype=weight_dtype,
         height=request.height,
@@ -629,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         "--weight-dtype",
         nargs="+",
         default=["fp8_e4m3fn", "bf16"],
-        choices=sorted(local_backend.WEIGHT_DTYPES),
+        choices=sorted(local_backend.NARROW_DTYPE_OF_OPTION),
     )
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)

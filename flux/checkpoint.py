@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from ..local_components import AE, COMPONENTS, TRANSFORMER, Component
 
 # safetensors dtype codes (the header's "dtype" strings) and the torch dtypes they store
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -52,7 +53,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 # the dtypes a weight of ours may be stored in
-WEIGHT_DTYPES = ("F32", "F16", "BF16", "F8_E4M3")
+STORED_DTYPES = ("F32", "F16", "BF16", "F8_E4M3")
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
 LIST_LIMIT = 12  # how many keys an error message lists before "... and N more"
@@ -134,14 +135,15 @@ def read_header(path: str | Path, *, expected: str | None = None) -> Header:
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(16)
-        foreign = _foreign_format(head)
-        if foreign:
-            raise _fail(path, expected, f"it is {foreign}")
-        if size < 8:
-            raise _fail(path, expected, f"the file is {size} bytes long, too short for a safetensors file")
-        (header_len,) = struct.unpack("<Q", head[:8])
-        looks_json = head[8:9] == b"{"
-        if header_len > MAX_HEADER_BYTES or header_len < 2 or not looks_json:
+        # safetensors' own rules first: its first 8 bytes are a length, and some lengths look like
+        # the magic bytes of other formats (896 starts like a pickle, 31520 like JSON text).
+        header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        if not (2 <= header_len <= MAX_HEADER_BYTES and head[8:9] == b"{"):
+            foreign = _foreign_format(head)
+            if foreign:
+                raise _fail(path, expected, f"it is {foreign}")
+            if size < 8:
+                raise _fail(path, expected, f"the file is {size} bytes long, too short for a safetensors file")
             raise _fail(
                 path,
                 expected,
@@ -202,46 +204,7 @@ def _parse_entry(path: Path, expected: str | None, key: str, desc: object, data_
 # --- which networks a file holds -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ComponentSpec:
-    """One of the four networks of FLUX.1 [schnell], as far as finding it in a file goes."""
-
-    name: str  # "transformer", "autoencoder", "t5", "clip"
-    title: str  # for messages
-    file_hint: str  # the file a user should give instead
-    marker: str  # a key (after the prefix) that only this network has
-    comfy_prefix: str  # its prefix in a ComfyUI all-in-one checkpoint
-
-
-TRANSFORMER = ComponentSpec(
-    "transformer",
-    "FLUX.1 [schnell] transformer",
-    "flux1-schnell.safetensors (models/diffusion_models)",
-    "double_blocks.0.img_attn.qkv.weight",
-    "model.diffusion_model.",
-)
-AUTOENCODER = ComponentSpec(
-    "autoencoder",
-    "FLUX.1 autoencoder (VAE)",
-    "ae.safetensors (models/vae)",
-    "decoder.mid.block_1.conv1.weight",
-    "vae.",
-)
-T5 = ComponentSpec(
-    "t5",
-    "T5-XXL text encoder",
-    "t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors (models/text_encoders)",
-    "encoder.block.0.layer.0.SelfAttention.q.weight",
-    "text_encoders.t5xxl.transformer.",
-)
-CLIP = ComponentSpec(
-    "clip",
-    "CLIP-L text encoder",
-    "clip_l.safetensors (models/text_encoders)",
-    "text_model.encoder.layers.0.self_attn.q_proj.weight",
-    "text_encoders.clip_l.transformer.",
-)
-COMPONENTS = (TRANSFORMER, AUTOENCODER, T5, CLIP)
+# The four networks (names, marker keys, all-in-one prefixes): local_components.py.
 
 # keys of an all-in-one checkpoint that belong to no network and are never loaded
 COMFY_EXTRA_KEYS = ("text_encoders.clip_l.logit_scale", "text_encoders.t5xxl.logit_scale")
@@ -280,7 +243,7 @@ UNSUPPORTED_VARIANTS = (
 class ComponentInfo:
     """Where one network lies in a file: its key prefix, its keys, dtypes and size."""
 
-    spec: ComponentSpec
+    spec: Component
     prefix: str
     keys: tuple[str, ...]  # full keys in the file
     dtypes: dict[str, int]  # safetensors dtype code -> number of tensors
@@ -300,7 +263,7 @@ class CheckpointInfo:
     """What `inspect_file` found in a file: its networks, its layout, and what else it may be."""
 
     header: Header
-    components: dict[str, ComponentInfo]  # by ComponentSpec.name
+    components: dict[str, ComponentInfo]  # by Component.name
     layout: str  # "BFL single file", "Hugging Face single file", "ComfyUI all-in-one", "unknown"
     looks_like: str | None  # another architecture this file seems to be, if any
     unsupported: str | None  # a variant of ours this loader cannot read, if any
@@ -334,7 +297,7 @@ def _natural(key: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
 
 
-def _find_prefixes(keys, spec: ComponentSpec) -> list[str]:
+def _find_prefixes(keys, spec: Component) -> list[str]:
     """Every prefix under which `spec`'s marker key occurs (a prefix is empty or ends with '.')."""
     found = []
     for key in keys:
@@ -408,7 +371,7 @@ def _layout(components: dict[str, ComponentInfo]) -> str:
     (only,) = components.values()
     if only.prefix:
         return f"single file with prefix {only.prefix!r}"
-    if only.spec in (TRANSFORMER, AUTOENCODER):
+    if only.spec in (TRANSFORMER, AE):
         return "Black Forest Labs single file"
     return "Hugging Face single file"
 

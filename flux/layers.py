@@ -142,9 +142,8 @@ def mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
 class DoubleStreamBlock(nn.Module):
     """Image and text streams with separate weights and one joint attention over [txt, img]."""
 
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
+    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int, qkv_bias: bool):
         super().__init__()
-        mlp_hidden = int(hidden * mlp_ratio)
         self.img_mod = Modulation(hidden, double=True)
         self.img_attn = SelfAttention(hidden, num_heads, qkv_bias)
         self.img_mlp = mlp(hidden, mlp_hidden)
@@ -176,10 +175,10 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """Parallel attention and MLP over the joint sequence, with fused in (`linear1`) and out (`linear2`)."""
 
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int):
         super().__init__()
         self.num_heads = num_heads
-        self.mlp_hidden = int(hidden * mlp_ratio)
+        self.mlp_hidden = mlp_hidden
         self.linear1 = Linear(hidden, 3 * hidden + self.mlp_hidden)  # always with a bias
         self.linear2 = Linear(hidden + self.mlp_hidden, hidden)
         self.norm = QKNorm(hidden // num_heads)

@@ -48,17 +48,13 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError, ModelLoadError, OutOfMemoryError
+from ..local_components import AE, CLIP, T5, TRANSFORMER, Component
 from . import ops
 from .autoencoder import AutoEncoder, AutoEncoderParams
 from .checkpoint import (
-    AUTOENCODER,
-    CLIP,
-    T5,
-    TRANSFORMER,
-    WEIGHT_DTYPES,
+    STORED_DTYPES,
     CheckpointInfo,
     ComponentInfo,
-    ComponentSpec,
     Header,
     TensorEntry,
     describe_other,
@@ -69,7 +65,7 @@ from .clip import CLIPTextConfig, CLIPTextEncoder
 from .model import Flux, FluxParams
 from .t5 import T5Config, T5Encoder
 
-WEIGHT_DTYPE_CHOICES = (None, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
+LOAD_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
 FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448: larger values would become NaN
 # layers whose weight fp8 loading narrows: the matrices, the kernels and the vocabulary tables
 CASTING_LAYERS = (ops.Linear, ops.Conv2d, ops.TokenEmbedding)
@@ -220,7 +216,7 @@ def _refuse_foreign_vae(p: AutoEncoderParams) -> str | None:
         return (
             f"it is an autoencoder with {p.z_channels} latent channels at 1/{p.downscale_factor} "
             f"size (a Stable Diffusion VAE?); FLUX.1 needs its own {FLUX_LATENT_CHANNELS}-channel "
-            f"VAE: give {AUTOENCODER.file_hint}"
+            f"VAE: give {AE.file_hint}"
         )
     return None
 
@@ -229,7 +225,7 @@ def _refuse_foreign_vae(p: AutoEncoderParams) -> str | None:
 class _Network:
     """How to load one network: find it, infer its config, build it, match its keys."""
 
-    component: ComponentSpec
+    component: Component
     infer: Callable[[Mapping[str, Sequence[int]]], object]
     build: Callable[[object], nn.Module]
     ignored: tuple[str, ...] = ()  # keys files may carry that the network does not use
@@ -238,7 +234,7 @@ class _Network:
 
 
 _TRANSFORMER = _Network(TRANSFORMER, infer_flux_params, Flux, refuse=_refuse_dev)
-_AUTOENCODER = _Network(AUTOENCODER, infer_autoencoder_params, AutoEncoder, refuse=_refuse_foreign_vae)
+_AE = _Network(AE, infer_autoencoder_params, AutoEncoder, refuse=_refuse_foreign_vae)
 # T5: `encoder.embed_tokens.weight` is the tied copy of `shared.weight`; used only if that is absent
 _T5 = _Network(T5, infer_t5_config, T5Encoder, aliases={"shared.weight": "encoder.embed_tokens.weight"})
 _CLIP = _Network(
@@ -263,7 +259,7 @@ def load_autoencoder(
     path: str | Path, *, device: str | torch.device = "cpu", weight_dtype: torch.dtype | None = None
 ) -> AutoEncoder:
     """The FLUX.1 autoencoder from ae.safetensors or an all-in-one checkpoint."""
-    return _load(path, _AUTOENCODER, device, weight_dtype)
+    return _load(path, _AE, device, weight_dtype)
 
 
 def load_t5(
@@ -281,9 +277,9 @@ def load_clip(
 
 
 def _load(path, net: _Network, device, weight_dtype) -> nn.Module:
-    if weight_dtype not in WEIGHT_DTYPE_CHOICES:
+    if weight_dtype not in LOAD_DTYPES:
         raise InvalidInputError(
-            f"weight_dtype must be one of {', '.join(map(str, WEIGHT_DTYPE_CHOICES))}, got {weight_dtype!r}"
+            f"weight_dtype must be one of {', '.join(map(str, LOAD_DTYPES))}, got {weight_dtype!r}"
         )
     device = torch.device(device)
     found = _inspect(path, net)
@@ -363,7 +359,7 @@ def _match_keys(fail, comp, entries: dict[str, TensorEntry], model, net: _Networ
         found = entries[file_key]
         if found.shape != tuple(t.shape):
             wrong_shape.append(f"{comp.prefix}{file_key}: expected {tuple(t.shape)}, found {found.shape}")
-        if found.dtype not in WEIGHT_DTYPES:
+        if found.dtype not in STORED_DTYPES:
             wrong_dtype.append(f"{comp.prefix}{file_key} ({found.dtype})")
     known = set(chosen.values()) | set(net.ignored) | set(net.aliases.values())
     unexpected = [comp.prefix + k for k in entries if k not in known]
@@ -492,7 +488,7 @@ def check_files_compatible(transformer: str | Path, t5: str | Path, clip: str | 
             ("transformer", transformer, _TRANSFORMER),
             ("t5", t5, _T5),
             ("clip", clip, _CLIP),
-            ("autoencoder", ae, _AUTOENCODER),
+            ("ae", ae, _AE),
         )
     }
     files = {name: f" ({f.info.path})" for name, f in found.items()}
@@ -500,7 +496,7 @@ def check_files_compatible(transformer: str | Path, t5: str | Path, clip: str | 
         found["transformer"].config,
         found["t5"].config,
         found["clip"].config,
-        found["autoencoder"].config,
+        found["ae"].config,
         files,
     )
     if problems:
@@ -530,8 +526,8 @@ def _mismatches(
         )
     if autoencoder is not None and 4 * autoencoder.z_channels != transformer.in_channels:
         problems.append(
-            f"the autoencoder{files.get('autoencoder', '')} has {autoencoder.z_channels} latent "
+            f"the autoencoder{files.get('ae', '')} has {autoencoder.z_channels} latent "
             f"channels, {4 * autoencoder.z_channels} features once packed 2x2, but {flux} takes "
-            f"{transformer.in_channels}: give {AUTOENCODER.file_hint}"
+            f"{transformer.in_channels}: give {AE.file_hint}"
         )
     return problems

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import struct
 import sys
 import warnings
 from dataclasses import replace
@@ -18,7 +19,7 @@ from comfyui_flux_schnell.errors import InvalidInputError, ModelLoadError, OutOf
 from comfyui_flux_schnell.flux import checkpoint, loading, ops
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoderParams
 from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
-from comfyui_flux_schnell.flux.model import FluxParams
+from comfyui_flux_schnell.flux.model import Flux, FluxParams
 from comfyui_flux_schnell.flux.t5 import T5Config
 from safetensors.torch import load_file, save_file
 from support import KEYS_DIR
@@ -27,31 +28,31 @@ from support import tiny_models as tm
 KEYS = KEYS_DIR
 LOADERS = {
     "transformer": loading.load_transformer,
-    "autoencoder": loading.load_autoencoder,
+    "ae": loading.load_autoencoder,
     "t5": loading.load_t5,
     "clip": loading.load_clip,
 }
 TITLES = {
     "transformer": "FLUX.1 [schnell] transformer",
-    "autoencoder": "FLUX.1 autoencoder (VAE)",
+    "ae": "FLUX.1 autoencoder (VAE)",
     "t5": "T5-XXL text encoder",
     "clip": "CLIP-L text encoder",
 }
 HINTS = {
     "transformer": "flux1-schnell.safetensors",
-    "autoencoder": "ae.safetensors",
+    "ae": "ae.safetensors",
     "t5": "t5xxl_fp16.safetensors",
     "clip": "clip_l.safetensors",
 }
 TINY_CONFIGS = {
     "transformer": tm.TINY_FLUX,
-    "autoencoder": tm.TINY_AE,
+    "ae": tm.TINY_AE,
     "t5": tm.TINY_T5,
     "clip": tm.TINY_CLIP,
 }
 WRITERS = {
     "transformer": tm.transformer_weights,
-    "autoencoder": tm.autoencoder_weights,
+    "ae": tm.autoencoder_weights,
     "t5": tm.t5_weights,
     "clip": tm.clip_weights,
 }
@@ -229,6 +230,18 @@ def test_infer_schnell_config_from_real_layout():
     assert params.guidance_embed is False
 
 
+@pytest.mark.parametrize(("hidden", "mlp_hidden"), [(896, 1840), (3072, 12288), (1152, 2300)])
+def test_inferred_mlp_width_rebuilds_the_files_shapes(hidden, mlp_hidden):
+    """1840 / 896 * 896 is 1839.99...: the width must come back exact, not truncated."""
+    params = FluxParams(hidden_size=hidden, num_heads=hidden // 128, mlp_ratio=mlp_hidden / hidden)
+    params = replace(params, depth=1, depth_single_blocks=1)
+    with torch.device("meta"):
+        shapes = {k: list(t.shape) for k, t in Flux(params).state_dict().items()}
+        rebuilt = Flux(loading.infer_flux_params(shapes))
+    assert {k: list(t.shape) for k, t in rebuilt.state_dict().items()} == shapes
+    assert shapes["single_blocks.0.linear1.weight"][0] == 3 * hidden + mlp_hidden
+
+
 def test_infer_dev_config_from_real_layout():
     shapes, data = real_shapes("flux1_schnell")
     hidden = data["params"]["hidden_size"]
@@ -286,12 +299,12 @@ def real_all_in_one(tmp_path_factory) -> Path:
 def test_inspect_real_size_all_in_one(real_all_in_one):
     info = checkpoint.inspect_file(real_all_in_one)
     assert info.layout == "ComfyUI all-in-one checkpoint"
-    assert set(info.components) == {"transformer", "autoencoder", "t5", "clip"}
+    assert set(info.components) == {"transformer", "ae", "t5", "clip"}
     transformer = info.components["transformer"]
     assert transformer.variant == "schnell"
     assert transformer.num_params == 11_891_178_560
     assert transformer.dtypes == {"BF16": 776}
-    assert info.components["autoencoder"].num_params == 83_819_683
+    assert info.components["ae"].num_params == 83_819_683
     assert info.components["t5"].dtypes == {"F8_E4M3": 220}
     assert len(info.components["clip"].keys) == 196
     assert "a FLUX.1 [schnell] transformer (under 'model.diffusion_model.'; 776" in info.describe()
@@ -325,7 +338,7 @@ def real_width_all_in_one(tmp_path_factory) -> Path:
     ("component", "config"),
     [
         ("transformer", FluxParams(depth=2, depth_single_blocks=2)),
-        ("autoencoder", AutoEncoderParams()),
+        ("ae", AutoEncoderParams()),
         ("t5", T5Config(num_layers=2)),
         ("clip", CLIPTextConfig()),
     ],
@@ -393,7 +406,7 @@ def run_each(models: dict) -> None:
         )
         models["t5"](torch.tensor([[5, 9, 1]]))
         models["clip"](torch.tensor([[3, 7, 2]]))
-        models["autoencoder"].decode(torch.randn(1, 16, 2, 2, generator=g))
+        models["ae"].decode(torch.randn(1, 16, 2, 2, generator=g))
 
 
 @needs_proc
@@ -428,13 +441,13 @@ def test_cast_parameters_are_not_in_the_mapping(sets):
     ("attr", "layout", "components"),
     [
         ("transformer", "Black Forest Labs single file", {"transformer"}),
-        ("autoencoder", "Black Forest Labs single file", {"autoencoder"}),
+        ("ae", "Black Forest Labs single file", {"ae"}),
         ("t5", "Hugging Face single file", {"t5"}),
         ("clip", "Hugging Face single file", {"clip"}),
         (
             "all_in_one",
             "ComfyUI all-in-one checkpoint",
-            {"transformer", "autoencoder", "t5", "clip"},
+            {"transformer", "ae", "t5", "clip"},
         ),
     ],
 )
@@ -553,6 +566,20 @@ def test_broken_and_foreign_files_are_named(sets, tmp_path, make, needle):
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+@pytest.mark.parametrize("header_len", [896, 1152, 23328, 31520, 66432])
+def test_header_lengths_that_look_like_other_formats_are_still_safetensors(tmp_path, header_len):
+    """Bytes 0..7 are the header's length: 896 = 80 03 ..., like a pickle's first bytes; 31520 =
+    20 7b ..., which a JSON sniffer that strips spaces would take for '{'."""
+    save_file({"w": torch.ones(2, 3)}, tmp_path / "plain.safetensors")
+    raw = (tmp_path / "plain.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = raw[8 : 8 + length].rstrip(), raw[8 + length :]
+    padded = header + b" " * (header_len - len(header))  # safetensors allows trailing spaces
+    path = _write(tmp_path / "padded.safetensors", struct.pack("<Q", header_len) + padded + data)
+    assert load_file(path)["w"].shape == (2, 3)  # the reference reader takes it
+    assert checkpoint.read_header(path).tensors["w"].shape == (2, 3)
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
@@ -690,7 +717,7 @@ def test_check_files_compatible_names_a_clip_g_file(real_all_in_one, clip_g, no_
     assert f"the transformer ({real_all_in_one}) takes a 768-wide pooled vector" in message
     assert "clip_l.safetensors" in message
     assert "T5" not in message
-    assert "autoencoder" not in message
+    assert "ae" not in message
 
 
 @pytest.mark.parametrize(
@@ -706,7 +733,7 @@ def test_check_files_compatible_names_a_clip_g_file(real_all_in_one, clip_g, no_
         ),
         (
             {"transformer": replace(tm.TINY_FLUX, in_channels=32, out_channels=32)},
-            ["the autoencoder ({autoencoder}) has 16 latent channels, 64 features", "takes 32"],
+            ["the autoencoder ({ae}) has 16 latent channels, 64 features", "takes 32"],
         ),
         (
             {
@@ -716,7 +743,7 @@ def test_check_files_compatible_names_a_clip_g_file(real_all_in_one, clip_g, no_
             ["({t5}) is 32 wide", "({clip}) is 128 wide"],
         ),
     ],
-    ids=["t5", "clip", "autoencoder", "t5_and_clip"],
+    ids=["t5", "clip", "ae", "t5_and_clip"],
 )
 def test_check_files_compatible_names_files_and_mismatch(sets, tmp_path, swap, needles):
     files = sets(torch.float32)
@@ -725,7 +752,7 @@ def test_check_files_compatible_names_files_and_mismatch(sets, tmp_path, swap, n
         paths[component] = tmp_path / f"{component}.safetensors"
         save_file(tm.store(WRITERS[component](config), torch.float32), paths[component])
     with pytest.raises(ModelLoadError, match="do not belong together") as caught:
-        loading.check_files_compatible(paths["transformer"], paths["t5"], paths["clip"], paths["autoencoder"])
+        loading.check_files_compatible(paths["transformer"], paths["t5"], paths["clip"], paths["ae"])
     message = str(caught.value)
     for needle in needles:
         assert needle.format(**paths) in message
@@ -734,5 +761,5 @@ def test_check_files_compatible_names_files_and_mismatch(sets, tmp_path, swap, n
 
 def test_check_files_compatible_names_a_file_of_the_wrong_kind(sets):
     files = sets(torch.float32)
-    with pytest.raises(ModelLoadError, match=rf"{files.autoencoder}.* as the CLIP-L text encoder"):
-        loading.check_files_compatible(files.transformer, files.t5, files.autoencoder, files.autoencoder)
+    with pytest.raises(ModelLoadError, match=rf"{files.ae}.* as the CLIP-L text encoder"):
+        loading.check_files_compatible(files.transformer, files.t5, files.ae, files.ae)

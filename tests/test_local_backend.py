@@ -47,7 +47,7 @@ def spec_for(files, model_dir, **kw) -> LocalModelSpec:
         transformer=files.transformer,
         t5=files.t5,
         clip=files.clip,
-        ae=files.autoencoder,
+        ae=files.ae,
         t5_tokenizer=model_dir / "tokenizer_2",
         clip_tokenizer=model_dir / "tokenizer",
         **kw,
@@ -146,7 +146,7 @@ def test_node_with_local_backend_and_loader_node(comfy, comfy_package, tiny_bf16
         ("diffusion_models", tiny_bf16.transformer, "flux1-schnell.safetensors"),
         ("text_encoders", tiny_bf16.t5, "t5xxl_fp16.safetensors"),
         ("text_encoders", tiny_bf16.clip, "clip_l.safetensors"),
-        ("vae", tiny_bf16.autoencoder, "ae.safetensors"),
+        ("vae", tiny_bf16.ae, "ae.safetensors"),
     ):
         (comfy.models_dir / folder).mkdir(parents=True, exist_ok=True)
         (comfy.models_dir / folder / name).symlink_to(path)

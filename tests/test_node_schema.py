@@ -109,6 +109,19 @@ def test_local_model_lists_comfyui_files(comfy, comfy_package):
     assert node.RETURN_TYPES == ("FLUX_SCHNELL_MODEL",)
 
 
+@pytest.mark.parametrize(("env", "compiled"), [(None, False), ("1", True), ("yes", True), ("0", False)])
+def test_local_model_node_reads_the_compile_switch_from_the_environment(
+    comfy, comfy_package, monkeypatch, env, compiled
+):
+    if env is None:
+        monkeypatch.delenv("FLUX_SCHNELL_COMPILE", raising=False)
+    else:
+        monkeypatch.setenv("FLUX_SCHNELL_COMPILE", env)
+    node = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellLocalModel"]()
+    (spec,) = node.select("none", "auto", "auto", "auto", "auto", "as stored", "auto")
+    assert spec.compile is compiled
+
+
 GOOD = {"prompt": "a fox", "width": 1024, "height": 768, "steps": 4, "seed": 7, "batch_size": 2}
 
 

@@ -112,7 +112,7 @@ def install_tiny_local_models(stand_in: ComfyStandIn, root: Path) -> None:
         (files.transformer, "diffusion_models", "flux1-schnell.safetensors"),
         (files.t5, "text_encoders", "t5xxl_fp16.safetensors"),
         (files.clip, "text_encoders", "clip_l.safetensors"),
-        (files.autoencoder, "vae", "ae.safetensors"),
+        (files.ae, "vae", "ae.safetensors"),
     ):
         (stand_in.models_dir / folder).mkdir(parents=True, exist_ok=True)
         source.replace(stand_in.models_dir / folder / name)

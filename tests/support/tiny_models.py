@@ -67,7 +67,7 @@ TINY_CLIP = CLIPTextConfig(
 # prefixes of a ComfyUI all-in-one checkpoint (keys_comfyui_prefixes.json)
 COMFY_PREFIXES = {
     "transformer": "model.diffusion_model.",
-    "autoencoder": "vae.",
+    "ae": "vae.",
     "clip": "text_encoders.clip_l.transformer.",
     "t5": "text_encoders.t5xxl.transformer.",
 }
@@ -162,7 +162,7 @@ class TinyModelFiles:
     folder: Path
     dtype: torch.dtype
     transformer: Path  # flux1-schnell.safetensors layout
-    autoencoder: Path  # ae.safetensors layout
+    ae: Path  # ae.safetensors layout
     t5: Path  # t5xxl_*.safetensors layout (no tied copy)
     clip: Path  # clip_l.safetensors layout (text_model.*)
     all_in_one: Path  # ComfyUI checkpoint with all four
@@ -178,13 +178,13 @@ def write_tiny_models(folder: Path, dtype: torch.dtype = torch.float32, seed: in
     tag = DTYPE_NAMES[dtype]
     parts = {
         "transformer": transformer_weights(seed=seed),
-        "autoencoder": autoencoder_weights(seed=seed + 1),
+        "ae": autoencoder_weights(seed=seed + 1),
         "t5": t5_weights(seed=seed + 2),
         "clip": clip_weights(seed=seed + 3),
     }
     paths = {
         "transformer": save(folder / f"flux1-schnell-tiny_{tag}.safetensors", parts["transformer"], dtype),
-        "autoencoder": save(folder / f"ae-tiny_{tag}.safetensors", parts["autoencoder"], dtype),
+        "ae": save(folder / f"ae-tiny_{tag}.safetensors", parts["ae"], dtype),
         "t5": save(folder / f"t5xxl-tiny_{tag}.safetensors", parts["t5"], dtype),
         "clip": save(folder / f"clip_l-tiny_{tag}.safetensors", parts["clip"], dtype),
     }
