@@ -1,9 +1,11 @@
 """Everything this package uses from ComfyUI, behind functions that also work without it.
 
-Inside ComfyUI: `comfy.utils.ProgressBar`, `comfy.model_management` (interrupt, devices),
-`folder_paths` (model folders, user directory) and `server.PromptServer.instance.send_progress_text`
-(the text under a node's title while it runs). Outside it (command line, tests) the same calls fall
-back to plain behaviour, so the rest of the package never imports ComfyUI itself.
+Inside ComfyUI: `comfy.utils.ProgressBar`, `comfy.model_management` (interrupt, devices, the
+loaded models), `comfy.model_patcher.ModelPatcher` (how our models join ComfyUI's memory
+management), `folder_paths` (model folders, user directory) and
+`server.PromptServer.instance.send_progress_text` (the text under a node's title while it runs).
+Outside it (command line, tests) the same calls fall back to plain behaviour, so the rest of the
+package never imports ComfyUI itself.
 
 Async nodes: ComfyUI (0.3.45 and later) awaits a node function that is `async def` as a task, so
 independent nodes of one graph overlap (https://github.com/comfyanonymous/ComfyUI/pull/8830).
@@ -266,6 +268,106 @@ def free_memory(num_bytes: int, device) -> None:
         mm.unload_all_models()
     if hasattr(mm, "soft_empty_cache"):
         mm.soft_empty_cache()
+
+
+# --- ComfyUI's model management -------------------------------------------------------------------
+
+
+def model_management_available() -> bool:
+    """True inside a ComfyUI whose model management can hold our models (ModelPatcher and
+    load_models_gpu, present for years); the local backend then leaves device memory to it."""
+    mm, mp = _comfy("comfy.model_management"), _comfy("comfy.model_patcher")
+    return (
+        mm is not None
+        and mp is not None
+        and hasattr(mm, "load_models_gpu")
+        and hasattr(mm, "current_loaded_models")
+        and hasattr(mp, "ModelPatcher")
+    )
+
+
+_managed_classes: dict[type, type] = {}
+
+
+def _managed_class(base: type) -> type:
+    """A `comfy.model_patcher.ModelPatcher` whose weights move all at once by our own functions.
+
+    ComfyUI's model management (https://github.com/comfyanonymous/ComfyUI/blob/master/comfy/
+    model_management.py) keeps a `LoadedModel` per patcher in `current_loaded_models`, counts
+    `model_size()` / `loaded_size()`, loads with `partially_load(device, memory)` and unloads with
+    `partially_unload(...)` then `detach()`. ModelPatcher itself moves weights with `module.to()`,
+    which would copy them into new CPU memory when they leave the GPU; ours go back to the CPU
+    tensors they were loaded as (memory-mapped from the file), so loading and unloading are
+    `move_in(device)` and `move_out()`: the whole model, no copy, no partial (low-VRAM) load.
+    Everything else (patch lists, clones, hooks) is the base class's.
+    """
+    if base not in _managed_classes:
+
+        class ManagedModel(base):
+            def __init__(self, module, load_device, offload_device, size, move_in, move_out):
+                super().__init__(module, load_device=load_device, offload_device=offload_device, size=size)
+                self._move_in, self._move_out = move_in, move_out
+
+            def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+                before = self.model.model_loaded_weight_memory
+                self._move_in(device_to)
+                self.model.device = device_to
+                self.model.model_loaded_weight_memory = self.size
+                return self.size - before
+
+            def partially_unload(self, device_to, memory_to_free=0):
+                return 0  # all or nothing: ComfyUI then detaches the whole model
+
+            def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, **kwargs):
+                if load_weights and device_to is not None:
+                    self.partially_load(device_to)
+                return self.model
+
+            def unpatch_model(self, device_to=None, unpatch_weights=True):
+                if unpatch_weights:
+                    self.detach()
+
+            def detach(self, unpatch_all=True):
+                # unpatch_all=False: load_models_gpu re-listing a model it holds already; the
+                # weights stay where they are (as the base class leaves them).
+                if unpatch_all:
+                    self._move_out()
+                    self.model.device = self.offload_device
+                    self.model.model_loaded_weight_memory = 0
+                return self.model
+
+        ManagedModel.__qualname__ = ManagedModel.__name__ = f"FluxSchnell{base.__name__}"
+        _managed_classes[base] = ManagedModel
+    return _managed_classes[base]
+
+
+def managed_model(module, size: int, load_device, offload_device, move_in, move_out):
+    """A ModelPatcher for `module` (`size` bytes) that ComfyUI's model management can load onto
+    `load_device` (`move_in(device)`) and unload (`move_out()`), or None outside ComfyUI."""
+    if not model_management_available():
+        return None
+    base = _comfy("comfy.model_patcher").ModelPatcher
+    return _managed_class(base)(module, load_device, offload_device, size, move_in, move_out)
+
+
+def load_managed(models: list, memory_required: int) -> None:
+    """Have ComfyUI load `models` (ModelPatchers) for a stage that needs `memory_required` more
+    bytes: it unloads whatever else it must (its own models or ours) and counts ours as loaded."""
+    _comfy("comfy.model_management").load_models_gpu(models, memory_required=memory_required)
+
+
+def unload_managed(models: list) -> None:
+    """Unload `models` and take them out of ComfyUI's loaded models (ComfyUI has no call for one
+    model: this is what its free_memory does for each model it unloads)."""
+    mm = _comfy("comfy.model_management")
+    loaded = getattr(mm, "current_loaded_models", None) if mm is not None else None
+    if not loaded or not models:
+        return
+    for i in range(len(loaded) - 1, -1, -1):
+        entry = loaded[i]
+        if any(entry.model is m for m in models if m is not None):
+            entry.model_unload()
+            loaded.pop(i)
 
 
 def previews_enabled() -> bool:
