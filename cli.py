@@ -315,7 +315,8 @@ def _run_local(jobs: list[Job], args, outcome: Outcome, bar, stop: threading.Eve
     from .comfy_bridge import Progress
     from .errors import LocalBackendUnavailable, ModelLoadError
     from .images import tensor_to_pil
-    from .local_backend import LocalModelSpec, generate_local
+    from .local_backend import generate_local
+    from .local_files import LocalModelSpec
 
     if not jobs:
         return

@@ -39,7 +39,7 @@ from .local_files import LocalModelSpec, ResolvedFiles
 
 log = logging.getLogger("flux_schnell.local")
 
-__all__ = ["LocalModelSpec", "PipelineRun", "generate_local", "release_models", "run_pipeline"]
+__all__ = ["PipelineRun", "generate_local", "release_models", "run_pipeline"]
 
 # local_files.WEIGHT_DTYPE_OPTIONS -> the dtype weights are narrowed to at load (None: as stored)
 NARROW_DTYPE_OF_OPTION = {"as stored": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
@@ -138,6 +138,7 @@ class LoadedModels:
 
     files: ResolvedFiles
     weight_dtype: str
+    stamps: tuple  # file_stamps(files) when loaded: a file replaced or rewritten since means reload
     t5: Placed
     clip: Placed
     transformer: Placed
@@ -185,7 +186,13 @@ def load_models(files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, 
     global _loaded
     from .flux import loading, tokenizers
 
-    if _loaded is not None and _loaded.files == files and _loaded.weight_dtype == weight_dtype:
+    stamps = file_stamps(files)
+    if (
+        _loaded is not None
+        and _loaded.files == files
+        and _loaded.stamps == stamps
+        and _loaded.weight_dtype == weight_dtype
+    ):
         return _loaded, False
     # The four files must belong together: checked from their headers, before gigabytes load.
     loading.check_files_compatible(files.transformer, files.t5, files.clip, files.ae)
@@ -195,6 +202,7 @@ def load_models(files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, 
     loaded = LoadedModels(
         files=files,
         weight_dtype=weight_dtype,
+        stamps=stamps,
         t5=Placed("T5-XXL", loading.load_t5(files.t5, weight_dtype=narrow)),
         clip=Placed("CLIP-L", loading.load_clip(files.clip)),
         transformer=Placed("transformer", loading.load_transformer(files.transformer, weight_dtype=narrow)),
@@ -204,6 +212,20 @@ def load_models(files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, 
     )
     _loaded = loaded
     return loaded, True
+
+
+def file_stamps(files: ResolvedFiles) -> tuple:
+    """Identity and version of each weight file: (device, inode, size, mtime in ns).
+
+    The loaded weights are memory maps of these files, so a cached model is only reused while
+    every file is the very one it was loaded from: a file renamed over another gets a new inode, a
+    file rewritten in place a new size or time, and either means the models load again.
+    """
+    stamps = []
+    for path in dict.fromkeys((files.transformer, files.t5, files.clip, files.ae)):
+        st = path.stat()
+        stamps.append((str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
 
 
 class MemoryPolicy:
@@ -434,7 +456,7 @@ def _sample_one(
 
     request, device, dtype, progress = run.request, run.device, run.dtype, run.progress
     height, width = request.height, request.width
-    # Drawn in bf16 as the reference does, so a seed starts from the same noise on every device.
+    # Drawn by a CPU generator (the same numbers on every device), in bf16 as the reference does.
     noise = sampling.get_noise(1, height, width, seed, device=device, dtype=torch.bfloat16)
     noise = noise.to(dtype)
     img, img_ids = sampling.pack(noise), sampling.image_ids(1, height, width, device=device)

@@ -244,7 +244,7 @@ class FluxSchnellLocalModel:
         }
 
     def select(self, checkpoint, transformer, t5, clip, vae, weight_dtype, memory):
-        from .local_backend import LocalModelSpec
+        from .local_files import LocalModelSpec
 
         spec = LocalModelSpec.from_node_inputs(
             checkpoint=None if checkpoint == NO_CHECKPOINT else checkpoint,

@@ -1,6 +1,6 @@
 """Throughput of the API client against the service's own Python example, on a loopback fake.
 
-A fake ImageAPI (tests/fake_imageapi.py) on 127.0.0.1 answers every generate call after an injected
+A fake ImageAPI (tests/support/fake_imageapi.py) on 127.0.0.1 answers every generate call after an injected
 delay (default 300 ms, about a hosted FLUX.1-schnell call) with one 1024x1024 PNG of photo-like
 content (~2 MB), as JSON with base64 (OpenAI style `{"data": [{"b64_json": ...}]}`) or as JSON
 with a URL the fake serves (`--shape url`). The fake runs in a process of its own (started with

@@ -5,7 +5,7 @@ Stages timed for both: text encoding (T5 + CLIP), each sampling step, decoding, 
 (`torch.cuda.max_memory_allocated`, CUDA only). Speed and memory do not depend on the weights'
 values, so seeded random weights at the real sizes stand in for the real files (none can be
 downloaded here). Both sides get identical weights: ours in the files' layouts, diffusers' through
-the test-only converters in tests/.
+the test-only converters in tests/support/.
 
 Configs: `schnell` (full FLUX.1-schnell size: 12B transformer, T5-XXL, CLIP-L, AE; bf16; 1024x1024;
 needs a GPU with ~60 GB, as the two pipelines run one after the other) and `tiny` (small widths, to
@@ -230,6 +230,7 @@ def main():
     # one LoadedModels, as the backend's cache would hold it, already on the device
     models = local_backend.LoadedModels(
         files=None,
+        stamps=(),
         weight_dtype="as stored",
         **{k: local_backend.Placed(k, m) for k, m in nets.items()},
         t5_tokenizer=load_t5_tokenizer(t5_dir, 256),

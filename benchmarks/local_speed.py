@@ -1,7 +1,7 @@
 """Speed and peak memory of this package's `Flux` against diffusers' `FluxTransformer2DModel`.
 
 Both models get the same random weights (ours in the BFL layout, diffusers' through
-tests/diffusers_flux_convert.py) and the same seeded inputs, and run under `torch.inference_mode()`.
+tests/support/diffusers_flux_convert.py) and the same seeded inputs, and run under `torch.inference_mode()`.
 
 Method:
 - time: one worker process builds both models and alternates them (A B A B ...) so that load from

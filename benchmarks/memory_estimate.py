@@ -8,7 +8,7 @@ How: the four real networks are built at full size on the meta device (shapes an
 with their parameters in the dtypes `flux/loading.py` gives them (its own `_target_dtype` rule:
 with fp8, the weights of `ops.Linear/Conv2d/Embedding` become float8_e4m3fn and biases and norm
 scales keep the file's dtype; the transformer file is bf16, T5 fp16, CLIP-L fp16 and the
-autoencoder fp32, CLIP and AE being loaded as stored). Then the real `local_backend._run` runs on
+autoencoder fp32, CLIP and AE being loaded as stored). Then the real `local_backend.run_pipeline` runs on
 them with device "meta": text encoding, sampling one image at a time, decoding. A
 `TorchDispatchMode` (`LiveTensorTracker`) sees every tensor each aten op creates, counts each new
 storage once (views and in-place results share their input's storage), subtracts it when the
@@ -390,7 +390,7 @@ class StageMemory:
     carried_bytes: int  # live when the stage began (txt, vec, latents of earlier stages)
     activation_peak: int  # the peak of everything not a weight, carried bytes included
     activation_peak_rounded: int
-    reserved: int  # what `_run` tells the memory policy to keep free for the activations
+    reserved: int  # what `run_pipeline` tells the memory policy to keep free for the activations
     largest_cast: str = ""
     largest_cast_bytes: int = 0
     peak_tensors: list[str] = field(default_factory=list)
@@ -487,13 +487,14 @@ def measure(
     fused_kernels: bool = True,
     top: int = 8,
 ) -> PipelineMemory:
-    """Run `local_backend._run` on meta models and measure each stage's memory."""
+    """Run `local_backend.run_pipeline` on meta models and measure each stage's memory."""
     started = time.monotonic()
     configs = configs or Configs()
     modules = build_models(weight_dtype, configs)
     placed = {name: local_backend.Placed(name, m) for name, m in modules.items()}
     models = local_backend.LoadedModels(
         files=None,
+        stamps=(),
         weight_dtype=weight_dtype,
         t5=placed["T5-XXL"],
         clip=placed["CLIP-L"],
@@ -585,7 +586,7 @@ def report(result: PipelineMemory, cards: list[float], out=sys.stdout) -> None:
     print(f"model weights (GiB): {models}; total {gib(sum(r.model_bytes.values())).strip()}", file=out)
     print(
         f"{'stage':<14} {'weights':>8} {'activ.':>8} {'peak':>8} {'peak*':>8} "
-        f"{'_run reserves':>13}  largest weight cast (transient, inside the activations)",
+        f"{'reserved':>13}  largest weight cast (transient, inside the activations)",
         file=out,
     )
     for s in r.stages:

@@ -143,7 +143,9 @@ def read_header(path: str | Path, *, expected: str | None = None) -> Header:
             if foreign:
                 raise _fail(path, expected, f"it is {foreign}")
             if size < 8:
-                raise _fail(path, expected, f"the file is {size} bytes long, too short for a safetensors file")
+                raise _fail(
+                    path, expected, f"the file is {size} bytes long, too short for a safetensors file"
+                )
             raise _fail(
                 path,
                 expected,

@@ -1,6 +1,6 @@
 """Proof on a real ComfyUI server that this package and its saved workflows work (run by hand).
 
-Starts a fake ImageAPI (tests/fake_imageapi.py) in this process and a real ComfyUI on 127.0.0.1
+Starts a fake ImageAPI (tests/support/fake_imageapi.py) in this process and a real ComfyUI on 127.0.0.1
 (`--cpu`, a temporary base directory holding custom_nodes/ with a link to this repository, models/,
 output/, user/), then checks:
 
@@ -8,7 +8,7 @@ output/, user/), then checks:
 2. /object_info shows both nodes as INPUT_TYPES declares them;
 3. each API-format workflow in example_workflows/api/ POSTed to /prompt finishes and writes PNGs of the
    expected count and size (local workflows only with --local: tiny random-weight models from
-   tests/tiny_models.py are put into models/; the upscale model is a tiny random ESRGAN);
+   tests/support/tiny_models.py are put into models/; the upscale model is a tiny random ESRGAN);
 4. an identical re-post is served from ComfyUI's cache, with no second request to the service;
 5. POST /interrupt stops a generation waiting on a slow service within a few seconds;
 6. no saved PNG text chunk, history entry or log line contains the API key;
@@ -236,7 +236,7 @@ def tiny_esrgan(path: Path, nf: int = 8, gc: int = 32, blocks: int = 1, seed: in
 
 
 def tiny_local_models(models: Path) -> list[Path]:
-    """Tiny random-weight FLUX files (tests/tiny_models.py) under the names `auto` looks for.
+    """Tiny random-weight FLUX files (tests/support/tiny_models.py) under the names `auto` looks for.
 
     On a real server the text encoders get ComfyUI's own tokenizers, so their embedding tables
     have the real vocabulary sizes (T5 32128, CLIP 49408); everything else is tiny.

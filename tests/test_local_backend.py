@@ -117,6 +117,30 @@ def test_second_run_with_new_prompt_and_seed_reloads_nothing(tiny_bf16, model_di
     assert len(calls) == 8, "a new weight dtype must reload"
 
 
+def test_a_file_replaced_under_the_same_name_is_loaded_again(tmp_path, model_dir, monkeypatch):
+    """The weights are memory maps of the files: a cached model is reused only while each file is
+    the very one it was loaded from (never a stale model, never a map of a rewritten file)."""
+    import shutil
+
+    from comfyui_flux_schnell.flux import loading
+
+    files = write_tiny_models(tmp_path, torch.bfloat16)
+    loads = []
+    original = loading.load_autoencoder
+    monkeypatch.setattr(loading, "load_autoencoder", lambda *a, **k: loads.append(1) or original(*a, **k))
+    spec = spec_for(files, model_dir)
+    first, _ = run(spec)
+    run(spec)
+    assert len(loads) == 1
+    other = write_tiny_models(tmp_path / "other", torch.bfloat16, seed=5)
+    replacement = tmp_path / "replacement.safetensors"
+    shutil.copyfile(other.transformer, replacement)
+    replacement.replace(files.transformer)  # renamed over it: same path, another file
+    second, _ = run(spec)
+    assert len(loads) == 2
+    assert not torch.equal(first, second)
+
+
 def test_interrupt_stops_between_steps(tiny_bf16, model_dir):
     stop_after = 2
     progress = Progress(8)

@@ -238,5 +238,5 @@ def test_full_size_pipeline_meets_the_targets(weight_dtype):
     )
     rounded = max(s.weight_bytes_rounded + s.activation_peak_rounded for s in result.stages)
     assert rounded < me.TARGETS[weight_dtype]
-    for stage in result.stages:  # the reservation `_run` asks the "auto" policy for is enough
+    for stage in result.stages:  # the reservation `run_pipeline` asks the "auto" policy for is enough
         assert stage.activation_peak < stage.reserved
