@@ -1,16 +1,20 @@
 """Proof on a real ComfyUI server that this package and its saved workflows work (run by hand).
 
-Starts a fake ImageAPI (tests/support/fake_imageapi.py) in this process and a real ComfyUI on 127.0.0.1
-(`--cpu`, a temporary base directory holding custom_nodes/ with a link to this repository, models/,
-output/, user/), then checks:
+Starts a fake ImageAPI (tests/support/fake_imageapi.py) in this process and a real ComfyUI on
+127.0.0.1 (`--cpu`, a temporary base directory holding custom_nodes/ with a link to this repository
+and a test-only probe, models/, output/, user/; see scripts/comfyui_server.py), then checks:
 
 1. the package imported with no error or warning in ComfyUI's start-up log;
 2. /object_info shows both nodes as INPUT_TYPES declares them;
-3. each API-format workflow in example_workflows/api/ POSTed to /prompt finishes and writes PNGs of the
-   expected count and size (local workflows only with --local: tiny random-weight models from
+3. each API-format workflow in example_workflows/api/ POSTed to /prompt finishes and writes PNGs of
+   the expected count and size (local workflows only with --local: tiny random-weight models from
    tests/support/tiny_models.py are put into models/; the upscale model is a tiny random ESRGAN);
 4. an identical re-post is served from ComfyUI's cache, with no second request to the service;
 5. POST /interrupt stops a generation waiting on a slow service within a few seconds;
+5b. scripts/comfyui_runtime.py: the draft board's four generate nodes wait at the same time (timed
+   against a 1 s service), a waiting node shows the seconds and the images done (progress text,
+   read from the WebSocket), Cancel stops all four at once, and with --local ComfyUI's model
+   management lists our models, POST /free unloads them and the next run reads no weight file;
 6. no saved PNG text chunk, history entry or log line contains the API key;
 7. with --browser (needs the `playwright` package and a Chromium): each UI workflow loads in the
    real frontend (ComfyUI's own, or --front-end-root), and the frontend's own UI-to-API conversion
@@ -20,7 +24,8 @@ output/, user/), then checks:
    tests/data/comfyui_core_nodes.json from this server and frontend.
 
 Usage (the Python must have ComfyUI's requirements; playwright only for --browser):
-    python -m scripts.comfyui_check --comfyui ~/ComfyUI [--local] [--browser /usr/bin/chromium]
+    python -m scripts.comfyui_check --comfyui ~/ComfyUI [--python PY] [--local]
+        [--browser /usr/bin/chromium] [--front-end-root .../comfyui_frontend_package/static]
         [--screenshot docs/workflow_upscale.png] [--record]
 Exit status 0 when every check passed or was skipped with a reason, 1 otherwise.
 """
@@ -31,7 +36,6 @@ import argparse
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,11 +43,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from scripts import comfyui_runtime as runtime
+from scripts.comfyui_server import ComfyServer, Report, free_port, install_probe, messages
 from tests.support import REPO
 from tests.support import workflow_tools as wt
 from tests.support.fake_imageapi import FakeImageAPI
@@ -64,147 +68,6 @@ CHROMIUM_FLAGS = [
     "--no-first-run",
     "--disable-quic",
 ]
-
-
-# --- report --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Report:
-    rows: list[tuple[str, str, str]] = field(default_factory=list)
-
-    def add(self, status: str, name: str, detail: str = "") -> None:
-        self.rows.append((status, name, detail))
-        print(f"[{status}] {name}" + (f": {detail}" if detail else ""), flush=True)
-
-    def check(self, ok: bool, name: str, detail: str = "") -> bool:
-        self.add("PASS" if ok else "FAIL", name, detail)
-        return ok
-
-    @property
-    def failed(self) -> bool:
-        return any(status == "FAIL" for status, _, _ in self.rows)
-
-    def summary(self) -> str:
-        counts = {s: sum(1 for r in self.rows if r[0] == s) for s in ("PASS", "FAIL", "SKIP")}
-        return f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped"
-
-
-# --- ComfyUI process and HTTP ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ComfyServer:
-    """A ComfyUI process on 127.0.0.1 with its own base directory, and its HTTP API."""
-
-    def __init__(
-        self,
-        comfyui: Path,
-        python: str,
-        base: Path,
-        port: int,
-        env: dict[str, str],
-        front_end_root: Path | None = None,
-    ):
-        self.comfyui, self.python, self.base, self.port, self.env = comfyui, python, base, port, env
-        self.front_end_root = front_end_root
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = base / "comfyui.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 240.0) -> None:
-        cmd = [
-            self.python,
-            "main.py",
-            "--cpu",
-            "--listen",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--disable-auto-launch",
-            "--base-directory",
-            str(self.base),
-            "--database-url",
-            "sqlite:///:memory:",
-        ]
-        if self.front_end_root is not None:
-            cmd += ["--front-end-root", str(self.front_end_root)]
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            cmd, cwd=self.comfyui, env=self.env, stdout=log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                self.get("/system_stats")
-                return
-            except OSError:
-                time.sleep(1.0)
-        raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return json.loads(r.read())
-
-    def get_bytes(self, path: str) -> tuple[int, str, bytes]:
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return r.status, r.headers.get("Content-Type", ""), r.read()
-
-    def post(self, path: str, doc) -> tuple[int, dict]:
-        data = json.dumps(doc).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                body = r.read()
-                return r.status, (json.loads(body) if body else {})
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
-
-    def queue(self, api: dict, ui: dict | None = None) -> str:
-        doc = {"prompt": api, "client_id": str(uuid.uuid4())}
-        if ui is not None:  # what the frontend sends: the PNG then carries the workflow too
-            doc["extra_data"] = {"extra_pnginfo": {"workflow": ui}}
-        status, answer = self.post("/prompt", doc)
-        if status != 200:
-            raise RuntimeError(f"/prompt answered {status}: {json.dumps(answer)[:2000]}")
-        return answer["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                entry = history[prompt_id]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
-            time.sleep(0.2)
-        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
-
-
-def messages(entry: dict) -> dict[str, list]:
-    found: dict[str, list] = {}
-    for name, data in entry.get("status", {}).get("messages", []):
-        found.setdefault(name, []).append(data)
-    return found
 
 
 # --- files put into the temporary ComfyUI ----------------------------------------------------------
@@ -268,6 +131,7 @@ def make_base(base: Path, local: bool) -> None:
     for sub in ("output", "input", "temp", "user", "models"):
         (base / sub).mkdir(exist_ok=True)
     tiny_esrgan(base / "models" / "upscale_models" / UPSCALE_MODEL)
+    install_probe(base)
     if local:
         tiny_local_models(base / "models")
 
@@ -341,11 +205,15 @@ def is_local(api: dict) -> bool:
     )
 
 
-def api_images(api: dict) -> int:
+def api_images(api: dict, cached: frozenset[str] = frozenset()) -> int:
+    """Images the graph asks the service for, leaving out nodes ComfyUI served from its cache (a
+    generate node with the same inputs as in an earlier graph)."""
     return sum(
         n["inputs"]["batch_size"]
-        for n in api.values()
-        if n["class_type"] == "FluxSchnellGenerate" and n["inputs"].get("backend") == "api"
+        for node_id, n in api.items()
+        if n["class_type"] == "FluxSchnellGenerate"
+        and n["inputs"].get("backend") == "api"
+        and node_id not in cached
     )
 
 
@@ -393,10 +261,12 @@ def check_workflow(report, server, fake, ui_path: Path, local: bool) -> list[Pat
         "; ".join(problems) or ", ".join(f"{k}: {len(v)} PNG" for k, v in files.items()),
     )
     calls = fake.generate_calls - before
+    cached = frozenset(n for d in messages(entry).get("execution_cached", []) for n in d["nodes"])
     report.check(
-        calls == api_images(api),
+        calls == api_images(api, cached),
         f"workflow {name} service requests",
-        f"{calls} (expected {api_images(api)})",
+        f"{calls} (expected {api_images(api, cached)}"
+        + (f"; cached nodes {sorted(cached)})" if cached else ")"),
     )
     return [p for paths in files.values() for p in paths]
 
@@ -724,6 +594,13 @@ def main(argv: list[str] | None = None) -> int:
         first = wt.TEXT_TO_IMAGE
         check_cache(report, server, fake, first)
         check_interrupt(report, server, fake, first)
+        runtime.check_concurrency(report, server, fake)
+        runtime.check_progress_text(report, server, fake, key)
+        runtime.check_board_interrupt(report, server, fake)
+        if args.local:
+            runtime.check_model_management(report, server)
+        else:
+            report.add("SKIP", "ComfyUI's model management of the local models", "run with --local")
         check_no_key(report, server, key, [p for p in pngs if p.is_file()])
         check_run_log(report, server.log())
         if args.browser:
