@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--screenshot", type=Path, help="save the upscale workflow's picture here")
     parser.add_argument("--record", action="store_true", help="rewrite the core-node record")
-    parser.add_argument("--commit", help="ComfyUI commit to note in the record")
+    parser.add_argument("--commit", help="ComfyUI commit to note in the report and the record")
     parser.add_argument("--keep", action="store_true", help="keep the temporary base directory")
     args = parser.parse_args(argv)
     if (args.screenshot or args.record) and not args.browser:
@@ -578,10 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.start()
         stats = server.get("/system_stats")["system"]
+        commit = args.commit or comfyui_commit(comfyui) or "commit unknown"
         report.add(
             "INFO",
             "server",
-            f"ComfyUI {stats['comfyui_version']}, frontend {stats.get('required_frontend_version')}, "
+            f"ComfyUI {stats['comfyui_version']} ({commit}), frontend "
+            f"{front_end_root or 'its own'} (it requires {stats.get('required_frontend_version')}), "
             f"torch {stats['pytorch_version']}, python {stats['python_version'].split()[0]}",
         )
         check_import(report, server.log())
