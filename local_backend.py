@@ -14,6 +14,10 @@ Memory choices (the loader node's `memory` input):
 - "free after run": like "offload to CPU", and the loaded models are released after each run.
 Moving a model out costs no copy: its parameters go back to the CPU tensors it was loaded as
 (memory-mapped from the file, or cast once at load time).
+
+Inside ComfyUI the models join ComfyUI's own model management (`ComfyManagedPolicy`): ComfyUI
+loads them for each stage, counts them, and unloads them when another model needs the room or the
+user asks it to.
 """
 
 from __future__ import annotations
@@ -92,6 +96,16 @@ class Placed:
         self.nbytes = module_bytes(module)
         self.device = torch.device("cpu")
         self.last_used = 0.0
+        self.patcher = None  # its ModelPatcher while ComfyUI's model management holds it
+
+    def managed(self, device: torch.device):
+        """The ModelPatcher through which ComfyUI loads this model onto `device` and unloads it."""
+        if self.patcher is None or self.patcher.load_device != device:
+            comfy_bridge.unload_managed([self.patcher])
+            self.patcher = comfy_bridge.managed_model(
+                self.module, self.nbytes, device, torch.device("cpu"), self.to, self.home
+            )
+        return self.patcher
 
     def _tensors(self):
         yield from self.module.named_parameters()
@@ -167,6 +181,7 @@ def _drop_loaded() -> None:
     device memory is freed even while something else still refers to the module."""
     global _loaded
     if _loaded is not None:
+        comfy_bridge.unload_managed([placed.patcher for placed in _loaded.all()])
         for placed in _loaded.all():
             placed.home()
         _loaded = None
@@ -229,10 +244,17 @@ def file_stamps(files: ResolvedFiles) -> tuple:
 
 
 class MemoryPolicy:
-    """Puts each stage's model on the device, and moves the others out as the choice says."""
+    """Puts each stage's model on the device, and moves the others out as the choice says
+    (outside ComfyUI; inside it `ComfyManagedPolicy` leaves this to ComfyUI)."""
 
     def __init__(self, models: LoadedModels, device: torch.device, choice: str):
         self.models, self.device, self.choice = models, device, choice
+
+    @staticmethod
+    def for_run(models: LoadedModels, device: torch.device, choice: str) -> MemoryPolicy:
+        if comfy_bridge.model_management_available():
+            return ComfyManagedPolicy(models, device, choice)
+        return MemoryPolicy(models, device, choice)
 
     def enter(self, stage: list[Placed], activation_bytes: int) -> None:
         if self.device.type == "cpu":
@@ -274,6 +296,28 @@ class MemoryPolicy:
             yield
         finally:
             self.leave(stage)
+
+
+class ComfyManagedPolicy(MemoryPolicy):
+    """Inside ComfyUI: its model management holds our models as it holds its own.
+
+    Each stage's models are loaded with ComfyUI's `load_models_gpu` (which unloads other models,
+    ComfyUI's or ours, when the room is needed), so ComfyUI counts them in
+    `current_loaded_models` and can unload them when a later model in the graph needs the room or
+    the user presses "Unload models" (`POST /free`). Unloading moves a model back to the CPU
+    tensors it was loaded as: the next run loads nothing from the files. 'auto' and 'keep on
+    GPU' leave the models loaded for ComfyUI to unload when it must; 'offload to CPU' and 'free
+    after run' unload each stage's models after it.
+    """
+
+    def enter(self, stage: list[Placed], activation_bytes: int) -> None:
+        comfy_bridge.load_managed([p.managed(self.device) for p in stage], activation_bytes)
+        for placed in stage:
+            placed.last_used = time.monotonic()
+
+    def leave(self, stage: list[Placed]) -> None:
+        if self.choice in ("offload to CPU", "free after run"):
+            comfy_bridge.unload_managed([p.patcher for p in stage])
 
 
 def _free_bytes(device: torch.device) -> int | None:
@@ -328,7 +372,7 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
             request=request,
             device=device,
             dtype=dtype,
-            policy=MemoryPolicy(models, device, spec.memory),
+            policy=MemoryPolicy.for_run(models, device, spec.memory),
             progress=progress,
             compile=spec.compile,
             timings=timings,

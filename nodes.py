@@ -139,9 +139,10 @@ class FluxSchnellGenerate:
                     },
                 ),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},  # which node's bar and text to move
         }
 
-    def generate(
+    async def generate(
         self,
         prompt,
         backend,
@@ -151,7 +152,11 @@ class FluxSchnellGenerate:
         seed,
         batch_size,
         local_model=None,
+        unique_id=None,
     ):
+        """Async, so ComfyUI runs several generate nodes of a graph at once: the api backend waits
+        for the service in a worker thread; the local backend runs here, on ComfyUI's executor
+        thread, one generation at a time (its models are ComfyUI's to manage from that thread)."""
         request = GenerationRequest(
             prompt=prompt,
             width=width,
@@ -169,13 +174,16 @@ class FluxSchnellGenerate:
         if backend == "api":
             from .api_backend import generate_api
 
-            images, info = generate_api(request, comfy_bridge.progress_for(request.batch_size))
+            progress = comfy_bridge.progress_for(request.batch_size, unique_id, unit="image")
+            with progress.status_text("waiting for the service"):
+                images, info = await comfy_bridge.run_in_thread(
+                    generate_api, request, progress, progress=progress
+                )
         else:
             from .local_backend import generate_local
 
-            images, info = generate_local(
-                request, local_model, comfy_bridge.progress_for(request.steps * request.batch_size)
-            )
+            progress = comfy_bridge.progress_for(request.steps * request.batch_size, unique_id)
+            images, info = generate_local(request, local_model, progress)
         return (images, info.to_json())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 
@@ -175,7 +176,7 @@ def test_node_with_local_backend_and_loader_node(comfy, comfy_package, tiny_bf16
         (comfy.models_dir / folder / name).symlink_to(path)
     generate = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
     # Nothing plugged in: the usual names in the usual folders.
-    images, info = generate.generate("a fox", "local", SIZE, SIZE, 2, 5, 2)
+    images, info = asyncio.run(generate.generate("a fox", "local", SIZE, SIZE, 2, 5, 2))
     assert images.shape == (2, SIZE, SIZE, 3)
     assert json.loads(info)["seeds"] == [5, 6]
     assert [(value, total) for value, total, _ in comfy.updates] == [(1, 4), (2, 4), (3, 4), (4, 4)]
@@ -190,7 +191,7 @@ def test_node_with_local_backend_and_loader_node(comfy, comfy_package, tiny_bf16
         "as stored",
         "offload to CPU",
     )
-    same, _ = generate.generate("a fox", "local", SIZE, SIZE, 2, 5, 1, local_model=model)
+    same, _ = asyncio.run(generate.generate("a fox", "local", SIZE, SIZE, 2, 5, 1, local_model=model))
     assert torch.equal(same[0], images[0])
 
 
@@ -199,7 +200,7 @@ def test_comfyui_interrupt_raises_comfyuis_exception(comfy, comfy_package, tiny_
     generate = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
     comfy.interrupt()
     with pytest.raises(comfy.mm.InterruptProcessingException):
-        generate.generate("a fox", "local", SIZE, SIZE, 4, 0, 1, local_model=spec)
+        asyncio.run(generate.generate("a fox", "local", SIZE, SIZE, 4, 0, 1, local_model=spec))
     assert comfy.updates == []
 
 
@@ -207,7 +208,7 @@ def test_missing_files_name_what_was_looked_for(comfy, comfy_package):
     generate = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
     errors = comfy_package.errors  # the classes of the package as ComfyUI loaded it
     with pytest.raises(errors.LocalBackendUnavailable, match="flux1-schnell") as info:
-        generate.generate("a fox", "local", SIZE, SIZE, 4, 0, 1)
+        asyncio.run(generate.generate("a fox", "local", SIZE, SIZE, 4, 0, 1))
     assert "models/diffusion_models" in str(info.value)
 
 
@@ -352,7 +353,7 @@ def test_previews_when_comfyui_asks_for_them(comfy, comfy_package, tiny_bf16, mo
     monkeypatch.setattr(comfy_package.comfy_bridge, "previews_enabled", lambda: True)
     generate = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
     spec = spec_for(tiny_bf16, model_dir)
-    generate.generate("a fox", "local", SIZE, SIZE + 64, 3, 1, 1, local_model=spec)
+    asyncio.run(generate.generate("a fox", "local", SIZE, SIZE + 64, 3, 1, 1, local_model=spec))
     assert [u[0] for u in comfy.updates] == [1, 2, 3]
     for _, _, preview in comfy.updates:
         kind, picture, max_size = preview

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -181,7 +182,7 @@ def test_generate_refuses_loras_on_the_api_backend(comfy, comfy_package, tmp_pat
     spec = comfy_package.local_files.LocalModelSpec().with_lora(comfy_package.local_lora.LoraChoice(lora))
     node = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]
     with pytest.raises(comfy_package.errors.InvalidInputError, match="LoRAs run on the local backend only"):
-        node().generate("a fox", "api", 512, 512, 4, 1, 1, local_model=spec)
+        asyncio.run(node().generate("a fox", "api", 512, 512, 4, 1, 1, local_model=spec))
 
 
 @pytest.mark.parametrize(("env", "compiled"), [(None, False), ("1", True), ("yes", True), ("0", False)])
