@@ -398,6 +398,22 @@ def previews_enabled() -> bool:
     return method is not None and str(getattr(method, "value", method)).lower() != "none"
 
 
+def recover_from_out_of_memory() -> None:
+    """After a stage ran out of device memory: what ComfyUI's executor does for torch's own
+    out-of-memory error (it never sees ours), every model unloaded and the cache emptied; outside
+    ComfyUI, torch's cache emptied."""
+    mm = _comfy("comfy.model_management")
+    if mm is not None and hasattr(mm, "unload_all_models"):
+        mm.unload_all_models()
+        if hasattr(mm, "soft_empty_cache"):
+            mm.soft_empty_cache()
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def free_bytes(device) -> int | None:
     """Free memory on `device` as ComfyUI counts it (any device type), or None outside ComfyUI."""
     mm = _comfy("comfy.model_management")

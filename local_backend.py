@@ -184,6 +184,8 @@ def _drop_loaded() -> None:
         comfy_bridge.unload_managed([placed.patcher for placed in _loaded.all()])
         for placed in _loaded.all():
             placed.home()
+        if _loaded.compiled is not None:  # compiled graphs and their guards hold the old modules
+            torch._dynamo.reset()
         _loaded = None
     _empty_cache()
 
@@ -330,21 +332,29 @@ def _free_bytes(device: torch.device) -> int | None:
 
 @contextlib.contextmanager
 def _stage(name: str, request: GenerationRequest, timings: dict[str, float]):
-    """Times a stage and turns running out of device memory into an error that says what to do."""
+    """Times a stage and turns running out of device memory into an error that says what to do.
+
+    The device memory is given back once the `except` block is left, so that the failed forward's
+    frames (and the activations they hold) are gone first: inside ComfyUI as its own handler for
+    torch's out-of-memory error does (every model unloaded, ours included), else the cache emptied.
+    The error is not chained to torch's, whose traceback would keep those activations alive.
+    """
     started = time.monotonic()
+    out_of_memory = False
     try:
         yield
-    except torch.cuda.OutOfMemoryError as e:  # also torch.OutOfMemoryError in newer torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise OutOfMemoryError(
-            f"out of GPU memory during {name} at {request.width}x{request.height}: use a smaller "
-            "width/height, weight_dtype 'fp8_e4m3fn' (half the transformer's memory), a GGUF "
-            "transformer and T5 (Q4_K_S: about a quarter), memory 'offload to CPU', or close other "
-            "programs using the GPU"
-        ) from e
+    except torch.cuda.OutOfMemoryError:  # also torch.OutOfMemoryError in newer torch
+        out_of_memory = True
     finally:
         timings[name] = timings.get(name, 0.0) + time.monotonic() - started
+    if out_of_memory:
+        comfy_bridge.recover_from_out_of_memory()
+        raise OutOfMemoryError(
+            f"out of memory on the GPU during {name} at {request.width}x{request.height}: use a "
+            "smaller width/height, weight_dtype 'fp8_e4m3fn' (half the transformer's memory), a GGUF "
+            "transformer and T5 (Q4_K_S: about a quarter), memory 'offload to CPU', or close other "
+            "programs using the GPU"
+        )
 
 
 def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, progress: Progress):
@@ -359,9 +369,9 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
     dtype = compute_dtype(device)
     started = time.monotonic()
     timings: dict[str, float] = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with _lock:
+    with _lock:  # the peak is this run's: read and reset under the lock another run would take
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         with _stage("loading", request, timings):
             models, loaded_now = load_models(files, spec.weight_dtype)
         if not loaded_now:
@@ -380,6 +390,7 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
         try:
             images = run_pipeline(models, run)
         finally:
+            peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
             if spec.memory == "free after run":
                 _drop_loaded()
     info = GenerationInfo(
@@ -393,7 +404,7 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
         seconds=time.monotonic() - started,
         device=f"{device} ({str(dtype).removeprefix('torch.')}, weights {spec.weight_dtype})",
         timings=timings,
-        peak_memory_gib=(torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None),
+        peak_memory_gib=peak,
         loras=[c.describe() for c in spec.loras] or None,
     )
     return images, info
@@ -467,8 +478,8 @@ def run_pipeline(models: LoadedModels, run: PipelineRun) -> torch.Tensor:
 
     transformer = models.transformer.module
     if run.compile:  # opt-in: the first run compiles (tens of seconds), later runs are faster
-        if models.compiled is None:
-            models.compiled = torch.compile(transformer, dynamic=False)
+        if models.compiled is None:  # a second image size recompiles once with dynamic shapes,
+            models.compiled = torch.compile(transformer)  # not once per size up to dynamo's limit
         transformer = models.compiled
     previews = comfy_bridge.previews_enabled()
     latents = []

@@ -246,10 +246,29 @@ def test_out_of_memory_names_the_stage_and_what_to_change(tiny_bf16, model_dir, 
     with pytest.raises(OutOfMemoryError) as info:
         run(spec_for(tiny_bf16, model_dir))
     message = str(info.value)
-    assert "during text encoding at 256x256" in message
+    assert "out of memory on the GPU during text encoding at 256x256" in message
     assert "fp8_e4m3fn" in message
     assert "offload to CPU" in message
     assert isinstance(info.value, MemoryError)
+    assert info.value.__cause__ is None  # torch's traceback would keep the activations alive
+
+
+def test_out_of_memory_inside_comfyui_unloads_every_model(comfy, tiny_bf16, model_dir, monkeypatch):
+    """ComfyUI's executor unloads all models on torch's out-of-memory error; ours is another type,
+    so the backend does the same itself."""
+    from comfyui_flux_schnell.errors import OutOfMemoryError
+    from comfyui_flux_schnell.flux import conditioning
+
+    unloads = []
+    monkeypatch.setattr(comfy.mm, "unload_all_models", lambda: unloads.append(1), raising=False)
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(conditioning, "encode_prompts", no_memory)
+    with pytest.raises(OutOfMemoryError):
+        run(spec_for(tiny_bf16, model_dir))
+    assert unloads == [1]
 
 
 def test_a_model_that_does_not_fit_is_moved_back_whole(tiny_bf16):
