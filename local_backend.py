@@ -41,8 +41,8 @@ log = logging.getLogger("flux_schnell.local")
 
 __all__ = ["PipelineRun", "generate_local", "release_models", "run_pipeline"]
 
-# local_files.WEIGHT_DTYPE_OPTIONS -> the dtype weights are narrowed to at load (None: as stored)
-NARROW_DTYPE_OF_OPTION = {"as stored": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+# local_files.WEIGHT_DTYPE_OPTIONS -> the dtype weights are converted to at load (None: as stored)
+LOAD_DTYPE_OF_OPTION = {"as stored": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
 T5_MAX_LENGTH = 256  # FLUX.1 [schnell] encodes 256 T5 tokens (dev: 512)
 CLIP_MAX_LENGTH = 77
 PREVIEW_MAX_SIZE = 512
@@ -213,7 +213,7 @@ def load_models(files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, 
         return _loaded, False
     # The four files must belong together: checked from their headers, before gigabytes load.
     loading.check_files_compatible(files.transformer, files.t5, files.clip, files.ae)
-    narrow = NARROW_DTYPE_OF_OPTION[weight_dtype]
+    narrow = LOAD_DTYPE_OF_OPTION[weight_dtype]
     _drop_loaded()
     log.info("loading FLUX.1-schnell (weights %s) from %s", weight_dtype, files.transformer.parent)
     loaded = LoadedModels(

@@ -138,9 +138,6 @@ class LocalModelSpec:
         clip = self.clip_tokenizer or next((c for _, c in candidates if c.is_dir()), None)
         return {"t5_tokenizer": _path(t5), "clip_tokenizer": _path(clip)}
 
-    def with_device(self, device: str | None) -> LocalModelSpec:
-        return replace(self, device=device)
-
     def with_lora(self, choice: LoraChoice) -> LocalModelSpec:
         """This spec with one more LoRA, applied after (stacked on) the ones it has."""
         return replace(self, loras=(*self.loras, choice))

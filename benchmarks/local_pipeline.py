@@ -272,18 +272,29 @@ def to_diffusers(nets, cfg, device, dtype):
     ae.load_state_dict(ae_to_diffusers(nets["ae"].state_dict(), cfg["ae"]), assign=True)
     t5_state = nets["t5"].state_dict()
     t5_state["encoder.embed_tokens.weight"] = t5_state["shared.weight"]
-    t5.load_state_dict(t5_state, assign=True, strict=False)
+    _check_loaded(t5, t5.load_state_dict(t5_state, assign=True, strict=False))
     clip_state = {
         k.removeprefix("text_model.")
         if not any(k2.startswith("text_model.") for k2 in clip.state_dict())
         else k: v
         for k, v in nets["clip"].state_dict().items()
     }
-    clip.load_state_dict(clip_state, assign=True, strict=False)
+    _check_loaded(clip, clip.load_state_dict(clip_state, assign=True, strict=False))
     for module in (transformer, ae, t5, clip):
         _materialize_buffers(module)
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return dict(transformer=transformer, ae=ae, t5=t5, clip=clip)
+
+
+def _check_loaded(module, result) -> None:
+    """Every weight of the reference module came from ours: nothing missing but the position-id
+    buffer transformers may register, nothing of ours left over."""
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{type(module).__name__}: weights not carried over {missing[:5]}, "
+            f"left over {result.unexpected_keys[:5]}"
+        )
 
 
 def _materialize_buffers(module):

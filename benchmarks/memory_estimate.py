@@ -85,7 +85,7 @@ TARGETS = {"fp8_e4m3fn": 16 * 10**9, "bf16": 26 * 10**9, "gguf-Q4_K_S": 8 * GIB}
 # GGUF forms: the block type of the transformer's and T5's matrices ("Q4_K_S": llama-quantize's
 # Q4_K_S, whose matrices are Q4_K apart from a few Q5_K ones in T5)
 GGUF_FORMS = {"gguf-Q8_0": "Q8_0", "gguf-Q4_K_S": "Q4_K"}
-WEIGHT_FORMS = (*local_backend.NARROW_DTYPE_OF_OPTION, *GGUF_FORMS)
+WEIGHT_FORMS = (*local_backend.LOAD_DTYPE_OF_OPTION, *GGUF_FORMS)
 CUDA_CONTEXT = GIB // 2  # taken from the card, never counted by max_memory_allocated
 # The dtypes of the official files: flux1-schnell.safetensors, t5xxl_fp16.safetensors,
 # clip_l.safetensors, ae.safetensors (their layouts: tests/data/keys/*.json).
@@ -413,7 +413,7 @@ def build_models(weight_dtype: str, configs: Configs) -> dict[str, nn.Module]:
             "transformer": gguf_form(Flux, configs.transformer, block_type, torch.bfloat16, FLUX_UNQUANTIZED),
             "autoencoder": on_meta(AutoEncoder, configs.ae, STORED["autoencoder"], None),
         }
-    narrow = local_backend.NARROW_DTYPE_OF_OPTION[weight_dtype]
+    narrow = local_backend.LOAD_DTYPE_OF_OPTION[weight_dtype]
     return {
         "T5-XXL": on_meta(T5Encoder, configs.t5, STORED["T5-XXL"], narrow),
         "CLIP-L": on_meta(CLIPTextEncoder, configs.clip, STORED["CLIP-L"], None),

@@ -39,7 +39,7 @@ def t5_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dt
     return torch.bfloat16
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_prompts(
     t5: T5Encoder,
     clip: CLIPTextEncoder,
