@@ -38,6 +38,7 @@ from .errors import (
     LocalBackendUnavailable,
 )
 from .generation import BACKENDS, MAX_BATCH, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, GenerationRequest
+from .local_lora import LoraChoice, parse_lora_option
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_CONCURRENCY = 16
@@ -138,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     local = gen.add_argument_group('local backend (needs: pip install "comfyui-flux-schnell[local]")')
     local.add_argument("--checkpoint", type=Path, help="all-in-one FLUX.1-schnell checkpoint")
-    local.add_argument("--transformer", type=Path, help="flux1-schnell.safetensors")
-    local.add_argument("--t5", type=Path, help="t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn")
+    local.add_argument("--transformer", type=Path, help="flux1-schnell.safetensors or a GGUF of it")
+    local.add_argument("--t5", type=Path, help="t5xxl_fp16/_fp8_e4m3fn(_scaled).safetensors or a GGUF")
     local.add_argument("--clip", type=Path, help="clip_l.safetensors")
     local.add_argument("--ae", type=Path, help="ae.safetensors")
     local.add_argument("--t5-tokenizer", type=Path, help="folder with the T5 tokenizer")
@@ -153,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--device", help="cuda, cuda:1, cpu (default: the first GPU, else cpu)")
     local.add_argument(
         "--compile", action="store_true", help="torch.compile the transformer (slow first image)"
+    )
+    local.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=_lora_option,
+        metavar="FILE[:STRENGTH]",
+        help="apply a LoRA (repeatable: they stack); strength -10..10, default 1.0, negative allowed",
     )
 
     gallery = command(
@@ -175,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and the base URL. Exits 0 also when no key is set.",
     )
     return parser
+
+
+def _lora_option(text: str) -> LoraChoice:
+    try:
+        return parse_lora_option(text)
+    except InvalidInputError as e:  # argparse shows this message, not a generic one
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -296,6 +312,8 @@ def _generate(args) -> int:
         gen_parser.error("--out goes with --prompt; with --prompts-file, name a folder with --out-dir")
     if not 1 <= args.concurrency <= MAX_CONCURRENCY:
         gen_parser.error(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
+    if args.lora and args.backend != "local":
+        gen_parser.error("--lora needs --backend local (the hosted API applies no LoRA)")
 
     # 1. Where the images go: checked, nothing created yet.
     if args.out is not None:
@@ -341,6 +359,7 @@ def _generate(args) -> int:
         concurrency=args.concurrency,
         out=args.out,
         out_dir=args.out_dir,
+        loras=tuple(args.lora),
     )
     _prepare_folders(s)
     lines = read_prompts(args.prompts_file) if args.prompts_file is not None else [(1, args.prompt.strip())]
@@ -435,6 +454,7 @@ def _run(s, args, settings, lines, planned: int) -> int:
             weight_dtype="as stored" if args.dtype in (None, "as-stored") else args.dtype,
             device=args.device,
             compile=args.compile,
+            loras=tuple(args.lora),
         )
 
         def ends_run(error: FluxSchnellError) -> int | None:

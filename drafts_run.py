@@ -55,6 +55,7 @@ class RunSettings:
     concurrency: int
     out: Path | None = None  # --prompt: the file
     out_dir: Path | None = None  # --prompts-file: the draft folder
+    loras: tuple = ()  # local_lora.LoraChoice: they make other images, so they name other files
 
     @property
     def drafts(self) -> bool:
@@ -125,12 +126,18 @@ def slug(text: str, limit: int = 40) -> str:
 def settings_tag(prompt: str, s: RunSettings) -> str:
     """8 hex digits naming what makes the image: prompt, size, steps, backend, the given seed."""
     what = [prompt, s.width, s.height, s.steps, s.backend, s.seed_given]
+    if s.loras:  # a LoRA makes another image (names without LoRAs stay as they were)
+        what.append(_lora_names(s))
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
+
+
+def _lora_names(s: RunSettings) -> list:
+    return [[str(c.path), c.strength] for c in s.loras]
 
 
 def request_key(prompt: str, s: RunSettings, image: int) -> int:
     """64 bits that identify a request: equal for the same trimmed prompt, size, steps and seed."""
-    what = json.dumps([prompt.strip(), s.width, s.height, s.steps, s.backend, s.seed, image])
+    what = json.dumps([prompt.strip(), s.width, s.height, s.steps, s.backend, s.seed, image, _lora_names(s)])
     return int.from_bytes(hashlib.blake2b(what.encode(), digest_size=8).digest(), "big")
 
 
@@ -163,6 +170,8 @@ def png_text(p: PlannedImage, s: RunSettings, request_id: str | None = None) -> 
     }
     if request_id is not None:
         text["request_id"] = request_id
+    if s.loras:
+        text["loras"] = ", ".join(c.describe() for c in s.loras)
     return text
 
 

@@ -103,6 +103,7 @@ class GenerationInfo:
     device: str | None = None
     timings: dict[str, float] | None = None
     peak_memory_gib: float | None = None  # torch.cuda.max_memory_allocated of the run (CUDA only)
+    loras: list[str] | None = None  # the LoRAs applied (local backend), "file:strength"
     notes: list[str] | None = None
 
     def to_json(self) -> str:

@@ -14,6 +14,10 @@ Memory choices (the loader node's `memory` input):
 - "free after run": like "offload to CPU", and the loaded models are released after each run.
 Moving a model out costs no copy: its parameters go back to the CPU tensors it was loaded as
 (memory-mapped from the file, or cast once at load time).
+
+Inside ComfyUI the models join ComfyUI's own model management (`ComfyManagedPolicy`): ComfyUI
+loads them for each stage, counts them, and unloads them when another model needs the room or the
+user asks it to.
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ from .local_files import LocalModelSpec, ResolvedFiles
 
 log = logging.getLogger("flux_schnell.local")
 
-__all__ = ["LocalModelSpec", "PipelineRun", "generate_local", "release_models", "run_pipeline"]
+__all__ = ["PipelineRun", "generate_local", "release_models", "run_pipeline"]
 
-# local_files.WEIGHT_DTYPE_OPTIONS -> the dtype weights are narrowed to at load (None: as stored)
-NARROW_DTYPE_OF_OPTION = {"as stored": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+# local_files.WEIGHT_DTYPE_OPTIONS -> the dtype weights are converted to at load (None: as stored)
+LOAD_DTYPE_OF_OPTION = {"as stored": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
 T5_MAX_LENGTH = 256  # FLUX.1 [schnell] encodes 256 T5 tokens (dev: 512)
 CLIP_MAX_LENGTH = 77
 PREVIEW_MAX_SIZE = 512
@@ -92,6 +96,16 @@ class Placed:
         self.nbytes = module_bytes(module)
         self.device = torch.device("cpu")
         self.last_used = 0.0
+        self.patcher = None  # its ModelPatcher while ComfyUI's model management holds it
+
+    def managed(self, device: torch.device):
+        """The ModelPatcher through which ComfyUI loads this model onto `device` and unloads it."""
+        if self.patcher is None or self.patcher.load_device != device:
+            comfy_bridge.unload_managed([self.patcher])
+            self.patcher = comfy_bridge.managed_model(
+                self.module, self.nbytes, device, torch.device("cpu"), self.to, self.home
+            )
+        return self.patcher
 
     def _tensors(self):
         yield from self.module.named_parameters()
@@ -102,6 +116,7 @@ class Placed:
             try:
                 for name, t in self._tensors():
                     t.data = self.cpu_tensors[name].to(device, non_blocking=True)
+                _move_loras(self.module, device)
             except BaseException:  # out of memory half way: give back what did move
                 self._restore()
                 raise
@@ -115,7 +130,20 @@ class Placed:
     def _restore(self) -> None:
         for name, t in self._tensors():
             t.data = self.cpu_tensors[name]
+        _move_loras(self.module, torch.device("cpu"))
         self.device = torch.device("cpu")
+
+    def refresh_size(self) -> None:
+        """Recount `nbytes` (the weights and the LoRA updates now attached)."""
+        from .flux.lora import adapters
+
+        self.nbytes = module_bytes(self.module) + sum(a.nbytes for a in adapters(self.module))
+
+
+def _move_loras(module: nn.Module, device: torch.device) -> None:
+    from .flux.lora import move_loras
+
+    move_loras(module, device)
 
 
 @dataclass
@@ -124,6 +152,7 @@ class LoadedModels:
 
     files: ResolvedFiles
     weight_dtype: str
+    stamps: tuple  # file_stamps(files) when loaded: a file replaced or rewritten since means reload
     t5: Placed
     clip: Placed
     transformer: Placed
@@ -131,6 +160,7 @@ class LoadedModels:
     t5_tokenizer: object
     clip_tokenizer: object
     compiled: object = None  # torch.compile of the transformer, made on first use
+    lora_state: tuple = ()  # local_lora.lora_state of the LoRAs on the models (() : none)
 
     def all(self) -> list[Placed]:
         return [self.t5, self.clip, self.transformer, self.ae]
@@ -151,8 +181,11 @@ def _drop_loaded() -> None:
     device memory is freed even while something else still refers to the module."""
     global _loaded
     if _loaded is not None:
+        comfy_bridge.unload_managed([placed.patcher for placed in _loaded.all()])
         for placed in _loaded.all():
             placed.home()
+        if _loaded.compiled is not None:  # compiled graphs and their guards hold the old modules
+            torch._dynamo.reset()
         _loaded = None
     _empty_cache()
 
@@ -170,16 +203,23 @@ def load_models(files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, 
     global _loaded
     from .flux import loading, tokenizers
 
-    if _loaded is not None and _loaded.files == files and _loaded.weight_dtype == weight_dtype:
+    stamps = file_stamps(files)
+    if (
+        _loaded is not None
+        and _loaded.files == files
+        and _loaded.stamps == stamps
+        and _loaded.weight_dtype == weight_dtype
+    ):
         return _loaded, False
     # The four files must belong together: checked from their headers, before gigabytes load.
     loading.check_files_compatible(files.transformer, files.t5, files.clip, files.ae)
-    narrow = NARROW_DTYPE_OF_OPTION[weight_dtype]
+    narrow = LOAD_DTYPE_OF_OPTION[weight_dtype]
     _drop_loaded()
     log.info("loading FLUX.1-schnell (weights %s) from %s", weight_dtype, files.transformer.parent)
     loaded = LoadedModels(
         files=files,
         weight_dtype=weight_dtype,
+        stamps=stamps,
         t5=Placed("T5-XXL", loading.load_t5(files.t5, weight_dtype=narrow)),
         clip=Placed("CLIP-L", loading.load_clip(files.clip)),
         transformer=Placed("transformer", loading.load_transformer(files.transformer, weight_dtype=narrow)),
@@ -191,11 +231,32 @@ def load_models(files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, 
     return loaded, True
 
 
+def file_stamps(files: ResolvedFiles) -> tuple:
+    """Identity and version of each weight file: (device, inode, size, mtime in ns).
+
+    The loaded weights are memory maps of these files, so a cached model is only reused while
+    every file is the very one it was loaded from: a file renamed over another gets a new inode, a
+    file rewritten in place a new size or time, and either means the models load again.
+    """
+    stamps = []
+    for path in dict.fromkeys((files.transformer, files.t5, files.clip, files.ae)):
+        st = path.stat()
+        stamps.append((str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
+
+
 class MemoryPolicy:
-    """Puts each stage's model on the device, and moves the others out as the choice says."""
+    """Puts each stage's model on the device, and moves the others out as the choice says
+    (outside ComfyUI; inside it `ComfyManagedPolicy` leaves this to ComfyUI)."""
 
     def __init__(self, models: LoadedModels, device: torch.device, choice: str):
         self.models, self.device, self.choice = models, device, choice
+
+    @staticmethod
+    def for_run(models: LoadedModels, device: torch.device, choice: str) -> MemoryPolicy:
+        if comfy_bridge.model_management_available():
+            return ComfyManagedPolicy(models, device, choice)
+        return MemoryPolicy(models, device, choice)
 
     def enter(self, stage: list[Placed], activation_bytes: int) -> None:
         if self.device.type == "cpu":
@@ -239,6 +300,28 @@ class MemoryPolicy:
             self.leave(stage)
 
 
+class ComfyManagedPolicy(MemoryPolicy):
+    """Inside ComfyUI: its model management holds our models as it holds its own.
+
+    Each stage's models are loaded with ComfyUI's `load_models_gpu` (which unloads other models,
+    ComfyUI's or ours, when the room is needed), so ComfyUI counts them in
+    `current_loaded_models` and can unload them when a later model in the graph needs the room or
+    the user presses "Unload models" (`POST /free`). Unloading moves a model back to the CPU
+    tensors it was loaded as: the next run loads nothing from the files. 'auto' and 'keep on
+    GPU' leave the models loaded for ComfyUI to unload when it must; 'offload to CPU' and 'free
+    after run' unload each stage's models after it.
+    """
+
+    def enter(self, stage: list[Placed], activation_bytes: int) -> None:
+        comfy_bridge.load_managed([p.managed(self.device) for p in stage], activation_bytes)
+        for placed in stage:
+            placed.last_used = time.monotonic()
+
+    def leave(self, stage: list[Placed]) -> None:
+        if self.choice in ("offload to CPU", "free after run"):
+            comfy_bridge.unload_managed([p.patcher for p in stage])
+
+
 def _free_bytes(device: torch.device) -> int | None:
     """Free memory on `device`, or None where it cannot be known (then 'auto' moves models out)."""
     if device.type == "cuda":
@@ -249,20 +332,29 @@ def _free_bytes(device: torch.device) -> int | None:
 
 @contextlib.contextmanager
 def _stage(name: str, request: GenerationRequest, timings: dict[str, float]):
-    """Times a stage and turns running out of device memory into an error that says what to do."""
+    """Times a stage and turns running out of device memory into an error that says what to do.
+
+    The device memory is given back once the `except` block is left, so that the failed forward's
+    frames (and the activations they hold) are gone first: inside ComfyUI as its own handler for
+    torch's out-of-memory error does (every model unloaded, ours included), else the cache emptied.
+    The error is not chained to torch's, whose traceback would keep those activations alive.
+    """
     started = time.monotonic()
+    out_of_memory = False
     try:
         yield
-    except torch.cuda.OutOfMemoryError as e:  # also torch.OutOfMemoryError in newer torch
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise OutOfMemoryError(
-            f"out of GPU memory during {name} at {request.width}x{request.height}: use a smaller "
-            "width/height, weight_dtype 'fp8_e4m3fn' (half the transformer's memory), memory "
-            "'offload to CPU', or close other programs using the GPU"
-        ) from e
+    except torch.cuda.OutOfMemoryError:  # also torch.OutOfMemoryError in newer torch
+        out_of_memory = True
     finally:
         timings[name] = timings.get(name, 0.0) + time.monotonic() - started
+    if out_of_memory:
+        comfy_bridge.recover_from_out_of_memory()
+        raise OutOfMemoryError(
+            f"out of memory on the GPU during {name} at {request.width}x{request.height}: use a "
+            "smaller width/height, weight_dtype 'fp8_e4m3fn' (half the transformer's memory), a GGUF "
+            "transformer and T5 (Q4_K_S: about a quarter), memory 'offload to CPU', or close other "
+            "programs using the GPU"
+        )
 
 
 def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, progress: Progress):
@@ -277,19 +369,20 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
     dtype = compute_dtype(device)
     started = time.monotonic()
     timings: dict[str, float] = {}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with _lock:
+    with _lock:  # the peak is this run's: read and reset under the lock another run would take
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         with _stage("loading", request, timings):
             models, loaded_now = load_models(files, spec.weight_dtype)
         if not loaded_now:
             timings.pop("loading")
         _check_device_can_hold(models, device)
+        _set_loras(models, spec.loras, dtype)
         run = PipelineRun(
             request=request,
             device=device,
             dtype=dtype,
-            policy=MemoryPolicy(models, device, spec.memory),
+            policy=MemoryPolicy.for_run(models, device, spec.memory),
             progress=progress,
             compile=spec.compile,
             timings=timings,
@@ -297,6 +390,7 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
         try:
             images = run_pipeline(models, run)
         finally:
+            peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
             if spec.memory == "free after run":
                 _drop_loaded()
     info = GenerationInfo(
@@ -310,9 +404,30 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
         seconds=time.monotonic() - started,
         device=f"{device} ({str(dtype).removeprefix('torch.')}, weights {spec.weight_dtype})",
         timings=timings,
-        peak_memory_gib=(torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None),
+        peak_memory_gib=peak,
+        loras=[c.describe() for c in spec.loras] or None,
     )
     return images, info
+
+
+def _set_loras(models: LoadedModels, choices, dtype: torch.dtype) -> None:
+    """Put the chosen LoRAs on the loaded models when they differ from what is there (the caller
+    holds `_lock`). Only the LoRA files are read; a LoRA that does not fit raises and leaves the
+    models as they were."""
+    from .local_components import CLIP, T5, TRANSFORMER
+    from .local_lora import lora_state, use_loras
+
+    state = (lora_state(choices), dtype) if choices else ()
+    if state == models.lora_state:
+        return
+    networks = {TRANSFORMER.name: models.transformer, CLIP.name: models.clip, T5.name: models.t5}
+    layers = use_loras({name: placed.module for name, placed in networks.items()}, choices, dtype)
+    models.lora_state = state
+    models.compiled = None  # compiled code holds on to the layers' previous updates
+    for placed in networks.values():
+        placed.refresh_size()
+    if choices:
+        log.info("LoRAs %s on %d layers", ", ".join(c.describe() for c in choices), layers)
 
 
 def _check_device_can_hold(models: LoadedModels, device: torch.device) -> None:
@@ -320,7 +435,7 @@ def _check_device_can_hold(models: LoadedModels, device: torch.device) -> None:
     if device.type in ("cpu", "cuda"):
         return
     for placed in models.all():
-        if any(t.dtype.itemsize == 1 for t in placed.cpu_tensors.values()):
+        if any(t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in placed.cpu_tensors.values()):
             raise LocalBackendUnavailable(
                 f"the {placed.name} weights are fp8, which {device.type} cannot hold: choose "
                 "weight_dtype 'bf16' (or a bf16/fp16 file), or the api backend"
@@ -363,8 +478,8 @@ def run_pipeline(models: LoadedModels, run: PipelineRun) -> torch.Tensor:
 
     transformer = models.transformer.module
     if run.compile:  # opt-in: the first run compiles (tens of seconds), later runs are faster
-        if models.compiled is None:
-            models.compiled = torch.compile(transformer, dynamic=False)
+        if models.compiled is None:  # a second image size recompiles once with dynamic shapes,
+            models.compiled = torch.compile(transformer)  # not once per size up to dynamo's limit
         transformer = models.compiled
     previews = comfy_bridge.previews_enabled()
     latents = []
@@ -390,7 +505,7 @@ def _sample_one(
 
     request, device, dtype, progress = run.request, run.device, run.dtype, run.progress
     height, width = request.height, request.width
-    # Drawn in bf16 as the reference does, so a seed starts from the same noise on every device.
+    # Drawn by a CPU generator (the same numbers on every device), in bf16 as the reference does.
     noise = sampling.get_noise(1, height, width, seed, device=device, dtype=torch.bfloat16)
     noise = noise.to(dtype)
     img, img_ids = sampling.pack(noise), sampling.image_ids(1, height, width, device=device)

@@ -36,7 +36,7 @@ class Component:
 TRANSFORMER = Component(
     name="transformer",
     title="FLUX.1 [schnell] transformer",
-    file_hint="flux1-schnell.safetensors (models/diffusion_models)",
+    file_hint="flux1-schnell.safetensors or a flux1-schnell GGUF (models/diffusion_models)",
     marker="double_blocks.0.img_attn.qkv.weight",
     comfy_prefix="model.diffusion_model.",
     folders=("diffusion_models", "unet"),
@@ -46,16 +46,21 @@ TRANSFORMER = Component(
         "flux1_schnell*.safetensors",
         "flux-schnell*.safetensors",
         "flux1-schnell*.sft",
+        "flux1-schnell*.gguf",  # city96's GGUF files (ComfyUI-GGUF)
+        "flux1_schnell*.gguf",
     ),
 )
 T5 = Component(
     name="t5",
     title="T5-XXL text encoder",
-    file_hint="t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors (models/text_encoders)",
+    file_hint=(
+        "t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn(_scaled).safetensors or a T5-XXL encoder GGUF "
+        "(models/text_encoders)"
+    ),
     marker="encoder.block.0.layer.0.SelfAttention.q.weight",
     comfy_prefix="text_encoders.t5xxl.transformer.",
     folders=("text_encoders", "clip"),
-    patterns=("t5xxl_fp16.safetensors", "t5xxl*.safetensors", "t5*xxl*.safetensors"),
+    patterns=("t5xxl_fp16.safetensors", "t5xxl*.safetensors", "t5*xxl*.safetensors", "t5*xxl*.gguf"),
 )
 CLIP = Component(
     name="clip",

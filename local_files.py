@@ -6,7 +6,8 @@ for and where. Inside ComfyUI the folders are ComfyUI's own (`models/diffusion_m
 `models/unet`, `models/text_encoders` and `models/clip`, `models/vae`, `models/checkpoints`) and the
 tokenizers are the ones ComfyUI ships; outside it, files are named on the command line, and the
 tokenizer folders may also sit beside the transformer as in the FLUX.1-schnell repository
-(`tokenizer/`, `tokenizer_2/`).
+(`tokenizer/`, `tokenizer_2/`). The spec also carries the LoRAs to apply (`local_lora.LoraChoice`);
+they are not part of the loaded models' identity, so changing them reloads nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from . import comfy_bridge
 from .errors import InvalidInputError, LocalBackendUnavailable
 from .local_components import CHECKPOINT_PATTERNS, COMPONENTS, Component
+from .local_lora import LoraChoice
 
 WEIGHT_DTYPE_OPTIONS = ("as stored", "bf16", "fp8_e4m3fn")
 """How the transformer and T5 weights are kept in memory (the loader node's and --dtype's choices)."""
@@ -51,6 +53,7 @@ class LocalModelSpec:
     memory: str = "auto"
     device: str | None = None
     compile: bool = False  # torch.compile the transformer (faster after a slow first run)
+    loras: tuple[LoraChoice, ...] = ()  # applied in order, stacked; not part of the loaded models
 
     def __post_init__(self):
         if self.weight_dtype not in WEIGHT_DTYPE_OPTIONS:
@@ -110,6 +113,7 @@ class LocalModelSpec:
             for name, path in files.items()
             if path is not None and not path.exists()
         ]
+        not_there += [f"lora: {c.path} does not exist" for c in self.loras if not c.path.is_file()]
         missing = [name for name, path in files.items() if path is None]
         if missing or not_there:
             raise LocalBackendUnavailable(_missing_message(missing, list(looked.values()), not_there))
@@ -134,8 +138,9 @@ class LocalModelSpec:
         clip = self.clip_tokenizer or next((c for _, c in candidates if c.is_dir()), None)
         return {"t5_tokenizer": _path(t5), "clip_tokenizer": _path(clip)}
 
-    def with_device(self, device: str | None) -> LocalModelSpec:
-        return replace(self, device=device)
+    def with_lora(self, choice: LoraChoice) -> LocalModelSpec:
+        """This spec with one more LoRA, applied after (stacked on) the ones it has."""
+        return replace(self, loras=(*self.loras, choice))
 
 
 def _path(p) -> Path | None:

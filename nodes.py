@@ -3,6 +3,7 @@
 - `FluxSchnellGenerate` ("FLUX Schnell Generate"): prompt to IMAGE through the hosted API or the local
   model.
 - `FluxSchnellLocalModel` ("FLUX Schnell Local Model"): picks the weight files of the local backend.
+- `FluxSchnellLoRA` ("FLUX Schnell LoRA"): adds a LoRA (models/loras) to a local model; several chain.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 
 from . import comfy_bridge
+from .errors import InvalidInputError
 from .generation import (
     BACKENDS,
     MAX_BATCH,
@@ -21,6 +23,7 @@ from .generation import (
     GenerationRequest,
 )
 from .local_files import MEMORY_CHOICES, WEIGHT_DTYPE_OPTIONS
+from .local_lora import LORA_FOLDER, STRENGTH_LIMIT, lora_from_comfy
 
 CATEGORY = "image/generation/FLUX Schnell"
 LOCAL_MODEL_TYPE = "FLUX_SCHNELL_MODEL"
@@ -136,9 +139,10 @@ class FluxSchnellGenerate:
                     },
                 ),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},  # which node's bar and text to move
         }
 
-    def generate(
+    async def generate(
         self,
         prompt,
         backend,
@@ -148,7 +152,11 @@ class FluxSchnellGenerate:
         seed,
         batch_size,
         local_model=None,
+        unique_id=None,
     ):
+        """Async, so ComfyUI runs several generate nodes of a graph at once: the api backend waits
+        for the service in a worker thread; the local backend runs here, on ComfyUI's executor
+        thread, one generation at a time (its models are ComfyUI's to manage from that thread)."""
         request = GenerationRequest(
             prompt=prompt,
             width=width,
@@ -158,21 +166,29 @@ class FluxSchnellGenerate:
             batch_size=batch_size,
         )
         request.validate(backend)
+        if backend == "api" and local_model is not None and local_model.loras:
+            raise InvalidInputError(
+                "LoRAs run on the local backend only: set backend to 'local', or bypass the FLUX "
+                "Schnell LoRA nodes (the hosted API would make the images without them)"
+            )
         if backend == "api":
             from .api_backend import generate_api
             from .settings import load_settings
 
             settings = load_settings()  # the environment and config file, read on every run
-            images, info = generate_api(request, comfy_bridge.progress_for(request.batch_size), settings)
+            progress = comfy_bridge.progress_for(request.batch_size, unique_id, unit="image")
+            with progress.status_text("waiting for the service"):
+                images, info = await comfy_bridge.run_in_thread(
+                    generate_api, request, progress, settings, progress=progress
+                )
         else:
             from .local_packages import require_local_packages
 
             require_local_packages()  # one clear error naming the package and the pip command
             from .local_backend import generate_local
 
-            images, info = generate_local(
-                request, local_model, comfy_bridge.progress_for(request.steps * request.batch_size)
-            )
+            progress = comfy_bridge.progress_for(request.steps * request.batch_size, unique_id)
+            images, info = generate_local(request, local_model, progress)
         return (images, info.to_json())
 
 
@@ -205,11 +221,19 @@ class FluxSchnellLocalModel:
                 ),
                 "transformer": (
                     [AUTO, *files["diffusion_models"]],
-                    {"default": AUTO, "tooltip": "flux1-schnell*.safetensors"},
+                    {
+                        "default": AUTO,
+                        "tooltip": "flux1-schnell*.safetensors (bf16, fp8, scaled fp8) or a "
+                        "FLUX.1-schnell GGUF (Q8_0 ... Q2_K)",
+                    },
                 ),
                 "t5": (
                     [AUTO, *files["text_encoders"]],
-                    {"default": AUTO, "tooltip": "t5xxl_fp16 / t5xxl_fp8_e4m3fn .safetensors"},
+                    {
+                        "default": AUTO,
+                        "tooltip": "t5xxl_fp16 / t5xxl_fp8_e4m3fn(_scaled) .safetensors or a T5-XXL "
+                        "encoder GGUF",
+                    },
                 ),
                 "clip": (
                     [AUTO, *files["text_encoders"]],
@@ -259,11 +283,56 @@ class FluxSchnellLocalModel:
         return (spec,)
 
 
+class FluxSchnellLoRA:
+    DESCRIPTION = (
+        "Adds a LoRA from models/loras to the local FLUX.1 [schnell] model: kohya / sd-scripts, "
+        "diffusers / ai-toolkit (PEFT) and ComfyUI files, for the transformer and the CLIP-L / T5 "
+        "text encoders. Chain several to stack them. The model stays loaded: changing a LoRA or its "
+        "strength reads only the LoRA file. A LoRA made for another model is refused by name."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = (LOCAL_MODEL_TYPE,)
+    RETURN_NAMES = ("local_model",)
+    OUTPUT_TOOLTIPS = ("The model with this LoRA added: into FLUX Schnell Generate or another LoRA node.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "local_model": (
+                    LOCAL_MODEL_TYPE,
+                    {"tooltip": "From 'FLUX Schnell Local Model' or another 'FLUX Schnell LoRA'."},
+                ),
+                "lora_name": (
+                    comfy_bridge.model_file_lists()[LORA_FOLDER],
+                    {"tooltip": "A FLUX.1 LoRA file in models/loras (refresh with R after adding one)."},
+                ),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -STRENGTH_LIMIT,
+                        "max": STRENGTH_LIMIT,
+                        "step": 0.01,
+                        "tooltip": "How strongly the LoRA changes the model: 1 as trained, 0 off, "
+                        "negative values push the other way.",
+                    },
+                ),
+            }
+        }
+
+    def apply(self, local_model, lora_name, strength):
+        return (local_model.with_lora(lora_from_comfy(lora_name, strength)),)
+
+
 NODE_CLASS_MAPPINGS = {
     "FluxSchnellGenerate": FluxSchnellGenerate,
     "FluxSchnellLocalModel": FluxSchnellLocalModel,
+    "FluxSchnellLoRA": FluxSchnellLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FluxSchnellGenerate": "FLUX Schnell Generate",
     "FluxSchnellLocalModel": "FLUX Schnell Local Model",
+    "FluxSchnellLoRA": "FLUX Schnell LoRA",
 }

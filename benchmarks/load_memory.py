@@ -124,7 +124,8 @@ def main() -> None:
         )
         for name, weight_dtype in CASES.items():
             out = subprocess.run(
-                [sys.executable, __file__, "--child", str(path), weight_dtype],
+                [sys.executable, "-m", "benchmarks.load_memory", "--child", str(path), weight_dtype],
+                cwd=Path(__file__).resolve().parent.parent,
                 check=True,
                 capture_output=True,
                 text=True,

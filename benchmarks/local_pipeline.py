@@ -5,7 +5,7 @@ Stages timed for both: text encoding (T5 + CLIP), each sampling step, decoding, 
 (`torch.cuda.max_memory_allocated`, CUDA only). Speed and memory do not depend on the weights'
 values, so seeded random weights at the real sizes stand in for the real files (none can be
 downloaded here). Both sides get identical weights: ours in the files' layouts, diffusers' through
-the test-only converters in tests/.
+the test-only converters in tests/support/.
 
 Configs: `schnell` (full FLUX.1-schnell size: 12B transformer, T5-XXL, CLIP-L, AE; bf16; 1024x1024;
 needs a GPU with ~60 GB, as the two pipelines run one after the other) and `tiny` (small widths, to
@@ -25,16 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-
-from comfyui_flux_schnell import local_backend  # noqa: E402
-from comfyui_flux_schnell.comfy_bridge import Progress  # noqa: E402
-from comfyui_flux_schnell.flux.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
-from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder  # noqa: E402
-from comfyui_flux_schnell.flux.model import Flux, FluxParams  # noqa: E402
-from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder  # noqa: E402
-from comfyui_flux_schnell.generation import GenerationRequest  # noqa: E402
+from comfyui_flux_schnell import local_backend
+from comfyui_flux_schnell.comfy_bridge import Progress
+from comfyui_flux_schnell.flux.autoencoder import AutoEncoder, AutoEncoderParams
+from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
+from comfyui_flux_schnell.flux.model import Flux, FluxParams
+from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder
+from comfyui_flux_schnell.generation import GenerationRequest
 
 PROMPT = "a photo of a red fox in fresh snow at golden hour, shallow depth of field"
 CONFIGS = {
@@ -233,6 +230,7 @@ def main():
     # one LoadedModels, as the backend's cache would hold it, already on the device
     models = local_backend.LoadedModels(
         files=None,
+        stamps=(),
         weight_dtype="as stored",
         **{k: local_backend.Placed(k, m) for k, m in nets.items()},
         t5_tokenizer=load_t5_tokenizer(t5_dir, 256),
@@ -274,18 +272,29 @@ def to_diffusers(nets, cfg, device, dtype):
     ae.load_state_dict(ae_to_diffusers(nets["ae"].state_dict(), cfg["ae"]), assign=True)
     t5_state = nets["t5"].state_dict()
     t5_state["encoder.embed_tokens.weight"] = t5_state["shared.weight"]
-    t5.load_state_dict(t5_state, assign=True, strict=False)
+    _check_loaded(t5, t5.load_state_dict(t5_state, assign=True, strict=False))
     clip_state = {
         k.removeprefix("text_model.")
         if not any(k2.startswith("text_model.") for k2 in clip.state_dict())
         else k: v
         for k, v in nets["clip"].state_dict().items()
     }
-    clip.load_state_dict(clip_state, assign=True, strict=False)
+    _check_loaded(clip, clip.load_state_dict(clip_state, assign=True, strict=False))
     for module in (transformer, ae, t5, clip):
         _materialize_buffers(module)
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return dict(transformer=transformer, ae=ae, t5=t5, clip=clip)
+
+
+def _check_loaded(module, result) -> None:
+    """Every weight of the reference module came from ours: nothing missing but the position-id
+    buffer transformers may register, nothing of ours left over."""
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{type(module).__name__}: weights not carried over {missing[:5]}, "
+            f"left over {result.unexpected_keys[:5]}"
+        )
 
 
 def _materialize_buffers(module):

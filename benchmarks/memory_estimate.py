@@ -2,13 +2,18 @@
 
 What it measures: the bytes `torch.cuda.max_memory_allocated` would report for one FLUX.1 [schnell]
 run (default 1024x1024, batch 1, 4 steps, compute bf16), stage by stage, for weight_dtype
-fp8_e4m3fn and bf16, and the targets of the issue: 16 GB with fp8 weights, 26 GB with bf16.
+fp8_e4m3fn and bf16 and for GGUF transformer and T5 files (Q8_0 and Q4_K_S), and the targets of the
+issues: 16 GB with fp8 weights, 26 GB with bf16, 8 GiB with a Q4_K-class GGUF transformer and T5.
 
 How: the four real networks are built at full size on the meta device (shapes and dtypes, no data)
 with their parameters in the dtypes `flux/loading.py` gives them (its own `_target_dtype` rule:
 with fp8, the weights of `ops.Linear/Conv2d/Embedding` become float8_e4m3fn and biases and norm
 scales keep the file's dtype; the transformer file is bf16, T5 fp16, CLIP-L fp16 and the
-autoencoder fp32, CLIP and AE being loaded as stored). Then the real `local_backend._run` runs on
+autoencoder fp32, CLIP and AE being loaded as stored). The GGUF forms ("gguf-Q8_0",
+"gguf-Q4_K_S") keep the transformer's and T5's matrices as the bytes of their blocks, as
+`flux.stored_layers` loads them, with city96's and llama.cpp's choices of what stays unquantized
+(`gguf_form`); every layer then dequantizes its weight when it runs, and those transients are
+counted like any other tensor. Then the real `local_backend.run_pipeline` runs on
 them with device "meta": text encoding, sampling one image at a time, decoding. A
 `TorchDispatchMode` (`LiveTensorTracker`) sees every tensor each aten op creates, counts each new
 storage once (views and in-place results share their input's storage), subtracts it when the
@@ -42,7 +47,8 @@ allocated: not counted by `max_memory_allocated`) and the CUDA context (~0.5 GiB
 `max_memory_allocated` but taken from the card).
 
 Usage:
-    python -m benchmarks.memory_estimate                          # fp8_e4m3fn and bf16, 1024x1024
+    python -m benchmarks.memory_estimate                          # fp8, bf16, GGUF Q8_0, Q4_K_S
+    python -m benchmarks.memory_estimate --weight-dtype gguf-Q4_K_S --cards 8
     python -m benchmarks.memory_estimate --weight-dtype bf16 --height 768 --width 1360 --top 12
     python -m benchmarks.memory_estimate --native-kernels          # meta's own SDPA / RMS norm
     python -m benchmarks.memory_estimate --json out.json
@@ -62,9 +68,10 @@ import torch
 import torch.nn.functional as F
 from comfyui_flux_schnell import local_backend
 from comfyui_flux_schnell.comfy_bridge import Progress
-from comfyui_flux_schnell.flux import loading
+from comfyui_flux_schnell.flux import loading, stored_layers
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoder, AutoEncoderParams
 from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
+from comfyui_flux_schnell.flux.gguf_quants import GGML_TYPES
 from comfyui_flux_schnell.flux.model import Flux, FluxParams
 from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder
 from comfyui_flux_schnell.generation import GenerationRequest
@@ -73,7 +80,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 MIB, GIB = 2**20, 2**30
-TARGETS = {"fp8_e4m3fn": 16 * 10**9, "bf16": 26 * 10**9}  # bytes of max_memory_allocated
+# bytes of max_memory_allocated
+TARGETS = {"fp8_e4m3fn": 16 * 10**9, "bf16": 26 * 10**9, "gguf-Q4_K_S": 8 * GIB}
+# GGUF forms: the block type of the transformer's and T5's matrices ("Q4_K_S": llama-quantize's
+# Q4_K_S, whose matrices are Q4_K apart from a few Q5_K ones in T5)
+GGUF_FORMS = {"gguf-Q8_0": "Q8_0", "gguf-Q4_K_S": "Q4_K"}
+WEIGHT_FORMS = (*local_backend.LOAD_DTYPE_OF_OPTION, *GGUF_FORMS)
 CUDA_CONTEXT = GIB // 2  # taken from the card, never counted by max_memory_allocated
 # The dtypes of the official files: flux1-schnell.safetensors, t5xxl_fp16.safetensors,
 # clip_l.safetensors, ae.safetensors (their layouts: tests/data/keys/*.json).
@@ -365,9 +377,43 @@ def on_meta(build, config, stored: torch.dtype, weight_dtype: torch.dtype | None
     return model
 
 
+# tensors city96's FLUX GGUFs keep unquantized (tools/lcpp.patch of ComfyUI-GGUF), in the bf16
+# of the source file; llama.cpp keeps T5's relative position bias unquantized (F16)
+FLUX_UNQUANTIZED = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
+
+
+def gguf_form(build, config, block_type: str, unquantized: torch.dtype, keep=()) -> nn.Module:
+    """`build(config)` on meta as a GGUF file of `block_type` loads: the matrices of its
+    Linear/Embedding layers as bytes (those of layers starting with one of `keep`, and rows that
+    do not split into blocks, in `unquantized`), 1-D tensors F32."""
+    with torch.device("meta"):
+        model = build(config)
+    model.requires_grad_(False).eval()
+    block = GGML_TYPES[block_type]
+    for name, layer in model.named_modules():
+        w = getattr(layer, "weight", None)
+        if not isinstance(layer, stored_layers.STORED_FORM_LAYERS) or w is None or w.dim() != 2:
+            continue
+        if f"{name}.".startswith(keep) or "relative_attention_bias" in name or w.shape[-1] % block.block_size:
+            layer.weight = nn.Parameter(torch.empty(w.shape, dtype=unquantized, device="meta"), False)
+        else:
+            raw = torch.empty(block.byte_shape(tuple(w.shape)), dtype=torch.uint8, device="meta")
+            stored_layers.make_gguf_layer(layer, block_type, tuple(w.shape), raw)
+    return model  # the 1-D tensors stay F32 as built
+
+
 def build_models(weight_dtype: str, configs: Configs) -> dict[str, nn.Module]:
-    """name -> module, as `local_backend.load_models` loads them (T5 and transformer narrowed)."""
-    narrow = local_backend.NARROW_DTYPE_OF_OPTION[weight_dtype]
+    """name -> module, as `local_backend.load_models` loads them (T5 and transformer narrowed, or
+    in a GGUF form)."""
+    if weight_dtype in GGUF_FORMS:
+        block_type = GGUF_FORMS[weight_dtype]
+        return {
+            "T5-XXL": gguf_form(T5Encoder, configs.t5, block_type, torch.float16),
+            "CLIP-L": on_meta(CLIPTextEncoder, configs.clip, STORED["CLIP-L"], None),
+            "transformer": gguf_form(Flux, configs.transformer, block_type, torch.bfloat16, FLUX_UNQUANTIZED),
+            "autoencoder": on_meta(AutoEncoder, configs.ae, STORED["autoencoder"], None),
+        }
+    narrow = local_backend.LOAD_DTYPE_OF_OPTION[weight_dtype]
     return {
         "T5-XXL": on_meta(T5Encoder, configs.t5, STORED["T5-XXL"], narrow),
         "CLIP-L": on_meta(CLIPTextEncoder, configs.clip, STORED["CLIP-L"], None),
@@ -390,7 +436,7 @@ class StageMemory:
     carried_bytes: int  # live when the stage began (txt, vec, latents of earlier stages)
     activation_peak: int  # the peak of everything not a weight, carried bytes included
     activation_peak_rounded: int
-    reserved: int  # what `_run` tells the memory policy to keep free for the activations
+    reserved: int  # what `run_pipeline` tells the memory policy to keep free for the activations
     largest_cast: str = ""
     largest_cast_bytes: int = 0
     peak_tensors: list[str] = field(default_factory=list)
@@ -487,13 +533,14 @@ def measure(
     fused_kernels: bool = True,
     top: int = 8,
 ) -> PipelineMemory:
-    """Run `local_backend._run` on meta models and measure each stage's memory."""
+    """Run `local_backend.run_pipeline` on meta models and measure each stage's memory."""
     started = time.monotonic()
     configs = configs or Configs()
     modules = build_models(weight_dtype, configs)
     placed = {name: local_backend.Placed(name, m) for name, m in modules.items()}
     models = local_backend.LoadedModels(
         files=None,
+        stamps=(),
         weight_dtype=weight_dtype,
         t5=placed["T5-XXL"],
         clip=placed["CLIP-L"],
@@ -570,6 +617,8 @@ def gib(n: int) -> str:
 def verdict(peak: int, target: int) -> str:
     margin = target - peak
     word = "within" if margin >= 0 else "OVER"
+    if target % GIB == 0:  # a target given in GiB
+        return f"{word} {target // GIB} GiB by {abs(margin) / GIB:.2f} GiB"
     return f"{word} {target / 1e9:.0f} GB ({target / GIB:.2f} GiB) by {abs(margin) / GIB:.2f} GiB"
 
 
@@ -585,7 +634,7 @@ def report(result: PipelineMemory, cards: list[float], out=sys.stdout) -> None:
     print(f"model weights (GiB): {models}; total {gib(sum(r.model_bytes.values())).strip()}", file=out)
     print(
         f"{'stage':<14} {'weights':>8} {'activ.':>8} {'peak':>8} {'peak*':>8} "
-        f"{'_run reserves':>13}  largest weight cast (transient, inside the activations)",
+        f"{'reserved':>13}  largest weight cast (transient, inside the activations)",
         file=out,
     )
     for s in r.stages:
@@ -629,8 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--weight-dtype",
         nargs="+",
-        default=["fp8_e4m3fn", "bf16"],
-        choices=sorted(local_backend.NARROW_DTYPE_OF_OPTION),
+        default=["fp8_e4m3fn", "bf16", "gguf-Q8_0", "gguf-Q4_K_S"],
+        choices=WEIGHT_FORMS,
     )
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
@@ -645,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cards",
         type=float,
         nargs="*",
-        default=[16.0, 24.0],
+        default=[8.0, 16.0, 24.0],
         help="card sizes in GiB for the 'auto' simulation",
     )
     parser.add_argument("--top", type=int, default=8, help="live tensors listed at each peak")

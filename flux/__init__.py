@@ -4,8 +4,12 @@
 - `autoencoder.py`: the autoencoder (`AutoEncoder`, `AutoEncoderParams`);
 - `t5.py`, `clip.py`, `tokenizers.py`, `conditioning.py`: the text encoders and prompt encoding;
 - `checkpoint.py`, `loading.py`: weight files to modules (memory-mapped, config from shapes);
+- `gguf_file.py`, `gguf_layouts.py`, `gguf_quants.py`: GGUF files (header, key layouts, block
+  types and their dequantization); `scaled_fp8.py`: ComfyUI's fp8 files with per-layer scales;
+  `stored_layers.py`: layers prepared to keep either form as stored;
 - `sampling.py`, `preview.py`: noise, schedule, Euler steps, decoding, latent previews;
-- `ops.py`: layers that compute in their input's dtype whatever dtype their weights are stored in.
+- `ops.py`: layers that compute in their input's dtype whatever form their weights are stored in;
+- `lora.py`, `lora_keys.py`, `lora_adapter.py`: LoRA files matched to the layers and added at run time.
 
 Importing this package imports torch; the node package imports it only when the local backend runs.
 """

@@ -1,7 +1,7 @@
 """The FLUX.1 autoencoder: an image in [-1, 1] to a 16-channel latent at 1/8 size, and back.
 
-Based on the layout of Black Forest Labs' `src/flux/modules/autoencoder.py` (read for facts, written
-anew): a convolutional Encoder and Decoder with GroupNorm ResNet blocks and one single-head
+Follows Black Forest Labs' `src/flux/modules/autoencoder.py` (https://github.com/black-forest-labs/flux):
+a convolutional Encoder and Decoder with GroupNorm ResNet blocks and one single-head
 self-attention block at the lowest resolution, no quant_conv / post_quant_conv, and the latent
 normalised as `scale_factor * (mean - shift_factor)`. Module names reproduce the keys of
 `ae.safetensors` (`encoder.down.{i}.block.{j}.norm1.weight`, `decoder.up.{i}.upsample.conv.bias`, ...).

@@ -1,10 +1,13 @@
-"""Weight files without loading them: the safetensors header, and which networks a file holds.
+"""Weight files without loading them: the safetensors or GGUF header, and which networks a file holds.
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON (`{key: {dtype, shape,
 data_offsets}}`, plus an optional `__metadata__`), then the tensor bytes. `read_header` reads and
 checks only that header, so telling a 24 GB file apart from another costs a few kilobytes, and a
-truncated or foreign file (pickle, GGUF, ...) is named before any tensor is touched. The tensors
-themselves are read later, memory-mapped, by `flux.loading`.
+truncated or foreign file (pickle, HDF5, ...) is named before any tensor is touched. The tensors
+themselves are read later, memory-mapped, by `flux.loading`. A GGUF file (city96's FLUX transformer
+or a llama.cpp T5 encoder, `flux.gguf_layouts`) is read by `flux.gguf_file` into the same `Header`:
+its tensors under our key names, those stored in a GGML block type (Q8_0 ... Q6_K) with the shape
+of their bytes (`byte_shape`), which the loader keeps as they are.
 
 `inspect_file` finds each network of FLUX.1 [schnell] in a file by one key only that network has
 (its marker), whatever prefix precedes it. That covers the layouts in use:
@@ -15,7 +18,9 @@ themselves are read later, memory-mapped, by `flux.loading`.
   (`text_model.*`);
 - ComfyUI's all-in-one checkpoints: `model.diffusion_model.`, `vae.`,
   `text_encoders.clip_l.transformer.` and `text_encoders.t5xxl.transformer.` prefixes, plus the
-  unused `text_encoders.*.logit_scale` scalars.
+  unused `text_encoders.*.logit_scale` scalars;
+- any of these as ComfyUI's scaled fp8 (per-layer scales, read by `flux.scaled_fp8`), and the
+  GGUF files above.
 
 Key layouts: those of the public files (recorded in tests/data/keys/*.json); the all-in-one
 prefixes are those of ComfyUI's `comfy/supported_models.py` (`Flux`),
@@ -36,6 +41,9 @@ import torch
 
 from ..errors import ModelLoadError
 from ..local_components import AE, COMPONENTS, TRANSFORMER, Component
+from .gguf_file import GGUF_MAGIC, read_gguf_header
+from .gguf_layouts import network_tensors
+from .gguf_quants import BLOCK_TYPES, GGML_TYPES
 
 # safetensors dtype codes (the header's "dtype" strings) and the torch dtypes they store
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -52,8 +60,8 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-# the dtypes a weight of ours may be stored in
-STORED_DTYPES = ("F32", "F16", "BF16", "F8_E4M3")
+# the dtypes a weight of ours may be stored in: safetensors codes, and GGUF's block types
+STORED_DTYPES = ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", *BLOCK_TYPES)
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
 LIST_LIMIT = 12  # how many keys an error message lists before "... and N more"
@@ -66,14 +74,26 @@ LIST_LIMIT = 12  # how many keys an error message lists before "... and N more"
 class TensorEntry:
     """One tensor as the header describes it; `start`/`end` are absolute byte offsets in the file."""
 
-    dtype: str  # safetensors code, e.g. "BF16"
+    dtype: str  # safetensors code, e.g. "BF16", or a GGML type name, e.g. "Q4_K"
     shape: tuple[int, ...]
     start: int
     end: int
+    byte_shape: tuple[int, ...] | None = None  # GGML block types: (..., bytes per row) as stored
+
+    @property
+    def quantized(self) -> bool:
+        """Stored in a GGML block type: its data is bytes, kept as `stored_shape` uint8."""
+        return self.byte_shape is not None
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self.dtype]
+        """The dtype its data is read as (uint8 for the bytes of a block type)."""
+        return torch.uint8 if self.quantized else SAFETENSORS_DTYPES[self.dtype]
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape its data is read in: `byte_shape`, else `shape`."""
+        return self.byte_shape or self.shape
 
     @property
     def numel(self) -> int:
@@ -82,12 +102,13 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class Header:
-    """A safetensors file's table of contents: every tensor's dtype, shape and place in the file."""
+    """A weight file's table of contents: every tensor's dtype, shape and place in the file."""
 
     path: Path
     file_size: int
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str] = field(default_factory=dict)
+    format: str = "safetensors"  # or "gguf"
 
 
 def _fail(path: Path, expected: str | None, reason: str) -> ModelLoadError:
@@ -97,8 +118,6 @@ def _fail(path: Path, expected: str | None, reason: str) -> ModelLoadError:
 
 def _foreign_format(head: bytes) -> str | None:
     """Name the file format given its first bytes, when it is a known format other than safetensors."""
-    if head.startswith(b"GGUF"):
-        return "a GGUF file (quantized weights for llama.cpp / the ComfyUI-GGUF nodes), not safetensors"
     if head.startswith(b"PK\x03\x04"):
         return (
             "a PyTorch checkpoint (.ckpt/.pt/.pth: a zip of pickled tensors), not safetensors; "
@@ -117,7 +136,7 @@ def _foreign_format(head: bytes) -> str | None:
 
 
 def read_header(path: str | Path, *, expected: str | None = None) -> Header:
-    """Read and check the header of the safetensors file at `path`; no tensor data is read.
+    """Read and check the header of the safetensors or GGUF file at `path`; no tensor data is read.
 
     `expected` names what the caller wants from the file (e.g. "FLUX.1 transformer"); it goes into
     the error messages. Raises ModelLoadError for a missing file, a folder, another format (named),
@@ -135,14 +154,19 @@ def read_header(path: str | Path, *, expected: str | None = None) -> Header:
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(16)
-        foreign = _foreign_format(head)
-        if foreign:
-            raise _fail(path, expected, f"it is {foreign}")
-        if size < 8:
-            raise _fail(path, expected, f"the file is {size} bytes long, too short for a safetensors file")
-        (header_len,) = struct.unpack("<Q", head[:8])
-        looks_json = head[8:9] == b"{"
-        if header_len > MAX_HEADER_BYTES or header_len < 2 or not looks_json:
+        if head.startswith(GGUF_MAGIC):  # as a safetensors length, "GGUF" + version is > 100 MB
+            return _read_gguf(path, expected)
+        # safetensors' own rules first: its first 8 bytes are a length, and some lengths look like
+        # the magic bytes of other formats (896 starts like a pickle, 31520 like JSON text).
+        header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+        if not (2 <= header_len <= MAX_HEADER_BYTES and head[8:9] == b"{"):
+            foreign = _foreign_format(head)
+            if foreign:
+                raise _fail(path, expected, f"it is {foreign}")
+            if size < 8:
+                raise _fail(
+                    path, expected, f"the file is {size} bytes long, too short for a safetensors file"
+                )
             raise _fail(
                 path,
                 expected,
@@ -178,6 +202,28 @@ def read_header(path: str | Path, *, expected: str | None = None) -> Header:
             )
         tensors[key] = entry
     return Header(path=path, file_size=size, tensors=tensors, metadata=dict(metadata))
+
+
+def _read_gguf(path: Path, expected: str | None) -> Header:
+    """A GGUF file's tensors under our key names (`flux.gguf_layouts`), as a `Header`."""
+
+    def fail(reason: str) -> ModelLoadError:
+        return _fail(path, expected, reason)
+
+    gguf = read_gguf_header(path, fail)
+    found = network_tensors(gguf, fail)
+    tensors = {}
+    for key, t in found.tensors.items():
+        ggml = GGML_TYPES[t.type_name]
+        tensors[key] = TensorEntry(
+            dtype=t.type_name,
+            shape=found.shapes[key],
+            start=t.start,
+            end=t.end,
+            byte_shape=ggml.byte_shape(t.shape) if t.type_name in BLOCK_TYPES else None,
+        )
+    metadata = {"general.architecture": found.architecture}
+    return Header(path=path, file_size=gguf.file_size, tensors=tensors, metadata=metadata, format="gguf")
 
 
 def _parse_entry(path: Path, expected: str | None, key: str, desc: object, data_start: int) -> TensorEntry:
@@ -224,13 +270,8 @@ FOREIGN_SIGNATURES = (
 )
 
 # (how to recognise it, what it is): variants of our networks this loader cannot read
+# (ComfyUI's scaled fp8 and comfy_quant files are read, or refused by format: flux.scaled_fp8)
 UNSUPPORTED_VARIANTS = (
-    (
-        lambda k: k.endswith(("scaled_fp8", ".scale_weight", ".scale_input")),
-        "a ComfyUI 'scaled fp8' file (fp8 weights with per-layer scales: `scaled_fp8`, "
-        "`.scale_weight` keys); this variant is not supported yet: use the plain fp8_e4m3fn, "
-        "fp16 or bf16 file",
-    ),
     (
         lambda k: "bitsandbytes__" in k or k.endswith(".absmax"),
         "a bitsandbytes NF4/FP4 quantized file; it is not supported: use the fp8_e4m3fn, fp16 or bf16 file",
@@ -263,7 +304,7 @@ class CheckpointInfo:
 
     header: Header
     components: dict[str, ComponentInfo]  # by Component.name
-    layout: str  # "BFL single file", "Hugging Face single file", "ComfyUI all-in-one", "unknown"
+    layout: str  # "BFL single file", "Hugging Face single file", "ComfyUI all-in-one", "GGUF ...", ...
     looks_like: str | None  # another architecture this file seems to be, if any
     unsupported: str | None  # a variant of ours this loader cannot read, if any
 
@@ -356,15 +397,17 @@ def inspect_file(path: str | Path, *, expected: str | None = None) -> Checkpoint
     return CheckpointInfo(
         header=header,
         components=components,
-        layout=_layout(components),
+        layout=_layout(components, header),
         looks_like=_looks_like(keys),
         unsupported=next((what for test, what in UNSUPPORTED_VARIANTS if any(map(test, keys))), None),
     )
 
 
-def _layout(components: dict[str, ComponentInfo]) -> str:
+def _layout(components: dict[str, ComponentInfo], header: Header) -> str:
     if not components:
         return "unknown"
+    if header.format == "gguf":
+        return f"GGUF file (architecture {header.metadata.get('general.architecture')!r})"
     if len(components) > 1 or any(c.prefix == c.spec.comfy_prefix for c in components.values()):
         return "ComfyUI all-in-one checkpoint"
     (only,) = components.values()

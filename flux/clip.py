@@ -1,6 +1,8 @@
 """The CLIP ViT-L/14 text encoder whose pooled output is FLUX's (B, 768) conditioning vector.
 
-Based on the CLIP paper (Radford et al., 2021), read for facts from transformers' `CLIPTextModel`:
+Based on the CLIP paper (Radford et al., 2021, https://arxiv.org/abs/2103.00020), checked against
+transformers' `CLIPTextModel` (src/transformers/models/clip/modeling_clip.py in
+https://github.com/huggingface/transformers), the tests' reference:
 token + learned position embeddings, pre-norm transformer layers with a causal mask, quick_gelu
 MLP (x * sigmoid(1.702 x)), LayerNorm eps 1e-5 and a final LayerNorm.
 

@@ -1,6 +1,7 @@
 """Prompt encoding: prompts -> (txt, vec), the two text inputs of the FLUX transformer.
 
-Based on the reference `HFEmbedder` of black-forest-labs/flux (`modules/conditioner.py`):
+Follows the reference `HFEmbedder` (src/flux/modules/conditioner.py in
+https://github.com/black-forest-labs/flux):
 - txt = the T5 encoder's last hidden state (after its final norm) for ids padded to 256, computed
   with NO attention mask (padding tokens are attended), shape (B, 256, 4096);
 - vec = CLIP's pooled output (final-norm hidden state at the end-of-text token, not the projected
@@ -38,7 +39,7 @@ def t5_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dt
     return torch.bfloat16
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def encode_prompts(
     t5: T5Encoder,
     clip: CLIPTextEncoder,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import Linear, cast_to
+from .ops import Linear, cast_to, compute_weight
 from .rope import apply_rope
 
 NORM_EPS = 1e-6  # LayerNorm and QK RMSNorm epsilon of the reference
@@ -40,10 +40,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def linear_part(
     layer: Linear, x: Tensor, rows: slice = slice(None), cols: slice = slice(None), bias: bool = True
 ) -> Tensor:
-    """`layer` restricted to some output rows / input columns of its stored weight (a view, no copy)."""
-    weight = cast_to(layer.weight[rows, cols], x)
+    """`layer` restricted to some output rows / input columns of its stored weight (a view of a plain
+    weight; only those rows of a GGUF one are dequantized)."""
+    weight = compute_weight(layer, x, rows, cols)
     with_bias = bias and layer.bias is not None
-    return F.linear(x, weight, cast_to(layer.bias[rows], x) if with_bias else None)
+    out = F.linear(x, weight, cast_to(layer.bias[rows], x) if with_bias else None)
+    return out if layer.lora is None else layer.lora.add_to(out, x, rows, cols)
 
 
 def qkv_heads(qkv: Tensor, num_heads: int, norm: QKNorm, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -142,9 +144,8 @@ def mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
 class DoubleStreamBlock(nn.Module):
     """Image and text streams with separate weights and one joint attention over [txt, img]."""
 
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, qkv_bias: bool):
+    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int, qkv_bias: bool):
         super().__init__()
-        mlp_hidden = int(hidden * mlp_ratio)
         self.img_mod = Modulation(hidden, double=True)
         self.img_attn = SelfAttention(hidden, num_heads, qkv_bias)
         self.img_mlp = mlp(hidden, mlp_hidden)
@@ -176,10 +177,10 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """Parallel attention and MLP over the joint sequence, with fused in (`linear1`) and out (`linear2`)."""
 
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden: int, num_heads: int, mlp_hidden: int):
         super().__init__()
         self.num_heads = num_heads
-        self.mlp_hidden = int(hidden * mlp_ratio)
+        self.mlp_hidden = mlp_hidden
         self.linear1 = Linear(hidden, 3 * hidden + self.mlp_hidden)  # always with a bias
         self.linear2 = Linear(hidden + self.mlp_hidden, hidden)
         self.norm = QKNorm(hidden // num_heads)

@@ -27,6 +27,13 @@ Weight dtype (`weight_dtype`):
   saving (T5's bias table feeds every attention logit).
 A file stored in fp8 stays fp8 in memory unless a wider `weight_dtype` is asked for.
 
+Stored forms that stay as they are whatever `weight_dtype` says (`flux.stored_layers`):
+- GGUF weights in a GGML block type (Q8_0 ... Q6_K) stay bytes, dequantized per layer at run time
+  (`ops.compute_weight`): memory is the file's size. Their F32/F16/BF16 tensors follow the rules
+  above;
+- ComfyUI's scaled fp8 layers keep their fp8 weight and a one-number fp32 scale per layer, applied
+  at run time; asked for a wider `weight_dtype`, the scale is folded in at load instead.
+
 The per-network parts below are only a config-inference function and a `_Network` entry (keys the
 file may carry that the network does not have, and the one tied alias of T5).
 
@@ -49,7 +56,7 @@ from torch import nn
 
 from ..errors import InvalidInputError, ModelLoadError, OutOfMemoryError
 from ..local_components import AE, CLIP, T5, TRANSFORMER, Component
-from . import ops
+from . import ops, stored_layers
 from .autoencoder import AutoEncoder, AutoEncoderParams
 from .checkpoint import (
     STORED_DTYPES,
@@ -63,6 +70,7 @@ from .checkpoint import (
 )
 from .clip import CLIPTextConfig, CLIPTextEncoder
 from .model import Flux, FluxParams
+from .scaled_fp8 import LayerScales, find_layer_scales
 from .t5 import T5Config, T5Encoder
 
 LOAD_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
@@ -290,17 +298,17 @@ def _load(path, net: _Network, device, weight_dtype) -> nn.Module:
     model.requires_grad_(False).eval()
     chosen = _match_keys(fail, comp, entries, model, net, config)
     narrow = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, CASTING_LAYERS)}
-    state = _read_tensors(
-        found.info.header,
-        {key: comp.prefix + file_key for key, file_key in chosen.items()},
-        {
-            key: _target_dtype(entries[fk].torch_dtype, weight_dtype, key in narrow)
-            for key, fk in chosen.items()
-        },
-        device,
+    wanted = {key: entries[fk] for key, fk in chosen.items()}
+    plan = stored_layers.prepare(  # GGUF block weights stay bytes; fp8 scales become buffers
+        model,
+        wanted,
+        {key: _target_dtype(e.torch_dtype, weight_dtype, key in narrow) for key, e in wanted.items()},
+        {layer: found.quant_entries[key] for layer, key in found.scales.scales.items()},
+        weight_dtype,
         fail,
     )
-    model.load_state_dict(state, strict=True, assign=True)
+    state = _read_tensors(found.info.header, plan.entries, plan.dtypes, device, fail)
+    model.load_state_dict(plan.finish(state), strict=True, assign=True)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a buffer the network computes at construction would be lost on meta
         raise RuntimeError(f"{type(model).__name__} has tensors no file provides: {left}")
@@ -316,6 +324,8 @@ class _Found:
     entries: dict[str, TensorEntry]  # key without the prefix -> where its data lies
     config: object
     fail: Callable[[str], ModelLoadError]
+    scales: LayerScales  # ComfyUI fp8 layers: layer -> the key of its scale
+    quant_entries: dict[str, TensorEntry]  # the scales and other keys describing the quantization
 
 
 def _inspect(path, net: _Network) -> _Found:
@@ -333,14 +343,23 @@ def _inspect(path, net: _Network) -> _Found:
         raise fail(f"{describe_other(info)}. Give {spec.file_hint}")
 
     entries = {k[len(comp.prefix) :]: info.header.tensors[k] for k in comp.keys}  # prefix removed
+    scales = find_layer_scales(
+        {k: e.shape for k, e in entries.items()},
+        info.header.metadata,
+        comp.prefix,
+        lambda key: _read_bytes(info.header, entries[key]),
+        fail,
+    )
+    quant_keys = set(scales.metadata_keys) | set(scales.scales.values())  # not weights of the network
+    weights = {k: e for k, e in entries.items() if k not in quant_keys}
     try:
-        config = net.infer({k: e.shape for k, e in entries.items()})
+        config = net.infer({k: e.shape for k, e in weights.items()})
     except ValueError as e:  # a missing key or an impossible shape; config classes raise ValueError
         raise fail(f"{_where(comp)}: {e}") from e
     refusal = net.refuse(config)
     if refusal:
         raise fail(refusal)
-    return _Found(info, comp, entries, config, fail)
+    return _Found(info, comp, weights, config, fail, scales, {k: entries[k] for k in quant_keys})
 
 
 def _where(comp: ComponentInfo) -> str:
@@ -389,9 +408,8 @@ def _target_dtype(stored: torch.dtype, weight_dtype: torch.dtype | None, narrowa
     return weight_dtype
 
 
-def _read_tensors(header: Header, file_keys: dict, dtypes: dict, device, fail) -> dict:
+def _read_tensors(header: Header, entries: dict[str, TensorEntry], dtypes: dict, device, fail) -> dict:
     """key -> tensor on `device` in `dtypes[key]`; memory-mapped when nothing needs to change."""
-    entries = {key: header.tensors[file_key] for key, file_key in file_keys.items()}
     in_place = [
         key
         for key, entry in entries.items()
@@ -436,7 +454,7 @@ def _map(raw, entries: dict[str, TensorEntry]) -> dict[str, torch.Tensor]:
         return {
             key: torch.frombuffer(window, dtype=torch.uint8, count=e.end - e.start, offset=e.start - base)
             .view(e.torch_dtype)
-            .view(e.shape)
+            .view(e.stored_shape)
             for key, e in entries.items()
         }
 
@@ -447,7 +465,14 @@ def _read_one(raw, entry: TensorEntry) -> torch.Tensor:
     raw.seek(entry.start)
     if raw.readinto(memoryview(buffer.numpy())) != buffer.numel():
         raise OSError(f"the file ended inside a tensor (bytes {entry.start}..{entry.end})")
-    return buffer.view(entry.torch_dtype).view(entry.shape)
+    return buffer.view(entry.torch_dtype).view(entry.stored_shape)
+
+
+def _read_bytes(header: Header, entry: TensorEntry) -> bytes:
+    """The raw bytes of one (small) tensor, e.g. the JSON of a `.comfy_quant` entry."""
+    with header.path.open("rb") as raw:
+        raw.seek(entry.start)
+        return raw.read(entry.end - entry.start)
 
 
 def _convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -455,7 +480,9 @@ def _convert(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch
     t = t.to(device)
     if t.dtype == dtype:
         return t
-    if dtype.itemsize == 1 and t.dtype.itemsize > 1:
+    if dtype.itemsize == 1 and t.dtype.itemsize == 1:  # float8_e5m2 (up to 57344) to e4m3fn
+        t = t.float()
+    if dtype.itemsize == 1:
         t.clamp_(-FP8_MAX, FP8_MAX)  # fp8 e4m3fn has no infinity: larger values would become NaN
     return t.to(dtype)
 

@@ -70,6 +70,12 @@ class FluxParams:
                 f"head dim hidden_size / num_heads = {head_dim}"
             )
 
+    @property
+    def mlp_hidden_dim(self) -> int:
+        """The MLP width. Rounded, not truncated: a ratio inferred from a file (e.g. 1840 / 896)
+        must give back that file's width, and `int()` of the product can land one below it."""
+        return round(self.hidden_size * self.mlp_ratio)
+
 
 class Flux(nn.Module):
     """FLUX.1 transformer: packed latents + text + pooled vector + timestep -> velocity (B, N, out)."""
@@ -83,10 +89,12 @@ class Flux(nn.Module):
         self.guidance_in = MLPEmbedder(TIME_EMBED_DIM, p.hidden_size) if p.guidance_embed else None
         self.txt_in = Linear(p.context_in_dim, p.hidden_size)
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, p.qkv_bias) for _ in range(p.depth)
+            DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_hidden_dim, p.qkv_bias)
+            for _ in range(p.depth)
         )
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth_single_blocks)
+            SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_hidden_dim)
+            for _ in range(p.depth_single_blocks)
         )
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
 
@@ -141,7 +149,7 @@ def check_inputs(p: FluxParams, img, img_ids, txt, txt_ids, timesteps, y, guidan
 
     if img.ndim != 3 or img.shape[-1] != p.in_channels:
         fail("img", f"(batch, tokens, {p.in_channels}) packed latents", img)
-    if not img.is_floating_point() or img.dtype.itemsize < 2:
+    if img.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise InvalidInputError(f"Flux input `img` must be float32, float16 or bfloat16, got {img.dtype}")
     b, n = img.shape[:2]
     if txt.ndim != 3 or txt.shape[0] != b or txt.shape[-1] != p.context_in_dim:

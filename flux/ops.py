@@ -1,9 +1,17 @@
-"""Layers whose weights may be stored in a narrower dtype than the one they compute in.
+"""Layers whose weights may be stored in a narrower form than the dtype they compute in.
 
-FLUX files come as fp32, fp16, bf16 or float8_e4m3fn. Weights stay in memory as stored and each layer
-casts its weight (and bias) to the dtype of its input when it runs, so an fp8 file needs 1 byte a
-parameter and the arithmetic runs in bf16 on a GPU or fp32 on a CPU. When the dtypes already agree
-nothing is copied.
+FLUX files come as fp32, fp16, bf16 or float8, as ComfyUI's scaled fp8 (fp8 times a per-layer
+scale) or as GGUF block quantizations (Q8_0 ... Q2_K). Weights stay in memory as stored and each
+layer turns its stored weight into the weight it computes with when it runs (`compute_weight`), in
+the dtype of its input, so an fp8 file needs 1 byte a parameter, a Q4_K file 4.5 bits, and the
+arithmetic runs in bf16 on a GPU or fp32 on a CPU:
+
+- a plain tensor is cast (when the dtypes already agree nothing is copied);
+- a scaled one (a `weight_scale` buffer on the layer, set by `flux.loading` for ComfyUI's scaled fp8
+  and `comfy_quant` fp8 layers) becomes `weight.float() * weight_scale`, then the compute dtype;
+- a GGUF one (`gguf_type` set on the layer: `weight` holds the bytes of its blocks, one row of bytes
+  per row of the weight, and `gguf_shape` the weight's shape) is dequantized on the layer's device
+  (`flux.gguf_quants`), only the rows and columns asked for where the blocks allow it.
 """
 
 from __future__ import annotations
@@ -11,6 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .gguf_quants import GGML_TYPES, dequantize
+
+FULL = slice(None)
 
 
 def cast_to(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -24,29 +36,94 @@ def cast_to(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return t.to(dtype=like.dtype)
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` that computes in its input's dtype whatever dtype its weight is stored in."""
+class StoredWeight:
+    """How a layer's `weight` is stored, when it is not a plain tensor (see `compute_weight`)."""
+
+    gguf_type: str | None = None  # a GGML block type: `weight` holds its bytes (rows, bytes per row)
+    gguf_shape: tuple[int, ...] | None = None  # the weight's own shape, then
+
+
+def compute_weight(
+    layer: nn.Module, like: torch.Tensor, rows: slice = FULL, cols: slice = FULL
+) -> torch.Tensor:
+    """The weight `layer` computes with, in the dtype of `like`, on the device of the stored weight.
+
+    `rows`/`cols` restrict it to some output rows / input columns of a 2-D weight: a view for plain
+    weights, and for GGUF ones only those rows (and columns, when they fall on block bounds) are
+    dequantized.
+    """
+    if layer.gguf_type is not None:
+        return _dequantized(layer, like.dtype, rows, cols)
+    w = layer.weight if rows == FULL and cols == FULL else layer.weight[rows, cols]
+    scale = layer._buffers.get("weight_scale")  # ComfyUI's scaled fp8: a per-layer fp32 scale
+    if scale is not None:
+        return (w.float() * scale).to(like.dtype)
+    return w.to(dtype=like.dtype)
+
+
+def _dequantized(layer: StoredWeight, dtype: torch.dtype, rows: slice, cols: slice) -> torch.Tensor:
+    raw, shape, qtype = layer.weight, layer.gguf_shape, GGML_TYPES[layer.gguf_type]
+    if not _rowwise(layer):  # rows of bytes that are not the weight's rows (a reshaped tensor)
+        w = dequantize(raw, layer.gguf_type, dtype).reshape(shape)
+        return w if rows == FULL and cols == FULL else w[rows, cols]
+    if rows != FULL:
+        raw = raw[rows]
+    start, stop, step = cols.indices(shape[-1])
+    block = qtype.block_size
+    if cols != FULL and step == 1 and start % block == 0 and stop % block == 0:
+        raw = raw[:, start // block * qtype.type_size : stop // block * qtype.type_size]
+        cols = FULL
+    w = dequantize(raw, layer.gguf_type, dtype)  # (rows, values per row)
+    return w if cols == FULL else w[:, cols]
+
+
+def _rowwise(layer: StoredWeight) -> bool:
+    """Whether row r of the stored bytes decodes to row r of the 2-D weight."""
+    shape, raw = layer.gguf_shape, layer.weight
+    return len(shape) == 2 and raw.dim() == 2 and raw.shape[0] == shape[0]
+
+
+class Linear(StoredWeight, nn.Linear):
+    """`nn.Linear` that computes in its input's dtype whatever form its weight is stored in.
+
+    `lora`: the LoRAs' low-rank updates (`flux.lora_adapter.LowRankAdapter`), added to the output at
+    run time; None (no LoRA) by default. Not a parameter: the stored weights never change.
+    """
+
+    lora = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, cast_to(self.weight, x), cast_to(self.bias, x))
+        out = F.linear(x, compute_weight(self, x), cast_to(self.bias, x))
+        return out if self.lora is None else self.lora.add_to(out, x)
 
 
-class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` that computes in its input's dtype whatever dtype its weight is stored in."""
+class Conv2d(StoredWeight, nn.Conv2d):
+    """`nn.Conv2d` that computes in its input's dtype whatever form its weight is stored in."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, cast_to(self.weight, x), cast_to(self.bias, x))
+        return self._conv_forward(x, compute_weight(self, x), cast_to(self.bias, x))
 
 
-class Embedding(nn.Embedding):
-    """`nn.Embedding` whose output is in `out_dtype` (given per call) rather than the stored dtype."""
+class Embedding(StoredWeight, nn.Embedding):
+    """`nn.Embedding` whose output is in `out_dtype` (given per call) rather than the stored dtype.
+
+    Only the rows looked up are gathered and then cast, scaled or dequantized: never the whole table.
+    """
 
     def forward(self, ids: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         w = self.weight
+        if self.gguf_type is not None:
+            if not _rowwise(self):
+                table = compute_weight(self, torch.empty(0, dtype=out_dtype or torch.float32))
+                return F.embedding(ids, table)
+            return dequantize(F.embedding(ids, w), self.gguf_type, out_dtype or torch.float32)
         if w.dtype.itemsize == 1:  # fp8: gather the bytes, since some torch versions (mid-2024)
             rows = F.embedding(ids, w.view(torch.uint8)).view(w.dtype)  # cannot index fp8 tables
         else:
             rows = F.embedding(ids, w)  # gather first: never cast the whole table
+        scale = self._buffers.get("weight_scale")
+        if scale is not None:
+            return (rows.float() * scale).to(out_dtype or torch.float32)
         return rows if out_dtype is None else rows.to(out_dtype)
 
 

@@ -1,8 +1,9 @@
 """A cheap RGB preview of a FLUX latent while sampling: one 16x3 linear map, no autoencoder.
 
 The factors are a least-squares fit from the 16 FLUX latent channels (in the sampler's scaled and
-shifted space) to RGB in [-1, 1], as published in ComfyUI's `comfy/latent_formats.py` (class
-`Flux`); they are data about the FLUX latent space, reproduced here as numbers.
+shifted space) to RGB in [-1, 1]: measured data about the FLUX.1 autoencoder's latent space, as
+published in ComfyUI's `comfy/latent_formats.py`, class `Flux`
+(https://github.com/comfyanonymous/ComfyUI/blob/master/comfy/latent_formats.py).
 """
 
 from __future__ import annotations

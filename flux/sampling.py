@@ -2,8 +2,10 @@
 
 Follows Black Forest Labs' reference, `src/flux/sampling.py` in https://github.com/black-forest-labs/flux:
 
-- noise is drawn on the CPU from `torch.Generator("cpu").manual_seed(seed)`, so it is the same on
-  every device; image i of a batch uses seed + i (for one image this is exactly the reference);
+- noise is drawn on the CPU from `torch.Generator("cpu").manual_seed(seed)`, so a seed gives the
+  same image on every device; image i of a batch uses seed + i. This equals the reference's
+  `get_noise(..., device="cpu", dtype=torch.bfloat16)`; on a GPU the reference draws with a CUDA
+  generator, whose numbers differ;
 - schnell's schedule is `linspace(1, 0, steps + 1)`, without the resolution-dependent shift of dev;
 - the 16 x H/8 x W/8 latent is packed into (H/16 * W/16) tokens of 2x2x16 = 64 features;
 - each Euler step adds (t_prev - t_curr) * velocity; there is no guidance and no negative prompt;

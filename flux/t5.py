@@ -1,7 +1,9 @@
 """The T5 v1.1 encoder that turns a FLUX prompt into the (B, 256, 4096) text sequence.
 
-Based on the T5 paper (Raffel et al., 2020) with the v1.1 changes (gated-GELU feed-forward, no bias
-anywhere, no tied output head), read for facts from transformers' `T5EncoderModel`. What FLUX needs:
+Based on the T5 paper (Raffel et al., 2020, https://arxiv.org/abs/1910.10683) with the v1.1 changes
+(gated-GELU feed-forward, no bias anywhere, no tied output head), checked against transformers'
+`T5EncoderModel` (src/transformers/models/t5/modeling_t5.py in
+https://github.com/huggingface/transformers), which the tests use as the reference. What FLUX needs:
 
 - RMS layer norm without mean subtraction. As in transformers, the variance is taken in fp32, the
   normalised value is cast back to the compute dtype and only then multiplied by the scale.

@@ -1,6 +1,7 @@
 """Prompt tokenization for FLUX's two text encoders, from local tokenizer folders only.
 
-Based on the reference `HFEmbedder` of black-forest-labs/flux: both tokenizers are called with
+Follows the reference `HFEmbedder` (src/flux/modules/conditioner.py in
+https://github.com/black-forest-labs/flux): both tokenizers are called with
 `truncation=True, padding="max_length"`, so every prompt becomes exactly `max_length` ids.
 
 - CLIP (77 ids): `<|startoftext|>`, the byte-level BPE tokens (lowercased, whitespace collapsed,

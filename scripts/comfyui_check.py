@@ -1,24 +1,31 @@
 """Proof on a real ComfyUI server that this package and its saved workflows work (run by hand).
 
-Starts a fake ImageAPI (tests/fake_imageapi.py) in this process and a real ComfyUI on 127.0.0.1
-(`--cpu`, a temporary base directory holding custom_nodes/ with a link to this repository, models/,
-output/, user/), then checks:
+Starts a fake ImageAPI (tests/support/fake_imageapi.py) in this process and a real ComfyUI on
+127.0.0.1 (`--cpu`, a temporary base directory holding custom_nodes/ with a link to this repository
+and a test-only probe, models/, output/, user/; see scripts/comfyui_server.py), then checks:
 
 1. the package imported with no error or warning in ComfyUI's start-up log;
 2. /object_info shows both nodes as INPUT_TYPES declares them;
-3. each API-format workflow in workflows/api/ POSTed to /prompt finishes and writes PNGs of the
-   expected count and size (local workflows only with --local: tiny random-weight models from
-   tests/tiny_models.py are put into models/; the upscale model is a tiny random ESRGAN);
+3. each API-format workflow in example_workflows/api/ POSTed to /prompt finishes and writes PNGs of
+   the expected count and size (local workflows only with --local: tiny random-weight models from
+   tests/support/tiny_models.py are put into models/; the upscale model is a tiny random ESRGAN);
 4. an identical re-post is served from ComfyUI's cache, with no second request to the service;
 5. POST /interrupt stops a generation waiting on a slow service within a few seconds;
+5b. scripts/comfyui_runtime.py: the draft board's four generate nodes wait at the same time (timed
+   against a 1 s service), a waiting node shows the seconds and the images done (progress text,
+   read from the WebSocket), Cancel stops all four at once, and with --local ComfyUI's model
+   management lists our models, POST /free unloads them and the next run reads no weight file;
 6. no saved PNG text chunk, history entry or log line contains the API key;
 7. with --browser (needs the `playwright` package and a Chromium): each UI workflow loads in the
-   real frontend, and the frontend's own UI-to-API conversion equals the API twin on disk;
+   real frontend (ComfyUI's own, or --front-end-root), and the frontend's own UI-to-API conversion
+   means what the API twin on disk means (node types, links, widget values: frontend releases
+   write the same graph differently);
    --screenshot saves a picture of the upscale workflow; --record rewrites
    tests/data/comfyui_core_nodes.json from this server and frontend.
 
 Usage (the Python must have ComfyUI's requirements; playwright only for --browser):
-    python -m scripts.comfyui_check --comfyui ~/ComfyUI [--local] [--browser /usr/bin/chromium]
+    python -m scripts.comfyui_check --comfyui ~/ComfyUI [--python PY] [--local]
+        [--browser /usr/bin/chromium] [--front-end-root .../comfyui_frontend_package/static]
         [--screenshot docs/workflow_upscale.png] [--record]
 Exit status 0 when every check passed or was skipped with a reason, 1 otherwise.
 """
@@ -29,18 +36,18 @@ import argparse
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from scripts import comfyui_runtime as runtime
+from scripts.comfyui_server import ComfyServer, Report, free_port, install_probe, messages
 from tests.support import REPO
 from tests.support import workflow_tools as wt
 from tests.support.fake_imageapi import FakeImageAPI
@@ -61,132 +68,6 @@ CHROMIUM_FLAGS = [
     "--no-first-run",
     "--disable-quic",
 ]
-
-
-# --- report --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Report:
-    rows: list[tuple[str, str, str]] = field(default_factory=list)
-
-    def add(self, status: str, name: str, detail: str = "") -> None:
-        self.rows.append((status, name, detail))
-        print(f"[{status}] {name}" + (f": {detail}" if detail else ""), flush=True)
-
-    def check(self, ok: bool, name: str, detail: str = "") -> bool:
-        self.add("PASS" if ok else "FAIL", name, detail)
-        return ok
-
-    @property
-    def failed(self) -> bool:
-        return any(status == "FAIL" for status, _, _ in self.rows)
-
-    def summary(self) -> str:
-        counts = {s: sum(1 for r in self.rows if r[0] == s) for s in ("PASS", "FAIL", "SKIP")}
-        return f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped"
-
-
-# --- ComfyUI process and HTTP ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ComfyServer:
-    """A ComfyUI process on 127.0.0.1 with its own base directory, and its HTTP API."""
-
-    def __init__(self, comfyui: Path, python: str, base: Path, port: int, env: dict[str, str]):
-        self.comfyui, self.python, self.base, self.port, self.env = comfyui, python, base, port, env
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = base / "comfyui.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 240.0) -> None:
-        cmd = [
-            self.python,
-            "main.py",
-            "--cpu",
-            "--listen",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--disable-auto-launch",
-            "--base-directory",
-            str(self.base),
-            "--database-url",
-            "sqlite:///:memory:",
-        ]
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            cmd, cwd=self.comfyui, env=self.env, stdout=log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                self.get("/system_stats")
-                return
-            except OSError:
-                time.sleep(1.0)
-        raise TimeoutError(f"ComfyUI did not answer within {timeout:.0f} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return json.loads(r.read())
-
-    def post(self, path: str, doc) -> tuple[int, dict]:
-        data = json.dumps(doc).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                body = r.read()
-                return r.status, (json.loads(body) if body else {})
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
-
-    def queue(self, api: dict, ui: dict | None = None) -> str:
-        doc = {"prompt": api, "client_id": str(uuid.uuid4())}
-        if ui is not None:  # what the frontend sends: the PNG then carries the workflow too
-            doc["extra_data"] = {"extra_pnginfo": {"workflow": ui}}
-        status, answer = self.post("/prompt", doc)
-        if status != 200:
-            raise RuntimeError(f"/prompt answered {status}: {json.dumps(answer)[:2000]}")
-        return answer["prompt_id"]
-
-    def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-                entry = history[prompt_id]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
-            time.sleep(0.2)
-        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
-
-
-def messages(entry: dict) -> dict[str, list]:
-    found: dict[str, list] = {}
-    for name, data in entry.get("status", {}).get("messages", []):
-        found.setdefault(name, []).append(data)
-    return found
 
 
 # --- files put into the temporary ComfyUI ----------------------------------------------------------
@@ -218,7 +99,7 @@ def tiny_esrgan(path: Path, nf: int = 8, gc: int = 32, blocks: int = 1, seed: in
 
 
 def tiny_local_models(models: Path) -> list[Path]:
-    """Tiny random-weight FLUX files (tests/tiny_models.py) under the names `auto` looks for.
+    """Tiny random-weight FLUX files (tests/support/tiny_models.py) under the names `auto` looks for.
 
     On a real server the text encoders get ComfyUI's own tokenizers, so their embedding tables
     have the real vocabulary sizes (T5 32128, CLIP 49408); everything else is tiny.
@@ -241,7 +122,10 @@ def tiny_local_models(models: Path) -> list[Path]:
         ),
         models / "vae" / "ae.safetensors": tm.autoencoder_weights(),
     }
-    return [tm.save(path, weights) for path, weights in parts.items()]
+    from tests.support.thumbnails import install_tiny_loras
+
+    loras = install_tiny_loras(models / "loras")  # under the names the saved workflows pick
+    return [tm.save(path, weights) for path, weights in parts.items()] + loras
 
 
 def make_base(base: Path, local: bool) -> None:
@@ -250,6 +134,7 @@ def make_base(base: Path, local: bool) -> None:
     for sub in ("output", "input", "temp", "user", "models"):
         (base / sub).mkdir(exist_ok=True)
     tiny_esrgan(base / "models" / "upscale_models" / UPSCALE_MODEL)
+    install_probe(base)
     if local:
         tiny_local_models(base / "models")
 
@@ -323,11 +208,15 @@ def is_local(api: dict) -> bool:
     )
 
 
-def api_images(api: dict) -> int:
+def api_images(api: dict, cached: frozenset[str] = frozenset()) -> int:
+    """Images the graph asks the service for, leaving out nodes ComfyUI served from its cache (a
+    generate node with the same inputs as in an earlier graph)."""
     return sum(
         n["inputs"]["batch_size"]
-        for n in api.values()
-        if n["class_type"] == "FluxSchnellGenerate" and n["inputs"].get("backend") == "api"
+        for node_id, n in api.items()
+        if n["class_type"] == "FluxSchnellGenerate"
+        and n["inputs"].get("backend") == "api"
+        and node_id not in cached
     )
 
 
@@ -375,10 +264,12 @@ def check_workflow(report, server, fake, ui_path: Path, local: bool) -> list[Pat
         "; ".join(problems) or ", ".join(f"{k}: {len(v)} PNG" for k, v in files.items()),
     )
     calls = fake.generate_calls - before
+    cached = frozenset(n for d in messages(entry).get("execution_cached", []) for n in d["nodes"])
     report.check(
-        calls == api_images(api),
+        calls == api_images(api, cached),
         f"workflow {name} service requests",
-        f"{calls} (expected {api_images(api)})",
+        f"{calls} (expected {api_images(api, cached)}"
+        + (f"; cached nodes {sorted(cached)})" if cached else ")"),
     )
     return [p for paths in files.values() for p in paths]
 
@@ -495,38 +386,41 @@ LOAD_AND_CONVERT = """async (data) => {
 }"""
 
 
-def check_frontend(report: Report, page) -> None:
+def live_specs(info: dict) -> dict[str, wt.NodeSpec]:
+    """Node schemas from this server's /object_info (frontend-only widgets from the record)."""
+    extra = wt.load_core_record().get("frontend_only_widgets", {})
+    return {name: wt.spec_from_object_info(entry, extra.get(name)) for name, entry in info.items()}
+
+
+def check_frontend(report: Report, page, info: dict) -> None:
+    """The frontend loads each UI graph, converts it to what its API twin means and re-saves it
+    meaning the same: compared as node types, links and widget values (workflow_tools.ui_meaning,
+    api_meaning), not as JSON text, which frontend releases write differently."""
+    version = page.evaluate("window.__COMFYUI_FRONTEND_VERSION__ || null")
+    report.add("INFO", "frontend", f"version {version}")
+    specs, ui_only = live_specs(info), wt.ui_only_types()
     for ui_path in wt.ui_workflow_paths():
         ui = wt.load_json(ui_path)
         got = json.loads(page.evaluate(LOAD_AND_CONVERT, ui))
         twin = wt.load_json(wt.api_twin_path(ui_path))
+        problems = wt.meaning_differences(wt.api_meaning(got["output"], specs), wt.api_meaning(twin, specs))
+        exact = "identical JSON" if got["output"] == twin else "same meaning, JSON differs"
         report.check(
-            got["output"] == twin,
+            not problems,
             f"frontend converts {ui_path.name} to its API twin",
-            "" if got["output"] == twin else _diff(got["output"], twin),
+            "; ".join(problems)[:1500] if problems else exact,
         )
-        same = _graph_core(got["workflow"]) == _graph_core(ui)
-        report.check(same, f"frontend re-saves {ui_path.name} unchanged (nodes, links, widgets)")
-
-
-def _graph_core(wf: dict) -> tuple:
-    nodes = sorted(
-        (
-            n["id"],
-            n["type"],
-            json.dumps(n.get("widgets_values")),
-            json.dumps(n.get("inputs")),
-            json.dumps(n.get("outputs")),
-            n.get("title"),
+        try:
+            problems = wt.meaning_differences(
+                wt.ui_meaning(got["workflow"], specs, ui_only), wt.ui_meaning(ui, specs, ui_only)
+            )
+        except ValueError as e:
+            problems = [str(e)]
+        report.check(
+            not problems,
+            f"frontend re-saves {ui_path.name} meaning the same (node types, links, widget values)",
+            "; ".join(problems)[:1500],
         )
-        for n in wf["nodes"]
-    )
-    return nodes, sorted(map(tuple, wf["links"]))
-
-
-def _diff(a: dict, b: dict) -> str:
-    keys = sorted(set(a) | set(b))
-    return "; ".join(f"{k}: {a.get(k)} != {b.get(k)}" for k in keys if a.get(k) != b.get(k))[:1500]
 
 
 SCREENSHOT_SETTINGS = {
@@ -553,10 +447,26 @@ def screenshot(page, ui_path: Path, target: Path) -> None:
 
 
 def check_templates(report: Report, server: ComfyServer) -> None:
-    """ComfyUI's template browser lists the UI workflows and none of the API twins."""
+    """ComfyUI's template browser lists the UI workflows (none of the API twins), and serves each
+    one's JSON and its thumbnail where the frontend asks for them."""
     listed = sorted(server.get("/api/workflow_templates").get(PACKAGE_FOLDER, []))
     want = sorted(p.stem for p in wt.ui_workflow_paths())
     report.check(listed == want, "template browser lists the UI workflows only", str(listed))
+    for ui_path in wt.ui_workflow_paths():
+        thumb = wt.thumbnail_path(ui_path)
+        for path, kind in ((ui_path, "workflow"), (thumb, "thumbnail")):
+            url = f"/api/workflow_templates/{PACKAGE_FOLDER}/{urllib.parse.quote(path.name)}"
+            try:
+                status, content_type, body = server.get_bytes(url)
+            except urllib.error.HTTPError as e:
+                status, content_type, body = e.code, "", b""
+            same = path.is_file() and body == path.read_bytes()
+            report.check(
+                status == 200 and same,
+                f"template {kind} served: {path.name}",
+                f"GET {url}: {status} {content_type}, {len(body)} bytes"
+                + ("" if same else " (not the file's bytes)"),
+            )
 
 
 CREATE_AND_CONVERT = """async (types) => {
@@ -634,9 +544,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="ComfyUI port (default: a free one)")
     parser.add_argument("--local", action="store_true", help="also run the local workflows")
     parser.add_argument("--browser", help="Chromium executable for the frontend checks")
+    parser.add_argument(
+        "--front-end-root",
+        type=Path,
+        help="serve this frontend build (comfyui_frontend_package/static) instead of ComfyUI's own",
+    )
     parser.add_argument("--screenshot", type=Path, help="save the upscale workflow's picture here")
     parser.add_argument("--record", action="store_true", help="rewrite the core-node record")
-    parser.add_argument("--commit", help="ComfyUI commit to note in the record")
+    parser.add_argument("--commit", help="ComfyUI commit to note in the report and the record")
     parser.add_argument("--keep", action="store_true", help="keep the temporary base directory")
     args = parser.parse_args(argv)
     if (args.screenshot or args.record) and not args.browser:
@@ -644,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     comfyui = args.comfyui.expanduser().resolve()
     if not (comfyui / "main.py").is_file():
         parser.error(f"{comfyui} has no main.py: pass the ComfyUI folder")
+    front_end_root = args.front_end_root.expanduser().resolve() if args.front_end_root else None
+    if front_end_root is not None and not (front_end_root / "index.html").is_file():
+        parser.error(f"{front_end_root} has no index.html: pass .../comfyui_frontend_package/static")
 
     report = Report()
     key = "sk_check_" + secrets.token_hex(16)
@@ -658,15 +576,17 @@ def main(argv: list[str] | None = None) -> int:
         IMAGEAPI_BASE_URL=fake.base_url,
         IMAGEAPI_CONFIG=str(base / "flux_schnell_config.json"),
     )
-    server = ComfyServer(comfyui, args.python, base, args.port or free_port(), env)
+    server = ComfyServer(comfyui, args.python, base, args.port or free_port(), env, front_end_root)
     print(f"ComfyUI {comfyui} with {args.python}; base directory {base}; fake API {fake.base_url}")
     try:
         server.start()
         stats = server.get("/system_stats")["system"]
+        commit = args.commit or comfyui_commit(comfyui) or "commit unknown"
         report.add(
             "INFO",
             "server",
-            f"ComfyUI {stats['comfyui_version']}, frontend {stats.get('required_frontend_version')}, "
+            f"ComfyUI {stats['comfyui_version']} ({commit}), frontend "
+            f"{front_end_root or 'its own'} (it requires {stats.get('required_frontend_version')}), "
             f"torch {stats['pytorch_version']}, python {stats['python_version'].split()[0]}",
         )
         check_import(report, server.log())
@@ -676,15 +596,22 @@ def main(argv: list[str] | None = None) -> int:
         pngs: list[Path] = []
         for ui_path in wt.ui_workflow_paths():
             pngs += check_workflow(report, server, fake, ui_path, args.local)
-        first = wt.WORKFLOW_DIR / "flux_schnell_api.json"
+        first = wt.TEXT_TO_IMAGE
         check_cache(report, server, fake, first)
         check_interrupt(report, server, fake, first)
+        runtime.check_concurrency(report, server, fake)
+        runtime.check_progress_text(report, server, fake, key)
+        runtime.check_board_interrupt(report, server, fake)
+        if args.local:
+            runtime.check_model_management(report, server)
+        else:
+            report.add("SKIP", "ComfyUI's model management of the local models", "run with --local")
         check_no_key(report, server, key, [p for p in pngs if p.is_file()])
         check_run_log(report, server.log())
         if args.browser:
 
             def in_browser(page) -> None:
-                check_frontend(report, page)
+                check_frontend(report, page, info)
                 if args.record:
                     path = record(page, server, info, comfyui, args.commit or comfyui_commit(comfyui))
                     report.add("INFO", "recorded", str(path))
@@ -692,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             run_browser(args.browser, server.url, in_browser)
             if args.screenshot:
                 server.post("/settings", SCREENSHOT_SETTINGS)
-                upscale = wt.WORKFLOW_DIR / "flux_schnell_upscale.json"
+                upscale = wt.UPSCALE
                 run_browser(
                     args.browser,
                     server.url,

@@ -1,12 +1,13 @@
-"""Tests of flux/checkpoint.py and flux/loading.py: every layout and dtype, config inference on the
-real key layouts, zero-copy memory mapping, and the message of every kind of wrong file.
+"""Tests of flux/loading.py: every layout and dtype, config inference on the real key layouts,
+zero-copy memory mapping, strict keys (missing, unexpected, wrong shape or dtype), refused variants
+(FLUX.1 [dev], other autoencoders), `check_compatible` and `check_files_compatible`. Reading headers,
+naming foreign files and finding the networks in a file (flux/checkpoint.py) are tested in
+test_checkpoint.py.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
-import json
 import sys
 import warnings
 from dataclasses import replace
@@ -15,34 +16,22 @@ from pathlib import Path
 import pytest
 import torch
 from comfyui_flux_schnell.errors import InvalidInputError, ModelLoadError, OutOfMemoryError
-from comfyui_flux_schnell.flux import checkpoint, loading, ops
+from comfyui_flux_schnell.flux import loading, ops
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoderParams
 from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
-from comfyui_flux_schnell.flux.model import FluxParams
+from comfyui_flux_schnell.flux.model import Flux, FluxParams
 from comfyui_flux_schnell.flux.t5 import T5Config
 from safetensors.torch import load_file, save_file
-from support import KEYS_DIR
 from support import tiny_models as tm
+from support.weight_file_cases import (
+    LOADERS,
+    load_error,
+    real_layout,
+    real_shapes,
+    tiny_model_sets,
+    write_real_all_in_one,
+)
 
-KEYS = KEYS_DIR
-LOADERS = {
-    "transformer": loading.load_transformer,
-    "ae": loading.load_autoencoder,
-    "t5": loading.load_t5,
-    "clip": loading.load_clip,
-}
-TITLES = {
-    "transformer": "FLUX.1 [schnell] transformer",
-    "ae": "FLUX.1 autoencoder (VAE)",
-    "t5": "T5-XXL text encoder",
-    "clip": "CLIP-L text encoder",
-}
-HINTS = {
-    "transformer": "flux1-schnell.safetensors",
-    "ae": "ae.safetensors",
-    "t5": "t5xxl_fp16.safetensors",
-    "clip": "clip_l.safetensors",
-}
 TINY_CONFIGS = {
     "transformer": tm.TINY_FLUX,
     "ae": tm.TINY_AE,
@@ -75,14 +64,7 @@ def narrow_keys(model) -> set[str]:
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     """dtype -> TinyModelFiles, written once per module."""
-    written = {}
-
-    def get(dtype):
-        if dtype not in written:
-            written[dtype] = tm.write_tiny_models(tmp_path_factory.mktemp(tm.DTYPE_NAMES[dtype]), dtype)
-        return written[dtype]
-
-    return get
+    return tiny_model_sets(tmp_path_factory)
 
 
 # --- every accepted layout and dtype -------------------------------------------------------------
@@ -215,18 +197,24 @@ def test_clip_extras_are_ignored(tmp_path):
 # --- config inference on the real key layouts ----------------------------------------------------
 
 
-def real_shapes(name: str) -> tuple[dict, dict]:
-    data = json.loads((KEYS / f"keys_{name}.json").read_text())
-    shapes = {k: v["shape"] if isinstance(v, dict) else v for k, v in data["keys"].items()}
-    return shapes, data
-
-
 def test_infer_schnell_config_from_real_layout():
     shapes, data = real_shapes("flux1_schnell")
     params = loading.infer_flux_params(shapes)
     assert params == FluxParams(**data["params"])
     assert params == FluxParams()
     assert params.guidance_embed is False
+
+
+@pytest.mark.parametrize(("hidden", "mlp_hidden"), [(896, 1840), (3072, 12288), (1152, 2300)])
+def test_inferred_mlp_width_rebuilds_the_files_shapes(hidden, mlp_hidden):
+    """1840 / 896 * 896 is 1839.99...: the width must come back exact, not truncated."""
+    params = FluxParams(hidden_size=hidden, num_heads=hidden // 128, mlp_ratio=mlp_hidden / hidden)
+    params = replace(params, depth=1, depth_single_blocks=1)
+    with torch.device("meta"):
+        shapes = {k: list(t.shape) for k, t in Flux(params).state_dict().items()}
+        rebuilt = Flux(loading.infer_flux_params(shapes))
+    assert {k: list(t.shape) for k, t in rebuilt.state_dict().items()} == shapes
+    assert shapes["single_blocks.0.linear1.weight"][0] == 3 * hidden + mlp_hidden
 
 
 def test_infer_dev_config_from_real_layout():
@@ -264,37 +252,10 @@ def test_infer_clip_l_config_from_real_layout():
     assert loading.infer_clip_config(shapes) == CLIPTextConfig()
 
 
-def real_layout(name: str, prefix: str = "", dtype=torch.bfloat16) -> dict:
-    shapes, _ = real_shapes(name)
-    return {prefix + k: (tuple(v), dtype) for k, v in shapes.items()}
-
-
 @pytest.fixture(scope="module")
 def real_all_in_one(tmp_path_factory) -> Path:
     """A header-only (sparse) ComfyUI checkpoint with the full-size layouts of all four networks."""
-    layout = {
-        **real_layout("flux1_schnell", "model.diffusion_model."),
-        **real_layout("ae", "vae.", torch.float32),
-        **real_layout("t5xxl_hf", "text_encoders.t5xxl.transformer.", torch.float8_e4m3fn),
-        **real_layout("clip_l_hf", "text_encoders.clip_l.transformer.", torch.float16),
-        "text_encoders.clip_l.logit_scale": ((), torch.float32),
-        "text_encoders.t5xxl.logit_scale": ((), torch.float32),
-    }
-    return tm.write_header_only(tmp_path_factory.mktemp("real") / "flux1-schnell-aio.safetensors", layout)
-
-
-def test_inspect_real_size_all_in_one(real_all_in_one):
-    info = checkpoint.inspect_file(real_all_in_one)
-    assert info.layout == "ComfyUI all-in-one checkpoint"
-    assert set(info.components) == {"transformer", "ae", "t5", "clip"}
-    transformer = info.components["transformer"]
-    assert transformer.variant == "schnell"
-    assert transformer.num_params == 11_891_178_560
-    assert transformer.dtypes == {"BF16": 776}
-    assert info.components["ae"].num_params == 83_819_683
-    assert info.components["t5"].dtypes == {"F8_E4M3": 220}
-    assert len(info.components["clip"].keys) == 196
-    assert "a FLUX.1 [schnell] transformer (under 'model.diffusion_model.'; 776" in info.describe()
+    return write_real_all_in_one(tmp_path_factory.mktemp("real") / "flux1-schnell-aio.safetensors")
 
 
 def reduced(layout: dict, keep_blocks=("double_blocks.", "single_blocks.", "encoder.block.")):
@@ -421,65 +382,7 @@ def test_cast_parameters_are_not_in_the_mapping(sets):
     assert not any(start <= p.data_ptr() < end for p in model.parameters() for start, end in ranges)
 
 
-# --- inspect_file --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("attr", "layout", "components"),
-    [
-        ("transformer", "Black Forest Labs single file", {"transformer"}),
-        ("ae", "Black Forest Labs single file", {"ae"}),
-        ("t5", "Hugging Face single file", {"t5"}),
-        ("clip", "Hugging Face single file", {"clip"}),
-        (
-            "all_in_one",
-            "ComfyUI all-in-one checkpoint",
-            {"transformer", "ae", "t5", "clip"},
-        ),
-    ],
-)
-def test_inspect_file_layouts(sets, attr, layout, components):
-    info = checkpoint.inspect_file(getattr(sets(torch.float8_e4m3fn), attr))
-    assert info.layout == layout
-    assert set(info.components) == components
-    assert info.unsupported is None
-    for comp in info.components.values():
-        assert set(comp.dtypes) == {"F8_E4M3", "BF16"}
-
-
-def test_inspect_file_tells_dev_from_schnell(tmp_path):
-    info = checkpoint.inspect_file(tm.write_transformer(tmp_path / "dev.safetensors", dev=True))
-    assert info.components["transformer"].variant == "dev"
-    assert "FLUX.1 [dev] transformer" in info.describe()
-
-
 # --- wrong files ---------------------------------------------------------------------------------
-
-
-def load_error(loader, path, **kwargs) -> str:
-    with pytest.raises(ModelLoadError) as caught:
-        loader(path, **kwargs)
-    message = str(caught.value)
-    assert str(path) in message
-    return message
-
-
-@pytest.mark.parametrize(("expected", "given"), list(itertools.permutations(LOADERS, 2)))
-def test_every_swap_between_components_is_named(sets, expected, given):
-    path = getattr(sets(torch.float16), given)
-    message = load_error(LOADERS[expected], path)
-    assert f"cannot be loaded as the {TITLES[expected]}" in message
-    assert f"it holds a {TITLES[given]} (no prefix;" in message
-    assert HINTS[expected] in message
-
-
-def test_all_in_one_without_the_component(tmp_path):
-    parts = {"transformer": tm.transformer_weights(), "clip": tm.clip_weights()}
-    path = tm.write_all_in_one(tmp_path / "no_t5.safetensors", parts)
-    message = load_error(loading.load_t5, path)
-    assert "a FLUX.1 [schnell] transformer (under 'model.diffusion_model.';" in message
-    assert "; a CLIP-L text encoder (under 'text_encoders.clip_l.transformer.';" in message
-    assert HINTS["t5"] in message
 
 
 @pytest.mark.parametrize("all_in_one", [False, True])
@@ -494,65 +397,12 @@ def test_dev_transformer_is_refused_naming_schnell(tmp_path, all_in_one):
     assert "flux1-schnell.safetensors" in message
 
 
-def test_stable_diffusion_checkpoint_is_named(tmp_path):
-    path = tm.write_sd_unet(tmp_path / "v1-5-pruned.safetensors")
-    message = load_error(loading.load_transformer, path)
-    assert "Stable Diffusion 1.x/2.x/SDXL UNet" in message
-    assert HINTS["transformer"] in message
-
-
 def test_stable_diffusion_vae_is_refused(tmp_path):
     sd_vae = replace(tm.TINY_AE, z_channels=4)
     path = tm.save(tmp_path / "sd_vae.safetensors", tm.autoencoder_weights(sd_vae))
     message = load_error(loading.load_autoencoder, path)
     assert "4 latent channels" in message
     assert "ae.safetensors" in message
-
-
-@pytest.mark.parametrize(
-    ("make", "needle"),
-    [
-        (lambda d, src: tm.write_truncated(src, d / "cut.safetensors", 0.6), "truncated: tensor"),
-        (
-            lambda d, src: tm.write_truncated(src, d / "cut_head.safetensors", keep_bytes=1000),
-            "truncated: its header",
-        ),
-        (lambda d, src: tm.write_corrupt_header(d / "corrupt.safetensors"), "header is corrupt"),
-        (lambda d, src: tm.write_pickle(d / "model.ckpt"), "PyTorch checkpoint (.ckpt/.pt/.pth"),
-        (lambda d, src: tm.write_pickle(d / "model.bin", zip_format=False), "Python pickle"),
-        (lambda d, src: tm.write_gguf(d / "flux1-schnell-Q4_K.gguf"), "GGUF file"),
-        (lambda d, src: tm.write_scaled_fp8(d / "scaled.safetensors"), "'scaled fp8' file"),
-        (lambda d, src: _write(d / "empty.safetensors", b""), "too short"),
-        (lambda d, src: _write(d / "config.json", b'{"a": 1}'), "JSON text file"),
-        (lambda d, src: _write(d / "noise.bin", bytes(range(7, 200))), "not a safetensors file"),
-        (lambda d, src: d / "missing.safetensors", "no such file"),
-        (lambda d, src: d, "is a folder"),
-    ],
-    ids=[
-        "truncated",
-        "truncated_header",
-        "corrupt",
-        "zip_ckpt",
-        "pickle",
-        "gguf",
-        "scaled_fp8",
-        "empty",
-        "json",
-        "random",
-        "missing",
-        "folder",
-    ],
-)
-def test_broken_and_foreign_files_are_named(sets, tmp_path, make, needle):
-    path = make(tmp_path, sets(torch.float32).transformer)
-    message = load_error(loading.load_transformer, path)
-    assert needle in message
-    assert TITLES["transformer"] in message
-
-
-def _write(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 
@@ -116,6 +117,30 @@ def test_second_run_with_new_prompt_and_seed_reloads_nothing(tiny_bf16, model_di
     assert len(calls) == 8, "a new weight dtype must reload"
 
 
+def test_a_file_replaced_under_the_same_name_is_loaded_again(tmp_path, model_dir, monkeypatch):
+    """The weights are memory maps of the files: a cached model is reused only while each file is
+    the very one it was loaded from (never a stale model, never a map of a rewritten file)."""
+    import shutil
+
+    from comfyui_flux_schnell.flux import loading
+
+    files = write_tiny_models(tmp_path, torch.bfloat16)
+    loads = []
+    original = loading.load_autoencoder
+    monkeypatch.setattr(loading, "load_autoencoder", lambda *a, **k: loads.append(1) or original(*a, **k))
+    spec = spec_for(files, model_dir)
+    first, _ = run(spec)
+    run(spec)
+    assert len(loads) == 1
+    other = write_tiny_models(tmp_path / "other", torch.bfloat16, seed=5)
+    replacement = tmp_path / "replacement.safetensors"
+    shutil.copyfile(other.transformer, replacement)
+    replacement.replace(files.transformer)  # renamed over it: same path, another file
+    second, _ = run(spec)
+    assert len(loads) == 2
+    assert not torch.equal(first, second)
+
+
 def test_interrupt_stops_between_steps(tiny_bf16, model_dir):
     stop_after = 2
     progress = Progress(8)
@@ -151,7 +176,7 @@ def test_node_with_local_backend_and_loader_node(comfy, comfy_package, tiny_bf16
         (comfy.models_dir / folder / name).symlink_to(path)
     generate = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
     # Nothing plugged in: the usual names in the usual folders.
-    images, info = generate.generate("a fox", "local", SIZE, SIZE, 2, 5, 2)
+    images, info = asyncio.run(generate.generate("a fox", "local", SIZE, SIZE, 2, 5, 2))
     assert images.shape == (2, SIZE, SIZE, 3)
     assert json.loads(info)["seeds"] == [5, 6]
     assert [(value, total) for value, total, _ in comfy.updates] == [(1, 4), (2, 4), (3, 4), (4, 4)]
@@ -166,7 +191,7 @@ def test_node_with_local_backend_and_loader_node(comfy, comfy_package, tiny_bf16
         "as stored",
         "offload to CPU",
     )
-    same, _ = generate.generate("a fox", "local", SIZE, SIZE, 2, 5, 1, local_model=model)
+    same, _ = asyncio.run(generate.generate("a fox", "local", SIZE, SIZE, 2, 5, 1, local_model=model))
     assert torch.equal(same[0], images[0])
 
 
@@ -175,7 +200,7 @@ def test_comfyui_interrupt_raises_comfyuis_exception(comfy, comfy_package, tiny_
     generate = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
     comfy.interrupt()
     with pytest.raises(comfy.mm.InterruptProcessingException):
-        generate.generate("a fox", "local", SIZE, SIZE, 4, 0, 1, local_model=spec)
+        asyncio.run(generate.generate("a fox", "local", SIZE, SIZE, 4, 0, 1, local_model=spec))
     assert comfy.updates == []
 
 
@@ -183,7 +208,7 @@ def test_missing_files_name_what_was_looked_for(comfy, comfy_package):
     generate = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
     errors = comfy_package.errors  # the classes of the package as ComfyUI loaded it
     with pytest.raises(errors.LocalBackendUnavailable, match="flux1-schnell") as info:
-        generate.generate("a fox", "local", SIZE, SIZE, 4, 0, 1)
+        asyncio.run(generate.generate("a fox", "local", SIZE, SIZE, 4, 0, 1))
     assert "models/diffusion_models" in str(info.value)
 
 
@@ -221,10 +246,29 @@ def test_out_of_memory_names_the_stage_and_what_to_change(tiny_bf16, model_dir, 
     with pytest.raises(OutOfMemoryError) as info:
         run(spec_for(tiny_bf16, model_dir))
     message = str(info.value)
-    assert "during text encoding at 256x256" in message
+    assert "out of memory on the GPU during text encoding at 256x256" in message
     assert "fp8_e4m3fn" in message
     assert "offload to CPU" in message
     assert isinstance(info.value, MemoryError)
+    assert info.value.__cause__ is None  # torch's traceback would keep the activations alive
+
+
+def test_out_of_memory_inside_comfyui_unloads_every_model(comfy, tiny_bf16, model_dir, monkeypatch):
+    """ComfyUI's executor unloads all models on torch's out-of-memory error; ours is another type,
+    so the backend does the same itself."""
+    from comfyui_flux_schnell.errors import OutOfMemoryError
+    from comfyui_flux_schnell.flux import conditioning
+
+    unloads = []
+    monkeypatch.setattr(comfy.mm, "unload_all_models", lambda: unloads.append(1), raising=False)
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(conditioning, "encode_prompts", no_memory)
+    with pytest.raises(OutOfMemoryError):
+        run(spec_for(tiny_bf16, model_dir))
+    assert unloads == [1]
 
 
 def test_a_model_that_does_not_fit_is_moved_back_whole(tiny_bf16):
@@ -328,7 +372,7 @@ def test_previews_when_comfyui_asks_for_them(comfy, comfy_package, tiny_bf16, mo
     monkeypatch.setattr(comfy_package.comfy_bridge, "previews_enabled", lambda: True)
     generate = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
     spec = spec_for(tiny_bf16, model_dir)
-    generate.generate("a fox", "local", SIZE, SIZE + 64, 3, 1, 1, local_model=spec)
+    asyncio.run(generate.generate("a fox", "local", SIZE, SIZE + 64, 3, 1, 1, local_model=spec))
     assert [u[0] for u in comfy.updates] == [1, 2, 3]
     for _, _, preview in comfy.updates:
         kind, picture, max_size = preview

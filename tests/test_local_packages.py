@@ -3,6 +3,7 @@ and the pip command, from the command line (see test_cli.py) and from both nodes
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 
 import pytest
@@ -24,7 +25,7 @@ def without_tokenizers(comfy_package, monkeypatch):
 def test_generate_node_names_the_missing_package_and_the_command(without_tokenizers):
     node = without_tokenizers.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
     with pytest.raises(without_tokenizers.errors.LocalBackendUnavailable) as info:
-        node.generate("a fox", "local", 256, 256, 1, 0, 1)
+        asyncio.run(node.generate("a fox", "local", 256, 256, 1, 0, 1))  # ComfyUI awaits it
     message = str(info.value)
     assert "'no_such_package_flux_schnell_tokenizers'" in message
     assert INSTALL_COMMAND in message

@@ -238,5 +238,31 @@ def test_full_size_pipeline_meets_the_targets(weight_dtype):
     )
     rounded = max(s.weight_bytes_rounded + s.activation_peak_rounded for s in result.stages)
     assert rounded < me.TARGETS[weight_dtype]
-    for stage in result.stages:  # the reservation `_run` asks the "auto" policy for is enough
+    for stage in result.stages:  # the reservation `run_pipeline` asks the "auto" policy for is enough
         assert stage.activation_peak < stage.reserved
+
+
+@pytest.mark.parametrize(("form", "block_type"), [("gguf-Q8_0", "Q8_0"), ("gguf-Q4_K_S", "Q4_K")])
+def test_measure_tiny_pipeline_in_gguf_form(form, block_type):
+    """Matrices as their blocks' bytes (city96's unquantized layers in bf16, 1-D tensors fp32), and
+    each layer's dequantized fp32 copy counted among the activations while it runs."""
+    from comfyui_flux_schnell.flux.gguf_quants import GGML_TYPES
+
+    request = GenerationRequest(prompt="a cat", width=64, height=48, steps=1)
+    result = me.measure(form, request, _tiny_configs())
+    block = GGML_TYPES[block_type]
+    with torch.device(META):
+        flux = Flux(TINY_FLUX)
+    expected, largest = 0, 0
+    for name, p in flux.named_parameters():
+        if p.dim() == 1:
+            expected += p.numel() * 4
+        elif name.startswith(me.FLUX_UNQUANTIZED) or p.shape[-1] % block.block_size:
+            expected += p.numel() * 2
+        else:
+            expected += block.nbytes(p.numel())
+            largest = max(largest, p.numel() * 4)
+    sampling = result.stages[1]
+    assert sampling.weight_bytes == expected == result.model_bytes["transformer"]
+    assert sampling.activation_peak >= largest  # a dequantized weight is live in fp32 for a moment
+    assert any("uint8" in line or "float32" in line for line in sampling.peak_tensors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -10,6 +11,11 @@ import time
 import pytest
 from support import TEST_KEY
 from support.fake_imageapi import Reply, error_reply, request_image
+
+
+def run(node, *args, **kwargs):
+    """The node's function the way ComfyUI's executor calls it: awaited in an event loop."""
+    return asyncio.run(node.generate(*args, **kwargs))
 
 
 @pytest.fixture
@@ -34,7 +40,7 @@ def fail_seeds(seeds: set[int], status: int = 400):
 
 
 def test_batch_makes_one_request_per_image(comfy, node, fake_api):
-    images, info = node.generate("a red fox", "api", 512, 768, 4, 42, 3)
+    images, info = run(node, "a red fox", "api", 512, 768, 4, 42, 3)
     assert images.shape == (3, 768, 512, 3)
     assert images.dtype.is_floating_point
     assert 0 <= images.min() <= images.max() <= 1
@@ -70,7 +76,7 @@ def test_images_keep_seed_order(comfy, node, fake_api, send_seed):
         return Reply.image(request_image(req))
 
     fake_api.set_default(slow_first)
-    images, info = node.generate("order", "api", 256, 256, 4, 10, 3)
+    images, info = run(node, "order", "api", 256, 256, 4, 10, 3)
     from support.fake_imageapi import color_for
 
     for i, seed in enumerate([10, 11, 12]):
@@ -100,7 +106,7 @@ def test_bad_inputs_are_refused_before_any_request(node, fake_api, change, messa
         **change,
     }
     with pytest.raises(ValueError, match=message):
-        node.generate(**args)
+        run(node, **args)
     assert fake_api.generate_calls == 0
 
 
@@ -109,7 +115,7 @@ def test_partial_failure_names_images_and_requeue_pays_only_for_failed(
 ):
     fake_api.set_default(fail_seeds({101, 103}))
     with pytest.raises(comfy_package.errors.BatchFailedError) as info:
-        node.generate("drafts", "api", 256, 256, 4, 100, 4)
+        run(node, "drafts", "api", 256, 256, 4, 100, 4)
     message = str(info.value)
     assert "2 of 4 images failed" in message
     assert "image 2 (seed 101)" in message
@@ -119,7 +125,7 @@ def test_partial_failure_names_images_and_requeue_pays_only_for_failed(
     assert fake_api.generate_calls == 4
 
     fake_api.set_default(fail_seeds(set()))
-    images, data = node.generate("drafts", "api", 256, 256, 4, 100, 4)
+    images, data = run(node, "drafts", "api", 256, 256, 4, 100, 4)
     assert images.shape[0] == 4
     assert fake_api.generate_calls == 6  # only the two failed ones again
     assert sorted(r.json["seed"] for r in fake_api.requests[4:]) == [101, 103]
@@ -130,7 +136,7 @@ def test_refused_key_is_one_clear_error_without_the_key(comfy_package, node, fak
     fake_api.set_default(error_reply(401, "invalid api key"))
     caplog.set_level(logging.DEBUG)
     with pytest.raises(comfy_package.errors.AuthenticationError) as info:
-        node.generate("p", "api", 256, 256, 4, 0, 4)
+        run(node, "p", "api", 256, 256, 4, 0, 4)
     message = str(info.value)
     assert "IMAGEAPI_API_KEY" in message  # where the key came from
     assert TEST_KEY not in message
@@ -141,7 +147,7 @@ def test_refused_key_is_one_clear_error_without_the_key(comfy_package, node, fak
 def test_missing_key_says_how_to_set_one(comfy_package, node, fake_api, monkeypatch):
     monkeypatch.delenv("IMAGEAPI_API_KEY")
     with pytest.raises(comfy_package.errors.ConfigurationError) as info:
-        node.generate("p", "api", 256, 256, 4, 0, 1)
+        run(node, "p", "api", 256, 256, 4, 0, 1)
     message = str(info.value)
     assert "IMAGEAPI_API_KEY" in message
     assert "flux-schnell set-key" in message
@@ -153,15 +159,15 @@ def test_interrupt_stops_waiting_at_once(comfy, node, fake_api):
     threading.Timer(0.3, comfy.interrupt).start()
     started = time.monotonic()
     with pytest.raises(comfy.mm.InterruptProcessingException):
-        node.generate("slow", "api", 256, 256, 4, 0, 2)
+        run(node, "slow", "api", 256, 256, 4, 0, 2)
     assert time.monotonic() - started < 10.0  # not the 30 s answers: the interrupt ended the wait
 
 
 def test_queue_keeps_working_after_an_error(comfy_package, node, fake_api):
     fake_api.script(error_reply(400, "prompt rejected by the moderation filter"))
     with pytest.raises(comfy_package.errors.BadRequestError, match="moderation filter"):
-        node.generate("p", "api", 256, 256, 4, 0, 1)
-    images, _ = node.generate("p", "api", 256, 256, 4, 0, 1)
+        run(node, "p", "api", 256, 256, 4, 0, 1)
+    images, _ = run(node, "p", "api", 256, 256, 4, 0, 1)
     assert images.shape == (1, 256, 256, 3)
 
 
@@ -169,7 +175,7 @@ def test_other_size_from_the_service_is_kept_and_noted(node, fake_api):
     from support.fake_imageapi import solid_image
 
     fake_api.set_default(Reply.image(solid_image(320, 320, (1, 2, 3))))
-    images, info = node.generate("p", "api", 256, 512, 4, 0, 2)
+    images, info = run(node, "p", "api", 256, 512, 4, 0, 2)
     assert images.shape == (2, 320, 320, 3)
     assert "instead of the requested 256x512" in json.loads(info)["notes"][0]
 
@@ -179,12 +185,13 @@ def test_kept_images_survive_a_cancel_before_the_requeue_finishes(
 ):
     fake_api.set_default(fail_seeds({201}))
     with pytest.raises(comfy_package.errors.BatchFailedError, match="seed 200"):
-        node.generate("keep", "api", 256, 256, 4, 200, 2)
+        run(node, "keep", "api", 256, 256, 4, 200, 2)
     assert fake_api.generate_calls == 2
     comfy.interrupt()  # Cancel pressed as the re-queue starts
     with pytest.raises(comfy.mm.InterruptProcessingException):
-        node.generate("keep", "api", 256, 256, 4, 200, 2)
+        run(node, "keep", "api", 256, 256, 4, 200, 2)
+    comfy.next_prompt()
     fake_api.set_default(fail_seeds(set()))
-    images, _ = node.generate("keep", "api", 256, 256, 4, 200, 2)
+    images, _ = run(node, "keep", "api", 256, 256, 4, 200, 2)
     assert images.shape[0] == 2
     assert [r.json["seed"] for r in fake_api.requests[2:]] == [201]  # seed 200 was not bought again

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -22,16 +23,21 @@ def test_import_is_light_and_needs_no_comfyui():
         "print(sorted(p.NODE_CLASS_MAPPINGS), heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['FluxSchnellGenerate', 'FluxSchnellLocalModel'] []"
+    assert out.stdout.strip() == "['FluxSchnellGenerate', 'FluxSchnellLoRA', 'FluxSchnellLocalModel'] []"
 
 
 def test_loads_under_a_path_derived_module_name(comfy):
     module = load_like_comfyui(REPO)
     try:
         assert module.__name__ == str(REPO).replace(".", "_x_")
-        assert set(module.NODE_CLASS_MAPPINGS) == {"FluxSchnellGenerate", "FluxSchnellLocalModel"}
+        assert set(module.NODE_CLASS_MAPPINGS) == {
+            "FluxSchnellGenerate",
+            "FluxSchnellLocalModel",
+            "FluxSchnellLoRA",
+        }
         assert module.NODE_DISPLAY_NAME_MAPPINGS["FluxSchnellGenerate"] == "FLUX Schnell Generate"
         assert module.NODE_DISPLAY_NAME_MAPPINGS["FluxSchnellLocalModel"] == "FLUX Schnell Local Model"
+        assert module.NODE_DISPLAY_NAME_MAPPINGS["FluxSchnellLoRA"] == "FLUX Schnell LoRA"
     finally:
         for key in [k for k in sys.modules if k.startswith(module.__name__)]:
             del sys.modules[key]
@@ -100,13 +106,83 @@ def test_generate_inputs_mirror_the_api(comfy_package):
 
 
 def test_local_model_lists_comfyui_files(comfy, comfy_package):
-    (comfy.models_dir / "diffusion_models").mkdir(parents=True)
+    (comfy.models_dir / "diffusion_models" / "gguf").mkdir(parents=True)
     (comfy.models_dir / "diffusion_models" / "flux1-schnell.safetensors").write_bytes(b"")
+    (comfy.models_dir / "diffusion_models" / "gguf" / "flux1-schnell-Q4_K_S.gguf").write_bytes(b"")
+    (comfy.models_dir / "text_encoders").mkdir(parents=True)
+    (comfy.models_dir / "text_encoders" / "t5-v1_1-xxl-encoder-Q8_0.gguf").write_bytes(b"")
+    (comfy.models_dir / "text_encoders" / "clip_l.safetensors").write_bytes(b"")
     node = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellLocalModel"]
     required = node.INPUT_TYPES()["required"]
-    assert required["transformer"][0] == ["auto", "flux1-schnell.safetensors"]
+    # ComfyUI's own lists skip .gguf files; the node adds those of the folders ComfyUI-GGUF uses
+    assert required["transformer"][0] == [
+        "auto",
+        "flux1-schnell.safetensors",
+        "gguf/flux1-schnell-Q4_K_S.gguf",
+    ]
+    assert required["t5"][0] == ["auto", "clip_l.safetensors", "t5-v1_1-xxl-encoder-Q8_0.gguf"]
+    assert required["vae"][0] == ["auto"]
+    (spec,) = node().select(
+        "none",
+        "gguf/flux1-schnell-Q4_K_S.gguf",
+        "t5-v1_1-xxl-encoder-Q8_0.gguf",
+        "auto",
+        "auto",
+        "as stored",
+        "auto",
+    )
+    assert spec.transformer == comfy.models_dir / "diffusion_models" / "gguf" / "flux1-schnell-Q4_K_S.gguf"
+    assert spec.t5 == comfy.models_dir / "text_encoders" / "t5-v1_1-xxl-encoder-Q8_0.gguf"
     assert required["checkpoint"][0] == ["none"]
     assert node.RETURN_TYPES == ("FLUX_SCHNELL_MODEL",)
+
+
+def test_lora_node_lists_comfyui_loras_and_chains(comfy, comfy_package):
+    loras = comfy.models_dir / "loras"
+    loras.mkdir(parents=True)
+    (loras / "fox.safetensors").write_bytes(b"")
+    (loras / "notes.txt").write_text("not a model")
+    node = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellLoRA"]
+    assert node.DESCRIPTION
+    assert node.CATEGORY == comfy_package.nodes.CATEGORY
+    assert (node.RETURN_TYPES, node.RETURN_NAMES) == (("FLUX_SCHNELL_MODEL",), ("local_model",))
+    assert all(node.OUTPUT_TOOLTIPS)
+    required = node.INPUT_TYPES()["required"]
+    assert list(required) == ["local_model", "lora_name", "strength"]
+    assert required["local_model"][0] == "FLUX_SCHNELL_MODEL"
+    assert required["lora_name"][0] == ["fox.safetensors"]  # ComfyUI lists model files only
+    strength = required["strength"]
+    assert strength[0] == "FLOAT"
+    assert {k: strength[1][k] for k in ("default", "min", "max", "step")} == {
+        "default": 1.0,
+        "min": -10.0,
+        "max": 10.0,
+        "step": 0.01,
+    }
+    assert all(options.get("tooltip") for _, options in required.values())
+
+    spec_cls = comfy_package.local_files.LocalModelSpec
+    base = spec_cls(weight_dtype="bf16")
+    (one,) = node().apply(base, "fox.safetensors", 0.8)
+    (two,) = node().apply(one, "fox.safetensors", -1.5)
+    assert base.loras == ()  # the input is not changed
+    assert [(c.path, c.strength) for c in two.loras] == [
+        (loras / "fox.safetensors", 0.8),
+        (loras / "fox.safetensors", -1.5),
+    ]
+    assert two.weight_dtype == "bf16"
+    refused = comfy_package.errors.InvalidInputError
+    with pytest.raises(refused, match=r"lora_name: 'gone.safetensors' is not in ComfyUI's loras"):
+        node().apply(base, "gone.safetensors", 1.0)
+
+
+def test_generate_refuses_loras_on_the_api_backend(comfy, comfy_package, tmp_path):
+    lora = tmp_path / "fox.safetensors"
+    lora.write_bytes(b"")
+    spec = comfy_package.local_files.LocalModelSpec().with_lora(comfy_package.local_lora.LoraChoice(lora))
+    node = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]
+    with pytest.raises(comfy_package.errors.InvalidInputError, match="LoRAs run on the local backend only"):
+        asyncio.run(node().generate("a fox", "api", 512, 512, 4, 1, 1, local_model=spec))
 
 
 @pytest.mark.parametrize(("env", "compiled"), [(None, False), ("1", True), ("yes", True), ("0", False)])

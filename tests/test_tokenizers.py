@@ -1,7 +1,7 @@
 """Tests of the prompt tokenizers (flux/tokenizers.py) on tiny real tokenizer folders.
 
 Both folder layouts (ComfyUI's bundled folders and FLUX.1-schnell's tokenizer/ + tokenizer_2/) are
-written by tests/tiny_tokenizers.py. Ids are checked by hand for short prompts, structurally
+written by tests/support/tiny_tokenizers.py. Ids are checked by hand for short prompts, structurally
 (BOS/EOS/padding placement, truncation) and against transformers' CLIPTokenizer / T5TokenizerFast
 called the way the reference HFEmbedder calls them. With COMFYUI_DIR set, the real bundled folders
 are checked too.

@@ -1,10 +1,11 @@
-"""The saved workflows in workflows/: consistent, convertible, runnable, and free of secrets.
+"""The saved workflows in example_workflows/: consistent, convertible, runnable, free of secrets.
 
 What CI can check without ComfyUI: each UI-format workflow agrees with the node schemas (ours from
 INPUT_TYPES, ComfyUI's from tests/data/comfyui_core_nodes.json, recorded on a real server), its API
-twin in workflows/api/ is exactly its conversion, and the API graph runs end to end in-process with
-our nodes (loaded the ComfyUI way) against the loopback fake ImageAPI. The real-server proof is
-scripts/comfyui_check.py; the `comfyui` test at the end runs it when COMFYUI_DIR is set.
+twin in example_workflows/api/ is exactly its conversion, its thumbnail is a JPEG of its own output,
+and the API graph runs end to end in-process with our nodes (loaded the ComfyUI way) against the
+loopback fake ImageAPI. The real-server proof is scripts/comfyui_check.py; the `comfyui` test at the
+end runs it when COMFYUI_DIR is set.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ import subprocess
 import sys
 
 import pytest
-from support import TEST_KEY
+from support import TEST_KEY, thumbnails
 from support import workflow_tools as wt
+from support.thumbnails import install_tiny_local_models
 
 EXPECTED = {
-    "flux_schnell_api",
-    "flux_schnell_local",
-    "flux_schnell_upscale",
-    "flux_schnell_draft_board",
+    "FLUX Schnell text to image (API)",
+    "FLUX Schnell text to image (local)",
+    "FLUX Schnell text to image with LoRAs (local)",
+    "FLUX Schnell generate and upscale",
+    "FLUX Schnell draft board (four prompts)",
 }
 UI_PATHS = wt.ui_workflow_paths()
 KEY_PATTERN = re.compile(r"sk_[A-Za-z0-9]{6,}")
@@ -53,7 +56,7 @@ def _ids(paths):
 def test_every_workflow_is_there_with_its_api_twin():
     assert {p.stem for p in UI_PATHS} == EXPECTED
     twins = {p.name for p in wt.API_DIR.glob("*.json")}
-    assert twins == {p.name for p in UI_PATHS}, "every UI workflow needs workflows/api/<same name>"
+    assert twins == {p.name for p in UI_PATHS}, "every UI workflow needs example_workflows/api/<same name>"
 
 
 @pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
@@ -63,7 +66,7 @@ def test_ui_workflow_agrees_with_node_schemas(path, specs, ui_only):
 
 @pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
 def test_core_nodes_and_inputs_exist_in_the_record(path, record, ui_only):
-    own = {"FluxSchnellGenerate", "FluxSchnellLocalModel"}
+    own = {"FluxSchnellGenerate", "FluxSchnellLocalModel", "FluxSchnellLoRA"}
     core = wt.core_specs(record)
     for node in wt.load_json(path)["nodes"]:
         if node["type"] in own or node["type"] in ui_only:
@@ -95,19 +98,30 @@ def test_notes_tell_how_to_set_the_key_and_hold_none(path):
         assert "IMAGEAPI_API_KEY" in notes[0]["widgets_values"][0]
 
 
-def test_draft_board_is_the_fast_preset_with_a_reusable_seed():
-    ui = wt.load_json(wt.WORKFLOW_DIR / "flux_schnell_draft_board.json")
-    gen = next(n for n in ui["nodes"] if n["type"] == "FluxSchnellGenerate")
-    _prompt, _backend, width, height, steps, seed, control, batch = gen["widgets_values"]
-    assert (width, height, steps, batch) == (512, 512, 4, 4)
-    assert control == "randomize"
-    assert isinstance(seed, int)
+def test_draft_board_is_four_generate_nodes_at_the_fast_preset():
+    ui = wt.load_json(wt.DRAFT_BOARD)
+    gens = [n for n in ui["nodes"] if n["type"] == "FluxSchnellGenerate"]
+    assert len(gens) == 4, "four independent nodes, so ComfyUI runs them at the same time"
+    prompts = set()
+    for gen in gens:
+        prompt, _backend, width, height, steps, seed, control, batch = gen["widgets_values"]
+        assert (width, height, steps, batch) == (512, 512, 4, 1)
+        assert control == "randomize"
+        assert isinstance(seed, int)
+        prompts.add(prompt)
+    assert len(prompts) == 4
     note = next(n for n in ui["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
-    for word in ("fixed", "batch_size", "info", "send_seed"):
+    for word in ("fixed", "info", "send_seed", "same time"):
         assert word in note
-    kinds = {n["type"] for n in ui["nodes"]}
-    assert {"PreviewImage", "PreviewAny"} <= kinds
-    assert "SaveImage" not in kinds
+    links = {(link[1], link[3]) for link in ui["links"]}
+    by_type = {}
+    for n in ui["nodes"]:
+        by_type.setdefault(n["type"], []).append(n["id"])
+    for gen in gens:  # each draft has its own preview and its own info box
+        fed = {dst for src, dst in links if src == gen["id"]}
+        assert len(fed & set(by_type["PreviewImage"])) == 1
+        assert len(fed & set(by_type["PreviewAny"])) == 1
+    assert "SaveImage" not in by_type
 
 
 # --- the checker and converter catch what they should -----------------------------------------
@@ -162,7 +176,7 @@ def _mutations():
 @pytest.mark.parametrize("case", list(_mutations()))
 def test_checker_reports_a_broken_workflow(case, specs, ui_only):
     mutate, expected = _mutations()[case]
-    wf = copy.deepcopy(wt.load_json(wt.WORKFLOW_DIR / "flux_schnell_api.json"))
+    wf = copy.deepcopy(wt.load_json(wt.TEXT_TO_IMAGE))
     assert wt.check_ui_workflow(wf, specs, ui_only) == []
     mutate(wf)
     problems = wt.check_ui_workflow(wf, specs, ui_only)
@@ -170,13 +184,102 @@ def test_checker_reports_a_broken_workflow(case, specs, ui_only):
 
 
 def test_conversion_skips_the_control_slot_and_notes(specs, ui_only):
-    wf = wt.load_json(wt.WORKFLOW_DIR / "flux_schnell_upscale.json")
+    wf = wt.load_json(wt.UPSCALE)
     api = wt.ui_to_api(wf, specs, ui_only)
     assert all(n["class_type"] != "MarkdownNote" for n in api.values())
     gen = next(n for n in api.values() if n["class_type"] == "FluxSchnellGenerate")
     assert gen["inputs"]["seed"] == 42
     assert "control_after_generate" not in gen["inputs"]
     assert api["6"]["inputs"] == {"upscale_model": ["5", 0], "image": ["2", 0]}
+
+
+# --- comparing graphs across frontend releases -------------------------------------------------
+
+
+def _as_newer_frontend(wf):
+    """Rewritten the ways newer frontends save the same graph: no widgets_values on nodes without
+    widgets (1.58), and widget inputs listed in `inputs` ahead of the sockets, shifting link slots."""
+    wf = copy.deepcopy(wf)
+    shift = {}
+    for n in wf["nodes"]:
+        if n.get("widgets_values") == []:
+            del n["widgets_values"]
+        if n["type"] == "FluxSchnellGenerate":
+            widgets = [
+                {"name": w, "type": "INT", "widget": {"name": w}, "link": None} for w in ("width", "seed")
+            ]
+            n["inputs"] = widgets + n["inputs"]
+            shift[n["id"]] = len(widgets)
+    for link in wf["links"]:
+        link[4] += shift.get(link[3], 0)
+    return wf
+
+
+@pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
+def test_meaning_ignores_how_a_frontend_writes_a_graph(path, specs, ui_only):
+    ui = wt.load_json(path)
+    newer = _as_newer_frontend(ui)
+    assert newer != ui
+    want = wt.ui_meaning(ui, specs, ui_only)
+    assert wt.meaning_differences(wt.ui_meaning(newer, specs, ui_only), want) == []
+    api = wt.load_json(wt.api_twin_path(path))
+    without_preview = copy.deepcopy(api)  # frontend 1.58 sends no PreviewAny "preview" value
+    for node in without_preview.values():
+        node["inputs"].pop("preview", None)
+        node["_meta"]["title"] = "renamed"
+    assert wt.api_meaning(without_preview, specs) == wt.api_meaning(api, specs)
+
+
+def test_meaning_keeps_what_a_graph_does(specs, ui_only):
+    ui = wt.load_json(wt.UPSCALE)
+    want = wt.ui_meaning(ui, specs, ui_only)
+
+    def gen(wf):
+        return next(n for n in wf["nodes"] if n["type"] == "FluxSchnellGenerate")
+
+    def seed(wf):
+        gen(wf)["widgets_values"][5] += 1
+
+    def control(wf):
+        gen(wf)["widgets_values"][6] = "fixed"
+
+    def other_output(wf):
+        link = next(link for link in wf["links"] if link[5] == "IMAGE" and link[1] == gen(wf)["id"])
+        link[2] = 1
+
+    def other_input(wf):
+        link = next(link for link in wf["links"] if link[5] == "UPSCALE_MODEL")
+        link[4] = 1  # into the image input
+
+    def node_type(wf):
+        next(n for n in wf["nodes"] if n["type"] == "SaveImage")["type"] = "PreviewImage"
+
+    for change, words in (
+        (seed, "seed"),
+        (control, "fixed"),
+        (other_output, "link"),
+        (other_input, "link"),
+        (node_type, "PreviewImage"),
+    ):
+        wf = copy.deepcopy(ui)
+        change(wf)
+        try:
+            got = wt.ui_meaning(wf, specs, ui_only)
+        except ValueError as e:  # widget values that no longer fit the node type
+            got = {"nodes": {}, "links": [], "error": str(e)}
+        problems = wt.meaning_differences(got, want)
+        assert problems, change.__name__
+        assert any(words in p for p in problems) or "error" in got, (change.__name__, problems)
+
+    api = wt.load_json(wt.api_twin_path(wt.UPSCALE))
+    for mutate in (
+        lambda a: a["2"]["inputs"].update(seed=1),
+        lambda a: a["6"]["inputs"].update(image=["5", 0]),
+        lambda a: a["3"].update(class_type="PreviewImage"),
+    ):
+        changed = copy.deepcopy(api)
+        mutate(changed)
+        assert wt.meaning_differences(wt.api_meaning(changed, specs), wt.api_meaning(api, specs))
 
 
 def test_execution_order_refuses_a_cycle():
@@ -190,7 +293,7 @@ def test_execution_order_refuses_a_cycle():
 
 # --- running the API graphs in-process ---------------------------------------------------------
 
-API_RUNS = [p for p in UI_PATHS if p.stem != "flux_schnell_local"]
+API_RUNS = [p for p in UI_PATHS if p not in wt.LOCAL_WORKFLOWS]  # those need weight files
 
 
 def _classes(comfy_package, tmp_path, api):
@@ -219,43 +322,74 @@ def test_api_workflow_runs_end_to_end(path, comfy_package, fake_api, tmp_path):
     assert {(r["width"], r["height"]) for r in sent} == {
         (n["inputs"]["width"], n["inputs"]["height"]) for n in gens
     }
-    assert all(r["prompt"] == gens[0]["inputs"]["prompt"] for r in sent)
+    assert sorted(r["prompt"] for r in sent) == sorted(
+        n["inputs"]["prompt"] for n in gens for _ in range(n["inputs"]["batch_size"])
+    )
     infos = [out[1] for nid, out in result.outputs.items() if api[nid]["class_type"] == gens[0]["class_type"]]
     assert TEST_KEY not in json.dumps(infos)
 
 
-def test_draft_board_info_lists_the_seed_of_each_draft(comfy_package, fake_api, tmp_path):
-    api = wt.load_json(wt.API_DIR / "flux_schnell_draft_board.json")
+def test_draft_board_runs_its_four_nodes_at_once(comfy_package, fake_api, tmp_path):
+    api = wt.load_json(wt.api_twin_path(wt.DRAFT_BOARD))
+    fake_api.delay_s = 0.3
     result = wt.run_api_graph(api, _classes(comfy_package, tmp_path, api))
-    shown = json.loads(result.ui["4"]["text"][0])
-    seed = api["2"]["inputs"]["seed"]
-    assert shown["seeds"] == [seed, seed + 1, seed + 2, seed + 3]
-    assert (shown["width"], shown["height"], shown["steps"]) == (512, 512, 4)
+    assert fake_api.max_in_flight == 4  # run one after another, one request would be open at a time
+    shown = {}
+    for node_id, node in api.items():
+        if node["class_type"] == "PreviewAny":
+            gen_id = node["inputs"]["source"][0]
+            shown[gen_id] = json.loads(result.ui[node_id]["text"][0])
+    assert len(shown) == 4
+    for gen_id, info in shown.items():
+        assert info["seeds"] == [api[gen_id]["inputs"]["seed"]]
+        assert info["prompt"] == api[gen_id]["inputs"]["prompt"]
+        assert (info["width"], info["height"], info["steps"]) == (512, 512, 4)
 
 
-def test_local_workflow_runs_end_to_end(comfy_package, comfy, tmp_path, monkeypatch):
-    from support import tiny_models
-    from support.tiny_tokenizers import write_comfyui_tree
-
-    write_comfyui_tree(tmp_path / "pkg")  # ComfyUI's bundled tokenizer folders, tiny vocabularies
-    if not hasattr(comfy.mm, "get_torch_device"):  # ComfyUI started with --cpu
-        monkeypatch.setattr(comfy.mm, "get_torch_device", lambda: "cpu", raising=False)
-    comfy.comfy.__path__ = [str(tmp_path / "pkg" / "comfy")]
-    files = tiny_models.write_tiny_models(tmp_path / "tiny")
-    models = comfy.models_dir
-    for source, folder, name in (
-        (files.transformer, "diffusion_models", "flux1-schnell.safetensors"),
-        (files.t5, "text_encoders", "t5xxl_fp16.safetensors"),
-        (files.clip, "text_encoders", "clip_l.safetensors"),
-        (files.ae, "vae", "ae.safetensors"),
-    ):
-        (models / folder).mkdir(parents=True, exist_ok=True)
-        source.replace(models / folder / name)
-    api = copy.deepcopy(wt.load_json(wt.API_DIR / "flux_schnell_local.json"))
-    gen = next(n for n in api.values() if n["class_type"] == "FluxSchnellGenerate")
-    gen["inputs"].update(width=256, height=256)  # the saved 1024 x 1024 is slow for a CPU test
+@pytest.mark.parametrize("workflow", wt.LOCAL_WORKFLOWS, ids=lambda p: p.stem)
+def test_local_workflow_runs_end_to_end(workflow, comfy_package, comfy, tmp_path):
+    install_tiny_local_models(comfy, tmp_path)  # tiny models and LoRAs under the names the graphs pick
+    api = thumbnails.runnable_api(workflow)  # at 256 x 256: the saved 1024 x 1024 is slow on a CPU
     result = wt.run_api_graph(api, _classes(comfy_package, tmp_path, api))
     _check_images(result, api)
+
+
+# --- template browser --------------------------------------------------------------------------
+
+JPEG_TOLERANCE = 4.0  # mean levels (0..255) a saved JPEG may differ from its picture (thumbnails.difference)
+
+
+@pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
+def test_thumbnail_is_an_output_of_its_workflow(path, comfy_package, comfy, fake_api, tmp_path):
+    from PIL import Image
+
+    thumb = wt.thumbnail_path(path)
+    assert thumb.is_file(), f"{thumb.name} is missing: run python -m scripts.make_thumbnails"
+    if path in wt.LOCAL_WORKFLOWS:
+        install_tiny_local_models(comfy, tmp_path)
+    rendered = thumbnails.render(path, comfy_package.NODE_CLASS_MAPPINGS, tmp_path / "out")
+    with Image.open(thumb) as im:
+        assert im.format == "JPEG"
+        assert max(im.size) <= 512
+        saved = im.convert("RGB")
+    stale = "stale: run python -m scripts.make_thumbnails"
+    assert thumbnails.difference(rendered, saved) < JPEG_TOLERANCE, stale
+    for other in UI_PATHS:  # the tolerance tells workflows apart (pixel by pixel: two noise
+        if other != path:  # pictures of the tiny local models have the same average colour)
+            with Image.open(wt.thumbnail_path(other)) as im:
+                apart = thumbnails.difference(rendered, im, side=thumbnails.TILE)
+                assert apart > 10 * JPEG_TOLERANCE, other.name
+
+
+def test_template_browser_lists_the_ui_graphs_only():
+    """ComfyUI lists <package>/example_workflows/*.json (no subfolders) and loads each as a UI graph."""
+    listed = sorted(wt.WORKFLOW_DIR.glob("*.json"))
+    assert listed == UI_PATHS
+    assert all("nodes" in wt.load_json(p) for p in listed)
+    assert all("nodes" not in wt.load_json(p) for p in wt.API_DIR.glob("*.json"))
+    for p in listed:  # the frontend shows the file name as the title, its description with - and _ as spaces
+        assert not set(p.stem) & set("_-#?%&"), f"{p.name}: not a title-like file name"
+    assert not (wt.REPO / "workflows").exists(), "ComfyUI would list workflows/ too (and serve it twice)"
 
 
 # --- the real server ---------------------------------------------------------------------------

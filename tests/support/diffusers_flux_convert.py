@@ -93,7 +93,16 @@ def bfl_to_diffusers(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def diffusers_config(params) -> dict:
-    """Keyword arguments of diffusers' `FluxTransformer2DModel` for a `FluxParams`."""
+    """Keyword arguments of diffusers' `FluxTransformer2DModel` for a `FluxParams`.
+
+    diffusers fixes the MLP ratio (4), the qkv bias (on) and the RoPE theta (10000): a `FluxParams`
+    with others has no diffusers twin, said here rather than as a shape error at load time.
+    """
+    if params.mlp_ratio != 4.0 or not params.qkv_bias or params.theta != 10_000:
+        raise ValueError(
+            "diffusers' FluxTransformer2DModel fixes mlp_ratio=4, qkv_bias=True and theta=10000; "
+            f"got mlp_ratio={params.mlp_ratio}, qkv_bias={params.qkv_bias}, theta={params.theta}"
+        )
     return dict(
         patch_size=1,
         in_channels=params.in_channels,

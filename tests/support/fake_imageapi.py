@@ -12,7 +12,7 @@ decompression-bomb images, asynchronous jobs). Every request is recorded (`.requ
 `.count()`), so tests prove what was and was not retried. The default image is a solid colour
 derived from the prompt and seed (`color_for`), so different requests differ, and cheap to make.
 
-Run as a script (`python tests/fake_imageapi.py --port 8787 --delay 0.3`) it serves default PNG
+Run as a script (`python -m tests.support.fake_imageapi --port 8787 --delay 0.3`) it serves default PNG
 answers until Ctrl-C.
 """
 

@@ -13,6 +13,7 @@ that import fails. Two things make the suite independent of the folder's name:
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
 import sys
@@ -27,17 +28,29 @@ PACKAGE_NAME = "comfyui_flux_schnell"
 
 
 def _put_checkout_first_on_path() -> None:
+    for name in [m for m in sys.modules if m == PACKAGE_NAME or m.startswith(PACKAGE_NAME + ".")]:
+        del sys.modules[name]  # an installed copy imported before this plugin
     link_dir = Path(tempfile.mkdtemp(prefix="flux-schnell-tests-"))
     atexit.register(shutil.rmtree, link_dir, ignore_errors=True)
-    (link_dir / PACKAGE_NAME).symlink_to(REPO, target_is_directory=True)
+    try:
+        (link_dir / PACKAGE_NAME).symlink_to(REPO, target_is_directory=True)
+    except OSError:  # no symlinks (Windows without developer mode): this process only
+        spec = importlib.util.spec_from_file_location(
+            PACKAGE_NAME, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE_NAME] = module
+        spec.loader.exec_module(module)
+        return
     sys.path.insert(0, str(link_dir))
     existing = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(link_dir), existing]))
-    for name in [m for m in sys.modules if m == PACKAGE_NAME or m.startswith(PACKAGE_NAME + ".")]:
-        del sys.modules[name]  # an installed copy imported before this plugin
 
 
-_put_checkout_first_on_path()
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config, parser, args) -> None:
+    """Before any conftest or test module imports the package."""
+    _put_checkout_first_on_path()
 
 
 @pytest.hookimpl(tryfirst=True)

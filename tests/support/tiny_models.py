@@ -1,7 +1,7 @@
 """Test helper: writes tiny random-weight model files in every real layout, and wrong files.
 
 Every file is written the way the real ones are (with `safetensors.torch.save_file`, in the key
-layout of keys/*.json): Black Forest Labs' `flux1-schnell.safetensors` (and a dev variant with
+layout of tests/data/keys/*.json): Black Forest Labs' `flux1-schnell.safetensors` (and a dev variant with
 `guidance_in`) and `ae.safetensors` without prefix, the Hugging Face `t5xxl_*.safetensors` (with or
 without the tied `encoder.embed_tokens.weight`) and `clip_l.safetensors` (`text_model.*`, optionally
 with `text_projection.weight` and `text_model.embeddings.position_ids`), and ComfyUI's all-in-one
@@ -11,7 +11,7 @@ checkpoint (`model.diffusion_model.`, `vae.`, `text_encoders.{clip_l,t5xxl}.tran
 The tiny configs keep what the loader's config inference assumes of the real networks: FLUX head dim
 128 with RoPE axes (16, 56, 56), an autoencoder with 4 levels (latent at 1/8 size) and 16 latent
 channels, T5 relative attention over 32 buckets up to distance 128, CLIP heads 64 wide. Vocabulary
-sizes match tests/tiny_tokenizers.py. Values are seeded: norm scales 1 + 0.2 N, biases 0.1 N,
+sizes match tests/support/tiny_tokenizers.py. Values are seeded: norm scales 1 + 0.2 N, biases 0.1 N,
 matrices N / sqrt(fan_in), so a forgotten scale or bias changes outputs.
 
 `write_header_only` writes a sparse file with only a header and no data, which makes the full-size
@@ -245,19 +245,10 @@ def write_pickle(path: Path, zip_format: bool = True) -> Path:
 
 
 def write_gguf(path: Path) -> Path:
-    """The start of a GGUF file: magic, version 3, tensor and metadata counts."""
+    """The start of a GGUF file (magic, version 3, one tensor, no metadata), then zeros: a tensor
+    without a name or dimensions (tests/support/tiny_gguf.py writes real ones)."""
     path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + b"\0" * 64)
     return path
-
-
-def write_scaled_fp8(path: Path) -> Path:
-    """A ComfyUI 'scaled fp8' transformer: fp8 weights with `.scale_weight` and a `scaled_fp8` marker."""
-    weights = transformer_weights()
-    tensors = store(weights, torch.float8_e4m3fn)
-    for key in [k for k, t in weights.items() if t.ndim == 2]:
-        tensors[key.removesuffix(".weight") + ".scale_weight"] = torch.tensor(1.0)
-    tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    return save(path, tensors)
 
 
 # --- header-only (sparse) files ------------------------------------------------------------------

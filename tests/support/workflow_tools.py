@@ -10,14 +10,17 @@ real server, see tests/data/comfyui_core_nodes.json and scripts/comfyui_check.py
 - API format (what `POST /prompt` takes and "Export (API)" writes): `{id: {"inputs", "class_type",
   "_meta": {"title"}}}`, links as `[from_id, from_slot]`.
 - The executor runs an API-format graph in dependency order, the way ComfyUI's executor calls a
-  V1 node (`getattr(node, FUNCTION)(**inputs)`, hidden `UNIQUE_ID` = the node id), with small
-  stand-ins for the core nodes our workflows use. The stand-ins are test doubles written here,
+  V1 node (`getattr(node, FUNCTION)(**inputs)`, hidden `UNIQUE_ID` = the node id; an `async def`
+  function is awaited as a task, so independent ones overlap), with small stand-ins for the core
+  nodes our workflows use. The stand-ins are test doubles written here,
   not ComfyUI's code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import inspect
 import json
 import sys
 import types
@@ -28,8 +31,18 @@ from typing import Any
 
 from . import DATA_DIR, REPO
 
-WORKFLOW_DIR = REPO / "workflows"
-API_DIR = WORKFLOW_DIR / "api"  # not listed by ComfyUI's template browser (it globs workflows/*.json)
+# ComfyUI's template browser lists custom_nodes/<package>/example_workflows/*.json (not subfolders)
+# and serves that folder at /api/workflow_templates/<package>/; the frontend shows each file name as
+# the title and asks for <name>.jpg beside it as the thumbnail.
+WORKFLOW_DIR = REPO / "example_workflows"
+API_DIR = WORKFLOW_DIR / "api"  # the API-format twins: served, but not listed
+THUMBNAIL_SUFFIX = ".jpg"
+TEXT_TO_IMAGE = WORKFLOW_DIR / "FLUX Schnell text to image (API).json"
+LOCAL = WORKFLOW_DIR / "FLUX Schnell text to image (local).json"
+LOCAL_LORA = WORKFLOW_DIR / "FLUX Schnell text to image with LoRAs (local).json"
+LOCAL_WORKFLOWS = (LOCAL, LOCAL_LORA)  # need weight files (tiny ones in the tests)
+UPSCALE = WORKFLOW_DIR / "FLUX Schnell generate and upscale.json"
+DRAFT_BOARD = WORKFLOW_DIR / "FLUX Schnell draft board (four prompts).json"
 CORE_NODES_FILE = DATA_DIR / "comfyui_core_nodes.json"
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -176,6 +189,10 @@ def ui_workflow_paths() -> list[Path]:
 
 def api_twin_path(ui_path: Path) -> Path:
     return API_DIR / ui_path.name
+
+
+def thumbnail_path(ui_path: Path) -> Path:
+    return ui_path.with_suffix(THUMBNAIL_SUFFIX)
 
 
 def load_json(path: Path) -> Any:
@@ -347,6 +364,76 @@ def _check_link(link, by_id, specs, ui_only) -> list[str]:
     return problems
 
 
+# --- what a graph means (the same across frontend releases) -------------------------------------
+
+
+def ui_meaning(
+    wf: Mapping[str, Any], specs: Mapping[str, NodeSpec], ui_only: frozenset[str]
+) -> dict[str, Any]:
+    """A UI-format graph reduced to what it means, leaving out what frontends write differently.
+
+    Nodes: type, title and widget values by input name (with each control_after_generate
+    setting); a UI-only node (a note) keeps its values as they are. Links: (from node, output
+    slot, to node, input *name*, type), since frontends order a node's `inputs` list differently
+    (newer ones list widget inputs there too). Left out: positions, sizes, order, a missing versus
+    empty `widgets_values`, and the values of frontend-only widgets (PreviewAny's `preview`).
+    """
+    nodes: dict[int, Any] = {}
+    for n in wf["nodes"]:
+        values = list(n.get("widgets_values") or [])
+        spec = specs.get(n["type"])
+        if n["type"] in ui_only or spec is None:
+            nodes[n["id"]] = (n["type"], n.get("title"), json.dumps(values, sort_keys=True))
+            continue
+        slots = len(spec.widgets) + sum(w.has_control for w in spec.widgets)
+        if spec.frontend_widgets and len(values) > slots:
+            values = values[:slots]  # what a frontend-only widget shows is no input of the node
+        named, controls = split_widget_values(spec, values)
+        nodes[n["id"]] = (n["type"], n.get("title"), named, controls)
+    input_names = {
+        (n["id"], slot): inp["name"] for n in wf["nodes"] for slot, inp in enumerate(n.get("inputs") or [])
+    }
+    links = sorted(
+        (src, src_slot, dst, input_names.get((dst, dst_slot), f"slot {dst_slot}"), kind)
+        for _link_id, src, src_slot, dst, dst_slot, kind in wf.get("links", [])
+    )
+    return {"nodes": nodes, "links": links}
+
+
+def api_meaning(api: Mapping[str, Mapping[str, Any]], specs: Mapping[str, NodeSpec]) -> dict[str, Any]:
+    """An API-format graph reduced to what runs: each node's class and the inputs it declares.
+
+    Left out: `_meta` (titles) and inputs the node does not declare (a frontend-only widget such as
+    PreviewAny's `preview`, which frontend 1.27 sends and 1.58 does not; ComfyUI drops it anyway).
+    """
+    meaning = {}
+    for node_id, node in api.items():
+        spec = specs.get(node["class_type"])
+        declared = {i.name for i in spec.inputs} if spec is not None else set(node["inputs"])
+        inputs = {k: v for k, v in node["inputs"].items() if k in declared}
+        meaning[node_id] = (node["class_type"], inputs)
+    return meaning
+
+
+def meaning_differences(got: Mapping[str, Any], want: Mapping[str, Any], what: str = "") -> list[str]:
+    """Readable differences between two meanings (of `ui_meaning` or `api_meaning`)."""
+    problems = []
+    if "nodes" in want and "links" in want:
+        problems += meaning_differences(got.get("nodes", {}), want["nodes"], "node ")
+        missing = [x for x in want["links"] if x not in got.get("links", [])]
+        extra = [x for x in got.get("links", []) if x not in want["links"]]
+        problems += [f"link {x} missing" for x in missing] + [f"link {x} added" for x in extra]
+        return problems
+    for key in sorted(set(got) | set(want), key=str):
+        if key not in got:
+            problems.append(f"{what}{key} missing")
+        elif key not in want:
+            problems.append(f"{what}{key} added")
+        elif got[key] != want[key]:
+            problems.append(f"{what}{key}: {got[key]} != {want[key]}")
+    return problems
+
+
 # --- UI format to API format -------------------------------------------------------------------
 
 
@@ -423,32 +510,85 @@ def run_api_graph(
     node_classes: Mapping[str, type],
     hidden: Callable[[str, str], Any] | None = None,
 ) -> RunResult:
-    """Run every node of `api` once, in dependency order, as ComfyUI's executor calls V1 nodes."""
+    """Run every node of `api` once, as ComfyUI's executor calls V1 nodes (see `run_api_graph_async`)."""
+    return asyncio.run(run_api_graph_async(api, node_classes, hidden))
+
+
+async def run_api_graph_async(
+    api: Mapping[str, Mapping[str, Any]],
+    node_classes: Mapping[str, type],
+    hidden: Callable[[str, str], Any] | None = None,
+) -> RunResult:
+    """Run every node of `api` once, the way ComfyUI's executor (0.3.45 and later) does.
+
+    A node runs once the nodes it takes inputs from are done, as `getattr(node, FUNCTION)(**inputs)`
+    with the hidden `UNIQUE_ID` set to its id. An `async def` function becomes a task that is
+    given one turn of the loop; if it is not finished then, it stays pending while the nodes that
+    are ready run, so independent async nodes overlap. The first failure raises (the rest are
+    cancelled, as when ComfyUI ends a prompt).
+    """
     results: dict[str, tuple] = {}
     ui: dict[str, dict] = {}
-    for node_id in execution_order(api):
-        entry = api[node_id]
-        cls = node_classes.get(entry["class_type"])
-        if cls is None:
-            raise KeyError(f"no node class for {entry['class_type']!r} (node {node_id})")
-        kwargs = {
-            name: results[value[0]][value[1]] if _is_link(value) else value
-            for name, value in entry["inputs"].items()
-        }
-        declared = cls.INPUT_TYPES()
-        kwargs = {
-            k: v
-            for k, v in kwargs.items()
-            if k in declared.get("required", {}) or k in declared.get("optional", {})
-        }  # frontend-only widgets (PreviewAny's "preview") are not function arguments
-        for arg, kind in declared.get("hidden", {}).items():
-            kwargs[arg] = node_id if kind == "UNIQUE_ID" else (hidden(kind, node_id) if hidden else None)
-        out = getattr(cls(), cls.FUNCTION)(**kwargs)
+    pending: dict[asyncio.Task, str] = {}
+    order = execution_order(api)
+
+    def ready(node_id: str) -> bool:
+        links = [v for v in api[node_id]["inputs"].values() if _is_link(v)]
+        return all(value[0] in results for value in links)
+
+    def finish(node_id: str, out) -> None:
         if isinstance(out, dict):
             ui[node_id] = out.get("ui", {})
             out = out.get("result", ())
         results[node_id] = tuple(out)
+
+    try:
+        while len(results) < len(order):
+            waiting = set(pending.values())
+            startable = [n for n in order if n not in results and n not in waiting and ready(n)]
+            for node_id in startable:
+                out = _call_node(api, node_classes, node_id, results, hidden)
+                if inspect.iscoroutine(out):
+                    task = asyncio.ensure_future(out)
+                    await asyncio.sleep(0)  # one turn, as ComfyUI gives it
+                    if not task.done():
+                        pending[task] = node_id
+                        continue
+                    out = task.result()
+                finish(node_id, out)
+            if startable:
+                continue  # what finished may have made other nodes ready
+            if not pending:
+                raise RuntimeError("no node can run (a bug in the graph runner)")
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                finish(pending.pop(task), task.result())
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
     return RunResult(results, ui)
+
+
+def _call_node(api, node_classes, node_id: str, results, hidden):
+    entry = api[node_id]
+    cls = node_classes.get(entry["class_type"])
+    if cls is None:
+        raise KeyError(f"no node class for {entry['class_type']!r} (node {node_id})")
+    kwargs = {
+        name: results[value[0]][value[1]] if _is_link(value) else value
+        for name, value in entry["inputs"].items()
+    }
+    declared = cls.INPUT_TYPES()
+    kwargs = {
+        k: v
+        for k, v in kwargs.items()
+        if k in declared.get("required", {}) or k in declared.get("optional", {})
+    }  # frontend-only widgets (PreviewAny's "preview") are not function arguments
+    for arg, kind in declared.get("hidden", {}).items():
+        kwargs[arg] = node_id if kind == "UNIQUE_ID" else (hidden(kind, node_id) if hidden else None)
+    return getattr(cls(), cls.FUNCTION)(**kwargs)
 
 
 # --- stand-ins for ComfyUI core nodes ---------------------------------------------------------
