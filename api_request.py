@@ -106,6 +106,18 @@ class ApiEvent:
     retry_in_s: float | None = None
     message: str = ""
 
+    def node_status(self) -> str:
+        """What a node waiting on the batch shows: "rate limited, retrying in 3 s", "HTTP 503,
+        retrying in 2 s", "the service is still working on it", else "waiting for the service"."""
+        wait = f" in {self.retry_in_s:.0f} s" if self.retry_in_s is not None else ""
+        if self.kind == RATE_LIMITED:
+            return f"rate limited, retrying{wait}"
+        if self.kind == RETRYING:
+            return f"{self.message or 'a call failed'}, retrying{wait}"
+        if self.kind == WAITING:
+            return "the service is still working on it"
+        return "waiting for the service"
+
     def __str__(self) -> str:
         text = f"{self.label}: {self.kind}"
         if self.message:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from . import comfy_bridge
@@ -15,6 +16,7 @@ from .errors import InvalidInputError
 from .generation import (
     BACKENDS,
     MAX_BATCH,
+    MAX_PROMPT_CHARS,
     MAX_SEED,
     MAX_SIDE,
     MAX_STEPS,
@@ -65,7 +67,8 @@ class FluxSchnellGenerate:
                         "multiline": True,
                         "default": "",
                         "placeholder": "A photo of a red fox in fresh snow, golden hour",
-                        "tooltip": "What to draw. FLUX.1 [schnell] has no negative prompt.",
+                        "tooltip": f"What to draw (at most {MAX_PROMPT_CHARS:,} characters). "
+                        "FLUX.1 [schnell] has no negative prompt.",
                     },
                 ),
                 "backend": (
@@ -179,7 +182,11 @@ class FluxSchnellGenerate:
             progress = comfy_bridge.progress_for(request.batch_size, unique_id, unit="image")
             with progress.status_text("waiting for the service"):
                 images, info = await comfy_bridge.run_in_thread(
-                    generate_api, request, progress, settings, progress=progress
+                    functools.partial(generate_api, on_event=lambda e: progress.set_status(e.node_status())),
+                    request,
+                    progress,
+                    settings,
+                    progress=progress,
                 )
         else:
             from .local_packages import require_local_packages

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from comfyui_flux_schnell.api_request import ApiImageRequest
+from comfyui_flux_schnell.api_request import ApiEvent, ApiImageRequest
 from comfyui_flux_schnell.errors import (
     InvalidInputError,
 )
@@ -37,3 +37,19 @@ def test_the_label_is_for_messages_only():
     assert b.name(2) == "image 3"
     with pytest.raises(InvalidInputError, match="label"):
         ApiImageRequest("p", 64, 64, 4, label=3)
+
+
+@pytest.mark.parametrize(
+    ("kind", "retry_in_s", "message", "shown"),
+    [
+        ("rate limited", 3.2, "HTTP 429", "rate limited, retrying in 3 s"),
+        ("retrying", 2.0, "HTTP 503", "HTTP 503, retrying in 2 s"),
+        ("retrying", None, "", "a call failed, retrying"),
+        ("waiting", 1.0, "", "the service is still working on it"),
+        ("started", None, "", "waiting for the service"),
+        ("done", None, "", "waiting for the service"),
+    ],
+)
+def test_an_event_as_a_node_status(kind, retry_in_s, message, shown):
+    event = ApiEvent(index=0, label="image 1", kind=kind, retry_in_s=retry_in_s, message=message)
+    assert event.node_status() == shown

@@ -172,6 +172,15 @@ def test_the_text_counts_finished_images(comfy, node, fake_api, monkeypatch, com
     assert any(t.endswith("\n1 of 2 images done") for t in texts), texts
 
 
+def test_the_text_says_when_the_service_rate_limits(comfy, node, fake_api):
+    fake_api.script(error_reply(429, "slow down", retry_after="1"))
+    images, _ = asyncio.run(node.generate(**_args("a fox", node_id="3")))
+    assert images.shape[0] == 1
+    texts = [text for _, text in comfy.texts]
+    assert any(t.startswith("rate limited, retrying in 1 s: ") for t in texts), texts
+    assert texts[-1].startswith("1 of 1 image done in ")
+
+
 def test_the_text_never_holds_the_key(comfy, comfy_package, node, fake_api, monkeypatch):
     monkeypatch.setattr(comfy_package.comfy_bridge, "STATUS_INTERVAL_S", 0.02)
     fake_api.set_default(error_reply(401, f"invalid api key {TEST_KEY}", delay_s=0.2))
