@@ -53,7 +53,7 @@ from tests.support import workflow_tools as wt
 from tests.support.fake_imageapi import FakeImageAPI
 
 PACKAGE_FOLDER = "comfyui-flux-schnell"
-OWN_NODES = ("FluxSchnellGenerate", "FluxSchnellLocalModel")
+OWN_NODES = ("FluxSchnellGenerate", "FluxSchnellLocalModel", "FluxSchnellLoRA")
 UPSCALE_MODEL = "RealESRGAN_x4plus.safetensors"
 T5_VOCAB, CLIP_VOCAB = 32128, 49408  # the sizes of ComfyUI's bundled tokenizers' models
 SLOW_SERVICE_S = 20.0
@@ -193,8 +193,9 @@ def check_object_info(report: Report, info: dict, local_files: list[Path]) -> No
 
 
 def _file_choices(live: wt.InputSpec, want: wt.InputSpec, local_files: list[Path]) -> bool:
-    """A model-file dropdown: same first entry ('none'/'auto'), plus the files ComfyUI found."""
-    if not (live.choices and want.choices) or live.choices[0] != want.choices[0]:
+    """A model-file dropdown: the same first entry ('none'/'auto') if it has one (the LoRA list has
+    none), plus the files ComfyUI found."""
+    if not live.choices or (want.choices and live.choices[0] != want.choices[0]):
         return False
     extra = set(live.choices) - set(want.choices)
     return extra <= {p.name for p in local_files}
