@@ -42,6 +42,6 @@ def test_no_tracked_file_names_an_absolute_machine_path():
 def test_the_check_sees_the_files_and_would_catch_a_path(tmp_path):
     names = {path.name for path, _ in tracked_text_files()}
     assert {"README.md", "pyproject.toml", "nodes.py"} <= names
-    assert MACHINE_PATH.search("see " + "/" + "work/shared/reference/keys")
+    assert MACHINE_PATH.search("see " + "/" + "work/project/notes.md")
     assert MACHINE_PATH.search("/" + "home/alice/ComfyUI")
     assert not MACHINE_PATH.search("~/ComfyUI and models/diffusion_models")
