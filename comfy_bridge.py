@@ -18,12 +18,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-import os
 import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 from typing import TypeVar
 
@@ -237,13 +235,17 @@ def model_file_lists() -> dict[str, list[str]]:
 
 
 def _gguf_files(folder: str) -> list[str]:
-    """The .gguf files under ComfyUI's paths of `folder`, named relative to their path as ComfyUI
-    names files (so `full_model_path(folder, name)` finds them)."""
-    names = set()
-    for root in model_folder_paths(folder):
-        if os.path.isdir(root):
-            names.update(os.path.relpath(p, root) for p in Path(root).rglob("*.gguf") if p.is_file())
-    return sorted(names)
+    """The .gguf files under ComfyUI's paths of `folder`, as ComfyUI names files (relative to their
+    path, so `full_model_path(folder, name)` finds them). Listed by ComfyUI itself, with its cache
+    of folder listings: under a folder name of ours with the same paths and the extension .gguf
+    (as ComfyUI-GGUF registers `unet_gguf`), re-registered each time so the paths stay current."""
+    folder_paths = _comfy("folder_paths")
+    table = getattr(folder_paths, "folder_names_and_paths", None)
+    if table is None:
+        return []
+    key = f"flux_schnell_{folder}_gguf"
+    table[key] = (model_folder_paths(folder), {".gguf"})
+    return list(folder_paths.get_filename_list(key))
 
 
 def full_model_path(folder: str, filename: str) -> str | None:

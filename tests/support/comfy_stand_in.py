@@ -135,6 +135,8 @@ class ComfyStandIn:
         self.folder_paths.get_filename_list = self._filenames
         self.folder_paths.get_folder_paths = lambda name: [str(stand_in.models_dir / name)]
         self.folder_paths.get_full_path = self._full_path
+        # folder names registered by packages: name -> (paths, extensions), as ComfyUI's table
+        self.folder_paths.folder_names_and_paths = {}
 
         class PromptServer:
             instance = None
@@ -177,7 +179,18 @@ class ComfyStandIn:
         self.interrupted = False
 
     def _filenames(self, name):
-        """Like ComfyUI's: the files with one of its model extensions (never .gguf)."""
+        """Like ComfyUI's: the files with one of its model extensions (never .gguf); for a folder
+        name a package registered, the files under its paths (recursively) with its extensions."""
+        registered = self.folder_paths.folder_names_and_paths.get(name)
+        if registered is not None:
+            paths, extensions = registered
+            return sorted(
+                str(p.relative_to(root))
+                for root in map(Path, paths)
+                if root.is_dir()
+                for p in root.rglob("*")
+                if p.is_file() and p.suffix in extensions
+            )
         folder = self.models_dir / name
         files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         return [f for f in files if f.endswith(MODEL_EXTENSIONS)]
