@@ -221,8 +221,9 @@ def test_a_file_written_but_not_recorded_is_not_bought_again(fake_api, tmp_path)
     out = tmp_path / "o"
     assert main(draft_args(prompts, out)) == 0
     manifest = out / "manifest.jsonl"
-    first_line = manifest.read_text().splitlines()[0]
-    manifest.write_text(first_line + "\n")  # the kill came between writing "two" and recording it
+    # the kill came between writing "two" and recording it (the lines finish in either order)
+    one = next(line for line in manifest.read_text().splitlines() if json.loads(line)["prompt"] == "one")
+    manifest.write_text(one + "\n")
     assert main(draft_args(prompts, out)) == 0
     assert fake_api.generate_calls == 2
     found = [r for r in read_manifest(manifest) if r.get("found_on_disk")]
