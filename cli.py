@@ -9,7 +9,7 @@
 
 Everything the user gives is checked before anything is paid for or created: the prompts (every
 line of a prompts file), the sizes, the output paths, the API key or the local backend's packages.
-Only then are folders made and the run started (drafts_run.py). The environment is read here, at
+Only then are folders made and the run started (drafts/run.py). The environment is read here, at
 the start. The api path never imports torch. Exit codes: 0 all done, 1 some images failed (or the
 run was interrupted), 2 a usage or configuration error.
 """
@@ -38,7 +38,7 @@ from .errors import (
     LocalBackendUnavailable,
 )
 from .generation import BACKENDS, MAX_BATCH, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, GenerationRequest
-from .local_lora import LoraChoice, parse_lora_option
+from .local.lora import LoraChoice, parse_lora_option
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_CONCURRENCY = 16
@@ -227,7 +227,7 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 
 
 def _set_up_logging(verbose: bool) -> None:
-    from .cli_progress import ProgressLogHandler
+    from .drafts.progress import ProgressLogHandler
 
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, ProgressLogHandler)]:
@@ -239,13 +239,13 @@ def _set_up_logging(verbose: bool) -> None:
 
 
 def _progress_handler():
-    from .cli_progress import ProgressLogHandler
+    from .drafts.progress import ProgressLogHandler
 
     return next((h for h in logging.getLogger().handlers if isinstance(h, ProgressLogHandler)), None)
 
 
 def _set_key() -> int:
-    from .settings import save_api_key
+    from .api.settings import save_api_key
 
     interactive = sys.stdin.isatty()
     key = getpass.getpass("ImageAPI key (input hidden): ") if interactive else sys.stdin.readline()
@@ -255,7 +255,13 @@ def _set_key() -> int:
 
 
 def _show_config() -> int:
-    from .settings import config_search_paths, default_config_path, load_settings, masked, missing_key_message
+    from .api.settings import (
+        config_search_paths,
+        default_config_path,
+        load_settings,
+        masked,
+        missing_key_message,
+    )
 
     looked = config_search_paths()
     files = ", ".join(f"{masked(str(p))}{'' if p.is_file() else ' (none)'}" for p in looked)
@@ -282,7 +288,7 @@ def _first_file(paths: list[Path]) -> Path | None:
 
 
 def _gallery(folder: Path) -> int:
-    from .drafts_gallery import write_gallery
+    from .drafts.gallery import write_gallery
 
     if not folder.is_dir():
         raise InvalidInputError(f"gallery: {folder} is not a folder; give the --out-dir of a draft run.")
@@ -298,8 +304,8 @@ def _gallery(folder: Path) -> int:
 
 
 def _generate(args) -> int:
-    from .drafts_prompts import check_prompts_file, read_prompts
-    from .drafts_run import RunSettings
+    from .drafts.prompts import check_prompts_file, read_prompts
+    from .drafts.run import RunSettings
 
     gen_parser = args.command_parser  # its usage line goes with the errors below
     if args.prompt is not None and args.out is None:
@@ -338,11 +344,11 @@ def _generate(args) -> int:
 
     # 3. What the backend needs: the key (read here, where the program starts) or the packages.
     if args.backend == "api":
-        from .settings import load_settings
+        from .api.settings import load_settings
 
         settings = load_settings()
     else:
-        from .local_packages import require_local_packages
+        from .local.packages import require_local_packages
 
         require_local_packages()
         settings = None
@@ -395,8 +401,8 @@ def _check_folder(folder: Path, flag: str) -> None:
 
 
 def _prepare_folders(s) -> None:
-    from .drafts_gallery import THUMBS_DIR
-    from .image_files import remove_stale_parts
+    from .drafts.gallery import THUMBS_DIR
+    from .drafts.png_files import remove_stale_parts
 
     folder = s.out_dir if s.drafts else s.out.parent
     flag = "--out-dir" if s.drafts else "--out"
@@ -421,8 +427,8 @@ def _prepare_folders(s) -> None:
 
 
 def _run(s, args, settings, lines, planned: int) -> int:
-    from .cli_progress import Progress
-    from .drafts_run import DraftRun, StopRun, api_results, local_results
+    from .drafts.progress import Progress
+    from .drafts.run import DraftRun, StopRun, api_results, local_results
 
     progress = Progress(planned)
     handler = _progress_handler()
@@ -430,7 +436,7 @@ def _run(s, args, settings, lines, planned: int) -> int:
         handler.progress = progress
     stop = threading.Event()
     if s.backend == "api":
-        from .api_backend import ends_the_run
+        from .api_client import ends_the_run
         from .errors import AuthenticationError
 
         def ends_run(error: FluxSchnellError) -> int | None:
@@ -441,7 +447,7 @@ def _run(s, args, settings, lines, planned: int) -> int:
         backend = api_results(settings, s, stop, on_event=_show_event(progress))
     else:
         from .errors import ModelLoadError
-        from .local_files import LocalModelSpec
+        from .local.files import LocalModelSpec
 
         spec = LocalModelSpec(
             checkpoint=args.checkpoint,
@@ -480,7 +486,7 @@ def _run(s, args, settings, lines, planned: int) -> int:
 
 
 def _show_event(progress):
-    from .api_request import DONE, FAILED, RATE_LIMITED, RETRYING, STARTED, WAITING
+    from .api.types import DONE, FAILED, RATE_LIMITED, RETRYING, STARTED, WAITING
 
     def on_event(event) -> None:
         if event.kind in (RATE_LIMITED, RETRYING, WAITING):
@@ -501,8 +507,8 @@ def _first_interrupt(stop: threading.Event, previous) -> None:
 
 
 def _summary(outcome, s) -> int:
-    from .drafts_gallery import GALLERY_NAME, write_gallery
-    from .drafts_manifest import MANIFEST_NAME
+    from .drafts.gallery import GALLERY_NAME, write_gallery
+    from .drafts.manifest import MANIFEST_NAME
 
     err = sys.stderr
     if outcome.skipped:

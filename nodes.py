@@ -24,8 +24,8 @@ from .generation import (
     SIDE_MULTIPLE,
     GenerationRequest,
 )
-from .local_files import MEMORY_CHOICES, WEIGHT_DTYPE_OPTIONS
-from .local_lora import LORA_FOLDER, STRENGTH_LIMIT, lora_from_comfy
+from .local.files import MEMORY_CHOICES, WEIGHT_DTYPE_OPTIONS
+from .local.lora import LORA_FOLDER, STRENGTH_LIMIT, lora_from_comfy
 
 CATEGORY = "image/generation/FLUX Schnell"
 LOCAL_MODEL_TYPE = "FLUX_SCHNELL_MODEL"
@@ -175,8 +175,8 @@ class FluxSchnellGenerate:
                 "Schnell LoRA nodes (the hosted API would make the images without them)"
             )
         if backend == "api":
-            from .api_backend import generate_api
-            from .settings import load_settings
+            from .api.settings import load_settings
+            from .api_client import generate_api
 
             settings = load_settings()  # the environment and config file, read on every run
             progress = comfy_bridge.progress_for(request.batch_size, unique_id, unit="image")
@@ -189,7 +189,7 @@ class FluxSchnellGenerate:
                     progress=progress,
                 )
         else:
-            from .local_packages import require_local_packages
+            from .local.packages import require_local_packages
 
             require_local_packages()  # one clear error naming the package and the pip command
             from .local_backend import generate_local
@@ -272,10 +272,10 @@ class FluxSchnellLocalModel:
         }
 
     def select(self, checkpoint, transformer, t5, clip, vae, weight_dtype, memory):
-        from .local_packages import require_local_packages
+        from .local.packages import require_local_packages
 
         require_local_packages()  # the same clear error as FLUX Schnell Generate's
-        from .local_files import LocalModelSpec
+        from .local.files import LocalModelSpec
 
         spec = LocalModelSpec.from_node_inputs(
             checkpoint=None if checkpoint == NO_CHECKPOINT else checkpoint,

@@ -39,9 +39,9 @@ from multiprocessing.connection import Connection
 import numpy as np
 import requests
 import torch
-from comfyui_flux_schnell.api_client import GENERATE_PATH, ImageApiClient
-from comfyui_flux_schnell.api_request import ApiImage, ApiImageRequest
-from comfyui_flux_schnell.settings import ApiSettings
+from comfyui_flux_schnell.api.service import GENERATE_PATH, ImageApiClient
+from comfyui_flux_schnell.api.settings import ApiSettings
+from comfyui_flux_schnell.api.types import ApiImage, ApiImageRequest
 from PIL import Image
 
 from tests.support.fake_imageapi import FakeImageAPI, Reply, photo_like_png

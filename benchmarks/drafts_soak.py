@@ -267,7 +267,7 @@ def example_loop(base_url: str, n: int, out: Path, side: int = SIDE) -> float:
 
 def png_is_whole(path: Path) -> bool:
     """Structure check without decoding: signature, every chunk inside the file, IEND last."""
-    from comfyui_flux_schnell.image_files import PNG_SIGNATURE, _chunks
+    from comfyui_flux_schnell.drafts.png_files import PNG_SIGNATURE, _chunks
 
     data = path.read_bytes()
     if not data.startswith(PNG_SIGNATURE):
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         load = os.getloadavg()
         png_mb = len(photo_like_png(args.side, 0)) / 1e6
 
-        from comfyui_flux_schnell.drafts_manifest import read_manifest
+        from comfyui_flux_schnell.drafts.manifest import read_manifest
 
         status: dict[int, str] = {}
         for record in read_manifest(workdir / "soak" / "manifest.jsonl"):

@@ -39,7 +39,7 @@ from comfyui_flux_schnell.flux.gguf_quants import GGML_TYPES
 from comfyui_flux_schnell.flux.model import Flux
 from comfyui_flux_schnell.flux.t5 import T5Encoder
 from comfyui_flux_schnell.generation import GenerationRequest
-from comfyui_flux_schnell.local_files import LocalModelSpec
+from comfyui_flux_schnell.local.files import LocalModelSpec
 
 from benchmarks.local_pipeline import CONFIGS, PROMPT
 
@@ -256,7 +256,7 @@ def main() -> None:
 
 
 def run_cases(files: dict[str, Path], device: torch.device, size: int, args) -> list[Row]:
-    from comfyui_flux_schnell.local_lora import LoraChoice
+    from comfyui_flux_schnell.local.lora import LoraChoice
 
     lora = (LoraChoice(files["lora"], 0.8),)
     gguf = {"transformer": files.get("transformer_gguf"), "t5": files.get("t5_gguf")}

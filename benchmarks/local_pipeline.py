@@ -25,13 +25,15 @@ import time
 from pathlib import Path
 
 import torch
-from comfyui_flux_schnell import local_backend
 from comfyui_flux_schnell.comfy_bridge import Progress
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoder, AutoEncoderParams
 from comfyui_flux_schnell.flux.clip import CLIPTextConfig, CLIPTextEncoder
 from comfyui_flux_schnell.flux.model import Flux, FluxParams
 from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder
 from comfyui_flux_schnell.generation import GenerationRequest
+from comfyui_flux_schnell.local import memory as local_memory
+from comfyui_flux_schnell.local import models as local_models
+from comfyui_flux_schnell.local import pipeline as local_pipeline
 
 PROMPT = "a photo of a red fox in fresh snow at golden hour, shallow depth of field"
 CONFIGS = {
@@ -97,7 +99,7 @@ class StepClock:
 
 
 def run_ours(cfg, models, device, steps, repeats, compile_mode):
-    policy = local_backend.MemoryPolicy(models, device, "keep on GPU")
+    policy = local_memory.MemoryPolicy(models, device, "keep on GPU")
     request = GenerationRequest(PROMPT, cfg["size"], cfg["size"], steps, 0, 1)
     results = []
     for i in range(2 + repeats):  # two warm-ups (the first compiles, when compiling)
@@ -109,10 +111,10 @@ def run_ours(cfg, models, device, steps, repeats, compile_mode):
             torch.cuda.reset_peak_memory_stats()
         sync(device)
         start = time.perf_counter()
-        run = local_backend.PipelineRun(
+        run = local_pipeline.PipelineRun(
             request, device, cfg["dtype"], policy, progress, compile=compile_mode, timings=timings
         )
-        local_backend.run_pipeline(models, run)
+        local_pipeline.run_pipeline(models, run)
         sync(device)
         total = time.perf_counter() - start
         step_times = clock.steps(start + timings["text encoding"])
@@ -228,11 +230,11 @@ def main():
         clip=random_module(CLIPTextEncoder, cfg["clip"], device, dtype, 3),
     )
     # one LoadedModels, as the backend's cache would hold it, already on the device
-    models = local_backend.LoadedModels(
+    models = local_models.LoadedModels(
         files=None,
         stamps=(),
         weight_dtype="as stored",
-        **{k: local_backend.Placed(k, m) for k, m in nets.items()},
+        **{k: local_models.Placed(k, m) for k, m in nets.items()},
         t5_tokenizer=load_t5_tokenizer(t5_dir, 256),
         clip_tokenizer=load_clip_tokenizer(clip_dir, 77),
     )

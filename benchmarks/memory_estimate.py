@@ -13,7 +13,7 @@ autoencoder fp32, CLIP and AE being loaded as stored). The GGUF forms ("gguf-Q8_
 "gguf-Q4_K_S") keep the transformer's and T5's matrices as the bytes of their blocks, as
 `flux.stored_layers` loads them, with city96's and llama.cpp's choices of what stays unquantized
 (`gguf_form`); every layer then dequantizes its weight when it runs, and those transients are
-counted like any other tensor. Then the real `local_backend.run_pipeline` runs on
+counted like any other tensor. Then the real `local_pipeline.run_pipeline` runs on
 them with device "meta": text encoding, sampling one image at a time, decoding. A
 `TorchDispatchMode` (`LiveTensorTracker`) sees every tensor each aten op creates, counts each new
 storage once (views and in-place results share their input's storage), subtracts it when the
@@ -66,7 +66,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from comfyui_flux_schnell import local_backend
 from comfyui_flux_schnell.comfy_bridge import Progress
 from comfyui_flux_schnell.flux import loading, stored_layers
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoder, AutoEncoderParams
@@ -75,6 +74,8 @@ from comfyui_flux_schnell.flux.gguf_quants import GGML_TYPES
 from comfyui_flux_schnell.flux.model import Flux, FluxParams
 from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder
 from comfyui_flux_schnell.generation import GenerationRequest
+from comfyui_flux_schnell.local import models as local_models
+from comfyui_flux_schnell.local import pipeline as local_pipeline
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -85,7 +86,7 @@ TARGETS = {"fp8_e4m3fn": 16 * 10**9, "bf16": 26 * 10**9, "gguf-Q4_K_S": 8 * GIB}
 # GGUF forms: the block type of the transformer's and T5's matrices ("Q4_K_S": llama-quantize's
 # Q4_K_S, whose matrices are Q4_K apart from a few Q5_K ones in T5)
 GGUF_FORMS = {"gguf-Q8_0": "Q8_0", "gguf-Q4_K_S": "Q4_K"}
-WEIGHT_FORMS = (*local_backend.LOAD_DTYPE_OF_OPTION, *GGUF_FORMS)
+WEIGHT_FORMS = (*local_models.LOAD_DTYPE_OF_OPTION, *GGUF_FORMS)
 CUDA_CONTEXT = GIB // 2  # taken from the card, never counted by max_memory_allocated
 # The dtypes of the official files: flux1-schnell.safetensors, t5xxl_fp16.safetensors,
 # clip_l.safetensors, ae.safetensors (their layouts: tests/data/keys/*.json).
@@ -413,7 +414,7 @@ def build_models(weight_dtype: str, configs: Configs) -> dict[str, nn.Module]:
             "transformer": gguf_form(Flux, configs.transformer, block_type, torch.bfloat16, FLUX_UNQUANTIZED),
             "autoencoder": on_meta(AutoEncoder, configs.ae, STORED["autoencoder"], None),
         }
-    narrow = local_backend.LOAD_DTYPE_OF_OPTION[weight_dtype]
+    narrow = local_models.LOAD_DTYPE_OF_OPTION[weight_dtype]
     return {
         "T5-XXL": on_meta(T5Encoder, configs.t5, STORED["T5-XXL"], narrow),
         "CLIP-L": on_meta(CLIPTextEncoder, configs.clip, STORED["CLIP-L"], None),
@@ -474,7 +475,7 @@ class PipelineMemory:
 
 
 class _StageMarks:
-    """Stands in for `local_backend.MemoryPolicy`: moves nothing, marks the stages' bounds."""
+    """Stands in for `local_memory.MemoryPolicy`: moves nothing, marks the stages' bounds."""
 
     def __init__(self, tracker: LiveTensorTracker, top: int):
         self.tracker, self.top = tracker, top
@@ -533,12 +534,12 @@ def measure(
     fused_kernels: bool = True,
     top: int = 8,
 ) -> PipelineMemory:
-    """Run `local_backend.run_pipeline` on meta models and measure each stage's memory."""
+    """Run `local_pipeline.run_pipeline` on meta models and measure each stage's memory."""
     started = time.monotonic()
     configs = configs or Configs()
     modules = build_models(weight_dtype, configs)
-    placed = {name: local_backend.Placed(name, m) for name, m in modules.items()}
-    models = local_backend.LoadedModels(
+    placed = {name: local_models.Placed(name, m) for name, m in modules.items()}
+    models = local_models.LoadedModels(
         files=None,
         stamps=(),
         weight_dtype=weight_dtype,
@@ -546,8 +547,8 @@ def measure(
         clip=placed["CLIP-L"],
         transformer=placed["transformer"],
         ae=placed["autoencoder"],
-        t5_tokenizer=_MetaTokenizer(local_backend.T5_MAX_LENGTH),
-        clip_tokenizer=_MetaTokenizer(local_backend.CLIP_MAX_LENGTH),
+        t5_tokenizer=_MetaTokenizer(local_models.T5_MAX_LENGTH),
+        clip_tokenizer=_MetaTokenizer(local_models.CLIP_MAX_LENGTH),
     )
     tracker = LiveTensorTracker("meta")
     for name, m in modules.items():
@@ -556,8 +557,8 @@ def measure(
     device, dtype = torch.device("meta"), torch.bfloat16
     progress = Progress(request.steps * request.batch_size)
     with gpu_kernels(fused_kernels), tracker.module_names(), tracker:
-        run = local_backend.PipelineRun(request, device, dtype, policy=marks, progress=progress)
-        local_backend.run_pipeline(models, run)
+        run = local_pipeline.PipelineRun(request, device, dtype, policy=marks, progress=progress)
+        local_pipeline.run_pipeline(models, run)
     return PipelineMemory(
         weight_dtype=weight_dtype,
         height=request.height,

@@ -11,10 +11,31 @@
 - `ops.py`: layers that compute in their input's dtype whatever form their weights are stored in;
 - `lora.py`, `lora_keys.py`, `lora_adapter.py`: LoRA files matched to the layers and added at run time.
 
-Importing this package imports torch; the node package imports it only when the local backend runs.
+- `components.py`: the four networks of a FLUX.1 set and their file names (no torch).
+
+The entry points below are imported on first use (PEP 562), so that `flux.components` can be read
+without torch; every other module of this package imports torch.
 """
 
-from .autoencoder import AutoEncoder, AutoEncoderParams
-from .model import Flux, FluxParams
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .autoencoder import AutoEncoder, AutoEncoderParams
+    from .model import Flux, FluxParams
 
 __all__ = ["AutoEncoder", "AutoEncoderParams", "Flux", "FluxParams"]
+_HOME = {
+    "AutoEncoder": "autoencoder",
+    "AutoEncoderParams": "autoencoder",
+    "Flux": "model",
+    "FluxParams": "model",
+}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from ..local_components import AE, COMPONENTS, TRANSFORMER, Component
+from .components import AE, COMPONENTS, TRANSFORMER, Component
 from .gguf_file import GGUF_MAGIC, read_gguf_header
 from .gguf_layouts import network_tensors
 from .gguf_quants import BLOCK_TYPES, GGML_TYPES
@@ -249,7 +249,7 @@ def _parse_entry(path: Path, expected: str | None, key: str, desc: object, data_
 # --- which networks a file holds -----------------------------------------------------------------
 
 
-# The four networks (names, marker keys, all-in-one prefixes): local_components.py.
+# The four networks (names, marker keys, all-in-one prefixes): flux/components.py.
 
 # keys of an all-in-one checkpoint that belong to no network and are never loaded
 COMFY_EXTRA_KEYS = ("text_encoders.clip_l.logit_scale", "text_encoders.t5xxl.logit_scale")

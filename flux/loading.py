@@ -55,7 +55,6 @@ import torch
 from torch import nn
 
 from ..errors import InvalidInputError, ModelLoadError, OutOfMemoryError
-from ..local_components import AE, CLIP, T5, TRANSFORMER, Component
 from . import ops, stored_layers
 from .autoencoder import AutoEncoder, AutoEncoderParams
 from .checkpoint import (
@@ -69,6 +68,7 @@ from .checkpoint import (
     list_keys,
 )
 from .clip import CLIPTextConfig, CLIPTextEncoder
+from .components import AE, CLIP, T5, TRANSFORMER, Component
 from .model import Flux, FluxParams
 from .scaled_fp8 import LayerScales, find_layer_scales
 from .t5 import T5Config, T5Encoder

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..local_components import CLIP, TRANSFORMER
 from . import lora_keys
 from .checkpoint import SAFETENSORS_DTYPES, Header, TensorEntry, inspect_file, list_keys, read_header
+from .components import CLIP, TRANSFORMER
 from .lora_adapter import LowRankAdapter, LowRankPiece
 from .ops import Linear
 

@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from ..local_components import CLIP, T5, TRANSFORMER
+from .components import CLIP, T5, TRANSFORMER
 
 NETWORKS = {c.name: c for c in (TRANSFORMER, CLIP, T5)}  # the networks LoRAs update, by name
 

@@ -23,9 +23,10 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 from ..errors import InvalidInputError
-from ..generation import MAX_SEED  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 from .autoencoder import AutoEncoder
 from .model import Flux, joint_ids
+
+GENERATOR_MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 
 LATENT_CHANNELS = 16
 PATCH = 2  # latent pixels per token side
@@ -71,8 +72,8 @@ def get_noise(
     """
     if isinstance(num, bool) or not isinstance(num, int) or num < 1:
         raise InvalidInputError(f"the number of images must be an integer >= 1, got {num!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise InvalidInputError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= GENERATOR_MAX_SEED:
+        raise InvalidInputError(f"seed must be an integer in [0, {GENERATOR_MAX_SEED}], got {seed!r}")
     for name, size in (("height", height), ("width", width)):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise InvalidInputError(f"{name} must be a positive integer, got {size!r}")

@@ -67,7 +67,7 @@ def other_host():
 @pytest.fixture
 def make_client(fake):
     """Builds `ImageApiClient`s on `fake` with fast test settings; closes them afterwards."""
-    from comfyui_flux_schnell.api_client import ImageApiClient
+    from comfyui_flux_schnell.api.service import ImageApiClient
     from support.api_testing import KEY, make_settings
 
     clients = []

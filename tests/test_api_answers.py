@@ -1,4 +1,4 @@
-"""Tests of api_answers.py through the client, against the fake ImageAPI on 127.0.0.1: every success
+"""Tests of api/answers.py through the client, against the fake ImageAPI on 127.0.0.1: every success
 shape of the answer, images that cannot be decoded, asynchronous jobs, ids made safe at the source."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import logging
 import time
 
 import pytest
-from comfyui_flux_schnell.api_request import ApiImage, ApiImageRequest
+from comfyui_flux_schnell.api.types import ApiImage, ApiImageRequest
 from comfyui_flux_schnell.errors import (
     ApiError,
     ApiTimeoutError,

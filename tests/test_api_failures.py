@@ -1,4 +1,4 @@
-"""Tests of api_failures.py through the client: what each HTTP error status of the generate call
+"""Tests of api/failures.py through the client: what each HTTP error status of the generate call
 means (error class, message, request count) and how each network failure is named, with the fix."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests of api_http.py against the fake ImageAPI on 127.0.0.1: headers, pooled connections, the stop
+"""Tests of api/http.py against the fake ImageAPI on 127.0.0.1: headers, pooled connections, the stop
 checked before a call goes out, and downloads (the key only to the service's own origin, size caps,
 one free retry, no query string in messages)."""
 

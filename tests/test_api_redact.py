@@ -1,4 +1,4 @@
-"""Tests of api_redact.py: no URL query, fragment or user info in messages, in exception chains
+"""Tests of api/redact.py: no URL query, fragment or user info in messages, in exception chains
 (`__cause__`, `__context__`) or in any log record at any level, urllib3's own included."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from comfyui_flux_schnell.api_redact import redact_urls, safe_cause, safe_url
+from comfyui_flux_schnell.api.redact import redact_urls, safe_cause, safe_url
 from comfyui_flux_schnell.errors import ApiError
 from support.api_testing import REQ, exception_texts, free_port
 from support.fake_imageapi import Reply, error_reply, solid_image

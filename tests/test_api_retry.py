@@ -1,4 +1,4 @@
-"""Tests of api_retry.py through the client: which failed calls are sent again, how often (counted at
+"""Tests of api/retry.py through the client: which failed calls are sent again, how often (counted at
 the fake server), after which waits (counted through a recording clock), within the deadline."""
 
 from __future__ import annotations

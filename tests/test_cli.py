@@ -272,7 +272,7 @@ def test_an_unwritable_output_folder_is_refused_before_any_request(fake_api, tmp
 
 
 def test_a_write_failure_mid_run_stops_the_run_with_a_summary(fake_api, tmp_path, monkeypatch, capsys):
-    import comfyui_flux_schnell.image_files as image_files
+    import comfyui_flux_schnell.drafts.png_files as image_files
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -368,7 +368,7 @@ def test_bad_prompts_files_are_refused_before_anything_happens(fake_api, tmp_pat
 
 
 def test_too_large_a_prompts_file_is_refused(fake_api, tmp_path, capsys, monkeypatch):
-    from comfyui_flux_schnell import drafts_prompts
+    from comfyui_flux_schnell.drafts import prompts as drafts_prompts
 
     monkeypatch.setattr(drafts_prompts, "MAX_PROMPTS_FILE_BYTES", 100)
     prompts = tmp_path / "p.txt"

@@ -39,7 +39,7 @@ def loader(comfy_package, memory: str):
 
 def ours(comfy, comfy_package) -> dict[str, object]:
     """network name -> its entry in ComfyUI's loaded models."""
-    loaded = comfy_package.local_backend._loaded
+    loaded = comfy_package.local.models.MODEL_CACHE.loaded
     by_module = {id(getattr(loaded, name).module): name for name in NETWORKS}
     return {
         by_module[id(e.model.model)]: e
@@ -53,7 +53,7 @@ def test_comfyui_counts_our_models_after_a_run(comfy, comfy_package, local_node)
     entries = ours(comfy, comfy_package)
     assert sorted(entries) == sorted(NETWORKS)
     assert len(comfy.mm.current_loaded_models) == 4
-    loaded = comfy_package.local_backend._loaded
+    loaded = comfy_package.local.models.MODEL_CACHE.loaded
     for name, entry in entries.items():
         placed = getattr(loaded, name)
         assert entry.model_memory() == placed.nbytes > 0  # what ComfyUI counts for it
@@ -64,13 +64,13 @@ def test_comfyui_counts_our_models_after_a_run(comfy, comfy_package, local_node)
 
 def test_each_stage_is_loaded_through_load_models_gpu(comfy, comfy_package, local_node):
     run(local_node)
-    backend = comfy_package.local_backend
-    loaded = backend._loaded
+    memory = comfy_package.local.memory
+    loaded = comfy_package.local.models.MODEL_CACHE.loaded
     stages = [([p.model for p in models], needed) for models, needed in comfy.loads]
     assert stages == [
-        ([loaded.t5.module, loaded.clip.module], backend.GIB // 2),
-        ([loaded.transformer.module], backend._sampling_bytes(SIZE, SIZE)),
-        ([loaded.ae.module], backend._decoding_bytes(SIZE, SIZE)),
+        ([loaded.t5.module, loaded.clip.module], memory.GIB // 2),
+        ([loaded.transformer.module], memory.sampling_bytes(SIZE, SIZE)),
+        ([loaded.ae.module], memory.decoding_bytes(SIZE, SIZE)),
     ]
 
 
@@ -81,7 +81,7 @@ def test_unload_models_releases_ours_and_the_next_run_reads_no_file(
     assert "loading" in info["timings"]
     comfy.mm.unload_all_models()  # what POST /free {"unload_models": true} runs
     assert comfy.mm.current_loaded_models == []
-    loaded = comfy_package.local_backend._loaded
+    loaded = comfy_package.local.models.MODEL_CACHE.loaded
     assert all(getattr(loaded, n).patcher.loaded_size() == 0 for n in NETWORKS)
 
     def no_file_reading(*args, **kwargs):
@@ -102,7 +102,7 @@ def test_a_model_already_loaded_is_not_moved_out_and_in(comfy, comfy_package, lo
     run(local_node)
     moved_out = []
     for name in NETWORKS:
-        patcher = getattr(comfy_package.local_backend._loaded, name).patcher
+        patcher = getattr(comfy_package.local.models.MODEL_CACHE.loaded, name).patcher
         move_out = patcher._move_out
         monkeypatch.setattr(patcher, "_move_out", lambda n=name, f=move_out: (moved_out.append(n), f())[1])
     run(local_node, seed=1)
@@ -115,7 +115,7 @@ def test_offload_choices_unload_each_stage(comfy, comfy_package, local_node, mem
     run(local_node, local_model=loader(comfy_package, memory))
     assert comfy.mm.current_loaded_models == []
     assert len(comfy.loads) == 3
-    kept = comfy_package.local_backend._loaded
+    kept = comfy_package.local.models.MODEL_CACHE.loaded
     assert (kept is None) == (memory == "free after run")
 
 
@@ -138,9 +138,10 @@ def test_other_files_take_ours_out_of_comfyuis_list(comfy, comfy_package, local_
 
 
 def test_outside_comfyui_the_package_keeps_its_own_policy(tmp_path):
-    from comfyui_flux_schnell import comfy_bridge, local_backend
+    from comfyui_flux_schnell import comfy_bridge
+    from comfyui_flux_schnell.local import memory as local_memory
 
     assert not comfy_bridge.model_management_available()
     assert comfy_bridge.managed_model(None, 1, "cpu", "cpu", print, print) is None
-    policy = local_backend.MemoryPolicy.for_run(None, None, "auto")
-    assert type(policy) is local_backend.MemoryPolicy
+    policy = local_memory.MemoryPolicy.for_run(None, None, "auto")
+    assert type(policy) is local_memory.MemoryPolicy

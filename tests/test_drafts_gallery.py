@@ -1,4 +1,4 @@
-"""Tests of drafts_gallery.py: the page's content (parsed, not eyeballed), its thumbnails, the
+"""Tests of drafts/gallery.py: the page's content (parsed, not eyeballed), its thumbnails, the
 `flux-schnell gallery DIR` command, and, where Chromium is installed, that every image loads in a
 real headless browser."""
 
@@ -13,7 +13,7 @@ from urllib.parse import unquote
 
 import pytest
 from comfyui_flux_schnell.cli import main
-from comfyui_flux_schnell.image_files import save_png_bytes
+from comfyui_flux_schnell.drafts.png_files import save_png_bytes
 from PIL import Image
 from support.fake_imageapi import Reply, error_reply, request_image, solid_image
 

@@ -1,10 +1,10 @@
-"""Tests of drafts_manifest.py: appended records, a torn last line ignored and kept apart."""
+"""Tests of drafts/manifest.py: appended records, a torn last line ignored and kept apart."""
 
 from __future__ import annotations
 
 import json
 
-from comfyui_flux_schnell.drafts_manifest import ManifestWriter, latest_by_file, read_manifest
+from comfyui_flux_schnell.drafts.manifest import ManifestWriter, latest_by_file, read_manifest
 
 
 def test_records_are_appended_and_read_back(tmp_path):

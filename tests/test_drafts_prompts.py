@@ -1,4 +1,4 @@
-"""Tests of drafts_prompts.py: what a prompts file may hold, every refusal naming the line, and
+"""Tests of drafts/prompts.py: what a prompts file may hold, every refusal naming the line, and
 reading it lazily (a file of any length is never held in memory)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from comfyui_flux_schnell import drafts_prompts
-from comfyui_flux_schnell.drafts_prompts import check_prompts_file, read_prompts
+from comfyui_flux_schnell.drafts import prompts as drafts_prompts
+from comfyui_flux_schnell.drafts.prompts import check_prompts_file, read_prompts
 from comfyui_flux_schnell.errors import InvalidInputError
 from comfyui_flux_schnell.generation import MAX_PROMPT_CHARS
 

@@ -1,4 +1,4 @@
-"""Tests of drafts_run.py through the command line, against the fake ImageAPI on 127.0.0.1:
+"""Tests of drafts/run.py through the command line, against the fake ImageAPI on 127.0.0.1:
 streaming with a bounded number of images alive (counted), duplicates requested once, the manifest,
 and a real subprocess killed with SIGKILL, then resumed."""
 
@@ -14,9 +14,10 @@ import time
 import weakref
 
 import pytest
-from comfyui_flux_schnell import api_answers, image_files
+from comfyui_flux_schnell.api import answers as api_answers
 from comfyui_flux_schnell.cli import main
-from comfyui_flux_schnell.drafts_manifest import read_manifest
+from comfyui_flux_schnell.drafts import png_files as image_files
+from comfyui_flux_schnell.drafts.manifest import read_manifest
 from PIL import Image
 from support import TEST_KEY
 from support.fake_imageapi import Reply, error_reply, request_image

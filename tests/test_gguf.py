@@ -16,7 +16,7 @@ from comfyui_flux_schnell.flux.checkpoint import inspect_file
 from comfyui_flux_schnell.flux.gguf_file import read_gguf_header
 from comfyui_flux_schnell.flux.model import Flux
 from comfyui_flux_schnell.flux.t5 import T5Encoder
-from comfyui_flux_schnell.local_backend import Placed, module_bytes
+from comfyui_flux_schnell.local.models import Placed, module_bytes
 from support import tiny_gguf as tg
 from support import tiny_models as tm
 

@@ -15,7 +15,9 @@ from comfyui_flux_schnell.errors import (
     ModelLoadError,
 )
 from comfyui_flux_schnell.generation import GenerationRequest
-from comfyui_flux_schnell.local_files import LocalModelSpec
+from comfyui_flux_schnell.local import memory as local_memory
+from comfyui_flux_schnell.local import models as local_models
+from comfyui_flux_schnell.local.files import LocalModelSpec
 from PIL import Image
 from support.tiny_models import write_tiny_models, write_transformer
 from support.tiny_tokenizers import write_comfyui_tree, write_flux_repo_tree
@@ -224,7 +226,7 @@ def test_wrong_file_in_a_slot_says_what_it_is(tiny_bf16, model_dir, tmp_path):
 def test_size_not_multiple_of_16_is_refused_before_loading(tiny_bf16, model_dir):
     with pytest.raises(ValueError, match="multiple of 16"):
         run(spec_for(tiny_bf16, model_dir), width=SIZE + 8)
-    assert local_backend._loaded is None
+    assert local_models.MODEL_CACHE.loaded is None
 
 
 def test_latent_preview_is_a_small_picture():
@@ -274,7 +276,7 @@ def test_out_of_memory_inside_comfyui_unloads_every_model(comfy, tiny_bf16, mode
 def test_a_model_that_does_not_fit_is_moved_back_whole(tiny_bf16):
     from comfyui_flux_schnell.flux.loading import load_clip
 
-    placed = local_backend.Placed("CLIP-L", load_clip(tiny_bf16.clip))
+    placed = local_models.Placed("CLIP-L", load_clip(tiny_bf16.clip))
     homes = {name: t.data_ptr() for name, t in placed.cpu_tensors.items()}
     moved = []
 
@@ -299,18 +301,18 @@ def test_free_after_run_releases_the_models_and_returns(tiny_bf16, model_dir):
     worker.start()
     worker.join(timeout=120)
     assert done, "generate_local did not return (a lock held twice?)"
-    assert local_backend._loaded is None
+    assert local_models.MODEL_CACHE.loaded is None
 
 
 def test_a_new_file_set_releases_the_old_one_first(tiny_bf16, model_dir, monkeypatch):
     run(spec_for(tiny_bf16, model_dir))
-    old = local_backend._loaded
+    old = local_models.MODEL_CACHE.loaded
     homed = []
     for placed in old.all():
         monkeypatch.setattr(placed, "home", lambda p=placed: homed.append(p.name))
     run(spec_for(tiny_bf16, model_dir, weight_dtype="fp8_e4m3fn"))
     assert sorted(homed) == sorted(p.name for p in old.all())
-    assert local_backend._loaded is not old
+    assert local_models.MODEL_CACHE.loaded is not old
 
 
 class _FakePlaced:
@@ -338,11 +340,11 @@ class _FakePlaced:
 )
 def test_memory_policy_on_a_non_cuda_device(monkeypatch, choice, free, expected_home):
     device = torch.device("meta")  # stands in for mps/xpu: any device that is not the CPU
-    monkeypatch.setattr(local_backend, "_free_bytes", lambda d: free)
-    monkeypatch.setattr(local_backend, "_empty_cache", lambda: None)
+    monkeypatch.setattr(local_memory, "free_bytes", lambda d: free)
+    monkeypatch.setattr(local_memory, "empty_cache", lambda: None)
     t5, transformer = _FakePlaced("T5", 2**30, device), _FakePlaced("transformer", 2**30, None)
     models = type("M", (), {"all": lambda self: [t5, transformer]})()
-    policy = local_backend.MemoryPolicy(models, device, choice)
+    policy = local_memory.MemoryPolicy(models, device, choice)
     with policy.use([transformer], activation_bytes=2**20):
         assert transformer.device == device
     assert ("cpu" in t5.moves) is expected_home

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from comfyui_flux_schnell.errors import InvalidInputError, LocalBackendUnavailable
-from comfyui_flux_schnell.local_files import LocalModelSpec
+from comfyui_flux_schnell.local.files import LocalModelSpec
 from support.tiny_tokenizers import write_comfyui_tree, write_flux_repo_tree
 
 

@@ -1,4 +1,4 @@
-"""LoRAs in the local backend and on the command line (local_lora.py, local_backend.py, cli.py).
+"""LoRAs in the local backend and on the command line (local/lora.py, local_backend.py, cli.py).
 
 - `--lora FILE[:STRENGTH]`: the strength is read from the last colon only when it is a number, so
   Windows paths and names with colons work; the strength range and the api backend are refused;
@@ -23,8 +23,9 @@ from comfyui_flux_schnell.errors import InvalidInputError, LocalBackendUnavailab
 from comfyui_flux_schnell.flux.clip import CLIPTextEncoder
 from comfyui_flux_schnell.flux.model import Flux
 from comfyui_flux_schnell.generation import GenerationRequest
-from comfyui_flux_schnell.local_files import LocalModelSpec
-from comfyui_flux_schnell.local_lora import LoraChoice, parse_lora_option
+from comfyui_flux_schnell.local import models as local_models
+from comfyui_flux_schnell.local.files import LocalModelSpec
+from comfyui_flux_schnell.local.lora import LoraChoice, parse_lora_option
 from PIL import Image
 from support.tiny_loras import kohya_tensors, linear_shapes, random_lora, save_lora
 from support.tiny_models import TINY_CLIP, TINY_FLUX, write_tiny_models
@@ -157,7 +158,7 @@ def test_loras_change_the_image_and_strength_zero_or_none_restore_it(tiny, monke
     assert sorted(loads) == ["load_autoencoder", "load_clip", "load_t5", "load_transformer"]
     reads_after_load = len(base_reads)
     assert reads_after_load >= 4
-    weights = dict(local_backend._loaded.transformer.cpu_tensors)
+    weights = dict(local_models.MODEL_CACHE.loaded.transformer.cpu_tensors)
 
     styled, info = run(spec_for(tiny, ("style", 1.0)))
     stacked, _ = run(spec_for(tiny, ("style", 0.4), ("blocks", -0.8)))
@@ -166,7 +167,7 @@ def test_loras_change_the_image_and_strength_zero_or_none_restore_it(tiny, monke
 
     assert len(loads) == 4, "a LoRA change loaded a model again"
     assert len(base_reads) == reads_after_load, "a LoRA change read a base weight file"
-    placed = local_backend._loaded.transformer
+    placed = local_models.MODEL_CACHE.loaded.transformer
     assert all(placed.cpu_tensors[k] is t for k, t in weights.items())  # no weight was copied
     assert json.loads(info.to_json())["loras"] == ["style.safetensors:1"]
     for a, b in ((plain, styled), (styled, stacked), (plain, stacked)):
@@ -197,13 +198,13 @@ def test_adapters_follow_their_model_between_devices(tiny, monkeypatch):
     from comfyui_flux_schnell.flux.lora import adapters
 
     spec = spec_for(tiny, ("style", 1.0))
-    models, _ = local_backend.load_models(spec.resolve(), spec.weight_dtype)
-    local_backend._set_loras(models, spec.loras, torch.float32)
+    models, _ = local_models.MODEL_CACHE.load(spec.resolve(), spec.weight_dtype)
+    local_models.set_loras(models, spec.loras, torch.float32)
     placed = models.transformer
     found = list(adapters(placed.module))
     assert found
     home = [(a.down, a.groups) for a in found]
-    nbytes_without = local_backend.module_bytes(placed.module)
+    nbytes_without = local_models.module_bytes(placed.module)
     assert placed.nbytes == nbytes_without + sum(a.nbytes for a in found)
     monkeypatch.setattr(placed, "_tensors", lambda: iter(()))  # weights cannot go to "meta"; adapters can
     placed.to(torch.device("meta"))

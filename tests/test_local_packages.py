@@ -1,4 +1,4 @@
-"""Tests of local_packages.py: a missing package of the local backend is one clear error naming it
+"""Tests of local/packages.py: a missing package of the local backend is one clear error naming it
 and the pip command, from the command line (see test_cli.py) and from both nodes."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 import importlib
 
 import pytest
-from comfyui_flux_schnell.local_packages import INSTALL_COMMAND, missing_local_packages
+from comfyui_flux_schnell.local.packages import INSTALL_COMMAND, missing_local_packages
 
 
 def test_nothing_is_missing_here():
@@ -17,7 +17,7 @@ def test_nothing_is_missing_here():
 @pytest.fixture
 def without_tokenizers(comfy_package, monkeypatch):
     """The package as ComfyUI loads it, in a Python where 'tokenizers' is not installed."""
-    module = importlib.import_module(comfy_package.__name__ + ".local_packages")
+    module = importlib.import_module(comfy_package.__name__ + ".local.packages")
     monkeypatch.setattr(module, "LOCAL_PACKAGES", ("torch", "no_such_package_flux_schnell_tokenizers"))
     return comfy_package
 
@@ -52,6 +52,6 @@ def test_the_base_install_is_torch_free_and_the_extra_has_what_the_check_looks_f
         return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
 
     assert names(project["dependencies"]) == {"requests", "pillow", "numpy"}
-    from comfyui_flux_schnell.local_packages import LOCAL_PACKAGES
+    from comfyui_flux_schnell.local.packages import LOCAL_PACKAGES
 
     assert names(project["optional-dependencies"]["local"]) == set(LOCAL_PACKAGES)

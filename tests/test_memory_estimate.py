@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfyui_flux_schnell import local_backend
 from comfyui_flux_schnell.flux import ops
 from comfyui_flux_schnell.flux.model import Flux
 from comfyui_flux_schnell.generation import GenerationRequest
+from comfyui_flux_schnell.local import memory as local_memory
+from comfyui_flux_schnell.local import models as local_models
 from support.tiny_models import TINY_AE, TINY_CLIP, TINY_FLUX, TINY_T5
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_estimate.py"
@@ -177,7 +178,7 @@ def test_measure_tiny_pipeline(weight_dtype, itemsize):
     assert text.models == ["T5-XXL", "CLIP-L"]
     assert decoding.models == ["autoencoder"]
     assert text.carried_bytes == 0
-    txt = local_backend.T5_MAX_LENGTH * TINY_T5.d_model * 2
+    txt = local_models.T5_MAX_LENGTH * TINY_T5.d_model * 2
     vec = TINY_CLIP.hidden_size * 2
     assert sampling.carried_bytes == txt + vec  # the prompt's encodings, bf16
     latent = math.ceil(48 / 16) * (64 // 16) * 64 * 2
@@ -186,8 +187,8 @@ def test_measure_tiny_pipeline(weight_dtype, itemsize):
         assert stage.activation_peak > stage.carried_bytes
         assert stage.activation_peak_rounded >= stage.activation_peak
         assert stage.peak_tensors
-    assert sampling.reserved == local_backend._sampling_bytes(48, 64)
-    assert decoding.reserved == local_backend._decoding_bytes(48, 64)
+    assert sampling.reserved == local_memory.sampling_bytes(48, 64)
+    assert decoding.reserved == local_memory.decoding_bytes(48, 64)
     assert result.offload_peak == max(s.weight_bytes + s.activation_peak for s in result.stages)
     assert result.keep_peak > result.offload_peak
     if itemsize == 1:

@@ -69,7 +69,7 @@ def test_two_nodes_wait_for_the_service_at_the_same_time(comfy, node, fake_api):
 def test_each_node_still_bounds_its_own_requests(comfy_package, node, fake_api):
     fake_api.delay_s = 0.3
     asyncio.run(node.generate(**_args("a fox", batch=6)))
-    limit = comfy_package.api_backend.CONCURRENCY
+    limit = comfy_package.api_client.CONCURRENCY
     assert fake_api.max_in_flight == limit < 6
 
 
@@ -147,7 +147,7 @@ def test_local_generations_run_one_at_a_time(comfy, comfy_package, tmp_path):
 
 
 def test_the_node_shows_what_it_waits_for(comfy, node, fake_api, monkeypatch, comfy_package):
-    monkeypatch.setattr(comfy_package.comfy_bridge, "STATUS_INTERVAL_S", 0.05)
+    monkeypatch.setattr(comfy_package.comfy_bridge.progress, "STATUS_INTERVAL_S", 0.05)
     fake_api.delay_s = 0.4
     asyncio.run(node.generate(**_args("a fox", batch=2, node_id="7")))
     assert {node_id for node_id, _ in comfy.texts} == {"7"}
@@ -159,7 +159,7 @@ def test_the_node_shows_what_it_waits_for(comfy, node, fake_api, monkeypatch, co
 
 
 def test_the_text_counts_finished_images(comfy, node, fake_api, monkeypatch, comfy_package):
-    monkeypatch.setattr(comfy_package.comfy_bridge, "STATUS_INTERVAL_S", 0.02)
+    monkeypatch.setattr(comfy_package.comfy_bridge.progress, "STATUS_INTERVAL_S", 0.02)
 
     def second_is_slow(req, fake):
         if fake.generate_calls >= 2:
@@ -182,7 +182,7 @@ def test_the_text_says_when_the_service_rate_limits(comfy, node, fake_api):
 
 
 def test_the_text_never_holds_the_key(comfy, comfy_package, node, fake_api, monkeypatch):
-    monkeypatch.setattr(comfy_package.comfy_bridge, "STATUS_INTERVAL_S", 0.02)
+    monkeypatch.setattr(comfy_package.comfy_bridge.progress, "STATUS_INTERVAL_S", 0.02)
     fake_api.set_default(error_reply(401, f"invalid api key {TEST_KEY}", delay_s=0.2))
     with pytest.raises(comfy_package.errors.AuthenticationError):
         asyncio.run(node.generate(**_args("a fox", batch=2)))

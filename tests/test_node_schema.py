@@ -161,7 +161,7 @@ def test_lora_node_lists_comfyui_loras_and_chains(comfy, comfy_package):
     }
     assert all(options.get("tooltip") for _, options in required.values())
 
-    spec_cls = comfy_package.local_files.LocalModelSpec
+    spec_cls = comfy_package.local.files.LocalModelSpec
     base = spec_cls(weight_dtype="bf16")
     (one,) = node().apply(base, "fox.safetensors", 0.8)
     (two,) = node().apply(one, "fox.safetensors", -1.5)
@@ -179,7 +179,7 @@ def test_lora_node_lists_comfyui_loras_and_chains(comfy, comfy_package):
 def test_generate_refuses_loras_on_the_api_backend(comfy, comfy_package, tmp_path):
     lora = tmp_path / "fox.safetensors"
     lora.write_bytes(b"")
-    spec = comfy_package.local_files.LocalModelSpec().with_lora(comfy_package.local_lora.LoraChoice(lora))
+    spec = comfy_package.local.files.LocalModelSpec().with_lora(comfy_package.local.lora.LoraChoice(lora))
     node = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]
     with pytest.raises(comfy_package.errors.InvalidInputError, match="LoRAs run on the local backend only"):
         asyncio.run(node().generate("a fox", "api", 512, 512, 4, 1, 1, local_model=spec))

@@ -45,3 +45,32 @@ def test_the_check_sees_the_files_and_would_catch_a_path(tmp_path):
     assert MACHINE_PATH.search("see " + "/" + "work/project/notes.md")
     assert MACHINE_PATH.search("/" + "home/alice/ComfyUI")
     assert not MACHINE_PATH.search("~/ComfyUI and models/diffusion_models")
+
+
+PACKAGE_FOLDERS_OUTSIDE_THE_WHEEL = {"tests", "benchmarks", "scripts", "example_workflows", "docs"}
+
+
+def package_folders() -> set[str]:
+    """Every folder of the package that holds an `__init__.py`, as its dotted name in the wheel."""
+    found = {"comfyui_flux_schnell"}
+    for init in REPO.rglob("__init__.py"):
+        parts = init.parent.relative_to(REPO).parts
+        if (
+            not parts
+            or parts[0] in PACKAGE_FOLDERS_OUTSIDE_THE_WHEEL
+            or any(p.startswith(".") for p in parts)
+        ):
+            continue
+        found.add(".".join(("comfyui_flux_schnell", *parts)))
+    return found
+
+
+def test_pyproject_lists_every_package_folder():
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    assert package_folders() - listed == set(), (
+        "folders with an __init__.py missing from pyproject's packages"
+    )
+    assert listed - package_folders() == set(), "pyproject lists packages that are not folders"
+    assert {"comfyui_flux_schnell.api", "comfyui_flux_schnell.local", "comfyui_flux_schnell.drafts"} <= listed

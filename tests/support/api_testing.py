@@ -11,10 +11,10 @@ import socket
 import threading
 import time
 
-from comfyui_flux_schnell.api_request import ApiImageRequest
-from comfyui_flux_schnell.api_retry import Clock
+from comfyui_flux_schnell.api.retry import Clock
+from comfyui_flux_schnell.api.settings import ApiSettings
+from comfyui_flux_schnell.api.types import ApiImageRequest
 from comfyui_flux_schnell.errors import GenerationInterrupted
-from comfyui_flux_schnell.settings import ApiSettings
 
 from .fake_imageapi import color_for
 

@@ -6,7 +6,7 @@ for and where. Inside ComfyUI the folders are ComfyUI's own (`models/diffusion_m
 `models/unet`, `models/text_encoders` and `models/clip`, `models/vae`, `models/checkpoints`) and the
 tokenizers are the ones ComfyUI ships; outside it, files are named on the command line, and the
 tokenizer folders may also sit beside the transformer as in the FLUX.1-schnell repository
-(`tokenizer/`, `tokenizer_2/`). The spec also carries the LoRAs to apply (`local_lora.LoraChoice`);
+(`tokenizer/`, `tokenizer_2/`). The spec also carries the LoRAs to apply (`local.lora.LoraChoice`);
 they are not part of the loaded models' identity, so changing them reloads nothing.
 """
 
@@ -16,10 +16,10 @@ import fnmatch
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import comfy_bridge
-from .errors import InvalidInputError, LocalBackendUnavailable
-from .local_components import CHECKPOINT_PATTERNS, COMPONENTS, Component
-from .local_lora import LoraChoice
+from .. import comfy_bridge
+from ..errors import InvalidInputError, LocalBackendUnavailable
+from ..flux.components import CHECKPOINT_PATTERNS, COMPONENTS, Component
+from .lora import LoraChoice
 
 WEIGHT_DTYPE_OPTIONS = ("as stored", "bf16", "fp8_e4m3fn")
 """How the transformer and T5 weights are kept in memory (the loader node's and --dtype's choices)."""
@@ -125,7 +125,7 @@ class LocalModelSpec:
                 "t5_tokenizer": Path(self.t5_tokenizer),
                 "clip_tokenizer": Path(self.clip_tokenizer),
             }
-        from .flux.tokenizers import find_comfyui_tokenizer_folders
+        from ..flux.tokenizers import find_comfyui_tokenizer_folders
 
         bundled = find_comfyui_tokenizer_folders()
         candidates = []

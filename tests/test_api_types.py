@@ -1,9 +1,9 @@
-"""Tests of api_request.py: what an `ApiImageRequest` accepts and what it sends."""
+"""Tests of api/types.py: what an `ApiImageRequest` accepts and what it sends."""
 
 from __future__ import annotations
 
 import pytest
-from comfyui_flux_schnell.api_request import ApiEvent, ApiImageRequest
+from comfyui_flux_schnell.api.types import ApiEvent, ApiImageRequest
 from comfyui_flux_schnell.errors import (
     InvalidInputError,
 )

@@ -3,7 +3,7 @@
 A static page that opens from disk (no server, no script, no external asset): a grid of small JPEG
 thumbnails, each linking to its full PNG and captioned with its prompts-file line, seed and prompt,
 then the lines that failed with their reasons. The images come from the run manifest
-(drafts_manifest.py; the last record of each file holds) and from any other PNG in the folder
+(drafts/manifest.py; the last record of each file holds) and from any other PNG in the folder
 (captioned from its text chunks). A run writes each thumbnail as its image arrives; `write_gallery`
 makes the ones that are missing or older than their PNG, then writes the page atomically.
 """
@@ -19,8 +19,8 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from .drafts_manifest import DONE, FAILED, MANIFEST_NAME, latest_by_file
-from .image_files import THUMBNAIL_SIDE, is_complete_png, png_text, save_thumbnail, write_atomically
+from .manifest import DONE, FAILED, MANIFEST_NAME, latest_by_file
+from .png_files import THUMBNAIL_SIDE, is_complete_png, png_text, save_thumbnail, write_atomically
 
 GALLERY_NAME = "index.html"
 THUMBS_DIR = "thumbs"

@@ -1,4 +1,4 @@
-"""Tests of settings.py: where the key, base URL and limits come from; how bad ones are refused."""
+"""Tests of api/settings.py: where the key, base URL and limits come from; how bad ones are refused."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 from comfyui_flux_schnell import comfy_bridge
-from comfyui_flux_schnell import settings as settings_mod
-from comfyui_flux_schnell.errors import ConfigurationError
-from comfyui_flux_schnell.settings import (
+from comfyui_flux_schnell.api import settings as settings_mod
+from comfyui_flux_schnell.api.settings import (
     DEFAULT_BASE_URL,
     ApiSettings,
     config_search_paths,
@@ -20,6 +19,7 @@ from comfyui_flux_schnell.settings import (
     save_api_key,
     shell_config_path,
 )
+from comfyui_flux_schnell.errors import ConfigurationError
 
 KEY = "sk_settings_TEST123"
 

@@ -21,9 +21,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import urllib3
 
-from .api_redact import safe_cause, safe_url
-from .api_responses import Reply, retry_after_seconds, server_message, status_tag
-from .errors import (
+from ..errors import (
     ApiError,
     ApiTimeoutError,
     AuthenticationError,
@@ -34,6 +32,8 @@ from .errors import (
     ResponseDecodeError,
     ServerError,
 )
+from .answer_shapes import Reply, retry_after_seconds, server_message, status_tag
+from .redact import safe_cause, safe_url
 from .settings import ENV_BASE_URL, KEY_HELP, SET_KEY_COMMAND
 
 FREE, BILLED = "free", "billed"  # the two kinds of retry

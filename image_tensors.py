@@ -1,4 +1,4 @@
-"""Conversions between PIL images and ComfyUI IMAGE tensors (torch; image files are image_files.py).
+"""Conversions between PIL images and ComfyUI IMAGE tensors (torch; image files are drafts/png_files.py).
 
 An IMAGE is float32 `[B, H, W, 3]` in [0, 1] on the CPU, as ComfyUI's LoadImage makes it
 (`uint8 / 255`); back to PIL the way SaveImage rounds an IMAGE (`clip(255 * x)` as uint8), see

@@ -1,4 +1,4 @@
-"""Tests of cli_progress.py: a live bar on a terminal, a summary line every few seconds otherwise
+"""Tests of drafts/progress.py: a live bar on a terminal, a summary line every few seconds otherwise
 (never a line per image), and log lines printed above the bar."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import logging
 
-from comfyui_flux_schnell.cli_progress import Progress, ProgressLogHandler
+from comfyui_flux_schnell.drafts.progress import Progress, ProgressLogHandler
 
 
 class Terminal(io.StringIO):
@@ -27,7 +27,7 @@ def test_without_a_terminal_no_line_per_image():
 
 def test_without_a_terminal_a_summary_line_every_few_seconds(monkeypatch):
     now = [0.0]
-    monkeypatch.setattr("comfyui_flux_schnell.cli_progress.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("comfyui_flux_schnell.drafts.progress.time.monotonic", lambda: now[0])
     out = io.StringIO()
     progress = Progress(100, stream=out, every_s=10)
     for _ in range(100):  # one image every 0.5 s: 50 s in all

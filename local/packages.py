@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from .errors import LocalBackendUnavailable
+from ..errors import LocalBackendUnavailable
 
 LOCAL_PACKAGES = ("torch", "einops", "tokenizers")
 INSTALL_COMMAND = 'pip install "comfyui-flux-schnell[local]"'

@@ -18,8 +18,8 @@ import random
 import threading
 import time
 
-from .api_failures import BILLED, FREE, Failure
-from .errors import GenerationInterrupted
+from ..errors import GenerationInterrupted
+from .failures import BILLED, FREE, Failure
 from .settings import ApiSettings
 
 SLEEP_SLICE_S = 0.05  # waits (backoff, Retry-After, polling) wake this often to check the stop

@@ -1,4 +1,4 @@
-"""Tests of image_files.py: PNG text chunks added to the service's bytes, atomic writes, leftovers
+"""Tests of drafts/png_files.py: PNG text chunks added to the service's bytes, atomic writes, leftovers
 of killed runs, thumbnails. No torch."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from comfyui_flux_schnell import image_files
+from comfyui_flux_schnell.drafts import png_files as image_files
 from PIL import Image
 from support.fake_imageapi import solid_image
 

@@ -2,7 +2,7 @@
 
 The service's public documentation (https://imageapi.org) leaves the success body open, so an
 answer may be the image itself, JSON with base64 or a data URI, JSON naming a URL to download, or
-an asynchronous job with a URL to poll (api_responses.py reads those shapes). `AnswerReader.locate`
+an asynchronous job with a URL to poll (api/answer_shapes.py reads those shapes). `AnswerReader.locate`
 does the HTTP part (downloads and polls are GETs, never billed: a failed one is asked again after
 the backoff or its `Retry-After`, within the image's deadline) and returns the image still encoded;
 `decode` needs no HTTP, so the client does it after giving back its place in the pool. Every text
@@ -19,10 +19,8 @@ from urllib.parse import urljoin
 
 from PIL import Image
 
-from .api_failures import attempt
-from .api_http import HttpTransport
-from .api_redact import safe_url
-from .api_responses import (
+from ..errors import ApiError, ApiTimeoutError, ResponseDecodeError
+from .answer_shapes import (
     NOT_JSON,
     AsyncJob,
     Reply,
@@ -39,8 +37,10 @@ from .api_responses import (
     server_message_from,
     status_tag,
 )
-from .api_retry import Clock, RetryPolicy
-from .errors import ApiError, ApiTimeoutError, ResponseDecodeError
+from .failures import attempt
+from .http import HttpTransport
+from .redact import safe_url
+from .retry import Clock, RetryPolicy
 from .settings import ApiSettings
 
 OnWait = Callable[[float, str], None]  # (seconds until the next poll, why), for progress events

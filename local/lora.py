@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import comfy_bridge
-from .errors import InvalidInputError
+from .. import comfy_bridge
+from ..errors import InvalidInputError
 
 LORA_FOLDER = "loras"  # ComfyUI's model folder of LoRAs
 STRENGTH_LIMIT = 10.0  # |strength| at most this (the node's slider range)
@@ -93,7 +93,7 @@ def use_loras(networks: Mapping[str, object], choices: Sequence[LoraChoice], dty
     """Put exactly `choices` on the networks (name -> module), replacing what was there; returns how
     many layers carry an update. Reads the LoRA files, never a base weight file. Every file is
     checked before anything changes: on an error the networks keep their previous LoRAs."""
-    from .flux import lora as flux_lora
+    from ..flux import lora as flux_lora
 
     loras = [(flux_lora.read_lora(c.path), c.strength) for c in choices]
     return flux_lora.apply_loras(networks, loras, dtype)

@@ -16,8 +16,8 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import InvalidInputError
-from .generation import MAX_PROMPT_CHARS
+from ..errors import InvalidInputError
+from ..generation import MAX_PROMPT_CHARS
 
 MAX_PROMPTS_FILE_BYTES = 256 * 2**20  # 100,000 prompts of 2,000 characters fit
 MAX_LINE_BYTES = 4 * MAX_PROMPT_CHARS + 2  # the longest UTF-8 encoding of a prompt, plus CR LF

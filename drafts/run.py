@@ -11,8 +11,8 @@ the run. In a draft folder (`--out-dir`) it also:
   it does not list: a run killed between writing and recording);
 - requests identical images (same trimmed prompt, size, steps and seed) once: a repeated line is
   recorded as a duplicate of the first, never sent;
-- appends every line it finishes to `manifest.jsonl` (drafts_manifest.py) and writes a thumbnail per
-  image for the gallery (drafts_gallery.py).
+- appends every line it finishes to `manifest.jsonl` (drafts/manifest.py) and writes a thumbnail per
+  image for the gallery (drafts/gallery.py).
 
 Memory besides the images in flight: a few dozen bytes per distinct image of the run (which
 requests were already seen, which files are done), never the images.
@@ -29,12 +29,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import image_files
-from ._version import __version__
-from .drafts_gallery import thumbnail_path
-from .drafts_manifest import DONE, DUPLICATE, FAILED, MANIFEST_NAME, ManifestWriter, read_manifest
-from .errors import ConfigurationError, FluxSchnellError, GenerationInterrupted
-from .generation import MODEL_NAME, GenerationRequest
+from .._version import __version__
+from ..errors import ConfigurationError, FluxSchnellError, GenerationInterrupted
+from ..generation import MODEL_NAME, GenerationRequest
+from . import png_files
+from .gallery import thumbnail_path
+from .manifest import DONE, DUPLICATE, FAILED, MANIFEST_NAME, ManifestWriter, read_manifest
 
 log = logging.getLogger("flux_schnell.cli")
 
@@ -55,7 +55,7 @@ class RunSettings:
     concurrency: int
     out: Path | None = None  # --prompt: the file
     out_dir: Path | None = None  # --prompts-file: the draft folder
-    loras: tuple = ()  # local_lora.LoraChoice: they make other images, so they name other files
+    loras: tuple = ()  # local.lora.LoraChoice: they make other images, so they name other files
 
     @property
     def drafts(self) -> bool:
@@ -179,8 +179,8 @@ def png_text(p: PlannedImage, s: RunSettings, request_id: str | None = None) -> 
 
 
 def api_results(settings, s: RunSettings, stop: threading.Event, on_event=None) -> Backend:
-    """The hosted service: `PlannedImage`s in, results out as they finish (see api_backend)."""
-    from .api_backend import image_requests, stream_api_images
+    """The hosted service: `PlannedImage`s in, results out as they finish (see api_client.py)."""
+    from ..api_client import image_requests, stream_api_images
 
     def results(planned: Iterator[PlannedImage]) -> Results:
         by_index: dict[int, PlannedImage] = {}
@@ -228,10 +228,10 @@ def local_results(spec, s: RunSettings, stop: threading.Event) -> Backend:
     """The local models, one image after another; they load once and serve the whole run."""
 
     def results(planned: Iterator[PlannedImage]) -> Results:
-        from .comfy_bridge import Progress
-        from .errors import LocalBackendUnavailable, ModelLoadError
-        from .images import tensor_to_pil
-        from .local_backend import generate_local
+        from ..comfy_bridge import Progress
+        from ..errors import LocalBackendUnavailable, ModelLoadError
+        from ..image_tensors import tensor_to_pil
+        from ..local_backend import generate_local
 
         for p in planned:
             if stop.is_set():
@@ -328,7 +328,7 @@ class DraftRun:
             return False
         if self._done_files.get(p.path.name) == size:
             return True
-        if not image_files.is_complete_png(p.path):
+        if not png_files.is_complete_png(p.path):
             return False  # damaged, or a file of another kind: made again
         self._record(p, DONE, bytes=size, found_on_disk=True)  # written, then the run was killed
         return True
@@ -340,9 +340,9 @@ class DraftRun:
         text = png_text(p, self.s, result.request_id)
         try:
             if result.format == "PNG" and result.data is not None:
-                image_files.save_png_bytes(result.data, p.path, text)
+                png_files.save_png_bytes(result.data, p.path, text)
             else:
-                image_files.save_png(result.image, p.path, text)
+                png_files.save_png(result.image, p.path, text)
             size = p.path.stat().st_size
         except (OSError, ValueError) as e:
             reason = getattr(e, "strerror", None) or str(e)
@@ -350,7 +350,7 @@ class DraftRun:
             raise StopRun(f"cannot write {p.path}: {reason}", 1) from e
         if self.s.drafts:
             try:
-                image_files.save_thumbnail(result.image, thumbnail_path(self.s.out_dir, p.path.name))
+                png_files.save_thumbnail(result.image, thumbnail_path(self.s.out_dir, p.path.name))
             except OSError as e:  # the image is safe; the gallery makes the thumbnail later
                 log.warning("could not write the thumbnail of %s: %s", p.path.name, e)
         else:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 ENV_KEY_NAMES = (
     "IMAGEAPI_API_KEY",
@@ -358,7 +358,7 @@ def _explicit_config(environ: Mapping[str, str]) -> Path | None:
 
 
 def _comfy_config() -> Path | None:
-    from . import comfy_bridge
+    from .. import comfy_bridge
 
     user_dir = comfy_bridge.user_directory()
     return _outside_package(Path(user_dir) / COMFY_SUBDIR / CONFIG_NAME) if user_dir else None

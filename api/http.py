@@ -1,12 +1,12 @@
 """HTTP for the ImageAPI client: one exchange, and the never-billed GETs (job polls, downloads).
 
-Used by api_client.py and api_answers.py, which decide what to send and what to retry. An exchange
+Used by api/service.py and api/answers.py, which decide what to send and what to retry. An exchange
 sends one request on a pooled `requests` session and reads the whole answer as it arrives, capped in
 size, within the call's timeout and the image's deadline, checking the stop event per read; what
-went wrong becomes a `Failure` (api_failures.py). GETs follow their own redirects, only to http(s)
+went wrong becomes a `Failure` (api/failures.py). GETs follow their own redirects, only to http(s)
 URLs, plain http only on this machine, and send the API key only to the service's own origin
 (scheme, host, port), so a download URL on a CDN never receives it. urllib3's log lines are
-redacted (api_redact.py). Based on the service's public documentation (https://imageapi.org) and
+redacted (api/redact.py). Based on the service's public documentation (https://imageapi.org) and
 the behaviour of requests/urllib3 1.x and 2.x.
 """
 
@@ -21,12 +21,12 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 
-from ._version import __version__
-from .api_failures import FETCH, Failure, attempt, status_failure, transport_failure
-from .api_redact import install_urllib3_redaction, safe_url
-from .api_responses import Reply, request_id_of
-from .api_retry import SYSTEM_CLOCK, Clock
-from .errors import ApiTimeoutError, GenerationInterrupted, ResponseDecodeError
+from .._version import __version__
+from ..errors import ApiTimeoutError, GenerationInterrupted, ResponseDecodeError
+from .answer_shapes import Reply, request_id_of
+from .failures import FETCH, Failure, attempt, status_failure, transport_failure
+from .redact import install_urllib3_redaction, safe_url
+from .retry import SYSTEM_CLOCK, Clock
 from .settings import ApiSettings, is_loopback_host
 
 USER_AGENT = f"comfyui-flux-schnell/{__version__} python-requests/{requests.__version__}"

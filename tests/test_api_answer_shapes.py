@@ -1,4 +1,4 @@
-"""Tests of api_responses.py, the pure functions that read an answer."""
+"""Tests of api/answer_shapes.py, the pure functions that read an answer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from email.utils import formatdate
 
 import pytest
 import requests
-from comfyui_flux_schnell import api_responses
+from comfyui_flux_schnell.api import answer_shapes as api_responses
 
 
 def test_retry_after_http_date():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 # What an `ApiEvent` reports (its `kind`).
 STARTED = "started"  # the image's first call is going out

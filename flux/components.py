@@ -3,7 +3,7 @@
 For each network: its name (the field of `LocalModelSpec`/`ResolvedFiles` and the command-line flag
 `--NAME`), a title and the file to give for messages, a key only it has (to find it in any file,
 after a prefix), its prefix in a ComfyUI all-in-one checkpoint, and the ComfyUI model folders and
-usual file names the local backend looks for. Torch-free: nodes.py imports it through local_files.py.
+usual file names the local backend looks for. Torch-free: nodes.py imports it through local/files.py.
 
 The all-in-one prefixes are those of ComfyUI's `Flux` model and its text encoders
 (https://github.com/comfyanonymous/ComfyUI/blob/master/comfy/supported_models.py); the file names

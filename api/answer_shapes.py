@@ -1,7 +1,7 @@
 """Reading the ImageAPI's answers: where the image is, whether it is a job, what an error says.
 
-Pure functions over a complete answer (`Reply`), no I/O: used by api_answers.py (the
-generate call's answer, job polling) and api_failures.py (error texts). Based on the service's public
+Pure functions over a complete answer (`Reply`), no I/O: used by api/answers.py (the
+generate call's answer, job polling) and api/failures.py (error texts). Based on the service's public
 documentation (https://imageapi.org), which leaves the success body undocumented, so
 every common shape of comparable FLUX hosts is recognised: raw image bytes, OpenAI `data[]`,
 `images[]`, single fields, nested wrappers, data URIs and (URL-safe, wrapped, unpadded) base64,
@@ -26,7 +26,7 @@ from email.utils import parsedate_to_datetime
 import requests
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ResponseDecodeError
+from ..errors import ResponseDecodeError
 
 MAX_MESSAGE_CHARS = 500  # the server's own error text, shown to the user, is cut here
 MAX_ID_CHARS = 100  # request and job ids are cut here

@@ -1,0 +1,404 @@
+"""The hosted ImageAPI client: a bounded worker pool, and the attempts that make one image.
+
+`ImageApiClient.generate_stream` runs a stream of `ApiImageRequest`s (api/types.py) with at most
+`concurrency` images in their HTTP calls and yields each result as it finishes; it reads its input
+lazily and holds at most `2 x concurrency` images between reading a request and the caller taking
+its result, so a run of any length holds a bounded number of images. `generate_many` (results in
+input order) and `generate` (one image) are built on it. Per image, `_attempts` sends the paid
+`POST {base_url}/api/v1/generate` (https://imageapi.org) and sends it again only as the money rules
+allow (api/retry.py), then finds and decodes the image (api/answers.py). The HTTP exchange is in
+api/http.py, what a failure means in api/failures.py.
+
+A stop (`should_stop()`, read in the caller's thread) ends the run at once: no call is started
+after it, and waits end within `SLEEP_SLICE_S`. Progress goes to `on_event` (`ApiEvent`, in the
+caller's thread) and retries to the log; neither ever holds the API key or a URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import requests
+
+from ..errors import ApiError, FluxSchnellError, GenerationInterrupted, InvalidInputError
+from .answers import AnswerReader
+from .failures import FREE, GENERATE, RATE_LIMIT_STATUS, Failure, attempt, status_failure
+from .http import HttpTransport
+from .retry import SLEEP_SLICE_S, SYSTEM_CLOCK, Clock, RetryPolicy
+from .settings import ApiSettings
+from .types import (
+    DONE,
+    FAILED,
+    RATE_LIMITED,
+    RETRYING,
+    STARTED,
+    WAITING,
+    ApiEvent,
+    ApiImage,
+    ApiImageRequest,
+)
+
+GENERATE_PATH = "/api/v1/generate"
+
+log = logging.getLogger("flux_schnell.api")
+
+Result = ApiImage | ApiError
+OnEvent = Callable[[ApiEvent], None]
+
+
+class _Crash:
+    """A worker's unexpected exception (a bug), carried to the calling thread to be re-raised."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _Place:
+    """A worker's hold on one of the `concurrency` places for HTTP calls; given back once."""
+
+    def __init__(self, places: threading.BoundedSemaphore):
+        self._places = places
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._places.release()
+
+
+_NO_MORE = object()  # put on the work queue once per worker when the input is used up or the run stops
+
+
+def _tried(attempts: int) -> str:
+    return f" [after {attempts} attempts]" if attempts > 1 else ""
+
+
+class ImageApiClient:
+    """A pooled HTTP client for the service. Thread-safe for the calls it makes itself."""
+
+    def __init__(
+        self,
+        settings: ApiSettings,
+        *,
+        session: requests.Session | None = None,
+        logger: logging.Logger | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ):
+        self.settings = settings
+        self.log = logger or log
+        self.clock = clock
+        self._http = HttpTransport(settings, session, self.log, clock)
+        self._policy = RetryPolicy(settings, clock)
+        self._answers = AnswerReader(settings, self._http, self._policy, clock, self.log)
+        self._generate_url = settings.base_url + GENERATE_PATH
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ImageApiClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ImageApiClient(base_url={self.settings.base_url!r})"
+
+    # --- public calls ---------------------------------------------------------------------------
+
+    def generate(
+        self, request: ApiImageRequest, *, should_stop: Callable[[], bool] | None = None
+    ) -> ApiImage:
+        """One image, or the `ApiError` it ended with raised."""
+        (result,) = self.generate_many([request], concurrency=1, should_stop=should_stop)
+        if isinstance(result, ApiError):
+            raise result
+        return result
+
+    def generate_many(
+        self,
+        batch: Sequence[ApiImageRequest],
+        *,
+        concurrency: int = 4,
+        should_stop: Callable[[], bool] | None = None,
+        on_result: Callable[[int, Result], None] | None = None,
+        on_event: OnEvent | None = None,
+        poll_interval: float = 0.05,
+    ) -> list[Result]:
+        """Run `batch` through `generate_stream`; the results in input order.
+
+        `on_result(index, result)` runs in this thread as each finishes; an exception it raises
+        stops the run (nothing more is sent) and reaches the caller.
+        """
+        results: list[Result | None] = [None] * len(batch)
+        stream = self.generate_stream(
+            batch,
+            concurrency=concurrency,
+            should_stop=should_stop,
+            on_event=on_event,
+            poll_interval=poll_interval,
+        )
+        with contextlib.closing(stream):
+            for i, result in stream:
+                results[i] = result
+                if on_result is not None:
+                    on_result(i, result)
+        return results  # type: ignore[return-value]
+
+    def generate_stream(
+        self,
+        requests_in: Iterable[ApiImageRequest],
+        *,
+        concurrency: int = 4,
+        should_stop: Callable[[], bool] | None = None,
+        on_event: OnEvent | None = None,
+        keep_data: bool = False,
+        poll_interval: float = 0.05,
+    ) -> Iterator[tuple[int, Result]]:
+        """Yield `(index, result)` for each request as it finishes (index: its place in the input).
+
+        At most `concurrency` images are in their HTTP calls: an image holds one place from its
+        first call to its last (retries, waits, polls and downloads included) and gives it back
+        before its image is decoded, so decoding does not hold back the next call (2 x
+        `concurrency` worker threads). The input is read lazily in this thread, and at most
+        `2 x concurrency` requests are read and not yet taken back as results: images alive at
+        once are bounded by the concurrency, not by the length of the input. Each result is an
+        `ApiImage` (with the file's `data` and `format` when `keep_data`) or the `ApiError` its
+        request ended with. `on_event` runs in this thread. `should_stop()` is read here before
+        anything is sent, then every `poll_interval` s; once it is true no call is started (a
+        worker checks the stop right before each request goes out), `GenerationInterrupted` is
+        raised, and calls in flight are abandoned (their threads leave at the next piece of the
+        answer or their timeout). Closing the generator early stops the run the same way.
+        """
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise InvalidInputError(f"concurrency must be a whole number >= 1; got {concurrency!r}.")
+        if not poll_interval > 0:
+            raise InvalidInputError(f"poll_interval must be > 0 seconds; got {poll_interval!r}.")
+        return self._stream(iter(requests_in), concurrency, should_stop, on_event, keep_data, poll_interval)
+
+    # --- the pool -------------------------------------------------------------------------------
+
+    def _stream(
+        self,
+        source: Iterator[ApiImageRequest],
+        concurrency: int,
+        should_stop: Callable[[], bool] | None,
+        on_event: OnEvent | None,
+        keep_data: bool,
+        poll_interval: float,
+    ) -> Iterator[tuple[int, Result]]:
+        window = 2 * concurrency  # requests read and not yet given back as results
+        stop = threading.Event()
+        places = threading.BoundedSemaphore(concurrency)
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        events: queue.SimpleQueue[ApiEvent] = queue.SimpleQueue()
+        workers: list[threading.Thread] = []
+        labels: dict[int, str] = {}
+        taken = given = 0
+        exhausted = False
+
+        def worker() -> None:
+            while True:
+                job = todo.get()  # a request, or _NO_MORE: the input is used up or the run stops
+                if job is _NO_MORE or stop.is_set():
+                    return
+                i, request = job
+                while not places.acquire(timeout=SLEEP_SLICE_S):  # all places taken: wait,
+                    if stop.is_set():  # looking at the stop
+                        return
+                place = _Place(places)
+                try:
+                    outcome: object = self._attempts(request, i, stop, place.release, events.put, keep_data)
+                except ApiError as e:
+                    outcome = self._scrubbed(e)
+                except GenerationInterrupted:
+                    return
+                except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
+                    outcome = _Crash(e)
+                finally:
+                    place.release()
+                done.put((i, outcome))
+                del outcome, job, request  # this thread keeps no image while it waits for more
+
+        def read_more() -> None:
+            nonlocal taken, exhausted
+            while not exhausted and taken - given < window:
+                try:
+                    request = next(source)
+                except StopIteration:
+                    exhausted = True
+                    for _ in workers:
+                        todo.put(_NO_MORE)
+                    break
+                if not isinstance(request, ApiImageRequest):
+                    raise InvalidInputError(f"expected an ApiImageRequest; got {type(request).__name__}.")
+                labels[taken] = request.name(taken)
+                todo.put((taken, request))
+                taken += 1
+                if len(workers) < window:
+                    thread = threading.Thread(
+                        target=worker, name=f"flux-schnell-api-{len(workers)}", daemon=True
+                    )
+                    workers.append(thread)
+                    thread.start()
+
+        def send_events() -> None:
+            while on_event is not None:
+                try:
+                    on_event(events.get_nowait())
+                except queue.Empty:
+                    return
+
+        try:
+            if should_stop is not None and should_stop():
+                raise GenerationInterrupted("stopped on request before any image was sent; nothing billed.")
+            read_more()
+            while not (exhausted and given == taken):
+                send_events()
+                if should_stop is not None and should_stop():
+                    raise GenerationInterrupted(
+                        f"stopped on request after {given} image(s); calls already sent may still be billed."
+                    )
+                try:
+                    i, outcome = done.get(timeout=poll_interval)
+                except queue.Empty:
+                    if not any(t.is_alive() for t in workers) and done.empty():
+                        raise FluxSchnellError(
+                            "the API worker threads ended without a result (a bug)"
+                        ) from None
+                    continue
+                if isinstance(outcome, _Crash):
+                    raise outcome.exc
+                send_events()
+                label = labels.pop(i)
+                if on_event is not None:
+                    if isinstance(outcome, ApiImage):
+                        on_event(ApiEvent(i, label, DONE, outcome.attempts))
+                    else:
+                        on_event(ApiEvent(i, label, FAILED, message=type(outcome).__name__))
+                given += 1
+                yield i, outcome
+                del outcome  # the caller has it; this frame keeps no image alive
+                read_more()
+        finally:
+            stop.set()  # workers take nothing new and leave their waits
+            for _ in workers:
+                todo.put(_NO_MORE)  # wakes the ones waiting for a request
+
+    # --- one image ------------------------------------------------------------------------------
+
+    def _attempts(
+        self,
+        request: ApiImageRequest,
+        index: int,
+        stop: threading.Event,
+        calls_done: Callable[[], None] = lambda: None,
+        report: Callable[[ApiEvent], None] | None = None,
+        keep_data: bool = False,
+    ) -> ApiImage:
+        """Call (and retry) until the answer holds an image, say `calls_done()`, decode it."""
+        s, clock = self.settings, self.clock
+        name = request.name(index)
+        started = clock.monotonic()
+        deadline = started + s.deadline_s
+        body = json.dumps(request.to_body(s.send_seed)).encode()
+        self.log.debug("%s: POST %s %s", name, self._generate_url, body.decode())
+        free = billed = attempts = 0
+        last: Failure | None = None  # the failure being retried
+        if report is not None:
+            report(ApiEvent(index, name, STARTED))
+        while True:
+            if stop.is_set():
+                raise GenerationInterrupted("stopped")
+            if last is not None and self._policy.too_late(deadline):
+                # The wait overran: a call now would be billed and its answer cut off.
+                note = self._policy.no_time_note(deadline - clock.monotonic(), None)
+                raise last.error(note + _tried(attempts), self._safe) from last.__cause__
+            attempts += 1
+            reply, failure = attempt(
+                self._http.exchange,
+                "POST",
+                self._generate_url,
+                body=body,
+                timeout_s=s.request_timeout_s,
+                deadline=deadline,
+                stop=stop,
+                cap=self._http.body_cap(),
+                may_bill=True,
+            )
+            if failure is None and not 200 <= reply.status < 300:
+                failure = status_failure(
+                    reply,
+                    GENERATE,
+                    request_id=self._answers.request_id(reply),
+                    safe=self._safe,
+                    key_source=s.key_source,
+                    url=self._generate_url,
+                )
+            if failure is not None:
+                wait, note = self._policy.wait_before_retry(failure, free, billed, deadline)
+                if wait is None:
+                    raise failure.error(note + _tried(attempts), self._safe) from failure.__cause__
+                if failure.retry == FREE:
+                    free += 1
+                else:
+                    billed += 1
+                reason = self._safe(failure.reason)
+                self.log.warning(
+                    "ImageAPI %s, attempt %d failed (%s); retrying in %.2f s (%s)",
+                    name,
+                    attempts,
+                    reason,
+                    wait,
+                    self._policy.retry_kind(failure, free, billed),
+                )
+                if report is not None:
+                    kind = RATE_LIMITED if failure.status == RATE_LIMIT_STATUS else RETRYING
+                    report(ApiEvent(index, name, kind, attempts, wait, reason))
+                clock.sleep(wait, stop)
+                last = failure
+                continue
+            request_id = self._answers.request_id(reply)
+
+            def waiting(seconds: float, why: str, attempt_no: int = attempts) -> None:
+                if report is not None:
+                    report(ApiEvent(index, name, WAITING, attempt_no, seconds, why))
+
+            encoded, job_id = self._answers.locate(reply, deadline, stop, request_id, waiting)
+            del reply  # the answer's body is not needed any more
+            calls_done()
+            image, data, fmt = self._answers.decode(encoded)
+            del encoded
+            seconds = clock.monotonic() - started
+            self.log.debug(
+                "%s: %dx%d in %.3f s, %d attempt(s)", name, image.width, image.height, seconds, attempts
+            )
+            return ApiImage(
+                image,
+                request_id or job_id,
+                seconds,
+                attempts,
+                billed_attempts=billed,
+                data=data if keep_data else None,
+                format=fmt if keep_data else None,
+            )
+
+    # --- keeping the key out of everything ------------------------------------------------------
+
+    def _safe(self, text: str) -> str:
+        """`text` (which may come from the server) with the API key replaced by ***."""
+        return self._http.safe(text)
+
+    def _scrubbed(self, error: ApiError) -> ApiError:
+        """Last line of defence: no error leaves a worker with the key in its message."""
+        if any(self.settings.api_key in str(a) for a in error.args):
+            error.args = tuple(self._safe(str(a)) for a in error.args)
+        if error.request_id:
+            error.request_id = self._safe(error.request_id)
+        return error

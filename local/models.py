@@ -1,0 +1,224 @@
+"""The loaded models and their cache: weight files to CPU-resident modules, kept between runs.
+
+Models are loaded once, memory-mapped onto the CPU, and kept while the files, the weight dtype and
+the device are unchanged; a new prompt or seed reloads nothing. Moving a model out of the device
+costs no copy: its parameters go back to the CPU tensors it was loaded as (memory-mapped from the
+file, or cast once at load time).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import comfy_bridge
+from .files import ResolvedFiles
+
+log = logging.getLogger("flux_schnell.local")
+
+__all__ = [
+    "MODEL_CACHE",
+    "LoadedModels",
+    "ModelCache",
+    "Placed",
+    "empty_cache",
+    "file_stamps",
+    "module_bytes",
+]
+
+# local.files.WEIGHT_DTYPE_OPTIONS -> the dtype weights are converted to at load (None: as stored)
+LOAD_DTYPE_OF_OPTION = {"as stored": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+T5_MAX_LENGTH = 256  # FLUX.1 [schnell] encodes 256 T5 tokens (dev: 512)
+CLIP_MAX_LENGTH = 77
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+class Placed:
+    """A model with a CPU home: `to(device)` for its stage, `home()` back without a copy."""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module.eval().requires_grad_(False)
+        self.cpu_tensors = {k: t.data for k, t in self._tensors()}
+        self.nbytes = module_bytes(module)
+        self.device = torch.device("cpu")
+        self.last_used = 0.0
+        self.patcher = None  # its ModelPatcher while ComfyUI's model management holds it
+
+    def managed(self, device: torch.device):
+        """The ModelPatcher through which ComfyUI loads this model onto `device` and unloads it."""
+        if self.patcher is None or self.patcher.load_device != device:
+            comfy_bridge.unload_managed([self.patcher])
+            self.patcher = comfy_bridge.managed_model(
+                self.module, self.nbytes, device, torch.device("cpu"), self.to, self.home
+            )
+        return self.patcher
+
+    def _tensors(self):
+        yield from self.module.named_parameters()
+        yield from self.module.named_buffers()
+
+    def to(self, device: torch.device) -> None:
+        if self.device != device:
+            try:
+                for name, t in self._tensors():
+                    t.data = self.cpu_tensors[name].to(device, non_blocking=True)
+                _move_loras(self.module, device)
+            except BaseException:  # out of memory half way: give back what did move
+                self._restore()
+                raise
+            self.device = device
+        self.last_used = time.monotonic()
+
+    def home(self) -> None:
+        if self.device.type != "cpu":
+            self._restore()
+
+    def _restore(self) -> None:
+        for name, t in self._tensors():
+            t.data = self.cpu_tensors[name]
+        _move_loras(self.module, torch.device("cpu"))
+        self.device = torch.device("cpu")
+
+    def refresh_size(self) -> None:
+        """Recount `nbytes` (the weights and the LoRA updates now attached)."""
+        from ..flux.lora import adapters
+
+        self.nbytes = module_bytes(self.module) + sum(a.nbytes for a in adapters(self.module))
+
+
+def _move_loras(module: nn.Module, device: torch.device) -> None:
+    from ..flux.lora import move_loras
+
+    move_loras(module, device)
+
+
+@dataclass
+class LoadedModels:
+    """Everything one set of files loads to, plus the tokenizers."""
+
+    files: ResolvedFiles
+    weight_dtype: str
+    stamps: tuple  # file_stamps(files) when loaded: a file replaced or rewritten since means reload
+    t5: Placed
+    clip: Placed
+    transformer: Placed
+    ae: Placed
+    t5_tokenizer: object
+    clip_tokenizer: object
+    compiled: object = None  # torch.compile of the transformer, made on first use
+    lora_state: tuple = ()  # local.lora.lora_state of the LoRAs on the models (() : none)
+
+    def all(self) -> list[Placed]:
+        return [self.t5, self.clip, self.transformer, self.ae]
+
+
+class ModelCache:
+    """The one set of loaded models of this process, behind a lock that a run holds throughout."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.loaded: LoadedModels | None = None
+
+    def release(self) -> None:
+        """Drop the cached models and give back the device memory they held."""
+        with self.lock:
+            self.drop()
+
+    def drop(self) -> None:
+        """Forget the cached models (the caller holds `lock`). Each is moved home first, so its
+        device memory is freed even while something else still refers to the module."""
+        if self.loaded is not None:
+            comfy_bridge.unload_managed([placed.patcher for placed in self.loaded.all()])
+            for placed in self.loaded.all():
+                placed.home()
+            if self.loaded.compiled is not None:  # compiled graphs and their guards hold the old modules
+                torch._dynamo.reset()
+            self.loaded = None
+        empty_cache()
+
+    def load(self, files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, bool]:
+        """The models for these files and dtype, and whether they had to be loaded (the caller
+        holds `lock`). A different set is released first, so two never share the memory."""
+        from ..flux import loading, tokenizers
+
+        stamps = file_stamps(files)
+        cached = self.loaded
+        if (
+            cached is not None
+            and cached.files == files
+            and cached.stamps == stamps
+            and cached.weight_dtype == weight_dtype
+        ):
+            return cached, False
+        # The four files must belong together: checked from their headers, before gigabytes load.
+        loading.check_files_compatible(files.transformer, files.t5, files.clip, files.ae)
+        narrow = LOAD_DTYPE_OF_OPTION[weight_dtype]
+        self.drop()
+        log.info("loading FLUX.1-schnell (weights %s) from %s", weight_dtype, files.transformer.parent)
+        self.loaded = LoadedModels(
+            files=files,
+            weight_dtype=weight_dtype,
+            stamps=stamps,
+            t5=Placed("T5-XXL", loading.load_t5(files.t5, weight_dtype=narrow)),
+            clip=Placed("CLIP-L", loading.load_clip(files.clip)),
+            transformer=Placed(
+                "transformer", loading.load_transformer(files.transformer, weight_dtype=narrow)
+            ),
+            ae=Placed("autoencoder", loading.load_autoencoder(files.ae)),
+            t5_tokenizer=tokenizers.load_t5_tokenizer(files.t5_tokenizer, max_length=T5_MAX_LENGTH),
+            clip_tokenizer=tokenizers.load_clip_tokenizer(files.clip_tokenizer, max_length=CLIP_MAX_LENGTH),
+        )
+        return self.loaded, True
+
+
+MODEL_CACHE = ModelCache()
+
+
+def empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif getattr(torch, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.empty_cache()
+
+
+def file_stamps(files: ResolvedFiles) -> tuple:
+    """Identity and version of each weight file: (device, inode, size, mtime in ns).
+
+    The loaded weights are memory maps of these files, so a cached model is only reused while
+    every file is the very one it was loaded from: a file renamed over another gets a new inode, a
+    file rewritten in place a new size or time, and either means the models load again.
+    """
+    stamps = []
+    for path in dict.fromkeys((files.transformer, files.t5, files.clip, files.ae)):
+        st = path.stat()
+        stamps.append((str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
+
+
+def set_loras(models: LoadedModels, choices, dtype: torch.dtype) -> None:
+    """Put the chosen LoRAs on the loaded models when they differ from what is there (the caller
+    holds the cache's lock). Only the LoRA files are read; a LoRA that does not fit raises and leaves the
+    models as they were."""
+    from ..flux.components import CLIP, T5, TRANSFORMER
+    from .lora import lora_state, use_loras
+
+    state = (lora_state(choices), dtype) if choices else ()
+    if state == models.lora_state:
+        return
+    networks = {TRANSFORMER.name: models.transformer, CLIP.name: models.clip, T5.name: models.t5}
+    layers = use_loras({name: placed.module for name, placed in networks.items()}, choices, dtype)
+    models.lora_state = state
+    models.compiled = None  # compiled code holds on to the layers' previous updates
+    for placed in networks.values():
+        placed.refresh_size()
+    if choices:
+        log.info("LoRAs %s on %d layers", ", ".join(c.describe() for c in choices), layers)
