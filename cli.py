@@ -9,8 +9,8 @@
 
 Everything the user gives is checked before anything is paid for or created: the prompts (every
 line of a prompts file), the sizes, the output paths, the API key or the local backend's packages.
-Only then are folders made and the run started (drafts/run.py). The environment is read here, at
-the start. The api path never imports torch. Exit codes: 0 all done, 1 some images failed (or the
+Only then are folders made and the run started (drafts/command.py, drafts/run.py). The flags are read here,
+at the start. The api path never imports torch. Exit codes: 0 all done, 1 some images failed (or the
 run was interrupted), 2 a usage or configuration error.
 """
 
@@ -18,31 +18,24 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import getpass
 import logging
 import os
 import random
-import signal
 import sys
-import tempfile
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from ._version import __version__
+from .drafts.command import EXIT_USAGE, config_command, gallery_command, generate_command, set_key_command
 from .errors import (
     ConfigurationError,
-    FluxSchnellError,
-    GenerationInterrupted,
     InvalidInputError,
     LocalBackendUnavailable,
 )
 from .generation import BACKENDS, MAX_BATCH, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, GenerationRequest
 from .local.lora import LoraChoice, parse_lora_option
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_CONCURRENCY = 16
-OUT_SUFFIX = ".png"  # the prompt, seed and model go into PNG text chunks
 log = logging.getLogger("flux_schnell.cli")
 
 ENVIRONMENT_HELP = """\
@@ -199,11 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _set_up_logging(getattr(args, "verbose", False))
     try:
         if args.command == "set-key":
-            return _set_key()
+            return set_key_command()
         if args.command == "config":
-            return _show_config()
+            return config_command()
         if args.command == "gallery":
-            return _gallery(args.dir)
+            return gallery_command(args.dir)
         _limit_malloc_arenas()  # before the worker threads start
         return _generate(args)
     except (ConfigurationError, InvalidInputError, LocalBackendUnavailable) as e:
@@ -238,73 +231,8 @@ def _set_up_logging(verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _progress_handler():
-    from .drafts.progress import ProgressLogHandler
-
-    return next((h for h in logging.getLogger().handlers if isinstance(h, ProgressLogHandler)), None)
-
-
-def _set_key() -> int:
-    from .api.settings import save_api_key
-
-    interactive = sys.stdin.isatty()
-    key = getpass.getpass("ImageAPI key (input hidden): ") if interactive else sys.stdin.readline()
-    path = save_api_key(key.strip())
-    print(f"saved the API key to {path} (readable by you only)")
-    return EXIT_OK
-
-
-def _show_config() -> int:
-    from .api.settings import (
-        config_search_paths,
-        default_config_path,
-        load_settings,
-        masked,
-        missing_key_message,
-    )
-
-    looked = config_search_paths()
-    files = ", ".join(f"{masked(str(p))}{'' if p.is_file() else ' (none)'}" for p in looked)
-    print(f"config files read, first found wins: {files}")
-    print(f"set-key writes:  {masked(str(default_config_path()))}")
-    try:
-        settings = load_settings()
-    except ConfigurationError as e:
-        if "No ImageAPI key is set" not in str(e):
-            raise
-        print("API key:         not set")
-        print(
-            "\n".join("  " + line for line in missing_key_message(looked, _first_file(looked)).splitlines())
-        )
-        return EXIT_OK
-    print(f"API key:         set (from {masked(settings.key_source)})")
-    print(f"base URL:        {masked(settings.base_url)}")
-    print(f"send seed:       {settings.send_seed}")
-    return EXIT_OK
-
-
-def _first_file(paths: list[Path]) -> Path | None:
-    return next((p for p in paths if p.is_file()), None)
-
-
-def _gallery(folder: Path) -> int:
-    from .drafts.gallery import write_gallery
-
-    if not folder.is_dir():
-        raise InvalidInputError(f"gallery: {folder} is not a folder; give the --out-dir of a draft run.")
-    stats = write_gallery(folder)
-    print(
-        f"wrote {stats.path}: {stats.images} image(s), {stats.failures} failed line(s), "
-        f"{stats.thumbnails_made} new thumbnail(s)"
-    )
-    return EXIT_OK
-
-
-# --- generate ---------------------------------------------------------------------------------------
-
-
 def _generate(args) -> int:
-    from .drafts.prompts import check_prompts_file, read_prompts
+    """Check the flags, build one request template and one model spec, hand them to drafts."""
     from .drafts.run import RunSettings
 
     gen_parser = args.command_parser  # its usage line goes with the errors below
@@ -321,223 +249,41 @@ def _generate(args) -> int:
     if args.lora and args.backend != "local":
         gen_parser.error("--lora needs --backend local (the hosted API applies no LoRA)")
 
-    # 1. Where the images go: checked, nothing created yet.
-    if args.out is not None:
-        _check_out_file(args.out)
-    else:
-        _check_folder(args.out_dir, "--out-dir")
-
-    # 2. What to generate: every input, every line of a prompts file.
     seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
-
-    def check(prompt: str) -> None:
-        GenerationRequest(prompt, args.width, args.height, args.steps, seed, args.batch_size).validate(
-            args.backend
-        )
-
-    if args.prompt is not None:
-        check(args.prompt)
-        prompts_total = 1
-    else:
-        check("x")  # size, steps, seed and batch, once, with the file's name out of the message
-        prompts_total = check_prompts_file(args.prompts_file, lambda _line, prompt: check(prompt))
-
-    # 3. What the backend needs: the key (read here, where the program starts) or the packages.
-    if args.backend == "api":
-        from .api.settings import load_settings
-
-        settings = load_settings()
-    else:
-        from .local.packages import require_local_packages
-
-        require_local_packages()
-        settings = None
-
-    # 4. Only now: folders, and what a killed run left behind.
-    s = RunSettings(
+    template = GenerationRequest(
+        args.prompt if args.prompt is not None else "",  # drafts fills in each line's prompt
+        args.width,
+        args.height,
+        args.steps,
+        seed,
+        args.batch_size,
+    )
+    run_settings = RunSettings(
         backend=args.backend,
-        width=args.width,
-        height=args.height,
-        steps=args.steps,
-        seed=seed,
+        request=template,
         seed_given=args.seed,
-        batch_size=args.batch_size,
         concurrency=args.concurrency,
         out=args.out,
         out_dir=args.out_dir,
         loras=tuple(args.lora),
     )
-    _prepare_folders(s)
-    lines = read_prompts(args.prompts_file) if args.prompts_file is not None else [(1, args.prompt.strip())]
-    return _run(s, args, settings, lines, prompts_total * args.batch_size)
+    spec = _local_model_spec(args) if args.backend == "local" else None
+    return generate_command(run_settings, args.prompt, args.prompts_file, spec)
 
 
-def _check_out_file(out: Path) -> None:
-    if out.is_dir():
-        raise InvalidInputError(f"--out {out} is a folder; name a file in it, like {out / 'image.png'}.")
-    if out.suffix.lower() != OUT_SUFFIX:
-        raise InvalidInputError(
-            f"--out {out}: only PNG files are written (the prompt, seed and model go into their text "
-            f"chunks); name the file {out.with_suffix(OUT_SUFFIX).name}."
-        )
-    _check_folder(out.parent, "--out")
+def _local_model_spec(args):
+    from .local.files import LocalModelSpec
 
-
-def _check_folder(folder: Path, flag: str) -> None:
-    """Refuse a folder that cannot take the images, without creating anything."""
-    if folder.exists() and not folder.is_dir():
-        raise InvalidInputError(f"{flag}: {folder} exists and is not a folder; choose another {flag}.")
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InvalidInputError(
-            f"{flag}: cannot create {folder}: {existing} is not a folder; choose another {flag}."
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InvalidInputError(
-            f"{flag}: cannot write images to {folder}: {existing} is not writable; choose another {flag}."
-        )
-
-
-def _prepare_folders(s) -> None:
-    from .drafts.gallery import THUMBS_DIR
-    from .drafts.png_files import remove_stale_parts
-
-    folder = s.out_dir if s.drafts else s.out.parent
-    flag = "--out-dir" if s.drafts else "--out"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
-            pass
-        if s.drafts:
-            (folder / THUMBS_DIR).mkdir(exist_ok=True)
-    except OSError as e:
-        raise InvalidInputError(
-            f"{flag}: cannot write images to {folder}: {e.strerror}; choose another {flag}."
-        ) from e
-    if s.drafts:
-        removed = remove_stale_parts(folder) + remove_stale_parts(folder / THUMBS_DIR)
-    else:
-        removed = []
-        for name in {s.out.name} | {f"{s.out.stem}-{b + 1}{s.out.suffix}" for b in range(s.batch_size)}:
-            removed += remove_stale_parts(folder, name)
-    if removed:
-        log.info("removed %d unfinished file(s) left by an interrupted run", len(removed))
-
-
-def _run(s, args, settings, lines, planned: int) -> int:
-    from .drafts.progress import Progress
-    from .drafts.run import DraftRun, StopRun, api_results, local_results
-
-    progress = Progress(planned)
-    handler = _progress_handler()
-    if handler is not None:
-        handler.progress = progress
-    stop = threading.Event()
-    if s.backend == "api":
-        from .api_client import ends_the_run
-        from .errors import AuthenticationError
-
-        def ends_run(error: FluxSchnellError) -> int | None:
-            if not ends_the_run(error):  # a refused key, no credits left
-                return None
-            return EXIT_USAGE if isinstance(error, AuthenticationError) else EXIT_FAILED
-
-        backend = api_results(settings, s, stop, on_event=_show_event(progress))
-    else:
-        from .errors import ModelLoadError
-        from .local.files import LocalModelSpec
-
-        spec = LocalModelSpec(
-            checkpoint=args.checkpoint,
-            transformer=args.transformer,
-            t5=args.t5,
-            clip=args.clip,
-            ae=args.ae,
-            t5_tokenizer=args.t5_tokenizer,
-            clip_tokenizer=args.clip_tokenizer,
-            weight_dtype="as stored" if args.dtype in (None, "as-stored") else args.dtype,
-            device=args.device,
-            compile=args.compile,
-            loras=tuple(args.lora),
-        )
-
-        def ends_run(error: FluxSchnellError) -> int | None:
-            return EXIT_USAGE if isinstance(error, (ModelLoadError, LocalBackendUnavailable)) else None
-
-        backend = local_results(spec, s, stop)
-
-    run = DraftRun(s, backend, progress, ends_run)
-    previous = signal.signal(signal.SIGINT, lambda *_: _first_interrupt(stop, previous))
-    try:
-        run.run(lines, planned)
-    except GenerationInterrupted:
-        progress.note("interrupted: finished images are kept; run the same command again to resume")
-    except StopRun as e:
-        progress.note(f"error: {e}\nstopped: the remaining images would fail the same way.")
-        run.outcome.exit_code = e.exit_code
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        progress.close()
-        if handler is not None:
-            handler.progress = None
-    return _summary(run.outcome, s)
-
-
-def _show_event(progress):
-    from .api.types import DONE, FAILED, RATE_LIMITED, RETRYING, STARTED, WAITING
-
-    def on_event(event) -> None:
-        if event.kind in (RATE_LIMITED, RETRYING, WAITING):
-            progress.waiting_on(event.label, event.kind)
-        elif event.kind in (STARTED, DONE, FAILED):
-            progress.waiting_on(event.label, None)
-
-    return on_event
-
-
-def _first_interrupt(stop: threading.Event, previous) -> None:
-    """First Ctrl-C: stop gracefully (keep what is done); a second one aborts at once."""
-    if stop.is_set():
-        signal.signal(signal.SIGINT, previous)
-        raise KeyboardInterrupt
-    stop.set()
-    print("\nstopping (Ctrl-C again to abort at once)...", file=sys.stderr)
-
-
-def _summary(outcome, s) -> int:
-    from .drafts.gallery import GALLERY_NAME, write_gallery
-    from .drafts.manifest import MANIFEST_NAME
-
-    err = sys.stderr
-    if outcome.skipped:
-        print(f"{outcome.skipped} image(s) already done in {s.out_dir}, skipped", file=err)
-    not_run = outcome.not_run
-    print(
-        f"done: {outcome.done}, failed: {outcome.failed_count}, duplicates (requested once): "
-        f"{outcome.duplicates}, skipped (already done): {outcome.skipped}"
-        + (f", not run: {not_run}" if not_run else ""),
-        file=err,
+    return LocalModelSpec(
+        checkpoint=args.checkpoint,
+        transformer=args.transformer,
+        t5=args.t5,
+        clip=args.clip,
+        ae=args.ae,
+        t5_tokenizer=args.t5_tokenizer,
+        clip_tokenizer=args.clip_tokenizer,
+        weight_dtype="as stored" if args.dtype in (None, "as-stored") else args.dtype,
+        device=args.device,
+        compile=args.compile,
+        loras=tuple(args.lora),
     )
-    for p, reason in outcome.failed:
-        print(f"  failed {p.label} (seed {p.seed}): {reason}", file=err)
-    if outcome.failed_count > len(outcome.failed):
-        print(f"  ... and {outcome.failed_count - len(outcome.failed)} more", file=err)
-    if s.drafts:
-        try:
-            gallery = write_gallery(s.out_dir)
-        except OSError as e:
-            print(f"could not write the gallery: {e}", file=err)
-        else:
-            print(
-                f"images in {s.out_dir}; every line in {s.out_dir / MANIFEST_NAME}; "
-                f"review them in {s.out_dir / GALLERY_NAME} ({gallery.images} image(s))",
-                file=err,
-            )
-    else:
-        for path in outcome.written:
-            print(f"wrote {path}", file=err)
-    if outcome.exit_code is not None:
-        return outcome.exit_code
-    return EXIT_OK if not outcome.failed_count and not not_run else EXIT_FAILED

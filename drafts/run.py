@@ -2,8 +2,8 @@
 
 `plan` turns the prompts (a file read lazily, or one `--prompt`) into the images to make, one per
 line and seed, each named after its prompt and settings (not its position, so editing other lines
-renames nothing). `run` sends them to a backend (`api_results`: the hosted service's bounded pool;
-`local_results`: the local models, one image after another) and writes each image the moment it
+renames nothing). `run` sends them to a backend (`api_backend`: the hosted service's bounded pool;
+`local_backend`: the local models, one image after another) and writes each image the moment it
 arrives, then drops it: images alive at once are bounded by the concurrency, whatever the length of
 the run. In a draft folder (`--out-dir`) it also:
 
@@ -26,7 +26,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .._version import __version__
@@ -46,12 +46,8 @@ class RunSettings:
     """What the command line asked for (after its checks)."""
 
     backend: str
-    width: int
-    height: int
-    steps: int
-    seed: int  # of the first image of each prompt
+    request: GenerationRequest  # the template: size, steps, batch, the seed of each prompt's first image
     seed_given: int | None  # --seed as given (None: a random one), part of the file names
-    batch_size: int
     concurrency: int
     out: Path | None = None  # --prompt: the file
     out_dir: Path | None = None  # --prompts-file: the draft folder
@@ -123,62 +119,76 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
 
 
-def settings_tag(prompt: str, s: RunSettings) -> str:
+def settings_tag(prompt: str, run_settings: RunSettings) -> str:
     """8 hex digits naming what makes the image: prompt, size, steps, backend, the given seed."""
-    what = [prompt, s.width, s.height, s.steps, s.backend, s.seed_given]
-    if s.loras:  # a LoRA makes another image (names without LoRAs stay as they were)
-        what.append(_lora_names(s))
+    template = run_settings.request
+    what = [prompt, template.width, template.height, template.steps, run_settings.backend]
+    what.append(run_settings.seed_given)
+    if run_settings.loras:  # a LoRA makes another image (names without LoRAs stay as they were)
+        what.append(_lora_names(run_settings))
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
 
 
-def _lora_names(s: RunSettings) -> list:
-    return [[str(c.path), c.strength] for c in s.loras]
+def _lora_names(run_settings: RunSettings) -> list:
+    return [[str(choice.path), choice.strength] for choice in run_settings.loras]
 
 
-def request_key(prompt: str, s: RunSettings, image: int) -> int:
+def request_key(prompt: str, run_settings: RunSettings, image: int) -> int:
     """64 bits that identify a request: equal for the same trimmed prompt, size, steps and seed."""
-    what = json.dumps([prompt.strip(), s.width, s.height, s.steps, s.backend, s.seed, image, _lora_names(s)])
-    return int.from_bytes(hashlib.blake2b(what.encode(), digest_size=8).digest(), "big")
+    template = run_settings.request
+    what = [prompt.strip(), template.width, template.height, template.steps, run_settings.backend]
+    what += [template.seed, image, _lora_names(run_settings)]
+    return int.from_bytes(hashlib.blake2b(json.dumps(what).encode(), digest_size=8).digest(), "big")
 
 
-def plan(lines: Iterable[tuple[int, str]], s: RunSettings) -> Iterator[PlannedImage]:
+def plan(lines: Iterable[tuple[int, str]], run_settings: RunSettings) -> Iterator[PlannedImage]:
     """One `PlannedImage` per image, lazily: per prompt, the seeds `seed .. seed + batch - 1`."""
+    drafts = run_settings.drafts
+    batch = run_settings.request.batch_size
     for line, prompt in lines:
-        request = GenerationRequest(prompt, s.width, s.height, s.steps, s.seed, s.batch_size)
-        tag = settings_tag(prompt, s) if s.drafts else ""
+        request = replace(run_settings.request, prompt=prompt)
+        tag = settings_tag(prompt, run_settings) if drafts else ""
         for b, image_seed in enumerate(request.seeds):
-            if s.drafts:
-                suffix = "" if s.batch_size == 1 else f"-{b + 1}"
-                path = s.out_dir / f"{slug(prompt)}-{tag}{suffix}.png"
-                label = f"line {line}" + (f" image {b + 1}" if s.batch_size > 1 else "")
+            if drafts:
+                suffix = "" if batch == 1 else f"-{b + 1}"
+                path = run_settings.out_dir / f"{slug(prompt)}-{tag}{suffix}.png"
+                label = f"line {line}" + (f" image {b + 1}" if batch > 1 else "")
             else:
-                out = s.out
-                path = out if s.batch_size == 1 else out.with_name(f"{out.stem}-{b + 1}{out.suffix}")
+                out = run_settings.out
+                path = out if batch == 1 else out.with_name(f"{out.stem}-{b + 1}{out.suffix}")
                 label = f"image {b + 1}"
             label += f" -> {path.name}"
-            yield PlannedImage(line, prompt, image_seed, path, label, request_key(prompt, s, b))
+            yield PlannedImage(line, prompt, image_seed, path, label, request_key(prompt, run_settings, b))
 
 
-def png_text(p: PlannedImage, s: RunSettings, request_id: str | None = None) -> dict[str, str]:
+def image_request(planned: PlannedImage, run_settings: RunSettings) -> GenerationRequest:
+    """The request for one planned image: the template with its prompt and seed, one image."""
+    return replace(run_settings.request, prompt=planned.prompt, seed=planned.seed, batch_size=1)
+
+
+def png_text_for(
+    planned: PlannedImage, run_settings: RunSettings, request_id: str | None = None
+) -> dict[str, str]:
+    """The text chunks to write into one image's PNG."""
     text = {
-        "prompt": p.prompt,
-        "seed": str(p.seed),
+        "prompt": planned.prompt,
+        "seed": str(planned.seed),
         "model": MODEL_NAME,
-        "steps": str(s.steps),
-        "backend": s.backend,
+        "steps": str(run_settings.request.steps),
+        "backend": run_settings.backend,
         "software": f"comfyui-flux-schnell {__version__}",
     }
     if request_id is not None:
         text["request_id"] = request_id
-    if s.loras:
-        text["loras"] = ", ".join(c.describe() for c in s.loras)
+    if run_settings.loras:
+        text["loras"] = ", ".join(choice.describe() for choice in run_settings.loras)
     return text
 
 
 # --- backends -------------------------------------------------------------------------------------
 
 
-def api_results(settings, s: RunSettings, stop: threading.Event, on_event=None) -> Backend:
+def api_backend(api_settings, run_settings: RunSettings, stop: threading.Event, on_event=None) -> Backend:
     """The hosted service: `PlannedImage`s in, results out as they finish (see api_client.py)."""
     from ..api_client import image_requests, stream_api_images
 
@@ -186,15 +196,14 @@ def api_results(settings, s: RunSettings, stop: threading.Event, on_event=None) 
         by_index: dict[int, PlannedImage] = {}
 
         def requests_in():
-            for i, p in enumerate(planned):
-                by_index[i] = p
-                request = GenerationRequest(p.prompt, s.width, s.height, s.steps, p.seed)
-                yield image_requests(request, [p.label])[0]
+            for i, one in enumerate(planned):
+                by_index[i] = one
+                yield image_requests(image_request(one, run_settings), [one.label])[0]
 
         stream = stream_api_images(
             requests_in(),
-            settings,
-            concurrency=s.concurrency,
+            api_settings,
+            concurrency=run_settings.concurrency,
             should_stop=stop.is_set,
             on_event=on_event,
             keep_data=True,
@@ -224,7 +233,7 @@ def api_results(settings, s: RunSettings, stop: threading.Event, on_event=None) 
     return results
 
 
-def local_results(spec, s: RunSettings, stop: threading.Event) -> Backend:
+def local_backend(spec, run_settings: RunSettings, stop: threading.Event) -> Backend:
     """The local models, one image after another; they load once and serve the whole run."""
 
     def results(planned: Iterator[PlannedImage]) -> Results:
@@ -236,9 +245,9 @@ def local_results(spec, s: RunSettings, stop: threading.Event) -> Backend:
         for p in planned:
             if stop.is_set():
                 raise GenerationInterrupted("interrupted")
-            request = GenerationRequest(p.prompt, s.width, s.height, s.steps, p.seed, 1)
+            request = image_request(p, run_settings)
             try:
-                images, info = generate_local(request, spec, Progress(s.steps, stop_flag=stop))
+                images, info = generate_local(request, spec, Progress(request.steps, stop_flag=stop))
             except (ModelLoadError, LocalBackendUnavailable) as e:  # the files, not this prompt
                 yield p, e
                 return
@@ -261,12 +270,12 @@ class DraftRun:
 
     def __init__(
         self,
-        s: RunSettings,
+        run_settings: RunSettings,
         backend: Backend,
         progress,
         ends_run: Callable[[FluxSchnellError], int | None],
     ):
-        self.s = s
+        self.settings = run_settings
         self.backend = backend
         self.progress = progress
         self.ends_run = ends_run
@@ -279,13 +288,13 @@ class DraftRun:
 
     def run(self, lines: Iterable[tuple[int, str]], planned_total: int) -> RunOutcome:
         self.outcome.planned = planned_total
-        if self.s.drafts:
-            self.manifest = ManifestWriter(self.s.out_dir / MANIFEST_NAME)
-            for record in read_manifest(self.s.out_dir / MANIFEST_NAME):
+        if self.settings.drafts:
+            self.manifest = ManifestWriter(self.settings.out_dir / MANIFEST_NAME)
+            for record in read_manifest(self.settings.out_dir / MANIFEST_NAME):
                 name, size = record.get("file"), record.get("bytes")
                 if record["status"] == DONE and isinstance(name, str) and isinstance(size, int):
                     self._done_files[name] = size
-        results = self.backend(self._to_make(plan(lines, self.s)))
+        results = self.backend(self._to_make(plan(lines, self.settings)))
         try:
             for p, result in results:
                 if isinstance(result, FluxSchnellError):
@@ -313,7 +322,7 @@ class DraftRun:
             if p.key in self._seen:
                 self._duplicate(p, self._seen[p.key], self._first_failed.get(p.key))
                 continue
-            if self.s.drafts and self._on_disk(p):
+            if self.settings.drafts and self._on_disk(p):
                 self._seen[p.key] = p.line
                 self.outcome.skipped += 1
                 self.progress.advance(skipped=True)
@@ -337,7 +346,7 @@ class DraftRun:
 
     def _write(self, p: PlannedImage, result: Finished) -> None:
         """Write one finished image; a disk that refuses it ends the run (the rest would be lost)."""
-        text = png_text(p, self.s, result.request_id)
+        text = png_text_for(p, self.settings, result.request_id)
         try:
             if result.format == "PNG" and result.data is not None:
                 png_files.save_png_bytes(result.data, p.path, text)
@@ -348,9 +357,9 @@ class DraftRun:
             reason = getattr(e, "strerror", None) or str(e)
             self._failed(p, e, announce=False)
             raise StopRun(f"cannot write {p.path}: {reason}", 1) from e
-        if self.s.drafts:
+        if self.settings.drafts:
             try:
-                png_files.save_thumbnail(result.image, thumbnail_path(self.s.out_dir, p.path.name))
+                png_files.save_thumbnail(result.image, thumbnail_path(self.settings.out_dir, p.path.name))
             except OSError as e:  # the image is safe; the gallery makes the thumbnail later
                 log.warning("could not write the thumbnail of %s: %s", p.path.name, e)
         else:
@@ -402,10 +411,10 @@ class DraftRun:
             "seed": p.seed,
             "status": status,
             "file": p.path.name,
-            "width": self.s.width,
-            "height": self.s.height,
-            "steps": self.s.steps,
-            "backend": self.s.backend,
+            "width": self.settings.request.width,
+            "height": self.settings.request.height,
+            "steps": self.settings.request.steps,
+            "backend": self.settings.backend,
         }
         record.update({k: v for k, v in fields.items() if v is not None})
         self.manifest.append(record)

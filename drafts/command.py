@@ -1,0 +1,304 @@
+"""The body of the command line's commands: `generate`, `gallery`, `set-key`, `config`.
+
+cli.py parses and checks the flags, then calls these with typed objects (never argparse's
+namespace): `generate` takes the `RunSettings` (its `GenerationRequest` template, the output, the
+concurrency), the prompt or prompts file and, for the local backend, the `LocalModelSpec`.
+
+Everything the user gives is checked before anything is paid for or created: the output paths, the
+prompts (every line of a prompts file), the sizes, the API key or the local backend's packages.
+Only then are folders made and the run started (drafts/run.py).
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import (
+    ConfigurationError,
+    FluxSchnellError,
+    GenerationInterrupted,
+    InvalidInputError,
+    LocalBackendUnavailable,
+)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+OUT_SUFFIX = ".png"  # the prompt, seed and model go into PNG text chunks
+log = logging.getLogger("flux_schnell.cli")
+
+
+# --- set-key, config, gallery ---------------------------------------------------------------------
+
+
+def set_key_command() -> int:
+    from ..api.settings import save_api_key
+
+    interactive = sys.stdin.isatty()
+    key = getpass.getpass("ImageAPI key (input hidden): ") if interactive else sys.stdin.readline()
+    path = save_api_key(key.strip())
+    print(f"saved the API key to {path} (readable by you only)")
+    return EXIT_OK
+
+
+def config_command() -> int:
+    from ..api.settings import (
+        config_search_paths,
+        default_config_path,
+        load_settings,
+        masked,
+        missing_key_message,
+    )
+
+    looked = config_search_paths()
+    files = ", ".join(f"{masked(str(path))}{'' if path.is_file() else ' (none)'}" for path in looked)
+    print(f"config files read, first found wins: {files}")
+    print(f"set-key writes:  {masked(str(default_config_path()))}")
+    try:
+        settings = load_settings()
+    except ConfigurationError as e:
+        if "No ImageAPI key is set" not in str(e):
+            raise
+        print("API key:         not set")
+        print(
+            "\n".join("  " + line for line in missing_key_message(looked, _first_file(looked)).splitlines())
+        )
+        return EXIT_OK
+    print(f"API key:         set (from {masked(settings.key_source)})")
+    print(f"base URL:        {masked(settings.base_url)}")
+    print(f"send seed:       {settings.send_seed}")
+    return EXIT_OK
+
+
+def _first_file(paths: list[Path]) -> Path | None:
+    return next((path for path in paths if path.is_file()), None)
+
+
+def gallery_command(folder: Path) -> int:
+    from .gallery import write_gallery
+
+    if not folder.is_dir():
+        raise InvalidInputError(f"gallery: {folder} is not a folder; give the --out-dir of a draft run.")
+    stats = write_gallery(folder)
+    print(
+        f"wrote {stats.path}: {stats.images} image(s), {stats.failures} failed line(s), "
+        f"{stats.thumbnails_made} new thumbnail(s)"
+    )
+    return EXIT_OK
+
+
+# --- generate -------------------------------------------------------------------------------------
+
+
+def generate_command(run_settings, prompt: str | None, prompts_file: Path | None, spec=None) -> int:
+    """Check, prepare and run one `generate`: `run_settings` is a drafts.run.RunSettings, `spec` the
+    local.files.LocalModelSpec for the local backend (None for the api)."""
+    from .prompts import check_prompts_file, read_prompts
+
+    template = run_settings.request
+    backend = run_settings.backend
+
+    # 1. Where the images go: checked, nothing created yet.
+    if run_settings.out is not None:
+        _check_out_file(run_settings.out)
+    else:
+        _check_output_folder(run_settings.out_dir, "--out-dir")
+
+    # 2. What to generate: every input, every line of a prompts file.
+    def check(text: str) -> None:
+        replace(template, prompt=text).validate(backend)
+
+    if prompt is not None:
+        check(prompt)
+        prompts_total = 1
+    else:
+        check("x")  # size, steps, seed and batch, once, with the file's name out of the message
+        prompts_total = check_prompts_file(prompts_file, lambda _line, text: check(text))
+
+    # 3. What the backend needs: the key (read here, where the program starts) or the packages.
+    if backend == "api":
+        from ..api.settings import load_settings
+
+        api_settings = load_settings()
+    else:
+        from ..local.packages import require_local_packages
+
+        require_local_packages()
+        api_settings = None
+
+    # 4. Only now: folders, and what a killed run left behind.
+    _prepare_folders(run_settings)
+    lines = read_prompts(prompts_file) if prompts_file is not None else [(1, prompt.strip())]
+    return _run(run_settings, api_settings, spec, lines, prompts_total * template.batch_size)
+
+
+def _check_out_file(out: Path) -> None:
+    if out.is_dir():
+        raise InvalidInputError(f"--out {out} is a folder; name a file in it, like {out / 'image.png'}.")
+    if out.suffix.lower() != OUT_SUFFIX:
+        raise InvalidInputError(
+            f"--out {out}: only PNG files are written (the prompt, seed and model go into their text "
+            f"chunks); name the file {out.with_suffix(OUT_SUFFIX).name}."
+        )
+    _check_output_folder(out.parent, "--out")
+
+
+def _check_output_folder(folder: Path, flag: str) -> None:
+    """Refuse a folder that cannot take the images, without creating anything."""
+    if folder.exists() and not folder.is_dir():
+        raise InvalidInputError(f"{flag}: {folder} exists and is not a folder; choose another {flag}.")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidInputError(
+            f"{flag}: cannot create {folder}: {existing} is not a folder; choose another {flag}."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InvalidInputError(
+            f"{flag}: cannot write images to {folder}: {existing} is not writable; choose another {flag}."
+        )
+
+
+def _prepare_folders(run_settings) -> None:
+    from .gallery import THUMBS_DIR
+    from .png_files import remove_stale_parts
+
+    drafts = run_settings.drafts
+    folder = run_settings.out_dir if drafts else run_settings.out.parent
+    flag = "--out-dir" if drafts else "--out"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+        if drafts:
+            (folder / THUMBS_DIR).mkdir(exist_ok=True)
+    except OSError as e:
+        raise InvalidInputError(
+            f"{flag}: cannot write images to {folder}: {e.strerror}; choose another {flag}."
+        ) from e
+    if drafts:
+        removed = remove_stale_parts(folder) + remove_stale_parts(folder / THUMBS_DIR)
+    else:
+        out = run_settings.out
+        removed = []
+        batch = run_settings.request.batch_size
+        for name in {out.name} | {f"{out.stem}-{b + 1}{out.suffix}" for b in range(batch)}:
+            removed += remove_stale_parts(folder, name)
+    if removed:
+        log.info("removed %d unfinished file(s) left by an interrupted run", len(removed))
+
+
+def _progress_handler():
+    from .progress import ProgressLogHandler
+
+    return next((h for h in logging.getLogger().handlers if isinstance(h, ProgressLogHandler)), None)
+
+
+def _run(run_settings, api_settings, spec, lines, planned: int) -> int:
+    from .progress import Progress
+    from .run import DraftRun, StopRun, api_backend, local_backend
+
+    progress = Progress(planned)
+    handler = _progress_handler()
+    if handler is not None:
+        handler.progress = progress
+    stop = threading.Event()
+    if run_settings.backend == "api":
+        from ..api_client import ends_the_run
+        from ..errors import AuthenticationError
+
+        def ends_run(error: FluxSchnellError) -> int | None:
+            if not ends_the_run(error):  # a refused key, no credits left
+                return None
+            return EXIT_USAGE if isinstance(error, AuthenticationError) else EXIT_FAILED
+
+        backend = api_backend(api_settings, run_settings, stop, on_event=_show_event(progress))
+    else:
+        from ..errors import ModelLoadError
+
+        def ends_run(error: FluxSchnellError) -> int | None:
+            return EXIT_USAGE if isinstance(error, (ModelLoadError, LocalBackendUnavailable)) else None
+
+        backend = local_backend(spec, run_settings, stop)
+
+    run = DraftRun(run_settings, backend, progress, ends_run)
+    previous = signal.signal(signal.SIGINT, lambda *_: _first_interrupt(stop, previous))
+    try:
+        run.run(lines, planned)
+    except GenerationInterrupted:
+        progress.note("interrupted: finished images are kept; run the same command again to resume")
+    except StopRun as e:
+        progress.note(f"error: {e}\nstopped: the remaining images would fail the same way.")
+        run.outcome.exit_code = e.exit_code
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        progress.close()
+        if handler is not None:
+            handler.progress = None
+    return _summary(run.outcome, run_settings)
+
+
+def _show_event(progress):
+    from ..api.types import DONE, FAILED, RATE_LIMITED, RETRYING, STARTED, WAITING
+
+    def on_event(event) -> None:
+        if event.kind in (RATE_LIMITED, RETRYING, WAITING):
+            progress.waiting_on(event.label, event.kind)
+        elif event.kind in (STARTED, DONE, FAILED):
+            progress.waiting_on(event.label, None)
+
+    return on_event
+
+
+def _first_interrupt(stop: threading.Event, previous) -> None:
+    """First Ctrl-C: stop gracefully (keep what is done); a second one aborts at once."""
+    if stop.is_set():
+        signal.signal(signal.SIGINT, previous)
+        raise KeyboardInterrupt
+    stop.set()
+    print("\nstopping (Ctrl-C again to abort at once)...", file=sys.stderr)
+
+
+def _summary(outcome, run_settings) -> int:
+    from .gallery import GALLERY_NAME, write_gallery
+    from .manifest import MANIFEST_NAME
+
+    err = sys.stderr
+    out_dir = run_settings.out_dir
+    if outcome.skipped:
+        print(f"{outcome.skipped} image(s) already done in {out_dir}, skipped", file=err)
+    not_run = outcome.not_run
+    print(
+        f"done: {outcome.done}, failed: {outcome.failed_count}, duplicates (requested once): "
+        f"{outcome.duplicates}, skipped (already done): {outcome.skipped}"
+        + (f", not run: {not_run}" if not_run else ""),
+        file=err,
+    )
+    for planned, reason in outcome.failed:
+        print(f"  failed {planned.label} (seed {planned.seed}): {reason}", file=err)
+    if outcome.failed_count > len(outcome.failed):
+        print(f"  ... and {outcome.failed_count - len(outcome.failed)} more", file=err)
+    if run_settings.drafts:
+        try:
+            gallery = write_gallery(out_dir)
+        except OSError as e:
+            print(f"could not write the gallery: {e}", file=err)
+        else:
+            print(
+                f"images in {out_dir}; every line in {out_dir / MANIFEST_NAME}; "
+                f"review them in {out_dir / GALLERY_NAME} ({gallery.images} image(s))",
+                file=err,
+            )
+    else:
+        for path in outcome.written:
+            print(f"wrote {path}", file=err)
+    if outcome.exit_code is not None:
+        return outcome.exit_code
+    return EXIT_OK if not outcome.failed_count and not not_run else EXIT_FAILED
