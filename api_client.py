@@ -28,7 +28,7 @@ from PIL import Image
 
 from .api.service import ImageApiClient, OnEvent
 from .api.settings import ApiSettings, load_settings
-from .api.types import ApiImage, ApiImageRequest
+from .api.types import ApiImageRequest
 from .comfy_bridge import Progress
 from .errors import (
     ApiError,
@@ -37,7 +37,7 @@ from .errors import (
     GenerationInterrupted,
     InsufficientCreditsError,
 )
-from .generation import MODEL_NAME, GenerationInfo, GenerationRequest
+from .generation import MODEL_NAME, FinishedImage, GenerationInfo, GenerationRequest
 
 log = logging.getLogger("flux_schnell.api")
 
@@ -49,7 +49,7 @@ KEEP_LIMIT = 32
 _lock = threading.Lock()
 _client: ImageApiClient | None = None
 _client_settings: ApiSettings | None = None
-_kept: OrderedDict[tuple, ApiImage] = OrderedDict()
+_kept: OrderedDict[tuple, FinishedImage] = OrderedDict()
 
 
 def client_for(settings: ApiSettings) -> ImageApiClient:
@@ -94,11 +94,11 @@ def stream_api_images(
     should_stop: Callable[[], bool] | None = None,
     on_event: OnEvent | None = None,
     keep_data: bool = False,
-) -> Iterator[tuple[int, ApiImage | ApiError]]:
+) -> Iterator[tuple[int, FinishedImage | ApiError]]:
     """`(index, result)` for each request as it finishes, read lazily; images alive at once are
     bounded by the concurrency (see `ImageApiClient.generate_stream`). After an error for which
     `ends_the_run` is true, nothing more is sent and the stream ends. `keep_data` keeps the
-    service's file (`ApiImage.data`, `.format`) so a caller can write it without re-encoding."""
+    service's file (`FinishedImage.data`, `.format`) so a caller can write it without re-encoding."""
     stream = client_for(settings).generate_stream(
         requests_in,
         concurrency=concurrency,
@@ -138,7 +138,7 @@ def generate_api(
     settings = settings or load_settings()
     started = time.monotonic()
     reqs = image_requests(request)
-    results: list[ApiImage | ApiError | None] = [None] * len(reqs)
+    results: list[FinishedImage | ApiError | None] = [None] * len(reqs)
 
     with _lock:
         for i, req in enumerate(reqs):
@@ -148,7 +148,7 @@ def generate_api(
     reused = [i for i, r in enumerate(results) if r is not None]
     todo = [i for i, r in enumerate(results) if r is None]
 
-    def on_result(position: int, result: ApiImage | ApiError) -> None:
+    def on_result(position: int, result: FinishedImage | ApiError) -> None:
         results[todo[position]] = result
         progress.advance(1)
         if isinstance(result, ABORT_BATCH):
@@ -178,7 +178,7 @@ def generate_api(
         _keep_finished(settings, reqs, results)
         raise _batch_error(request, failures)
 
-    images: list[ApiImage] = results  # type: ignore[assignment]  # all succeeded here
+    images: list[FinishedImage] = results  # type: ignore[assignment]  # all succeeded here
     pictures, notes = _one_size([r.image for r in images], request)
     info = GenerationInfo(
         backend="api",
@@ -199,7 +199,7 @@ def generate_api(
 def _keep_finished(settings, reqs, results) -> None:
     with _lock:
         for req, result in zip(reqs, results, strict=True):
-            if isinstance(result, ApiImage):
+            if isinstance(result, FinishedImage):
                 _kept[_keep_key(settings, req)] = result
         while len(_kept) > KEEP_LIMIT:
             _kept.popitem(last=False)

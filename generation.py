@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from .errors import InvalidInputError
 
@@ -114,3 +115,18 @@ class GenerationInfo:
         if self.timings:
             data["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
         return json.dumps(data, ensure_ascii=False)
+
+
+@dataclass
+class FinishedImage:
+    """One finished image, from either backend. `data` and `format` are the file as the hosted
+    service sent it (`"PNG"`, `"JPEG"`, ...), kept only when the caller asked for them (to write it
+    without re-encoding); the local backend leaves them and `request_id` empty."""
+
+    image: Any  # PIL.Image.Image, RGB, fully loaded (PIL is not imported here)
+    request_id: str | None = None
+    seconds: float = 0.0  # wall time for this image, retries included
+    attempts: int = 1  # generate calls made (1 = no retry)
+    billed_attempts: int = 0  # of those, calls sent again after one that may have been billed
+    data: bytes | bytearray | None = None
+    format: str | None = None

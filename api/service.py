@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import requests
 
 from ..errors import ApiError, FluxSchnellError, GenerationInterrupted, InvalidInputError
+from ..generation import FinishedImage
 from .answers import AnswerReader
 from .failures import FREE, GENERATE, RATE_LIMIT_STATUS, Failure, attempt, status_failure
 from .http import HttpTransport
@@ -39,7 +40,6 @@ from .types import (
     STARTED,
     WAITING,
     ApiEvent,
-    ApiImage,
     ApiImageRequest,
 )
 
@@ -47,7 +47,7 @@ GENERATE_PATH = "/api/v1/generate"
 
 log = logging.getLogger("flux_schnell.api")
 
-Result = ApiImage | ApiError
+Result = FinishedImage | ApiError
 OnEvent = Callable[[ApiEvent], None]
 
 
@@ -113,7 +113,7 @@ class ImageApiClient:
 
     def generate(
         self, request: ApiImageRequest, *, should_stop: Callable[[], bool] | None = None
-    ) -> ApiImage:
+    ) -> FinishedImage:
         """One image, or the `ApiError` it ended with raised."""
         (result,) = self.generate_many([request], concurrency=1, should_stop=should_stop)
         if isinstance(result, ApiError):
@@ -168,7 +168,7 @@ class ImageApiClient:
         `concurrency` worker threads). The input is read lazily in this thread, and at most
         `2 x concurrency` requests are read and not yet taken back as results: images alive at
         once are bounded by the concurrency, not by the length of the input. Each result is an
-        `ApiImage` (with the file's `data` and `format` when `keep_data`) or the `ApiError` its
+        `FinishedImage` (with the file's `data` and `format` when `keep_data`) or the `ApiError` its
         request ended with. `on_event` runs in this thread. `should_stop()` is read here before
         anything is sent, then every `poll_interval` s; once it is true no call is started (a
         worker checks the stop right before each request goes out), `GenerationInterrupted` is
@@ -278,7 +278,7 @@ class ImageApiClient:
                 send_events()
                 label = labels.pop(i)
                 if on_event is not None:
-                    if isinstance(outcome, ApiImage):
+                    if isinstance(outcome, FinishedImage):
                         on_event(ApiEvent(i, label, DONE, outcome.attempts))
                     else:
                         on_event(ApiEvent(i, label, FAILED, message=type(outcome).__name__))
@@ -301,7 +301,7 @@ class ImageApiClient:
         calls_done: Callable[[], None] = lambda: None,
         report: Callable[[ApiEvent], None] | None = None,
         keep_data: bool = False,
-    ) -> ApiImage:
+    ) -> FinishedImage:
         """Call (and retry) until the answer holds an image, say `calls_done()`, decode it."""
         s, clock = self.settings, self.clock
         name = request.name(index)
@@ -379,7 +379,7 @@ class ImageApiClient:
             self.log.debug(
                 "%s: %dx%d in %.3f s, %d attempt(s)", name, image.width, image.height, seconds, attempts
             )
-            return ApiImage(
+            return FinishedImage(
                 image,
                 request_id or job_id,
                 seconds,

@@ -3,16 +3,14 @@
 `ApiImageRequest` is one image to ask the service for: only the fields its public documentation
 names (https://imageapi.org: `prompt`, `model`, `width`, `height`, `num_inference_steps`) go into
 the JSON body, plus the undocumented `seed` when the user opts in. Its `label` says, in messages
-only, which image it is (a prompts-file line and output file, "image 3" of a batch). `ApiImage` is
-a finished image; `ApiEvent` is a progress report (a retry, a rate limit, a pending job, done,
+only, which image it is (a prompts-file line and output file, "image 3" of a batch). A finished image
+is a generation.FinishedImage; `ApiEvent` is a progress report (a retry, a rate limit, a pending job, done,
 failed) for a terminal or a ComfyUI node. None of these ever holds the API key or a URL.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from PIL import Image
 
 from ..errors import InvalidInputError
 
@@ -73,20 +71,6 @@ class ApiImageRequest:
     def name(self, index: int) -> str:
         """What messages call this image: its label, else its place in the batch."""
         return self.label or f"image {index + 1}"
-
-
-@dataclass
-class ApiImage:
-    """A finished image. `data` and `format` are the file as the service sent it (`"PNG"`,
-    `"JPEG"`, ...), kept only when the caller asked for them (to write it without re-encoding)."""
-
-    image: Image.Image  # RGB, fully loaded
-    request_id: str | None
-    seconds: float  # wall time for this image, retries included
-    attempts: int  # generate calls made (1 = no retry)
-    billed_attempts: int = 0  # of those, calls sent again after one that may have been billed
-    data: bytes | bytearray | None = None
-    format: str | None = None
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,8 @@ import requests
 import torch
 from comfyui_flux_schnell.api.service import GENERATE_PATH, ImageApiClient
 from comfyui_flux_schnell.api.settings import ApiSettings
-from comfyui_flux_schnell.api.types import ApiImage, ApiImageRequest
+from comfyui_flux_schnell.api.types import ApiImageRequest
+from comfyui_flux_schnell.generation import FinishedImage
 from PIL import Image
 
 from tests.support.fake_imageapi import FakeImageAPI, Reply, photo_like_png
@@ -93,7 +94,7 @@ def client_batch(
     tensors: list[torch.Tensor | None] = [None] * len(requests_)
 
     def on_result(index: int, result) -> None:
-        if not isinstance(result, ApiImage):
+        if not isinstance(result, FinishedImage):
             raise result
         tensors[index] = to_tensor(result.image)
 

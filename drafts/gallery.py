@@ -20,7 +20,7 @@ from urllib.parse import quote
 from PIL import Image
 
 from .manifest import DONE, FAILED, MANIFEST_NAME, latest_by_file
-from .png_files import THUMBNAIL_SIDE, is_complete_png, png_text, save_thumbnail, write_atomically
+from .png_files import THUMBNAIL_SIDE, is_complete_png, read_png_text, save_thumbnail, write_atomically
 
 GALLERY_NAME = "index.html"
 THUMBS_DIR = "thumbs"
@@ -65,7 +65,7 @@ def write_gallery(out_dir: Path) -> GalleryStats:
     others = sorted(p.name for p in out_dir.glob("*.png") if p.name not in known and p.is_file())
     for name in others:
         try:
-            text = png_text(out_dir / name)
+            text = read_png_text(out_dir / name)
         except (OSError, SyntaxError, ValueError):
             continue  # not a readable PNG: nothing to show
         tiles.append(Tile(name, text.get("prompt", ""), text.get("seed", ""), None))

@@ -120,7 +120,7 @@ def is_complete_png(path: str | os.PathLike) -> bool:
     return True
 
 
-def png_text(path: str | os.PathLike) -> dict[str, str]:
+def read_png_text(path: str | os.PathLike) -> dict[str, str]:
     """The text chunks before a PNG's image data (what this package writes), without decoding."""
     with Image.open(path) as image:
         return {k: v for k, v in image.info.items() if isinstance(v, str)}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..errors import ConfigurationError, FluxSchnellError, GenerationInterrupted
-from ..generation import MODEL_NAME, GenerationRequest
+from ..generation import MODEL_NAME, FinishedImage, GenerationRequest
 from . import png_files
 from .gallery import thumbnail_path
 from .manifest import DONE, DUPLICATE, FAILED, MANIFEST_NAME, ManifestWriter, read_manifest
@@ -71,19 +71,6 @@ class PlannedImage:
 
 
 @dataclass
-class Finished:
-    """A finished image from a backend: the picture, and the file as the service sent it."""
-
-    image: object  # PIL.Image.Image
-    data: bytes | None = None
-    format: str | None = None
-    request_id: str | None = None
-    attempts: int = 1
-    billed_attempts: int = 0
-    seconds: float = 0.0
-
-
-@dataclass
 class RunOutcome:
     planned: int = 0
     done: int = 0
@@ -108,7 +95,7 @@ class StopRun(Exception):
         self.exit_code = exit_code
 
 
-Results = Iterator[tuple[PlannedImage, "Finished | FluxSchnellError"]]
+Results = Iterator[tuple[PlannedImage, "FinishedImage | FluxSchnellError"]]
 Backend = Callable[[Iterator[PlannedImage]], Results]
 
 
@@ -211,21 +198,7 @@ def api_backend(api_settings, run_settings: RunSettings, stop: threading.Event, 
         try:
             for i, result in stream:
                 p = by_index.pop(i)
-                if isinstance(result, FluxSchnellError):
-                    yield p, result
-                else:
-                    yield (
-                        p,
-                        Finished(
-                            result.image,
-                            result.data,
-                            result.format,
-                            result.request_id,
-                            result.attempts,
-                            result.billed_attempts,
-                            result.seconds,
-                        ),
-                    )
+                yield p, result  # a generation.FinishedImage or the error
                 del result
         finally:
             stream.close()
@@ -257,7 +230,7 @@ def local_backend(spec, run_settings: RunSettings, stop: threading.Event) -> Bac
                 yield p, e
                 continue
             log.debug("%s: %s", p.label, info.to_json())  # timings, device, peak GPU memory
-            yield p, Finished(tensor_to_pil(images)[0], seconds=info.seconds)
+            yield p, FinishedImage(tensor_to_pil(images)[0], seconds=info.seconds)
 
     return results
 
@@ -344,7 +317,7 @@ class DraftRun:
 
     # what came back
 
-    def _write(self, p: PlannedImage, result: Finished) -> None:
+    def _write(self, p: PlannedImage, result: FinishedImage) -> None:
         """Write one finished image; a disk that refuses it ends the run (the rest would be lost)."""
         text = png_text_for(p, self.settings, result.request_id)
         try:

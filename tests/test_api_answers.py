@@ -8,13 +8,14 @@ import logging
 import time
 
 import pytest
-from comfyui_flux_schnell.api.types import ApiImage, ApiImageRequest
+from comfyui_flux_schnell.api.types import ApiImageRequest
 from comfyui_flux_schnell.errors import (
     ApiError,
     ApiTimeoutError,
     ResponseDecodeError,
     ServerError,
 )
+from comfyui_flux_schnell.generation import FinishedImage
 from PIL import Image
 from support.api_testing import (
     LEAK_KEY,
@@ -43,7 +44,7 @@ from support.fake_imageapi import (
 def test_every_success_shape_decodes(fake, client, shape):
     fake.script(SHAPES[shape])
     result = client.generate(REQ)
-    assert isinstance(result, ApiImage)
+    assert isinstance(result, FinishedImage)
     assert result.image.mode == "RGB"
     assert result.image.size == (REQ.width, REQ.height)
     tolerance = 6 if shape in LOSSY_SHAPES else 0

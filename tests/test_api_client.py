@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from comfyui_flux_schnell import api_client as api_backend
 from comfyui_flux_schnell.api.settings import load_settings
-from comfyui_flux_schnell.api.types import ApiImage, ApiImageRequest
+from comfyui_flux_schnell.api.types import ApiImageRequest
 from comfyui_flux_schnell.comfy_bridge import Progress
 from comfyui_flux_schnell.errors import AuthenticationError
-from comfyui_flux_schnell.generation import GenerationRequest
+from comfyui_flux_schnell.generation import FinishedImage, GenerationRequest
 from support.fake_imageapi import Reply, error_reply, request_image, solid_image
 
 
@@ -37,7 +37,7 @@ def test_the_stream_keeps_the_services_file_when_asked(fake_api):
     ((_, result),) = api_backend.stream_api_images(
         [ApiImageRequest("p", 256, 256, 1)], load_settings(), keep_data=True
     )
-    assert isinstance(result, ApiImage)
+    assert isinstance(result, FinishedImage)
     assert result.format == "PNG"
     assert result.data.startswith(b"\x89PNG")
 

@@ -9,13 +9,14 @@ import threading
 import time
 
 import pytest
-from comfyui_flux_schnell.api.types import ApiImage, ApiImageRequest
+from comfyui_flux_schnell.api.types import ApiImageRequest
 from comfyui_flux_schnell.errors import (
     ApiError,
     BadRequestError,
     GenerationInterrupted,
     InvalidInputError,
 )
+from comfyui_flux_schnell.generation import FinishedImage
 from support.api_testing import (
     LEAK_KEY,
     REQ,
@@ -164,9 +165,9 @@ def test_generate_many_keeps_going_after_a_failure(fake, client):
     results = client.generate_many(
         reqs, concurrency=2, on_result=lambda i, r: calls.append((i, threading.get_ident()))
     )
-    assert isinstance(results[0], ApiImage)
+    assert isinstance(results[0], FinishedImage)
     assert isinstance(results[1], BadRequestError)
-    assert isinstance(results[2], ApiImage)
+    assert isinstance(results[2], FinishedImage)
     assert sorted(i for i, _ in calls) == [0, 1, 2]
     assert {ident for _, ident in calls} == {threading.get_ident()}
 
@@ -279,7 +280,7 @@ def test_generate_stream_reads_its_input_lazily_and_keeps_few_images(fake, clien
     for given, (i, result) in enumerate(stream, start=1):
         if read_at_first_result is None:
             read_at_first_result = len(pulled)
-        assert isinstance(result, ApiImage)
+        assert isinstance(result, FinishedImage)
         assert result.image.getpixel((0, 0)) == expected_color(ApiImageRequest(f"p{i}", 16, 16, 1))
         most = max(most, len(pulled) - given)  # read, and not yet given back
     assert read_at_first_result <= 4  # 2 x concurrency, not the whole input
@@ -309,7 +310,7 @@ def test_events_name_the_image_and_carry_no_key_or_url(fake, make_client):
     client = make_client(key=LEAK_KEY)
     request = ApiImageRequest("a fox", 64, 48, 4, label="line 7 -> a-fox-1234abcd.png")
     results = client.generate_many([request], on_event=on_event)
-    assert isinstance(results[0], ApiImage)
+    assert isinstance(results[0], FinishedImage)
     assert [e.kind for e in events] == ["started", "rate limited", "retrying", "done"]
     assert all(e.label == "line 7 -> a-fox-1234abcd.png" and e.index == 0 for e in events)
     assert events[1].retry_in_s == 0.05

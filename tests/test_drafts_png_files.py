@@ -41,7 +41,7 @@ def test_text_chunks_are_added_to_the_bytes_without_re_encoding(tmp_path):
     assert idat
     assert all(c in written for c in idat)
     assert image_files.is_complete_png(path)
-    assert image_files.png_text(path)["seed"] == "7"
+    assert image_files.read_png_text(path)["seed"] == "7"
 
 
 @pytest.mark.parametrize(
