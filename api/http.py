@@ -25,7 +25,7 @@ from .._version import __version__
 from ..errors import ApiTimeoutError, GenerationInterrupted, ResponseDecodeError
 from .answer_shapes import Reply, request_id_of
 from .failures import FETCH, Failure, attempt, status_failure, transport_failure
-from .redact import install_urllib3_redaction, safe_url
+from .redact import cut_url, install_urllib3_redaction, scrub
 from .retry import SYSTEM_CLOCK, Clock
 from .settings import ApiSettings, is_loopback_host
 
@@ -75,16 +75,15 @@ class HttpTransport:
         self.origin = origin(settings.base_url)
         self._with_key = _Bearer(settings.api_key)
         self._without_key = _Bearer(None)
-        install_urllib3_redaction()
+        install_urllib3_redaction(settings.api_key)
 
     def close(self) -> None:
         if self._own_session:
             self._session.close()
 
-    def safe(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
         """`text` (which may come from the server) with the API key replaced by ***."""
-        key = self.settings.api_key
-        return text.replace(key, "***") if key and key in text else text
+        return scrub(text, self.settings.api_key)
 
     def body_cap(self) -> int:
         """Most bytes a JSON answer may have: the image as base64 (4/3 of it) plus some text."""
@@ -176,13 +175,13 @@ class HttpTransport:
             connect_timeout_s=self.settings.connect_timeout_s,
             may_bill=may_bill,
             sent=sent,
-            scrub=self.safe,
+            key=self.settings.api_key,
         )
 
     def _too_big(self, url: str, size: int, cap: int, status: int) -> Failure:
         return Failure(
             ResponseDecodeError,
-            f"the answer from {safe_url(url)} is over {cap:,} bytes ({size:,} so far), more than "
+            f"the answer from {cut_url(url)} is over {cap:,} bytes ({size:,} so far), more than "
             f"an image of at most max_download_bytes={self.settings.max_download_bytes:,} needs",
             reason="answer too large",
             status=status,
@@ -216,11 +215,11 @@ class HttpTransport:
                     " (the API key is only sent to the service's own address, never to "
                     f"{urlsplit(url).hostname})"
                 )
-            request_id = request_id_of(reply, self.safe)
-            raise status_failure(reply, FETCH, request_id=request_id, safe=self.safe, url=url, hint=hint)
+            request_id = request_id_of(reply, self.scrub)
+            raise status_failure(reply, FETCH, request_id=request_id, scrub=self.scrub, url=url, hint=hint)
         raise Failure(
             ResponseDecodeError,
-            f"more than {MAX_REDIRECTS} redirects fetching {self.safe(safe_url(url))}",
+            f"more than {MAX_REDIRECTS} redirects fetching {self.scrub(cut_url(url))}",
             reason="too many redirects",
         )
 
@@ -229,13 +228,13 @@ class HttpTransport:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise Failure(
                 ResponseDecodeError,
-                f"the answer names an image at {self.safe(safe_url(url))!r}, which is not an http(s) URL",
+                f"the answer names an image at {self.scrub(cut_url(url))!r}, which is not an http(s) URL",
                 reason="bad URL",
             )
         if parts.scheme == "http" and not is_loopback_host(parts.hostname):
             raise Failure(
                 ResponseDecodeError,
-                f"the answer names an image at {self.safe(safe_url(url))} over plain http; "
+                f"the answer names an image at {self.scrub(cut_url(url))} over plain http; "
                 "only https downloads are allowed from other machines",
                 reason="plain http URL",
             )
@@ -255,14 +254,14 @@ class HttpTransport:
                 self.log.warning(
                     "ImageAPI image download from %s failed (%s); retrying once in %.2f s "
                     "(downloads are not billed)",
-                    self.safe(safe_url(url)),
-                    self.safe(failure.reason),
+                    self.scrub(cut_url(url)),
+                    self.scrub(failure.reason),
                     wait,
                 )
                 self.clock.sleep(wait, stop)
                 continue
             failure.request_id = failure.request_id or request_id
-            raise failure.error(f" [download attempt {tries}]", self.safe) from failure.__cause__
+            raise failure.error(f" [download attempt {tries}]", self.scrub) from failure.__cause__
         raise AssertionError("unreachable")
 
 

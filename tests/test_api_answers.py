@@ -247,3 +247,33 @@ def test_job_id_of_a_success_is_scrubbed(fake, make_client):
     request_id = make_client(key=LEAK_KEY).generate(REQ).request_id
     assert request_id.startswith("job-***y")
     assert len(request_id) <= 100
+
+
+# --- hostile JSON (issue 15: 4): an ApiError naming the answer, never RecursionError/ValueError -------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 5000 + b"]" * 5000,
+        b'{"a":' * 3000 + b"1" + b"}" * 3000,
+        b'{"id": ' + b"9" * 5000 + b"}",
+    ],
+    ids=["deep list", "deep object", "5000-digit number"],
+)
+def test_hostile_json_answers_become_a_response_decode_error(fake, make_client, body):
+    from comfyui_flux_schnell.errors import ResponseDecodeError
+
+    fake.script(Reply(body=body))
+    with pytest.raises(ResponseDecodeError) as info:
+        make_client().generate(REQ)
+    assert "HTTP 200" in str(info.value)
+
+
+def test_a_deeply_nested_http_500_body_is_a_server_error(fake, make_client):
+    from comfyui_flux_schnell.errors import ServerError
+
+    fake.script(Reply(status=500, body=b'{"error":' * 2000 + b'"x"' + b"}" * 2000))
+    with pytest.raises(ServerError) as info:
+        make_client(max_billed_retries=0).generate(REQ)
+    assert "HTTP 500" in str(info.value)
