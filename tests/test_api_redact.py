@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from comfyui_flux_schnell.api.redact import cut_urls, safe_cause, cut_url
+from comfyui_flux_schnell.api.redact import cut_url, cut_urls, safe_cause
 from comfyui_flux_schnell.errors import ApiError
 from support.api_testing import REQ, exception_texts, free_port
 from support.fake_imageapi import Reply, error_reply, solid_image

@@ -462,7 +462,8 @@ def test_time_limits_past_their_bound_are_refused_naming_the_field_and_file(cfg,
     os.chmod(cfg, 0o600)
     with pytest.raises(ConfigurationError) as info:
         load_settings(cfg, environ={})
-    assert field in str(info.value) and str(cfg) in str(info.value)
+    assert field in str(info.value)
+    assert str(cfg) in str(info.value)
 
 
 def test_billed_retries_are_off_unless_opted_in(cfg):
@@ -490,7 +491,8 @@ def test_a_config_file_others_can_change_is_refused_naming_the_file_and_the_chmo
     os.chmod(cfg, mode)
     with pytest.raises(ConfigurationError) as info:
         load_settings(cfg, environ={"IMAGEAPI_API_KEY": KEY})
-    assert str(cfg) in str(info.value) and f"chmod go-w {cfg}" in str(info.value)
+    assert str(cfg) in str(info.value)
+    assert f"chmod go-w {cfg}" in str(info.value)
     os.chmod(cfg, 0o644)
     assert load_settings(cfg, environ={"IMAGEAPI_API_KEY": KEY}).base_url == "https://elsewhere.example.com"
 
@@ -542,7 +544,6 @@ def test_describe_settings_lists_every_setting_with_its_source_with_or_without_a
     assert (lines["request_timeout_s"].value, lines["request_timeout_s"].source) == ("120.0", "the default")
     secret = "sk_live_Q7vX2mN9pR4tW8yB3cF6hJ1kL5zD0a"
     lines = {line.name: line for line in describe_settings(cfg, environ={"IMAGEAPI_API_KEY": secret})}
-    assert (
-        lines["api_key"].value == "set" and lines["api_key"].source == "environment variable IMAGEAPI_API_KEY"
-    )
+    assert lines["api_key"].value == "set"
+    assert lines["api_key"].source == "environment variable IMAGEAPI_API_KEY"
     assert all(secret not in f"{x.value} {x.source}" for x in lines.values())
