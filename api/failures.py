@@ -16,7 +16,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -224,7 +224,7 @@ def _transport_failure(
 ) -> Failure:
     parts = urlsplit(url)
     host = parts.hostname or "?"
-    where = f"{host}:{_port(parts)}"
+    where = f"{host}:{url_port(parts)}"
     chain = exception_chain(e)
     billed_kind = BILLED if may_bill else FREE
 
@@ -306,12 +306,18 @@ def _transport_failure(
     )
 
 
-def _port(parts) -> int:
+def default_port(scheme: str) -> int:
+    """The port a URL of `scheme` (http or https) uses when it names none."""
+    return 443 if scheme.lower() == "https" else 80
+
+
+def url_port(parts: SplitResult) -> int:
+    """The port of a split URL: its own, else its scheme's default (also for a malformed one)."""
     try:
         port = parts.port
     except ValueError:
         port = None
-    return port or (443 if parts.scheme.lower() == "https" else 80)
+    return port or default_port(parts.scheme)
 
 
 def exception_chain(e: BaseException) -> list[BaseException]:
