@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 import requests
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ResponseDecodeError
 
@@ -244,13 +244,26 @@ def open_image(
         )
     try:
         image.load()
-        # An RGB image is used as it is: convert() would copy it.
-        return (image if image.mode == "RGB" else image.convert("RGB")), image.format
+        fmt = image.format
+        return to_rgb(ImageOps.exif_transpose(image)), fmt
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise refused(
             f"{where} is corrupt or truncated: {type(e).__name__} while decoding a "
             f"{image.format} image of {width}x{height} ({len(data):,} bytes)"
         ) from e
+
+
+_SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image. Pillow's convert() clips 16-bit grayscale (values 0..65535) to 255,
+    which turns it solid white: it is scaled to 8 bits first. An RGB image is used as it is."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_GRAY:
+        image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    return image.convert("RGB")
 
 
 # --- what an error answer says --------------------------------------------------------------------

@@ -387,6 +387,7 @@ class ImageApiClient:
                 billed_attempts=billed,
                 data=data if keep_data else None,
                 format=fmt if keep_data else None,
+                requested_size=(request.width, request.height),
             )
 
     # --- keeping the key out of everything ------------------------------------------------------
