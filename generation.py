@@ -130,3 +130,14 @@ class FinishedImage:
     billed_attempts: int = 0  # of those, calls sent again after one that may have been billed
     data: bytes | bytearray | None = None
     format: str | None = None
+    requested_size: tuple[int, int] | None = None  # (width, height) the request asked for
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the decoded image, EXIF orientation applied."""
+        return self.image.size
+
+    @property
+    def size_differs(self) -> bool:
+        """Whether the image has another size than requested (to refuse or record it)."""
+        return self.requested_size is not None and self.size != self.requested_size

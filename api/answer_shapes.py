@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
 import requests
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ResponseDecodeError
 
@@ -64,6 +64,11 @@ _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"B
 _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
 _STRICT_BASE64 = sys.version_info >= (3, 11)  # binascii.a2b_base64(strict_mode=...)
 NOT_JSON = object()  # what `parse_json` returns for a body that is not JSON
+Scrub = Callable[[str], str]  # takes the API key out of text (api/redact.py)
+
+
+def _no_scrub(text: str) -> str:
+    return text
 
 
 @dataclass
@@ -112,7 +117,7 @@ class AsyncJob:
         return self._norm in FAILED
 
 
-def job_info(doc: object) -> AsyncJob | None:
+def job_info(doc: object, scrub: Scrub = _no_scrub) -> AsyncJob | None:
     """The job fields of an asynchronous answer, None when `doc` does not look like a job."""
     if not isinstance(doc, dict):
         return None
@@ -129,7 +134,7 @@ def job_info(doc: object) -> AsyncJob | None:
     if status is None and poll is None and result is None:
         return None
     has_message = doc.get("error") or any(isinstance(doc.get(k), str) for k in MESSAGE_KEYS)
-    error_text = server_message_from(doc) if has_message else None
+    error_text = server_message_from(doc, scrub) if has_message else None
     return AsyncJob(job_id, status, poll, result, error_text)
 
 
@@ -148,10 +153,12 @@ def looks_like_image(reply: Reply) -> bool:
 
 
 def parse_json(content: bytes) -> object:
-    """The JSON document in `content`, or `NOT_JSON`."""
+    """The JSON document in `content`, or `NOT_JSON`: also for JSON nested past the interpreter's
+    recursion limit (RecursionError) and for numbers past int's digit limit (ValueError), which a
+    hostile or broken answer may hold; neither ever escapes."""
     try:
         return json.loads(content)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
         return NOT_JSON
 
 
@@ -237,8 +244,8 @@ def open_image(
         )
     try:
         image.load()
-        # An RGB image is used as it is: convert() would copy it.
-        return (image if image.mode == "RGB" else image.convert("RGB")), image.format
+        fmt = image.format
+        return to_rgb(ImageOps.exif_transpose(image)), fmt
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise refused(
             f"{where} is corrupt or truncated: {type(e).__name__} while decoding a "
@@ -246,45 +253,59 @@ def open_image(
         ) from e
 
 
+_SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image. Pillow's convert() clips 16-bit grayscale (values 0..65535) to 255,
+    which turns it solid white: it is scaled to 8 bits first. An RGB image is used as it is."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_GRAY:
+        image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    return image.convert("RGB")
+
+
 # --- what an error answer says --------------------------------------------------------------------
 
 
-def server_message(reply: Reply) -> str:
-    """The service's own explanation from an error body, cut to MAX_MESSAGE_CHARS."""
+def server_message(reply: Reply, scrub: Scrub = _no_scrub) -> str:
+    """The service's own explanation from an error body, passed through `scrub` (which takes the
+    key out), then cut to MAX_MESSAGE_CHARS."""
     ctype = reply.content_type
     text = reply.content[: MAX_MESSAGE_CHARS * 8].decode("utf-8", "replace")
     stripped = text.lstrip()
     if "json" in ctype or stripped.startswith(("{", "[")):
         doc = parse_json(reply.content)
         if doc is not NOT_JSON:  # a JSON type with a non-JSON body is shown as text below
-            return server_message_from(doc)
+            return server_message_from(doc, scrub)
     if "html" in ctype or stripped[:15].lower().startswith(("<!doctype", "<html")):
         title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
         text = f"an HTML page{': ' + title.group(1) if title else ''}"
     text = " ".join(text.split())
-    return _cut(text) if text else f"no message (HTTP {reply.status} {reply.reason})".strip()
+    return _cut(text, scrub) if text else f"no message (HTTP {reply.status} {reply.reason})".strip()
 
 
-def server_message_from(doc: object) -> str:
-    """The message in a JSON error document (`error.message`, `detail`, ...), cut."""
+def server_message_from(doc: object, scrub: Scrub = _no_scrub) -> str:
+    """The message in a JSON error document (`error.message`, `detail`, ...), scrubbed, then cut."""
     if isinstance(doc, dict):
         err = doc.get("error")
         if isinstance(err, dict):
             message = next((err[k] for k in MESSAGE_KEYS if isinstance(err.get(k), str)), None)
             code = err.get("code") or err.get("type")
             if message:
-                return _cut(f"{message} (code {code})" if code else message)
+                return _cut(f"{message} (code {code})" if code else message, scrub)
         elif isinstance(err, str) and err:
-            return _cut(err)
+            return _cut(err, scrub)
         for key in MESSAGE_KEYS:
             value = doc.get(key)
             if isinstance(value, str) and value:
-                return _cut(value)
+                return _cut(value, scrub)
             if isinstance(value, list) and value:  # FastAPI-style [{"loc": [...], "msg": ...}]
-                return _cut("; ".join(_validation_item(v) for v in value))
+                return _cut("; ".join(_validation_item(v) for v in value), scrub)
     if isinstance(doc, str) and doc:
-        return _cut(doc)
-    return f"no message; the body's JSON keys: {', '.join(key_paths(doc)) or '(none)'}"
+        return _cut(doc, scrub)
+    return f"no message; the body's JSON keys: {', '.join(key_paths(doc, scrub=scrub)) or '(none)'}"
 
 
 def _validation_item(item: object) -> str:
@@ -296,27 +317,31 @@ def _validation_item(item: object) -> str:
     return str(item)
 
 
-def _cut(text: str) -> str:
-    text = " ".join(str(text).split())
+def _cut(text: str, scrub: Scrub) -> str:
+    """Scrub first, then cut: no piece of a key that the cut would split survives it."""
+    text = scrub(" ".join(str(text).split()))
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
 
 
-def key_paths(node: object, prefix: str = "", out: list[str] | None = None) -> list[str]:
-    """Key paths of a JSON document (`data[0].url`), never its values."""
+def key_paths(
+    node: object, prefix: str = "", out: list[str] | None = None, scrub: Scrub = _no_scrub
+) -> list[str]:
+    """Key paths of a JSON document (`data[0].url`), never its values; each key name is passed
+    through `scrub` before it is cut."""
     out = [] if out is None else out
     if len(out) >= MAX_KEY_PATHS or prefix.count(".") + prefix.count("[") > 6:
         return out
     if isinstance(node, dict):
         for key, value in node.items():
-            name = str(key)[:40]
+            name = scrub(str(key))[:40]
             path = f"{prefix}.{name}" if prefix else name
             if len(out) >= MAX_KEY_PATHS:
                 out.append("…")
                 break
             out.append(path)
-            key_paths(value, path, out)
+            key_paths(value, path, out, scrub)
     elif isinstance(node, list) and node:
-        key_paths(node[0], f"{prefix}[0]", out)
+        key_paths(node[0], f"{prefix}[0]", out, scrub)
     if not prefix and not out and isinstance(node, list):
         out.append("[] (an empty list)")
     return out

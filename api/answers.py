@@ -39,7 +39,7 @@ from .answer_shapes import (
 )
 from .failures import attempt
 from .http import HttpTransport
-from .redact import safe_url
+from .redact import cut_url
 from .retry import Clock, RetryPolicy
 from .settings import ApiSettings
 
@@ -74,14 +74,14 @@ class AnswerReader:
         self._clock = clock
         self.log = logger
 
-    def safe(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
         """`text` (which may come from the server) with the API key replaced by ***."""
-        return self._http.safe(text)
+        return self._http.scrub(text)
 
     def request_id(self, reply: Reply) -> str | None:
         """The call's id from the server: printable, the key replaced by ***, cut short. It goes
         into errors, the node's info output and PNG text, so it is made safe here, at its source."""
-        return request_id_of(reply, self.safe)
+        return request_id_of(reply, self.scrub)
 
     # --- where the image is ---------------------------------------------------------------------
 
@@ -115,29 +115,29 @@ class AnswerReader:
         request_id = request_id or (job.id if job else None)
         if job is not None and job.failed:
             return ApiError(
-                f"the service reported job {self.safe(job.id or '?')} as "
-                f"{self.safe(job.status)!r}"
-                + (f": {self.safe(job.error)}" if job.error else "")
+                f"the service reported job {self.scrub(job.id or '?')} as "
+                f"{self.scrub(job.status)!r}"
+                + (f": {self.scrub(job.error)}" if job.error else "")
                 + f" ({tag})",
                 status=reply.status,
                 request_id=request_id,
             )
         if isinstance(doc, dict) and doc.get("error"):
             return ApiError(
-                f"the service answered {tag} but reported an error: {self.safe(server_message_from(doc))}",
+                f"the service answered {tag} but reported an error: {server_message_from(doc, self.scrub)}",
                 status=reply.status,
                 request_id=request_id,
             )
         if job is not None and job.pending and not job.poll_url:
             return ResponseDecodeError(
-                f"the service answered with an asynchronous job (id {self.safe(job.id or '?')}, "
-                f"status {self.safe(job.status or '?')!r}) but named no URL to poll for the "
+                f"the service answered with an asynchronous job (id {self.scrub(job.id or '?')}, "
+                f"status {self.scrub(job.status or '?')!r}) but named no URL to poll for the "
                 f"result ({tag}); the answer's keys: {self._keys(doc)}",
                 status=reply.status,
                 request_id=request_id,
             )
         return ResponseDecodeError(
-            f"the service's answer ({tag}, Content-Type {self.safe(reply.content_type) or 'none'})"
+            f"the service's answer ({tag}, Content-Type {self.scrub(reply.content_type) or 'none'})"
             f" holds no image this client recognises; its JSON keys: {self._keys(doc)}. Please "
             "report these keys so the client can learn this shape",
             status=reply.status,
@@ -149,7 +149,7 @@ class AnswerReader:
         if doc is NOT_JSON:  # raised outside the except: the decode error holds the whole body
             raise ResponseDecodeError(
                 f"the service's answer ({tag}) is neither an image nor JSON: Content-Type "
-                f"{self.safe(reply.content_type) or 'none'}, {len(reply.content):,} bytes",
+                f"{self.scrub(reply.content_type) or 'none'}, {len(reply.content):,} bytes",
                 status=reply.status,
                 request_id=request_id,
             )
@@ -166,11 +166,11 @@ class AnswerReader:
     ) -> Encoded:
         """An image reference from `find_image`: a URL is downloaded, base64 is kept as it is."""
         kind, value, path = found
-        where = f"{self.safe(path)} of the answer ({tag})"
+        where = f"{self.scrub(path)} of the answer ({tag})"
         if kind == "url":
             url = urljoin(base, value)
             data = self._http.download(url, deadline, stop, request_id)
-            where = f"the image at {self.safe(safe_url(url))} ({where})"
+            where = f"the image at {self.scrub(cut_url(url))} ({where})"
             return Encoded("bytes", data, where, None, request_id)
         return Encoded(kind, value, where, None, request_id)
 
@@ -226,7 +226,7 @@ class AnswerReader:
             else:
                 if poll_url is None:  # a result URL answered "pending", and no poll URL
                     raise ResponseDecodeError(
-                        f"job {self.safe(job_id or '?')} is {self.safe(job.status or '?')!r} "
+                        f"job {self.scrub(job_id or '?')} is {self.scrub(job.status or '?')!r} "
                         "but the service named no URL to poll for its result",
                         request_id=request_id or job_id,
                     )
@@ -235,7 +235,7 @@ class AnswerReader:
                     raise self._job_too_slow(job, job_id, request_id)
                 wait = min(s.poll_interval_s, left)
                 if on_wait is not None:
-                    on_wait(wait, f"job {self.safe(job.status or 'pending')}")
+                    on_wait(wait, f"job {self.scrub(job.status or 'pending')}")
                 clock.sleep(wait, stop)
                 if clock.monotonic() >= deadline:
                     continue  # the check above raises the error that names the job's status
@@ -253,9 +253,9 @@ class AnswerReader:
                         self.log.warning(
                             "ImageAPI job %s: fetching %s failed (%s); asking again in %.2f s "
                             "(polls are not billed)",
-                            self.safe(job_id or "?"),
+                            self.scrub(job_id or "?"),
                             "its result" if url != poll_url else "its status",
-                            self.safe(failure.reason),
+                            self.scrub(failure.reason),
                             wait,
                         )
                         clock.sleep(wait, stop)
@@ -268,7 +268,7 @@ class AnswerReader:
                     note = f"; not asked again: waiting {wait:.1f} s would pass deadline_s"
                 failure.request_id = failure.request_id or request_id or job_id
                 raise failure.error(
-                    f" (while polling job {job_id or '?'}{note})", self.safe
+                    f" (while polling job {job_id or '?'}{note})", self.scrub
                 ) from failure.__cause__
             tag = status_tag(reply.status, reply.reason, self.request_id(reply) or job_id)
             if looks_like_image(reply):
@@ -294,22 +294,22 @@ class AnswerReader:
     ) -> ApiTimeoutError:
         """The error for a job still pending at the deadline, or with no time left after a failed
         poll (`failed`: why it failed)."""
-        still = f"job {self.safe(job_id or '?')} was still {self.safe(job.status or 'pending')!r}"
+        still = f"job {self.scrub(job_id or '?')} was still {self.scrub(job.status or 'pending')!r}"
         limit = f"the deadline of {self.settings.deadline_s:g} s per image (deadline_s)"
         if failed is None:
             text = f"{still} when {limit} passed"
         else:
-            text = f"{still}, its last poll failed ({self.safe(failed)}), and {limit} leaves no "
+            text = f"{still}, its last poll failed ({self.scrub(failed)}), and {limit} leaves no "
             text += "time to poll it again"
         return ApiTimeoutError(text, request_id=request_id or job_id)
 
     def _job_info(self, doc: object) -> AsyncJob | None:
         """`job_info`, with the job's id (also from the server) made safe like a request id."""
-        job = job_info(doc)
+        job = job_info(doc, self.scrub)
         if job is not None and job.id is not None:
-            job.id = clean_id(job.id, self.safe)
+            job.id = clean_id(job.id, self.scrub)
         return job
 
     def _keys(self, doc: object) -> str:
-        paths = key_paths(doc)
-        return self.safe(", ".join(paths)) if paths else "(none)"
+        paths = key_paths(doc, scrub=self.scrub)
+        return ", ".join(paths) if paths else "(none)"

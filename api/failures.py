@@ -16,7 +16,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -33,7 +33,7 @@ from ..errors import (
     ServerError,
 )
 from .answer_shapes import Reply, retry_after_seconds, server_message, status_tag
-from .redact import safe_cause, safe_url
+from .redact import cut_url, safe_cause
 from .settings import ENV_BASE_URL, KEY_HELP, SET_KEY_COMMAND
 
 FREE, BILLED = "free", "billed"  # the two kinds of retry
@@ -166,27 +166,28 @@ def status_failure(
     call: str,
     *,
     request_id: str | None,
-    safe: Callable[[str], str],
+    scrub: Callable[[str], str],
     key_source: str = "",
     url: str = "",
     hint: str = "",
 ) -> Failure:
     """An HTTP error status as a `Failure`. `call` is GENERATE (the paid POST to `url`) or FETCH (a
-    GET of `url`; `hint` is added to its message). `safe` removes the key from server text."""
+    GET of `url`; `hint` is added to its message). `scrub` removes the key from server text
+    (before any cut)."""
     status = reply.status
     meaning = meaning_of(status)
     tag = status_tag(status, reply.reason, request_id)
-    said = safe(server_message(reply))
+    said = server_message(reply, scrub)
     wait = retry_after_seconds(reply) if meaning.honours_retry_after else None
     common = {"status": status, "request_id": request_id, "reason": f"HTTP {status}", "retry_after": wait}
     if call == FETCH:
         return Failure(
             ServerError if status >= 500 else ResponseDecodeError,
-            f"fetching {safe(safe_url(url))} failed ({tag}){hint}: {said}",
+            f"fetching {scrub(cut_url(url))} failed ({tag}){hint}: {said}",
             retry=meaning.fetch_retry,
             **common,
         )
-    target = safe(safe_url(urljoin(reply.url, reply.headers.get("Location", ""))))
+    target = scrub(cut_url(urljoin(reply.url, reply.headers.get("Location", ""))))
     text = meaning.text.format(
         tag=tag,
         said=said,
@@ -209,12 +210,12 @@ def transport_failure(
     connect_timeout_s: float,
     may_bill: bool,
     sent: bool,
-    scrub: Callable[[str], str],
+    key: str | None,
 ) -> Failure:
     """Name the likely cause of a network failure and whether a retry is safe. The failure's
     `__cause__` is a redacted stand-in for `e` (whose text holds the URL with its query)."""
     failure = _transport_failure(e, url, timeout_s, connect_timeout_s, may_bill, sent)
-    failure.__cause__ = safe_cause(e, scrub)
+    failure.__cause__ = safe_cause(e, key)
     return failure
 
 
@@ -223,7 +224,7 @@ def _transport_failure(
 ) -> Failure:
     parts = urlsplit(url)
     host = parts.hostname or "?"
-    where = f"{host}:{_port(parts)}"
+    where = f"{host}:{url_port(parts)}"
     chain = exception_chain(e)
     billed_kind = BILLED if may_bill else FREE
 
@@ -305,12 +306,18 @@ def _transport_failure(
     )
 
 
-def _port(parts) -> int:
+def default_port(scheme: str) -> int:
+    """The port a URL of `scheme` (http or https) uses when it names none."""
+    return 443 if scheme.lower() == "https" else 80
+
+
+def url_port(parts: SplitResult) -> int:
+    """The port of a split URL: its own, else its scheme's default (also for a malformed one)."""
     try:
         port = parts.port
     except ValueError:
         port = None
-    return port or (443 if parts.scheme.lower() == "https" else 80)
+    return port or default_port(parts.scheme)
 
 
 def exception_chain(e: BaseException) -> list[BaseException]:

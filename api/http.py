@@ -12,7 +12,9 @@ the behaviour of requests/urllib3 1.x and 2.x.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import threading
 from collections.abc import Iterator
 from urllib.parse import urljoin, urlsplit
@@ -24,8 +26,8 @@ from requests.adapters import HTTPAdapter
 from .._version import __version__
 from ..errors import ApiTimeoutError, GenerationInterrupted, ResponseDecodeError
 from .answer_shapes import Reply, request_id_of
-from .failures import FETCH, Failure, attempt, status_failure, transport_failure
-from .redact import install_urllib3_redaction, safe_url
+from .failures import FETCH, Failure, attempt, status_failure, transport_failure, url_port
+from .redact import cut_url, holds_key, install_urllib3_redaction, scrub
 from .retry import SYSTEM_CLOCK, Clock
 from .settings import ApiSettings, is_loopback_host
 
@@ -33,6 +35,9 @@ USER_AGENT = f"comfyui-flux-schnell/{__version__} python-requests/{requests.__ve
 POOL_SIZE = 16  # connections kept per host; >= any concurrency the node uses (MAX_BATCH)
 CHUNK_BYTES = 2**20  # most a body read returns at once; the deadline and stop are checked per read
 MAX_REDIRECTS = 5  # for GETs; the generate call itself never follows redirects
+# Given as `proxies` for requests to this machine: every scheme's proxy from the environment
+# (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY) is overridden, and requests drops the None entries.
+NO_PROXY = {"http": None, "https": None, "all": None}
 
 _URLLIB3_MAJOR = int(urllib3.__version__.split(".", 1)[0])
 
@@ -73,18 +78,18 @@ class HttpTransport:
             session.mount("http://", adapter)
         self._session = session
         self.origin = origin(settings.base_url)
+        self._base_is_local = is_loopback_host(self.origin[1])
         self._with_key = _Bearer(settings.api_key)
         self._without_key = _Bearer(None)
-        install_urllib3_redaction()
+        install_urllib3_redaction(settings.api_key)
 
     def close(self) -> None:
         if self._own_session:
             self._session.close()
 
-    def safe(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
         """`text` (which may come from the server) with the API key replaced by ***."""
-        key = self.settings.api_key
-        return text.replace(key, "***") if key and key in text else text
+        return scrub(text, self.settings.api_key)
 
     def body_cap(self) -> int:
         """Most bytes a JSON answer may have: the image as base64 (4/3 of it) plus some text."""
@@ -121,6 +126,9 @@ class HttpTransport:
         if body is not None:
             headers["Content-Type"] = "application/json"
         same_origin = origin(url) == self.origin
+        # Plain http is only allowed to this machine, and nothing to this machine goes through a
+        # proxy from the environment: the proxy would see the key (plain http) or the local files.
+        proxies = NO_PROXY if is_loopback_host(urlsplit(url).hostname or "") else None
         call_end = self.clock.monotonic() + read_timeout  # a trickling body is cut off here too
         try:
             response = self._session.request(
@@ -132,6 +140,7 @@ class HttpTransport:
                 allow_redirects=False,
                 timeout=(connect_timeout, read_timeout),
                 auth=self._with_key if same_origin else self._without_key,
+                proxies=proxies,
             )
         except requests.exceptions.RequestException as e:
             failure = self._transport_failure(e, url, read_timeout, may_bill, sent=False)
@@ -176,13 +185,13 @@ class HttpTransport:
             connect_timeout_s=self.settings.connect_timeout_s,
             may_bill=may_bill,
             sent=sent,
-            scrub=self.safe,
+            key=self.settings.api_key,
         )
 
     def _too_big(self, url: str, size: int, cap: int, status: int) -> Failure:
         return Failure(
             ResponseDecodeError,
-            f"the answer from {safe_url(url)} is over {cap:,} bytes ({size:,} so far), more than "
+            f"the answer from {cut_url(url)} is over {cap:,} bytes ({size:,} so far), more than "
             f"an image of at most max_download_bytes={self.settings.max_download_bytes:,} needs",
             reason="answer too large",
             status=status,
@@ -216,11 +225,11 @@ class HttpTransport:
                     " (the API key is only sent to the service's own address, never to "
                     f"{urlsplit(url).hostname})"
                 )
-            request_id = request_id_of(reply, self.safe)
-            raise status_failure(reply, FETCH, request_id=request_id, safe=self.safe, url=url, hint=hint)
+            request_id = request_id_of(reply, self.scrub)
+            raise status_failure(reply, FETCH, request_id=request_id, scrub=self.scrub, url=url, hint=hint)
         raise Failure(
             ResponseDecodeError,
-            f"more than {MAX_REDIRECTS} redirects fetching {self.safe(safe_url(url))}",
+            f"more than {MAX_REDIRECTS} redirects fetching {self.scrub(cut_url(url))}",
             reason="too many redirects",
         )
 
@@ -229,15 +238,36 @@ class HttpTransport:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise Failure(
                 ResponseDecodeError,
-                f"the answer names an image at {self.safe(safe_url(url))!r}, which is not an http(s) URL",
+                f"the answer names an image at {self.scrub(cut_url(url))!r}, which is not an http(s) URL",
                 reason="bad URL",
             )
         if parts.scheme == "http" and not is_loopback_host(parts.hostname):
             raise Failure(
                 ResponseDecodeError,
-                f"the answer names an image at {self.safe(safe_url(url))} over plain http; "
+                f"the answer names an image at {self.scrub(cut_url(url))} over plain http; "
                 "only https downloads are allowed from other machines",
                 reason="plain http URL",
+            )
+        other_host = origin(url) != self.origin
+        if other_host and holds_key(url, self.settings.api_key):
+            raise Failure(
+                ResponseDecodeError,
+                f"the answer names a URL on {parts.hostname} that holds the API key; the key is "
+                "never sent to a host other than the base URL's, so it is not fetched",
+                reason="API key in a URL for another host",
+            )
+        if (
+            other_host
+            and not self._base_is_local
+            and parts.hostname.lower() != self.origin[1]
+            and is_local_address(parts.hostname)
+        ):
+            raise Failure(
+                ResponseDecodeError,
+                f"the answer names a URL on {parts.hostname}, an address of this machine or a "
+                "private network (loopback, private or link-local), which a hosted service has no "
+                "business sending a client to; not fetched",
+                reason="download from a private address",
             )
 
     def download(self, url: str, deadline: float, stop: threading.Event, request_id: str | None) -> bytes:
@@ -255,14 +285,14 @@ class HttpTransport:
                 self.log.warning(
                     "ImageAPI image download from %s failed (%s); retrying once in %.2f s "
                     "(downloads are not billed)",
-                    self.safe(safe_url(url)),
-                    self.safe(failure.reason),
+                    self.scrub(cut_url(url)),
+                    self.scrub(failure.reason),
                     wait,
                 )
                 self.clock.sleep(wait, stop)
                 continue
             failure.request_id = failure.request_id or request_id
-            raise failure.error(f" [download attempt {tries}]", self.safe) from failure.__cause__
+            raise failure.error(f" [download attempt {tries}]", self.scrub) from failure.__cause__
         raise AssertionError("unreachable")
 
 
@@ -283,9 +313,25 @@ def _body_chunks(response: requests.Response) -> Iterator[bytes]:
 def origin(url: str) -> tuple[str, str, int]:
     """(scheme, host, port) of `url`, lower-case, the port filled in from the scheme."""
     parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+    return parts.scheme.lower(), (parts.hostname or "").lower(), url_port(parts)
+
+
+def is_local_address(host: str) -> bool:
+    """Whether `host` (a name or an address literal) is this machine or a private network:
+    loopback, private (10/8, 172.16/12, 192.168/16, fc00::/7), link-local (169.254/16, the cloud
+    metadata address among them; fe80::/10), unspecified or reserved. A name is resolved; one that
+    does not resolve is not local (its request fails on its own)."""
+    if is_loopback_host(host):
+        return True
     try:
-        port = parts.port
+        addresses = [ipaddress.ip_address(host.strip("[]"))]
     except ValueError:
-        port = None
-    return scheme, (parts.hostname or "").lower(), port or (443 if scheme == "https" else 80)
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            return False
+        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+    return any(
+        a.is_loopback or a.is_private or a.is_link_local or a.is_unspecified or a.is_reserved
+        for a in addresses
+    )

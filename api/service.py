@@ -216,7 +216,7 @@ class ImageApiClient:
                 try:
                     outcome: object = self._attempts(request, i, stop, place.release, events.put, keep_data)
                 except ApiError as e:
-                    outcome = self._scrubbed(e)
+                    outcome = self._scrub_error(e)
                 except GenerationInterrupted:
                     return
                 except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
@@ -319,7 +319,7 @@ class ImageApiClient:
             if last is not None and self._policy.too_late(deadline):
                 # The wait overran: a call now would be billed and its answer cut off.
                 note = self._policy.no_time_note(deadline - clock.monotonic(), None)
-                raise last.error(note + _tried(attempts), self._safe) from last.__cause__
+                raise last.error(note + _tried(attempts), self._scrub) from last.__cause__
             attempts += 1
             reply, failure = attempt(
                 self._http.exchange,
@@ -337,19 +337,19 @@ class ImageApiClient:
                     reply,
                     GENERATE,
                     request_id=self._answers.request_id(reply),
-                    safe=self._safe,
+                    scrub=self._scrub,
                     key_source=s.key_source,
                     url=self._generate_url,
                 )
             if failure is not None:
                 wait, note = self._policy.wait_before_retry(failure, free, billed, deadline)
                 if wait is None:
-                    raise failure.error(note + _tried(attempts), self._safe) from failure.__cause__
+                    raise failure.error(note + _tried(attempts), self._scrub) from failure.__cause__
                 if failure.retry == FREE:
                     free += 1
                 else:
                     billed += 1
-                reason = self._safe(failure.reason)
+                reason = self._scrub(failure.reason)
                 self.log.warning(
                     "ImageAPI %s, attempt %d failed (%s); retrying in %.2f s (%s)",
                     name,
@@ -387,18 +387,19 @@ class ImageApiClient:
                 billed_attempts=billed,
                 data=data if keep_data else None,
                 format=fmt if keep_data else None,
+                requested_size=(request.width, request.height),
             )
 
     # --- keeping the key out of everything ------------------------------------------------------
 
-    def _safe(self, text: str) -> str:
+    def _scrub(self, text: str) -> str:
         """`text` (which may come from the server) with the API key replaced by ***."""
-        return self._http.safe(text)
+        return self._http.scrub(text)
 
-    def _scrubbed(self, error: ApiError) -> ApiError:
+    def _scrub_error(self, error: ApiError) -> ApiError:
         """Last line of defence: no error leaves a worker with the key in its message."""
         if any(self.settings.api_key in str(a) for a in error.args):
-            error.args = tuple(self._safe(str(a)) for a in error.args)
+            error.args = tuple(self._scrub(str(a)) for a in error.args)
         if error.request_id:
-            error.request_id = self._safe(error.request_id)
+            error.request_id = self._scrub(error.request_id)
         return error

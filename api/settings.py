@@ -16,15 +16,15 @@ import json
 import logging
 import math
 import os
-import re
 import stat
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError
+from .redact import cut_url, hidden_parts, holds_key, scrub
 
 ENV_KEY_NAMES = (
     "IMAGEAPI_API_KEY",
@@ -49,13 +49,11 @@ _CONFIG_FIELDS: dict[str, type | tuple[type, ...]] = {
     "min_call_s": (int, float),
 }
 _ALLOWED_KEYS = ("api_key", *_CONFIG_FIELDS)
-# What an API key looks like when pasted where it does not belong (a base URL, a path): "sk_..." and
-# the like, or a run of 40 or more letters and digits mixed (a random token; folder names have
-# separators).
-_KEY_LIKE = re.compile(
-    r"\b(?:sk|pk|rk)[_-][A-Za-z0-9_\-]{6,}"
-    r"|(?<![A-Za-z0-9])(?=[A-Za-z0-9]*\d)(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{40,}"
-)
+# Upper bounds of the time limits: past them a socket timeout overflows (1e10 s) after the paid
+# POST went out; nobody waits an hour for one call or a day for one image.
+MAX_REQUEST_TIMEOUT_S = 3600.0
+MAX_DEADLINE_S = 86400.0
+DEFAULT_SOURCE = "the default"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 log = logging.getLogger("flux_schnell.settings")
@@ -72,7 +70,7 @@ class ApiSettings:
     request_timeout_s: float = 120.0  # one HTTP call (the service's examples wait 120 s)
     deadline_s: float = 300.0  # one image, retries and waits included
     min_call_s: float = 30.0  # a call is only retried with this long left (capped by the timeout)
-    max_billed_retries: int = 1  # retries of calls that may already be billed
+    max_billed_retries: int = 0  # retries of calls that may already be billed: only when opted in
     max_free_retries: int = 4  # retries of calls that certainly did no work
     max_download_bytes: int = 64 * 2**20
     max_image_pixels: int = 4096 * 4096
@@ -82,10 +80,19 @@ class ApiSettings:
     backoff_base_s: float = 1.0  # first wait of the exponential backoff
     backoff_max_s: float = 20.0
     poll_interval_s: float = 1.0  # asynchronous jobs: wait between status polls
+    # Where the base URL was set, for messages: "environment variable IMAGEAPI_BASE_URL",
+    # "base_url in the config file PATH" or "the default base URL".
+    base_url_source: str = "the settings given in code"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "base_url", check_base_url(self.base_url, "base_url"))
+        object.__setattr__(self, "base_url", check_base_url(self.base_url, self.base_url_source))
         check_api_key(self.api_key, self.key_source)
+        if holds_key(self.base_url, self.api_key):  # a gateway-style URL would log and send it
+            raise ConfigurationError(
+                f"the base URL from {self.base_url_source} holds the API key (or part of it); "
+                f"the key is sent in a header, never in the URL: set the base URL to the service's "
+                f"address only (like {DEFAULT_BASE_URL}) and the key separately ({ENV_KEY_NAMES[0]})."
+            )
         for name in (
             "request_timeout_s",
             "deadline_s",
@@ -96,6 +103,16 @@ class ApiSettings:
             "poll_interval_s",
         ):
             _check_number(name, getattr(self, name), minimum=0.0, strict=True)
+        for name, most in (
+            ("request_timeout_s", MAX_REQUEST_TIMEOUT_S),
+            ("min_call_s", MAX_REQUEST_TIMEOUT_S),
+            ("deadline_s", MAX_DEADLINE_S),
+        ):
+            if getattr(self, name) > most:
+                raise ConfigurationError(
+                    f"{name} must be a number greater than 0 and at most {most:g} seconds; got "
+                    f"{getattr(self, name)!r}."
+                )
         _check_number("backoff_base_s", self.backoff_base_s, minimum=0.0, strict=False)
         for name in ("max_billed_retries", "max_free_retries"):
             _check_int(name, getattr(self, name), minimum=0)
@@ -131,10 +148,20 @@ def config_search_paths(environ: Mapping[str, str] | None = None) -> list[Path]:
     return [comfy, _xdg_config(environ)] if comfy is not None else [_xdg_config(environ)]
 
 
-def load_settings(config_path: Path | None = None, environ: Mapping[str, str] | None = None) -> ApiSettings:
-    """Read the key, base URL and limits from the environment and the config file: `config_path`
-    when given, else the first that exists of `config_search_paths()`."""
-    environ = os.environ if environ is None else environ
+@dataclass(frozen=True)
+class _Found:
+    """What the environment and the config file say, before any check of the key."""
+
+    looked: list[Path]  # the config files looked at, in order
+    path: Path | None  # the one read (the first that exists), if any
+    config: dict
+    api_key: object
+    key_source: str | None
+    base_url: str
+    base_url_source: str
+
+
+def _gather(config_path: Path | None, environ: Mapping[str, str]) -> _Found:
     looked = [Path(config_path)] if config_path is not None else config_search_paths(environ)
     path, config = None, {}
     for candidate in looked:
@@ -142,7 +169,6 @@ def load_settings(config_path: Path | None = None, environ: Mapping[str, str] | 
         if found is not None:
             path, config = candidate, found
             break
-
     api_key, key_source = None, None
     for name in ENV_KEY_NAMES:
         if name in environ:
@@ -150,31 +176,79 @@ def load_settings(config_path: Path | None = None, environ: Mapping[str, str] | 
             break
     if api_key is None and "api_key" in config:
         api_key, key_source = config["api_key"], f"config file {path}"
+    base_url, base_source = DEFAULT_BASE_URL, "the default base URL"
+    if environ.get(ENV_BASE_URL, "").strip():
+        base_url, base_source = environ[ENV_BASE_URL].strip(), f"environment variable {ENV_BASE_URL}"
+    elif "base_url" in config:
+        base_url, base_source = config["base_url"], f"base_url in the config file {path}"
+    return _Found(looked, path, config, api_key, key_source, base_url, base_source)
+
+
+def load_settings(config_path: Path | None = None, environ: Mapping[str, str] | None = None) -> ApiSettings:
+    """Read the key, base URL and limits from the environment and the config file: `config_path`
+    when given, else the first that exists of `config_search_paths()`."""
+    environ = os.environ if environ is None else environ
+    found = _gather(config_path, environ)
+    path, api_key, key_source = found.path, found.api_key, found.key_source
+    if api_key is not None and key_source is not None and key_source.startswith("config file"):
         if not isinstance(api_key, str):
             raise ConfigurationError(
                 f'api_key in the config file {path} must be a string ("sk_..."); got a '
                 f"{type(api_key).__name__}."
             )
         _warn_if_readable_by_others(path)
-    if api_key is None:
-        raise ConfigurationError(missing_key_message(looked, path, environ))
-
-    base_url, base_source = DEFAULT_BASE_URL, "the default base URL"
-    if environ.get(ENV_BASE_URL, "").strip():
-        base_url, base_source = (
-            environ[ENV_BASE_URL].strip(),
-            f"environment variable {ENV_BASE_URL}",
-        )
-    elif "base_url" in config:
-        base_url, base_source = config["base_url"], f"base_url in the config file {path}"
-    base_url = check_base_url(base_url, base_source)
-
+    if api_key is None or key_source is None:
+        raise ConfigurationError(missing_key_message(found.looked, path, environ))
+    base_url = check_base_url(found.base_url, found.base_url_source)
     check_api_key(api_key, key_source)
+    config = found.config
     options = {name: config[name] for name in _CONFIG_FIELDS if name in config and name != "base_url"}
     try:
-        return ApiSettings(base_url=base_url, api_key=api_key, key_source=key_source, **options)
+        return ApiSettings(
+            base_url=base_url,
+            api_key=api_key,
+            key_source=key_source,
+            base_url_source=found.base_url_source,
+            **options,
+        )
     except ConfigurationError as e:  # key and base URL are checked: the file's options are wrong
+        if path is None or not options:
+            raise
         raise ConfigurationError(f"{e} Fix it in the config file {path}.") from e
+
+
+@dataclass(frozen=True)
+class SettingLine:
+    """One setting as `flux-schnell config` shows it: its name, its value (the key only as "set"
+    or "not set"), and where it came from (an environment variable, a config file, the default)."""
+
+    name: str
+    value: str
+    source: str
+
+
+def describe_settings(
+    config_path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> list[SettingLine]:
+    """Every setting with its value and its source, whether a key is set or not. Values from the
+    environment or a file pass through `scrub(..., key_like=True)`; the key itself is never shown."""
+    environ = os.environ if environ is None else environ
+    found = _gather(config_path, environ)
+    file_source = f"config file {found.path}"
+    key = "set" if isinstance(found.api_key, str) and found.api_key.strip() else "not set"
+    lines = [
+        SettingLine("api_key", key, found.key_source or "none of the places below"),
+        SettingLine("base_url", str(found.base_url).rstrip("/"), found.base_url_source),
+    ]
+    defaults = {f.name: f.default for f in fields(ApiSettings)}
+    for name in _CONFIG_FIELDS:
+        if name == "base_url":
+            continue
+        if name in found.config:
+            lines.append(SettingLine(name, json.dumps(found.config[name]), file_source))
+        else:
+            lines.append(SettingLine(name, json.dumps(defaults[name]), DEFAULT_SOURCE))
+    return [SettingLine(x.name, scrub(x.value, key_like=True), scrub(x.source, key_like=True)) for x in lines]
 
 
 def missing_key_message(
@@ -226,7 +300,7 @@ def missing_key_message(
         f'  - write {{"api_key": "sk_..."}} into {target} yourself.',
         f"Get a key at {KEY_HELP}. No restart is needed: the key is read on every run.",
     ]
-    return masked("\n".join(lines))  # the paths come from the environment
+    return scrub("\n".join(lines), key_like=True)  # the paths come from the environment
 
 
 def save_api_key(api_key: str, config_path: Path | None = None) -> Path:
@@ -277,14 +351,15 @@ def check_base_url(url: object, source: str) -> str:
         raise ConfigurationError(f"the base URL from {source} is empty; the default is {DEFAULT_BASE_URL}.")
     url = url.strip().rstrip("/")
     # What an error may echo: no user name, password, query, fragment, or anything like a key.
-    shown = masked(_shown_url(url))
+    shown = scrub(cut_url(url), key_like=True)
     try:
         parts = urlsplit(url)
         host = parts.hostname
         _ = parts.port  # raises ValueError for a bad port
     except ValueError as e:
         raise ConfigurationError(
-            f"the base URL {shown!r} from {source} is malformed: {masked(_safe_reason(e, url))}."
+            f"the base URL {shown!r} from {source} is malformed: "
+            f"{scrub(_safe_reason(e, url), key_like=True)}."
         ) from None  # the ValueError may quote the whole URL
     if parts.scheme not in ("http", "https") or not host:
         raise ConfigurationError(
@@ -309,36 +384,14 @@ def check_base_url(url: object, source: str) -> str:
     return url
 
 
-def masked(text: str) -> str:
-    """`text` (a value from the environment or a config file) with anything that looks like an API
-    key replaced by ***, for messages and `flux-schnell config`."""
-    return _KEY_LIKE.sub("***", text)
-
-
-def _shown_url(url: str) -> str:
-    """`url` without user name, password, query and fragment, for messages. Plain string cuts, so
-    that it also works on URLs that `urlsplit` refuses."""
-    head, userinfo, _, _ = _url_pieces(url)
-    return head.replace(userinfo + "@", "", 1) if userinfo else head
-
-
 def _safe_reason(error: ValueError, url: str) -> str:
     """The ValueError's reason, or a plain one when it quotes a part of `url` not to be shown."""
     reason = str(error)
-    _, userinfo, query, fragment = _url_pieces(url)
+    userinfo, query, fragment = hidden_parts(url)
     hidden = [userinfo, *userinfo.split(":"), query, fragment]
     if any(piece and piece in reason for piece in hidden):
         return "the host or the port cannot be read"
     return reason
-
-
-def _url_pieces(url: str) -> tuple[str, str, str, str]:
-    """(scheme://netloc/path, user info, query, fragment) of `url`, by plain string cuts."""
-    rest, _, fragment = url.partition("#")
-    head, _, query = rest.partition("?")
-    after_scheme = head.partition("://")[2] if "://" in head else head
-    userinfo = after_scheme.partition("/")[0].rpartition("@")[0]
-    return head, userinfo, query, fragment
 
 
 def is_loopback_host(host: str) -> bool:
@@ -397,6 +450,7 @@ def _read_config_if_any(path: Path) -> dict | None:
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
         raise ConfigurationError(f"cannot read the config file {path}: {reason}.") from e
+    _refuse_if_writable_by_others(path)
     try:
         config = json.loads(text)
     except json.JSONDecodeError as e:
@@ -430,18 +484,35 @@ def _read_config_if_any(path: Path) -> dict | None:
 
 
 def _warn_if_readable_by_others(path: Path) -> None:
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return
-    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+    mode = _mode(path)
+    if mode is not None and mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning(
             "The config file %s holding the API key can be read by other users (mode %o); "
             "run `chmod 600 %s`.",
             path,
-            stat.S_IMODE(mode),
+            mode,
             path,
         )
+
+
+def _refuse_if_writable_by_others(path: Path) -> None:
+    """A config file that others can change decides where the key is sent (`base_url`): refused,
+    as ssh refuses such a config."""
+    mode = _mode(path)
+    if mode is not None and mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigurationError(
+            f"the config file {path} can be changed by other users (mode {mode:o}), so they could "
+            f"choose where the API key is sent; run `chmod go-w {path}` (or `chmod 600 {path}`)."
+        )
+
+
+def _mode(path: Path) -> int | None:
+    if os.name != "posix":
+        return None
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
 
 
 def _is_inside(path: Path, folder: Path) -> bool:

@@ -22,7 +22,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import (
-    ConfigurationError,
     FluxSchnellError,
     GenerationInterrupted,
     InvalidInputError,
@@ -48,31 +47,31 @@ def set_key_command() -> int:
 
 
 def config_command() -> int:
+    """Every setting with its value and where it came from (environment variable, which config
+    file, default), with or without a key; then the settings' own check."""
+    from ..api.redact import scrub
     from ..api.settings import (
         config_search_paths,
         default_config_path,
+        describe_settings,
         load_settings,
-        masked,
         missing_key_message,
     )
 
     looked = config_search_paths()
-    files = ", ".join(f"{masked(str(path))}{'' if path.is_file() else ' (none)'}" for path in looked)
+    files = ", ".join(f"{scrub(str(p), key_like=True)}{'' if p.is_file() else ' (none)'}" for p in looked)
     print(f"config files read, first found wins: {files}")
-    print(f"set-key writes:  {masked(str(default_config_path()))}")
-    try:
-        settings = load_settings()
-    except ConfigurationError as e:
-        if "No ImageAPI key is set" not in str(e):
-            raise
-        print("API key:         not set")
+    print(f"set-key writes:  {scrub(str(default_config_path()), key_like=True)}")
+    lines = describe_settings()
+    for line in lines:
+        label = "API key:" if line.name == "api_key" else f"{line.name}:"
+        print(f"{label:<16} {line.value}  (from {line.source})")
+    if lines[0].value == "not set":
         print(
             "\n".join("  " + line for line in missing_key_message(looked, _first_file(looked)).splitlines())
         )
         return EXIT_OK
-    print(f"API key:         set (from {masked(settings.key_source)})")
-    print(f"base URL:        {masked(settings.base_url)}")
-    print(f"send seed:       {settings.send_seed}")
+    load_settings()  # the checks a run makes: a ConfigurationError is printed by main (exit 2)
     return EXIT_OK
 
 

@@ -3,7 +3,8 @@
 Every file is written to a temporary `.NAME.<pid>-<random>.part` beside its target and renamed into
 place, so a killed run never leaves half a file under the real name; `remove_stale_parts` deletes
 the `.part` files of runs that are no longer alive. A PNG the service sent is written as it came,
-with the prompt, seed and model added as iTXt chunks before its image data (no decode and re-encode;
+with the prompt, seed and model added as iTXt chunks before its image data and the
+service's own text chunks left out (no decode and re-encode;
 chunk layout from the PNG specification, https://www.w3.org/TR/png/#11iTXt); other images are
 encoded with Pillow. Thumbnails are small JPEGs for the draft gallery.
 """
@@ -60,18 +61,19 @@ def save_png_bytes(data: bytes | bytearray, path: str | os.PathLike, text: Mappi
 
 
 def png_with_text(data: bytes | bytearray, text: Mapping[str, str]) -> bytes:
-    """`data` (a PNG) with iTXt chunks for `text` inserted before its first IDAT chunk."""
+    """`data` (a PNG) with iTXt chunks for `text` inserted before its first IDAT chunk. The
+    service's own text chunks (tEXt, zTXt, iTXt) are all left out: a key or anything else it echoed
+    there never lands in a saved file; only our own text is kept."""
     if not data.startswith(PNG_SIGNATURE):
         raise ValueError("not a PNG: the signature is missing")
-    keywords = {_keyword(k) for k in text}
     out = [PNG_SIGNATURE]
     inserted = False
     for kind, chunk in _chunks(data):
         if kind == b"IDAT" and not inserted:
             out += [_itxt_chunk(_keyword(k), str(v)) for k, v in text.items()]
             inserted = True
-        if kind in TEXT_CHUNKS and bytes(chunk[8:].split(b"\0", 1)[0]) in keywords:
-            continue  # the service's own chunk of a keyword we write
+        if kind in TEXT_CHUNKS:
+            continue  # the service's own text
         out.append(chunk)
     if not inserted:
         raise ValueError("not a PNG: no image data (IDAT) chunk")

@@ -248,3 +248,67 @@ def test_job_id_of_a_success_is_scrubbed(fake, make_client):
     request_id = make_client(key=LEAK_KEY).generate(REQ).request_id
     assert request_id.startswith("job-***y")
     assert len(request_id) <= 100
+
+
+# --- hostile JSON (issue 15: 4): an ApiError naming the answer, never RecursionError/ValueError -------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 5000 + b"]" * 5000,
+        b'{"a":' * 3000 + b"1" + b"}" * 3000,
+        b'{"id": ' + b"9" * 5000 + b"}",
+    ],
+    ids=["deep list", "deep object", "5000-digit number"],
+)
+def test_hostile_json_answers_become_a_response_decode_error(fake, make_client, body):
+    from comfyui_flux_schnell.errors import ResponseDecodeError
+
+    fake.script(Reply(body=body))
+    with pytest.raises(ResponseDecodeError) as info:
+        make_client().generate(REQ)
+    assert "HTTP 200" in str(info.value)
+
+
+def test_a_deeply_nested_http_500_body_is_a_server_error(fake, make_client):
+    from comfyui_flux_schnell.errors import ServerError
+
+    fake.script(Reply(status=500, body=b'{"error":' * 2000 + b'"x"' + b"}" * 2000))
+    with pytest.raises(ServerError) as info:
+        make_client(max_billed_retries=0).generate(REQ)
+    assert "HTTP 500" in str(info.value)
+
+
+# --- decoding (issue 15: 23): 16-bit grayscale, EXIF orientation, the decoded size -------------------
+
+
+def test_a_16_bit_grayscale_png_decodes_to_its_gray_levels_not_white(fake, make_client):
+    import numpy as np
+
+    levels = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
+    out = io.BytesIO()
+    Image.fromarray(levels).save(out, format="PNG")
+    fake.script(Reply.image(out.getvalue()))
+    image = make_client().generate(REQ).image
+    assert image.mode == "RGB"
+    assert image.getpixel((0, 0)) == (0, 0, 0)
+    assert image.getpixel((15, 15)) == (255, 255, 255)
+    assert image.getpixel((0, 8)) == (128, 128, 128)
+
+
+def test_exif_orientation_is_applied_and_the_decoded_size_is_exposed(fake, make_client):
+    picture = Image.new("RGB", (64, 32), (200, 10, 10))
+    picture.paste((10, 10, 200), (0, 0, 8, 8))  # a blue corner, top left as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored image is to be rotated 90 degrees clockwise
+    out = io.BytesIO()
+    picture.save(out, format="JPEG", exif=exif, quality=95)
+    fake.script(Reply.image(out.getvalue(), content_type="image/jpeg"))
+    result = make_client().generate(REQ)
+    assert result.image.size == (32, 64)  # shown upright
+    assert result.size == (32, 64)
+    assert result.size_differs  # REQ asked for 64x48: the caller can refuse it or record it
+    blue = result.image.getpixel((28, 3))  # the top-left corner went to the top right
+    assert blue[2] > 150
+    assert blue[0] < 80

@@ -159,3 +159,70 @@ def test_signed_url_query_not_in_messages(fake, client, other_host):
     with pytest.raises(ResponseDecodeError) as info:
         client.generate(REQ)
     assert "SIGSECRET" not in str(info.value)
+
+
+# --- issue 15: no proxy to this machine (16), the key to no other host (17), no private downloads (22)
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
+def test_requests_to_this_machine_never_go_through_a_proxy(
+    fake, other_host, make_client, monkeypatch, variable
+):
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, other_host.base_url)  # a recording proxy on 127.0.0.1
+    job = fake.put_file(solid_image(8, 8, (4, 5, 6)))
+    fake.script(Reply.json({"data": [{"url": job}]}))
+    assert make_client().generate(REQ).image.size == (8, 8)
+    assert other_host.count() == 0  # the proxy never saw the key (nor anything else)
+    assert fake.count("POST") == 1
+    assert fake.count("GET") == 1
+
+
+@pytest.mark.parametrize("where", ["query", "path", "fragment of it in the path"])
+def test_a_download_url_on_another_host_holding_the_key_is_refused_naming_the_host(
+    fake, other_host, make_client, where
+):
+    key = "sk_live_Q7vX2mN9pR4tW8yB3cF6hJ1kL5zD0a"
+    name = other_host.put_file(solid_image(8, 8, (1, 2, 3)))
+    url = {
+        "query": f"{name}?k={key}",
+        "path": other_host.url(f"/files/{key}/x.png"),
+        "fragment of it in the path": other_host.url(f"/files/{key[5:25]}.png"),
+    }[where]
+    fake.script(Reply.json({"data": [{"url": url}]}))
+    with pytest.raises(ResponseDecodeError) as info:
+        make_client(key=key).generate(REQ)
+    assert "127.0.0.1" in str(info.value)
+    assert "holds the API key" in str(info.value)
+    assert other_host.count() == 0
+    assert key[5:17] not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://169.254.169.254/latest/meta-data/",
+        "https://10.1.2.3/x.png",
+        "https://192.168.0.9/x.png",
+        "https://127.0.0.1:9/x.png",
+        "https://[::1]:9/x.png",
+        "https://localhost:9/x.png",
+        "https://[fe80::1]/x.png",
+    ],
+)
+def test_a_remote_service_cannot_send_downloads_to_private_or_local_addresses(url):
+    from comfyui_flux_schnell.api.failures import Failure
+    from comfyui_flux_schnell.api.http import HttpTransport
+    from support.api_testing import make_settings
+
+    transport = HttpTransport(make_settings("https://imageapi.example.com"), None, logging.getLogger("t"))
+    with pytest.raises(Failure) as info:  # refused before any connection is tried
+        transport.get(url, time.monotonic() + 5, threading.Event(), 1.0, 1000)
+    assert "private" in info.value.message
+    transport.close()
+
+
+def test_a_local_service_may_name_local_downloads(fake, other_host, make_client):
+    fake.script(Reply.json({"data": [{"url": other_host.put_file(solid_image(8, 8, (1, 2, 3)))}]}))
+    assert make_client().generate(REQ).image.size == (8, 8)

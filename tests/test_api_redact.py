@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from comfyui_flux_schnell.api.redact import redact_urls, safe_cause, safe_url
+from comfyui_flux_schnell.api.redact import cut_url, cut_urls, safe_cause
 from comfyui_flux_schnell.errors import ApiError
 from support.api_testing import REQ, exception_texts, free_port
 from support.fake_imageapi import Reply, error_reply, solid_image
@@ -30,11 +30,11 @@ SECRET = "SECRETTOKEN42"
     ],
 )
 def test_redact_urls(text, expected):
-    assert redact_urls(text) == expected
+    assert cut_urls(text) == expected
 
 
 def test_safe_url_and_safe_cause():
-    assert safe_url("https://u:p@[::1]:8080/x.png?sig=1#f") == "https://[::1]:8080/x.png"
+    assert cut_url("https://u:p@[::1]:8080/x.png?sig=1#f") == "https://[::1]:8080/x.png"
     cause = safe_cause(ConnectionError(f"GET https://cdn.example.com/a.png?token={SECRET} failed"))
     assert SECRET not in str(cause)
     assert str(cause) == "builtins.ConnectionError: GET https://cdn.example.com/a.png failed"
@@ -70,3 +70,47 @@ def test_signed_download_urls_stay_out_of_logs_and_exception_chains(
     assert any(r.name.startswith("urllib3") for r in caplog.records)  # urllib3 did log the download
     assert any("/gone.png" in t or "/cut.png" in t or "/closed.png" in t or "/files/" in t for t in records)
     assert not [t for t in texts + records if SECRET in t]
+
+
+# --- one verb for the key: scrub, fragments included, before any cut (issue 15: 19) ------------------
+
+LONG_KEY = "sk_live_Q7vX2mN9pR4tW8yB3cF6hJ1kL5zD0a"
+
+
+@pytest.mark.parametrize("start", [0, 5, 17])
+def test_scrub_takes_out_every_run_of_twelve_characters_of_the_key(start):
+    from comfyui_flux_schnell.api.redact import MIN_KEY_FRAGMENT, scrub
+
+    piece = LONG_KEY[start : start + MIN_KEY_FRAGMENT]
+    assert scrub(f"echo {piece} end", LONG_KEY) == "echo *** end"
+    assert scrub(f"x{LONG_KEY[start:]}y", LONG_KEY) == "x***y"
+    short = LONG_KEY[start : start + MIN_KEY_FRAGMENT - 1]  # 11 characters: ordinary text
+    assert scrub(f"echo {short} end", LONG_KEY) == f"echo {short} end"
+
+
+def test_a_key_echoed_in_a_long_error_message_or_key_name_is_scrubbed_before_the_cut(make_client, fake):
+    from comfyui_flux_schnell.api.answer_shapes import MAX_MESSAGE_CHARS
+
+    # The key straddles the message's cut, and sits in a JSON key name longer than its 40-char cut.
+    message = "x" * (MAX_MESSAGE_CHARS - 20) + LONG_KEY + " tail"
+    fake.script(error_reply(400, message), Reply.json({"junk": 1, ("k" * 3) + LONG_KEY: 2}))
+    client = make_client(key=LONG_KEY)
+    texts = []
+    for _ in range(2):
+        with pytest.raises(ApiError) as info:
+            client.generate(REQ)
+        texts += exception_texts(info.value)
+    for text in texts:
+        for i in range(len(LONG_KEY) - 11):
+            assert LONG_KEY[i : i + 12] not in text
+
+
+def test_urllib3_log_lines_never_hold_the_key_in_a_path(fake, other_host, make_client, caplog):
+    # A download URL on the service's own host with the key in its path (the key goes nowhere else).
+    url = fake.put_file(solid_image(8, 8, (1, 2, 3)), name=f"{LONG_KEY}.png")
+    fake.script(Reply.json({"data": [{"url": url}]}))
+    with caplog.at_level(logging.DEBUG):
+        assert make_client(key=LONG_KEY).generate(REQ).image.size == (8, 8)
+    records = [logging.Formatter().format(r) for r in caplog.records if r.name.startswith("urllib3")]
+    assert any("GET" in r for r in records)
+    assert not [r for r in records if LONG_KEY[:12] in r]

@@ -451,3 +451,99 @@ def test_settings_are_reread_each_time(cfg):
     assert load_settings(cfg, environ={}).api_key == "sk_first"
     save_api_key("sk_second", cfg)
     assert load_settings(cfg, environ={}).api_key == "sk_second"
+
+
+# --- issue 15: bounds (9), billed retries off by default (10), key in the URL (20), config mode (21) --
+
+
+@pytest.mark.parametrize("field", ["request_timeout_s", "deadline_s", "min_call_s"])
+def test_time_limits_past_their_bound_are_refused_naming_the_field_and_file(cfg, field):
+    write(cfg, {"api_key": KEY, field: 1e10})
+    os.chmod(cfg, 0o600)
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(cfg, environ={})
+    assert field in str(info.value)
+    assert str(cfg) in str(info.value)
+
+
+def test_billed_retries_are_off_unless_opted_in(cfg):
+    write(cfg, {"api_key": KEY})
+    os.chmod(cfg, 0o600)
+    assert load_settings(cfg, environ={}).max_billed_retries == 0
+
+
+@pytest.mark.parametrize("where", ["path", "fragment of it"])
+def test_a_base_url_holding_the_key_is_refused_without_echoing_it(cfg, where):
+    key = "sk_live_Q7vX2mN9pR4tW8yB3cF6hJ1kL5zD0a"
+    part = key if where == "path" else key[3:20]
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(
+            cfg, environ={"IMAGEAPI_API_KEY": key, "IMAGEAPI_BASE_URL": f"https://gw.example.com/{part}"}
+        )
+    assert "IMAGEAPI_BASE_URL" in str(info.value)
+    assert key[3:15] not in str(info.value)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes")
+@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602])
+def test_a_config_file_others_can_change_is_refused_naming_the_file_and_the_chmod(cfg, mode):
+    write(cfg, {"base_url": "https://elsewhere.example.com"})
+    os.chmod(cfg, mode)
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(cfg, environ={"IMAGEAPI_API_KEY": KEY})
+    assert str(cfg) in str(info.value)
+    assert f"chmod go-w {cfg}" in str(info.value)
+    os.chmod(cfg, 0o644)
+    assert load_settings(cfg, environ={"IMAGEAPI_API_KEY": KEY}).base_url == "https://elsewhere.example.com"
+
+
+@pytest.mark.parametrize(
+    ("env", "config", "expected_source"),
+    [
+        (
+            {"IMAGEAPI_BASE_URL": "http://127.0.0.1:9"},
+            {"base_url": "https://a.example.com"},
+            "IMAGEAPI_BASE_URL",
+        ),
+        ({}, {"base_url": "https://a.example.com"}, "base_url in the config file"),
+        ({}, {}, "the default base URL"),
+    ],
+)
+def test_settings_record_where_the_base_url_was_set(cfg, env, config, expected_source):
+    write(cfg, {"api_key": KEY, **config})
+    os.chmod(cfg, 0o600)
+    settings = load_settings(cfg, environ=env)
+    assert expected_source in settings.base_url_source
+    if config:
+        assert expected_source.startswith("IMAGEAPI") or str(cfg) in settings.base_url_source
+
+
+def test_describe_settings_lists_every_setting_with_its_source_with_or_without_a_key(cfg):
+    from comfyui_flux_schnell.api.settings import describe_settings
+
+    write(cfg, {"deadline_s": 50, "max_billed_retries": 1})
+    os.chmod(cfg, 0o600)
+    lines = {
+        line.name: line
+        for line in describe_settings(cfg, environ={"IMAGEAPI_BASE_URL": "https://b.example.com"})
+    }
+    assert set(lines) >= {
+        "api_key",
+        "base_url",
+        "request_timeout_s",
+        "deadline_s",
+        "max_billed_retries",
+        "min_call_s",
+    }
+    assert lines["api_key"].value == "not set"
+    assert (lines["base_url"].value, lines["base_url"].source) == (
+        "https://b.example.com",
+        "environment variable IMAGEAPI_BASE_URL",
+    )
+    assert (lines["deadline_s"].value, lines["deadline_s"].source) == ("50", f"config file {cfg}")
+    assert (lines["request_timeout_s"].value, lines["request_timeout_s"].source) == ("120.0", "the default")
+    secret = "sk_live_Q7vX2mN9pR4tW8yB3cF6hJ1kL5zD0a"
+    lines = {line.name: line for line in describe_settings(cfg, environ={"IMAGEAPI_API_KEY": secret})}
+    assert lines["api_key"].value == "set"
+    assert lines["api_key"].source == "environment variable IMAGEAPI_API_KEY"
+    assert all(secret not in f"{x.value} {x.source}" for x in lines.values())

@@ -573,3 +573,19 @@ def test_local_backend_without_its_extra_exits_2_naming_the_package_and_the_comm
     assert 'pip install "comfyui-flux-schnell[local]"' in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_config_lists_every_setting_with_its_source_even_without_a_key(
+    fake_api, tmp_path, monkeypatch, capsys
+):
+    config = tmp_path / "flux_schnell_config.json"
+    config.write_text(json.dumps({"deadline_s": 42, "max_billed_retries": 1}))
+    os.chmod(config, 0o600)
+    monkeypatch.delenv("IMAGEAPI_API_KEY")
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    assert f"base_url:        {fake_api.base_url}  (from environment variable IMAGEAPI_BASE_URL)" in out
+    assert f"deadline_s:      42  (from config file {config})" in out
+    assert f"max_billed_retries: 1  (from config file {config})" in out
+    assert "request_timeout_s: 120.0  (from the default)" in out
+    assert "min_call_s:      30.0  (from the default)" in out

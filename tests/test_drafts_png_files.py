@@ -34,7 +34,7 @@ def test_text_chunks_are_added_to_the_bytes_without_re_encoding(tmp_path):
     with Image.open(path) as image:
         assert image.info["prompt"] == "a fox · 狐"  # ours replaces the service's chunk
         assert image.info["seed"] == "7"
-        assert image.info["other"] == "kept"
+        assert "other" not in image.info  # issue 15 (18): only our own text chunks are kept
         assert image.getpixel((0, 0)) == (10, 20, 30)
     # The image data chunks are the service's, byte for byte.
     idat = [c for kind, c in image_files._chunks(data) if kind == b"IDAT"]
@@ -42,6 +42,20 @@ def test_text_chunks_are_added_to_the_bytes_without_re_encoding(tmp_path):
     assert all(c in written for c in idat)
     assert image_files.is_complete_png(path)
     assert image_files.read_png_text(path)["seed"] == "7"
+
+
+def test_the_services_text_chunks_of_every_kind_are_left_out(tmp_path):
+    from PIL import PngImagePlugin
+
+    pnginfo = PngImagePlugin.PngInfo()
+    pnginfo.add_text("echo", "sk_live_ECHOED_KEY_123456")  # tEXt
+    pnginfo.add_text("zecho", "sk_live_ECHOED_KEY_123456" * 20, zip=True)  # zTXt
+    pnginfo.add_itxt("iecho", "sk_live_ECHOED_KEY_123456")  # iTXt
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, format="PNG", pnginfo=pnginfo)
+    path = image_files.save_png_bytes(out.getvalue(), tmp_path / "b.png", {"prompt": "p"})
+    assert b"ECHOED" not in path.read_bytes()
+    assert image_files.read_png_text(path) == {"prompt": "p"}
 
 
 @pytest.mark.parametrize(
