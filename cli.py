@@ -118,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     what = gen.add_argument_group("what to generate")
     one = what.add_mutually_exclusive_group(required=True)
     one.add_argument("--prompt", help=f"the prompt (at most {MAX_PROMPT_CHARS:,} characters)")
-    one.add_argument("--prompts-file", type=Path, help="a UTF-8 text file, one prompt a line (drafts)")
+    one.add_argument(
+        "--prompts-file",
+        type=Path,
+        help='a UTF-8 text file, one prompt a line, or a .jsonl file of {"prompt": ..., "seed": ...} '
+        "objects (a draft folder's manifest.jsonl renders its drafts again) (drafts)",
+    )
     where = gen.add_argument_group("where to write")
     where.add_argument("--out", type=Path, help="the PNG for --prompt (FILE-1.png, ... with --batch-size)")
     where.add_argument("--out-dir", type=Path, help="the draft folder for --prompts-file")
@@ -304,7 +309,7 @@ def _gallery(folder: Path) -> int:
 
 
 def _generate(args) -> int:
-    from .drafts.prompts import check_prompts_file, read_prompts
+    from .drafts.prompts import PromptLine, check_prompts_file, read_prompt_lines
     from .drafts.run import RunSettings
 
     gen_parser = args.command_parser  # its usage line goes with the errors below
@@ -330,28 +335,59 @@ def _generate(args) -> int:
     # 2. What to generate: every input, every line of a prompts file.
     seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
 
-    def check(prompt: str) -> None:
-        GenerationRequest(prompt, args.width, args.height, args.steps, seed, args.batch_size).validate(
-            args.backend
-        )
+    def check(entry: PromptLine) -> None:
+        GenerationRequest(
+            entry.prompt,
+            args.width if entry.width is None else entry.width,
+            args.height if entry.height is None else entry.height,
+            args.steps if entry.steps is None else entry.steps,
+            seed if entry.seed is None else entry.seed,
+            args.batch_size,
+        ).validate(args.backend)
 
+    unsent_seeds = seeded_lines = 0
     if args.prompt is not None:
-        check(args.prompt)
+        check(PromptLine(1, args.prompt))
         prompts_total = 1
     else:
-        check("x")  # size, steps, seed and batch, once, with the file's name out of the message
-        prompts_total = check_prompts_file(args.prompts_file, lambda _line, prompt: check(prompt))
+        check(
+            PromptLine(0, "x")
+        )  # size, steps, seed and batch, once, with the file's name out of the message
+
+        def check_line(entry: PromptLine) -> None:
+            nonlocal seeded_lines
+            check(entry)
+            seeded_lines += entry.seed is not None
+
+        found = check_prompts_file(args.prompts_file, check_line)
+        prompts_total, unsent_seeds = found.count, found.unsent_seeds
 
     # 3. What the backend needs: the key (read here, where the program starts) or the packages.
     if args.backend == "api":
         from .api.settings import load_settings
 
         settings = load_settings()
+        if seeded_lines and not settings.send_seed:
+            log.warning(
+                "%s gives seeds for %d line(s), but the service does not receive seeds (send_seed is "
+                "off in the config): it chooses its own, so these images will not match those seeds.",
+                args.prompts_file,
+                seeded_lines,
+            )
     else:
         from .local.packages import require_local_packages
 
         require_local_packages()
         settings = None
+
+    if unsent_seeds:  # said before anything is paid: a re-render cannot reproduce those drafts
+        log.warning(
+            "%s: the seeds of %d draft(s) were not sent to the service (it chose them), so rendering "
+            "them again makes new images, not these drafts at another quality; the command line's seed "
+            "is used for them.",
+            args.prompts_file,
+            unsent_seeds,
+        )
 
     # 4. Only now: folders, and what a killed run left behind.
     s = RunSettings(
@@ -366,9 +402,13 @@ def _generate(args) -> int:
         out=args.out,
         out_dir=args.out_dir,
         loras=tuple(args.lora),
+        seed_sent=settings.send_seed if settings is not None else True,
     )
     _prepare_folders(s)
-    lines = read_prompts(args.prompts_file) if args.prompts_file is not None else [(1, args.prompt.strip())]
+    if args.prompts_file is not None:
+        lines = read_prompt_lines(args.prompts_file)
+    else:
+        lines = [(1, args.prompt.strip())]
     return _run(s, args, settings, lines, prompts_total * args.batch_size)
 
 

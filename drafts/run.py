@@ -20,6 +20,7 @@ requests were already seen, which files are done), never the images.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -56,6 +57,7 @@ class RunSettings:
     out: Path | None = None  # --prompt: the file
     out_dir: Path | None = None  # --prompts-file: the draft folder
     loras: tuple = ()  # local.lora.LoraChoice: they make other images, so they name other files
+    seed_sent: bool = True  # api: whether the service receives the seed (config `send_seed`)
 
     @property
     def drafts(self) -> bool:
@@ -72,6 +74,7 @@ class PlannedImage:
     path: Path
     label: str
     key: int  # the same for identical requests (trimmed prompt, size, steps, seed)
+    settings: RunSettings  # the run's, with what this line of a JSONL prompts file overrides
 
 
 @dataclass
@@ -141,9 +144,28 @@ def request_key(prompt: str, s: RunSettings, image: int) -> int:
     return int.from_bytes(hashlib.blake2b(what.encode(), digest_size=8).digest(), "big")
 
 
-def plan(lines: Iterable[tuple[int, str]], s: RunSettings) -> Iterator[PlannedImage]:
-    """One `PlannedImage` per image, lazily: per prompt, the seeds `seed .. seed + batch - 1`."""
-    for line, prompt in lines:
+def line_settings(entry, s: RunSettings) -> RunSettings:
+    """The run's settings with what a prompts-file line (a `PromptLine`) overrides."""
+    changes = {
+        name: value
+        for name, value in (("width", entry.width), ("height", entry.height), ("steps", entry.steps))
+        if value is not None
+    }
+    if entry.seed is not None:
+        changes.update(seed=entry.seed, seed_given=entry.seed)
+    return dataclasses.replace(s, **changes) if changes else s
+
+
+def plan(lines: Iterable, s: RunSettings) -> Iterator[PlannedImage]:
+    """One `PlannedImage` per image, lazily: per prompt, the seeds `seed .. seed + batch - 1`.
+    `lines` holds (line, prompt) pairs or `PromptLine`s (whose overrides apply to their line)."""
+    run_settings = s
+    for entry in lines:
+        if isinstance(entry, tuple):
+            line, prompt = entry
+            s = run_settings
+        else:
+            line, prompt, s = entry.line, entry.prompt, line_settings(entry, run_settings)
         request = GenerationRequest(prompt, s.width, s.height, s.steps, s.seed, s.batch_size)
         tag = settings_tag(prompt, s) if s.drafts else ""
         for b, image_seed in enumerate(request.seeds):
@@ -156,7 +178,7 @@ def plan(lines: Iterable[tuple[int, str]], s: RunSettings) -> Iterator[PlannedIm
                 path = out if s.batch_size == 1 else out.with_name(f"{out.stem}-{b + 1}{out.suffix}")
                 label = f"image {b + 1}"
             label += f" -> {path.name}"
-            yield PlannedImage(line, prompt, image_seed, path, label, request_key(prompt, s, b))
+            yield PlannedImage(line, prompt, image_seed, path, label, request_key(prompt, s, b), s)
 
 
 def png_text(p: PlannedImage, s: RunSettings, request_id: str | None = None) -> dict[str, str]:
@@ -188,7 +210,8 @@ def api_results(settings, s: RunSettings, stop: threading.Event, on_event=None) 
         def requests_in():
             for i, p in enumerate(planned):
                 by_index[i] = p
-                request = GenerationRequest(p.prompt, s.width, s.height, s.steps, p.seed)
+                ps = p.settings
+                request = GenerationRequest(p.prompt, ps.width, ps.height, ps.steps, p.seed)
                 yield image_requests(request, [p.label])[0]
 
         stream = stream_api_images(
@@ -236,9 +259,10 @@ def local_results(spec, s: RunSettings, stop: threading.Event) -> Backend:
         for p in planned:
             if stop.is_set():
                 raise GenerationInterrupted("interrupted")
-            request = GenerationRequest(p.prompt, s.width, s.height, s.steps, p.seed, 1)
+            ps = p.settings
+            request = GenerationRequest(p.prompt, ps.width, ps.height, ps.steps, p.seed, 1)
             try:
-                images, info = generate_local(request, spec, Progress(s.steps, stop_flag=stop))
+                images, info = generate_local(request, spec, Progress(ps.steps, stop_flag=stop))
             except (ModelLoadError, LocalBackendUnavailable) as e:  # the files, not this prompt
                 yield p, e
                 return
@@ -337,7 +361,7 @@ class DraftRun:
 
     def _write(self, p: PlannedImage, result: Finished) -> None:
         """Write one finished image; a disk that refuses it ends the run (the rest would be lost)."""
-        text = png_text(p, self.s, result.request_id)
+        text = png_text(p, p.settings, result.request_id)
         try:
             if result.format == "PNG" and result.data is not None:
                 png_files.save_png_bytes(result.data, p.path, text)
@@ -402,10 +426,12 @@ class DraftRun:
             "seed": p.seed,
             "status": status,
             "file": p.path.name,
-            "width": self.s.width,
-            "height": self.s.height,
-            "steps": self.s.steps,
+            "width": p.settings.width,
+            "height": p.settings.height,
+            "steps": p.settings.steps,
             "backend": self.s.backend,
         }
+        if self.s.backend == "api":  # a re-render from this manifest can reproduce only sent seeds
+            record["seed_sent"] = self.s.seed_sent
         record.update({k: v for k, v in fields.items() if v is not None})
         self.manifest.append(record)
