@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     what = gen.add_argument_group("what to generate")
     one = what.add_mutually_exclusive_group(required=True)
     one.add_argument("--prompt", help=f"the prompt (at most {MAX_PROMPT_CHARS:,} characters)")
-    one.add_argument("--prompts-file", type=Path, help="a UTF-8 text file, one prompt a line (drafts)")
+    one.add_argument(
+        "--prompts-file",
+        type=Path,
+        help='a UTF-8 text file, one prompt a line, or a .jsonl file of {"prompt": ..., "seed": ...} '
+        "objects (a draft folder's manifest.jsonl renders its drafts again) (drafts)",
+    )
     where = gen.add_argument_group("where to write")
     where.add_argument("--out", type=Path, help="the PNG for --prompt (FILE-1.png, ... with --batch-size)")
     where.add_argument("--out-dir", type=Path, help="the draft folder for --prompts-file")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import ClassVar
 
 from . import comfy_bridge
 from .errors import InvalidInputError
@@ -28,6 +29,8 @@ from .local.files import MEMORY_CHOICES, WEIGHT_DTYPE_OPTIONS
 from .local.lora import LORA_FOLDER, STRENGTH_LIMIT, lora_from_comfy
 
 CATEGORY = "image/generation/FLUX Schnell"
+# What the node search also matches (the V1 attribute SEARCH_ALIASES, Comfy-Org/ComfyUI PR #12010)
+SEARCH_WORDS = ("flux", "schnell", "flux.1", "bfl", "draft")
 LOCAL_MODEL_TYPE = "FLUX_SCHNELL_MODEL"
 
 AUTO = "auto"
@@ -48,6 +51,7 @@ class FluxSchnellGenerate:
         "(backend 'local', from the weight files in ComfyUI's models folders)."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES: ClassVar[list[str]] = [*SEARCH_WORDS, "text to image", "txt2img", "imageapi", "generate"]
     FUNCTION = "generate"
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("images", "info")
@@ -207,6 +211,13 @@ class FluxSchnellLocalModel:
         "finds the usual file names. Loaded models are kept between runs."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES: ClassVar[list[str]] = [
+        *SEARCH_WORDS,
+        "model loader",
+        "load checkpoint",
+        "gguf",
+        "local model",
+    ]
     FUNCTION = "select"
     RETURN_TYPES = (LOCAL_MODEL_TYPE,)
     RETURN_NAMES = ("local_model",)
@@ -298,6 +309,7 @@ class FluxSchnellLoRA:
         "strength reads only the LoRA file. A LoRA made for another model is refused by name."
     )
     CATEGORY = CATEGORY
+    SEARCH_ALIASES: ClassVar[list[str]] = [*SEARCH_WORDS, "lora", "lora loader", "load lora"]
     FUNCTION = "apply"
     RETURN_TYPES = (LOCAL_MODEL_TYPE,)
     RETURN_NAMES = ("local_model",)

@@ -98,7 +98,8 @@ def gallery_command(folder: Path) -> int:
 def generate_command(run_settings, prompt: str | None, prompts_file: Path | None, spec=None) -> int:
     """Check, prepare and run one `generate`: `run_settings` is a drafts.run.RunSettings, `spec` the
     local.files.LocalModelSpec for the local backend (None for the api)."""
-    from .prompts import check_prompts_file, read_prompts
+    from .prompts import PromptLine, PromptsFile, check_prompts_file, read_prompt_lines
+    from .run import line_request
 
     template = run_settings.request
     backend = run_settings.backend
@@ -109,32 +110,48 @@ def generate_command(run_settings, prompt: str | None, prompts_file: Path | None
     else:
         _check_output_folder(run_settings.out_dir, "--out-dir")
 
-    # 2. What to generate: every input, every line of a prompts file.
-    def check(text: str) -> None:
-        replace(template, prompt=text).validate(backend)
+    # 2. What to generate: every input, every line of a prompts file (a JSONL line's overrides too).
+    def check(entry: PromptLine) -> None:
+        line_request(entry, run_settings)[0].validate(backend)
 
     if prompt is not None:
-        check(prompt)
-        prompts_total = 1
+        check(PromptLine(1, prompt))
+        found = PromptsFile(1)
     else:
-        check("x")  # size, steps, seed and batch, once, with the file's name out of the message
-        prompts_total = check_prompts_file(prompts_file, lambda _line, text: check(text))
+        check(PromptLine(0, "x"))  # size, steps, seed and batch, once, with the file's name out of it
+        found = check_prompts_file(prompts_file, check)
 
     # 3. What the backend needs: the key (read here, where the program starts) or the packages.
     if backend == "api":
         from ..api.settings import load_settings
 
         api_settings = load_settings()
+        run_settings = replace(run_settings, seed_sent=api_settings.send_seed)
+        if found.seeded and not api_settings.send_seed:
+            log.warning(
+                "%s gives seeds for %d line(s), but the service does not receive seeds (send_seed is "
+                "off in the config): it chooses its own, so these images will not match those seeds.",
+                prompts_file,
+                found.seeded,
+            )
     else:
         from ..local.packages import require_local_packages
 
         require_local_packages()
         api_settings = None
+    if found.unsent_seeds:  # said before anything is paid: a re-render cannot reproduce those drafts
+        log.warning(
+            "%s: the seeds of %d draft(s) were not sent to the service (it chose them), so rendering "
+            "them again makes new images, not these drafts at another quality; the command line's seed "
+            "is used for them.",
+            prompts_file,
+            found.unsent_seeds,
+        )
 
     # 4. Only now: folders, and what a killed run left behind.
     _prepare_folders(run_settings)
-    lines = read_prompts(prompts_file) if prompts_file is not None else [(1, prompt.strip())]
-    return _run(run_settings, api_settings, spec, lines, prompts_total * template.batch_size)
+    lines = read_prompt_lines(prompts_file) if prompts_file is not None else [(1, prompt.strip())]
+    return _run(run_settings, api_settings, spec, lines, found.count * template.batch_size)
 
 
 def _check_out_file(out: Path) -> None:

@@ -1,9 +1,13 @@
 """The review page of a draft folder: `<out-dir>/index.html` and its thumbnails in `<out-dir>/thumbs/`.
 
-A static page that opens from disk (no server, no script, no external asset): a grid of small JPEG
+A static page that opens from disk (no server, no external asset): a grid of small JPEG
 thumbnails, each linking to its full PNG and captioned with its prompts-file line, seed and prompt,
-then the lines that failed with their reasons. The images come from the run manifest
-(drafts/manifest.py; the last record of each file holds) and from any other PNG in the folder
+then the lines that failed with their reasons. Pick and promote: each card has a checkbox (Tab and
+Space reach and tick it; `a` picks all, `n` none), a running count, and the picks export as
+`picks.jsonl` (a download, or copied to the clipboard) in the JSONL prompts format with their seeds
+(drafts/prompts.py; a seed the service never received is left out), beside the command that renders
+them at final quality. The page's one inline script only builds that file. The images come from
+the run manifest (drafts/manifest.py; the last record of each file holds) and from any other PNG in the folder
 (captioned from its text chunks). A run writes each thumbnail as its image arrives; `write_gallery`
 makes the ones that are missing or older than their PNG, then writes the page atomically.
 """
@@ -11,6 +15,7 @@ makes the ones that are missing or older than their PNG, then writes the page at
 from __future__ import annotations
 
 import html
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -21,8 +26,10 @@ from PIL import Image
 
 from .manifest import DONE, FAILED, MANIFEST_NAME, latest_by_file
 from .png_files import THUMBNAIL_SIDE, is_complete_png, read_png_text, save_thumbnail, write_atomically
+from .prompts import seed_was_sent
 
 GALLERY_NAME = "index.html"
+PICKS_NAME = "picks.jsonl"
 THUMBS_DIR = "thumbs"
 MAX_CAPTION_CHARS = 160
 
@@ -37,6 +44,7 @@ class Tile:
     prompt: str
     seed: str
     line: int | None
+    pick: dict  # its line of picks.jsonl: the prompt, and the seed when it made the image
 
 
 @dataclass
@@ -58,7 +66,8 @@ def write_gallery(out_dir: Path) -> GalleryStats:
         if record["status"] == DONE and (out_dir / name).is_file():
             known.add(name)
             line = record.get("line")
-            tiles.append(Tile(name, str(record.get("prompt", "")), str(record.get("seed", "")), line))
+            prompt = str(record.get("prompt", ""))
+            tiles.append(Tile(name, prompt, str(record.get("seed", "")), line, _pick(prompt, record)))
         elif record["status"] == FAILED and not (out_dir / name).is_file():
             failures.append(record)
     tiles.sort(key=lambda t: (t.line if isinstance(t.line, int) else 0, t.file))
@@ -68,7 +77,8 @@ def write_gallery(out_dir: Path) -> GalleryStats:
             text = read_png_text(out_dir / name)
         except (OSError, SyntaxError, ValueError):
             continue  # not a readable PNG: nothing to show
-        tiles.append(Tile(name, text.get("prompt", ""), text.get("seed", ""), None))
+        prompt = text.get("prompt", "")
+        tiles.append(Tile(name, prompt, text.get("seed", ""), None, {"prompt": prompt}))
     failures.sort(key=lambda r: r.get("line") if isinstance(r.get("line"), int) else 0)
 
     made = 0
@@ -83,6 +93,13 @@ def write_gallery(out_dir: Path) -> GalleryStats:
     page = _page(out_dir, shown, failures)
     path = write_atomically(out_dir / GALLERY_NAME, lambda f: f.write(page.encode("utf-8")))
     return GalleryStats(len(shown), len(failures), made, path)
+
+
+def _pick(prompt: str, record: dict) -> dict:
+    seed = record.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed_was_sent(record):
+        return {"prompt": prompt, "seed": seed}
+    return {"prompt": prompt}
 
 
 def _thumbnail_needed(image: Path, thumb: Path) -> bool:
@@ -123,7 +140,63 @@ a { color: inherit; text-decoration: none; }
 table { border-collapse: collapse; margin-top: .5em; }
 td, th { border-bottom: 1px solid #333; padding: 4px 10px; text-align: left; vertical-align: top; }
 td.error { color: #ff9c8f; }
+.picks { position: sticky; top: 0; z-index: 1; background: #16181c; padding: .5em 0 .8em;
+  display: flex; flex-wrap: wrap; gap: .6em; align-items: center; }
+.picks button { font: inherit; padding: 3px 10px; }
+.picks code { background: #22252b; padding: 2px 6px; border-radius: 4px; user-select: all; }
+label.pick { display: block; cursor: pointer; padding: 4px 8px 0; font-size: 12px; }
+figure:has(input:checked) { outline: 3px solid #8fb8ff; }
+:focus-visible { outline: 2px solid #ffd27f; outline-offset: 2px; }
 """
+
+_SCRIPT = """
+(function () {
+  const boxes = Array.from(document.querySelectorAll("input.pick"));
+  const count = document.getElementById("pick-count");
+  const status = document.getElementById("pick-status");
+  function picksText() {
+    return boxes.filter(b => b.checked).map(b => b.dataset.pick + "\\n").join("");
+  }
+  function update() {
+    const n = boxes.filter(b => b.checked).length;
+    count.textContent = n + " of " + boxes.length + " picked";
+    document.getElementById("pick-export").disabled = n === 0;
+    document.getElementById("pick-copy").disabled = n === 0;
+  }
+  function setAll(on) { boxes.forEach(b => { b.checked = on; }); update(); }
+  boxes.forEach(b => b.addEventListener("change", update));
+  document.getElementById("pick-all").addEventListener("click", () => setAll(true));
+  document.getElementById("pick-none").addEventListener("click", () => setAll(false));
+  document.getElementById("pick-export").addEventListener("click", () => {
+    const url = URL.createObjectURL(new Blob([picksText()], {type: "application/x-ndjson"}));
+    const a = document.createElement("a");
+    a.href = url; a.download = "picks.jsonl";
+    document.body.appendChild(a); a.click(); a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+    status.textContent = "picks.jsonl downloaded";
+  });
+  document.getElementById("pick-copy").addEventListener("click", () => {
+    const text = picksText();
+    const done = () => { status.textContent = "copied: paste it into picks.jsonl"; };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(done, () => fallback(text, done));
+    } else { fallback(text, done); }
+  });
+  function fallback(text, done) {
+    const area = document.createElement("textarea");
+    area.value = text; document.body.appendChild(area); area.select();
+    document.execCommand("copy"); area.remove(); done();
+  }
+  document.addEventListener("keydown", e => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.target.tagName === "TEXTAREA") return;
+    if (e.key === "a") { setAll(true); e.preventDefault(); }
+    if (e.key === "n") { setAll(false); e.preventDefault(); }
+  });
+  update();
+})();
+"""
+
+PROMOTE_COMMAND = "flux-schnell generate --prompts-file picks.jsonl --steps 8 --out-dir finals"
 
 
 def _page(out_dir: Path, tiles: list[Tile], failures: list[dict]) -> str:
@@ -136,7 +209,16 @@ def _page(out_dir: Path, tiles: list[Tile], failures: list[dict]) -> str:
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="summary">{len(tiles)} image(s), {len(failures)} failed line(s); written '
         f"{time.strftime('%Y-%m-%d %H:%M')} by comfyui-flux-schnell. Click a picture for the full "
-        "image.</p>",
+        "image; tick the ones to render again at final quality.</p>",
+        '<div class="picks" role="toolbar" aria-label="picks">',
+        '<span id="pick-count" aria-live="polite">0 picked</span>',
+        '<button type="button" id="pick-all" title="key: a">Select all</button>',
+        '<button type="button" id="pick-none" title="key: n">Select none</button>',
+        f'<button type="button" id="pick-export">Export {PICKS_NAME}</button>',
+        '<button type="button" id="pick-copy">Copy to clipboard</button>',
+        '<span id="pick-status" aria-live="polite"></span>',
+        f"<span>then: <code>{html.escape(PROMOTE_COMMAND)}</code></span>",
+        "</div>",
         '<div class="grid">',
     ]
     for tile in tiles:
@@ -148,7 +230,10 @@ def _page(out_dir: Path, tiles: list[Tile], failures: list[dict]) -> str:
             f'width="{THUMBNAIL_SIDE}" height="{THUMBNAIL_SIDE}"></a>'
             f'<figcaption><span class="where">{where}</span> · seed {html.escape(tile.seed)}<br>'
             f'<span title="{html.escape(tile.prompt)}">{html.escape(_cut(tile.prompt))}</span>'
-            "</figcaption></figure>"
+            "</figcaption>"
+            f'<label class="pick"><input type="checkbox" class="pick" '
+            f'data-pick="{html.escape(json.dumps(tile.pick, ensure_ascii=False))}" '
+            f'aria-label="pick {where}"> pick</label></figure>'
         )
     parts.append("</div>")
     if failures:
@@ -164,5 +249,5 @@ def _page(out_dir: Path, tiles: list[Tile], failures: list[dict]) -> str:
                 f'<td class="error">{html.escape(str(record.get("error", "")))}</td></tr>'
             )
         parts.append("</table>")
-    parts.append("</body></html>\n")
+    parts.append(f"<script>{_SCRIPT}</script></body></html>\n")
     return "\n".join(parts)

@@ -52,6 +52,7 @@ class RunSettings:
     out: Path | None = None  # --prompt: the file
     out_dir: Path | None = None  # --prompts-file: the draft folder
     loras: tuple = ()  # local.lora.LoraChoice: they make other images, so they name other files
+    seed_sent: bool = True  # api: whether the service receives the seed (config `send_seed`)
 
     @property
     def drafts(self) -> bool:
@@ -68,6 +69,7 @@ class PlannedImage:
     path: Path
     label: str
     key: int  # the same for identical requests (trimmed prompt, size, steps, seed)
+    request: GenerationRequest  # its line's: the template with the prompt and the line's overrides
 
 
 @dataclass
@@ -106,11 +108,10 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "prompt"
 
 
-def settings_tag(prompt: str, run_settings: RunSettings) -> str:
+def settings_tag(request: GenerationRequest, run_settings: RunSettings, seed_given: int | None) -> str:
     """8 hex digits naming what makes the image: prompt, size, steps, backend, the given seed."""
-    template = run_settings.request
-    what = [prompt, template.width, template.height, template.steps, run_settings.backend]
-    what.append(run_settings.seed_given)
+    what = [request.prompt, request.width, request.height, request.steps, run_settings.backend]
+    what.append(seed_given)
     if run_settings.loras:  # a LoRA makes another image (names without LoRAs stay as they were)
         what.append(_lora_names(run_settings))
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:8]
@@ -120,21 +121,39 @@ def _lora_names(run_settings: RunSettings) -> list:
     return [[str(choice.path), choice.strength] for choice in run_settings.loras]
 
 
-def request_key(prompt: str, run_settings: RunSettings, image: int) -> int:
+def request_key(request: GenerationRequest, run_settings: RunSettings, image: int) -> int:
     """64 bits that identify a request: equal for the same trimmed prompt, size, steps and seed."""
-    template = run_settings.request
-    what = [prompt.strip(), template.width, template.height, template.steps, run_settings.backend]
-    what += [template.seed, image, _lora_names(run_settings)]
+    what = [request.prompt.strip(), request.width, request.height, request.steps, run_settings.backend]
+    what += [request.seed, image, _lora_names(run_settings)]
     return int.from_bytes(hashlib.blake2b(json.dumps(what).encode(), digest_size=8).digest(), "big")
 
 
-def plan(lines: Iterable[tuple[int, str]], run_settings: RunSettings) -> Iterator[PlannedImage]:
-    """One `PlannedImage` per image, lazily: per prompt, the seeds `seed .. seed + batch - 1`."""
+def line_request(entry, run_settings: RunSettings) -> tuple[GenerationRequest, int | None]:
+    """A prompts-file line's request (the template with its prompt and what a JSONL line, a
+    `drafts.prompts.PromptLine`, overrides) and the seed that names its files."""
+    changes = {"prompt": entry.prompt}
+    for name, value in (("width", entry.width), ("height", entry.height), ("steps", entry.steps)):
+        if value is not None:
+            changes[name] = value
+    seed_given = run_settings.seed_given
+    if entry.seed is not None:
+        changes["seed"] = seed_given = entry.seed
+    return replace(run_settings.request, **changes), seed_given
+
+
+def plan(lines: Iterable, run_settings: RunSettings) -> Iterator[PlannedImage]:
+    """One `PlannedImage` per image, lazily: per prompt, the seeds `seed .. seed + batch - 1`.
+    `lines` holds `(line, prompt)` pairs or `PromptLine`s (whose overrides apply to their line)."""
     drafts = run_settings.drafts
     batch = run_settings.request.batch_size
-    for line, prompt in lines:
-        request = replace(run_settings.request, prompt=prompt)
-        tag = settings_tag(prompt, run_settings) if drafts else ""
+    for entry in lines:
+        if isinstance(entry, tuple):
+            line, prompt = entry
+            request, seed_given = replace(run_settings.request, prompt=prompt), run_settings.seed_given
+        else:
+            line, prompt = entry.line, entry.prompt
+            request, seed_given = line_request(entry, run_settings)
+        tag = settings_tag(request, run_settings, seed_given) if drafts else ""
         for b, image_seed in enumerate(request.seeds):
             if drafts:
                 suffix = "" if batch == 1 else f"-{b + 1}"
@@ -145,12 +164,13 @@ def plan(lines: Iterable[tuple[int, str]], run_settings: RunSettings) -> Iterato
                 path = out if batch == 1 else out.with_name(f"{out.stem}-{b + 1}{out.suffix}")
                 label = f"image {b + 1}"
             label += f" -> {path.name}"
-            yield PlannedImage(line, prompt, image_seed, path, label, request_key(prompt, run_settings, b))
+            key = request_key(request, run_settings, b)
+            yield PlannedImage(line, prompt, image_seed, path, label, key, request)
 
 
-def image_request(planned: PlannedImage, run_settings: RunSettings) -> GenerationRequest:
-    """The request for one planned image: the template with its prompt and seed, one image."""
-    return replace(run_settings.request, prompt=planned.prompt, seed=planned.seed, batch_size=1)
+def image_request(planned: PlannedImage) -> GenerationRequest:
+    """The request for one planned image: its line's request with its own seed, one image."""
+    return replace(planned.request, seed=planned.seed, batch_size=1)
 
 
 def png_text_for(
@@ -161,7 +181,7 @@ def png_text_for(
         "prompt": planned.prompt,
         "seed": str(planned.seed),
         "model": MODEL_NAME,
-        "steps": str(run_settings.request.steps),
+        "steps": str(planned.request.steps),
         "backend": run_settings.backend,
         "software": f"comfyui-flux-schnell {__version__}",
     }
@@ -185,7 +205,7 @@ def api_backend(api_settings, run_settings: RunSettings, stop: threading.Event, 
         def requests_in():
             for i, one in enumerate(planned):
                 by_index[i] = one
-                yield image_requests(image_request(one, run_settings), [one.label])[0]
+                yield image_requests(image_request(one), [one.label])[0]
 
         stream = stream_api_images(
             requests_in(),
@@ -218,7 +238,7 @@ def local_backend(spec, run_settings: RunSettings, stop: threading.Event) -> Bac
         for p in planned:
             if stop.is_set():
                 raise GenerationInterrupted("interrupted")
-            request = image_request(p, run_settings)
+            request = image_request(p)
             try:
                 images, info = generate_local(request, spec, Progress(request.steps, stop_flag=stop))
             except (ModelLoadError, LocalBackendUnavailable) as e:  # the files, not this prompt
@@ -384,10 +404,12 @@ class DraftRun:
             "seed": p.seed,
             "status": status,
             "file": p.path.name,
-            "width": self.settings.request.width,
-            "height": self.settings.request.height,
-            "steps": self.settings.request.steps,
+            "width": p.request.width,
+            "height": p.request.height,
+            "steps": p.request.steps,
             "backend": self.settings.backend,
         }
+        if self.settings.backend == "api":  # a re-render from this manifest can reproduce only sent seeds
+            record["seed_sent"] = self.settings.seed_sent
         record.update({k: v for k, v in fields.items() if v is not None})
         self.manifest.append(record)

@@ -589,3 +589,71 @@ def test_config_lists_every_setting_with_its_source_even_without_a_key(
     assert f"max_billed_retries: 1  (from config file {config})" in out
     assert "request_timeout_s: 120.0  (from the default)" in out
     assert "min_call_s:      30.0  (from the default)" in out
+
+
+# --- JSONL prompts files: per-line overrides, a draft folder's manifest rendered again ---------------
+
+
+def test_jsonl_lines_override_the_command_line(fake_api, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"prompt": "fox"}\n{"prompt": "owl", "width": 512, "height": 256, "num_inference_steps": 8}\n'
+    )
+    args = ["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "d")]
+    assert main([*args, "--width", "256", "--height", "256", "--seed", "3"]) == 0
+    sent = {r.prompt: r.json for r in fake_api.requests}
+    assert (sent["fox"]["width"], sent["fox"]["height"], sent["fox"]["num_inference_steps"]) == (256, 256, 4)
+    assert (sent["owl"]["width"], sent["owl"]["height"], sent["owl"]["num_inference_steps"]) == (512, 256, 8)
+    records = {r["prompt"]: r for r in map(json.loads, (tmp_path / "d" / "manifest.jsonl").open())}
+    assert (records["owl"]["width"], records["owl"]["steps"]) == (512, 8)
+    assert records["owl"]["seed_sent"] is False  # the default config sends no seed
+
+
+def test_a_bad_jsonl_field_is_refused_before_anything_is_paid(fake_api, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"prompt": "fox"}\n{"prompt": "owl", "num_inference_steps": 9}\n{"prompt": "x", "cfg": 1}\n'
+    )
+    assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "d")]) == 2
+    assert "line 2: num_inference_steps must be between 1 and 8" in capsys.readouterr().err
+    assert fake_api.generate_calls == 0
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_manifest_renders_its_drafts_again_with_their_seeds(fake_api, tmp_path, capsys):
+    config = tmp_path / "flux_schnell_config.json"
+    config.write_text('{"send_seed": true}')
+    config.chmod(0o600)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("fox\nowl\nfox\n")
+    drafts, finals = tmp_path / "drafts", tmp_path / "finals"
+    assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(drafts), "--seed", "40"]) == 0
+    draft_seeds = {r.prompt: r.json["seed"] for r in fake_api.requests}
+    fake_api.requests.clear()
+    manifest = drafts / "manifest.jsonl"
+    assert main(["generate", "--prompts-file", str(manifest), "--steps", "8", "--out-dir", str(finals)]) == 0
+    assert "not sent" not in capsys.readouterr().err
+    final = {r.prompt: r.json for r in fake_api.requests}
+    assert {p: j["seed"] for p, j in final.items()} == draft_seeds  # the duplicate line is not drafted
+    assert {j["num_inference_steps"] for j in final.values()} == {8}
+    assert len(list(finals.glob("*.png"))) == 2
+
+
+def test_drafts_whose_seeds_were_not_sent_are_named_before_anything_is_paid(fake_api, tmp_path, caplog):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("fox\nowl\n")
+    drafts = tmp_path / "drafts"
+    assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(drafts)]) == 0
+    warned_when_paid = []
+
+    def answer(req, fake):
+        warned_when_paid.append(any("were not sent" in r.getMessage() for r in caplog.records))
+        return Reply.image(request_image(req))
+
+    fake_api.set_default(answer)
+    assert (
+        main(["generate", "--prompts-file", str(drafts / "manifest.jsonl"), "--out-dir", str(tmp_path / "f")])
+        == 0
+    )
+    assert warned_when_paid == [True, True]
+    assert "the seeds of 2 draft(s) were not sent to the service" in caplog.text

@@ -38,7 +38,11 @@ class Page(HTMLParser):
         for name in ("src", "href"):
             if name in attrs:
                 self.urls.append(attrs[name])
-        if tag in ("link", "script") or (tag == "img" and "://" in attrs.get("src", "")):
+        if (
+            tag == "link"
+            or (tag == "script" and "src" in attrs)
+            or (tag == "img" and "://" in attrs.get("src", ""))
+        ):
             self.urls.append("EXTERNAL:" + str(attrs))
         if tag == "figure":
             self._figure = {"caption": ""}
@@ -196,3 +200,14 @@ def test_every_image_loads_in_headless_chromium(draft_folder):
     ).stdout
     report = json.loads(dom.split('<pre id="check">', 1)[1].split("</pre>", 1)[0])
     assert report == {"images": 6, "broken": []}  # three thumbnails, three full images
+
+
+def test_picks_hold_a_seed_only_where_the_service_received_it(draft_folder):
+    import html as html_module
+    import re
+
+    page = (draft_folder / "index.html").read_text(encoding="utf-8")
+    picks = [json.loads(html_module.unescape(m)) for m in re.findall(r'data-pick="([^"]*)"', page)]
+    assert len(picks) == 3
+    assert all("seed" not in pick for pick in picks)  # the default config sends no seed
+    assert {"prompt": "a red fox"} in picks

@@ -3,11 +3,17 @@ reading it lazily (a file of any length is never held in memory)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 from comfyui_flux_schnell.drafts import prompts as drafts_prompts
-from comfyui_flux_schnell.drafts.prompts import check_prompts_file, read_prompts
+from comfyui_flux_schnell.drafts.prompts import (
+    PromptLine,
+    check_prompts_file,
+    read_prompt_lines,
+    read_prompts,
+)
 from comfyui_flux_schnell.errors import InvalidInputError
 from comfyui_flux_schnell.generation import MAX_PROMPT_CHARS
 
@@ -16,7 +22,7 @@ def test_prompts_comments_blank_lines_and_a_byte_order_mark(tmp_path):
     path = tmp_path / "p.txt"
     path.write_bytes("\ufeff# drafts\r\n  a cat  \r\n\r\n#not this\ndog\n   # indented comment\nowl".encode())
     assert list(read_prompts(path)) == [(2, "a cat"), (5, "dog"), (7, "owl")]
-    assert check_prompts_file(path) == 3
+    assert check_prompts_file(path).count == 3
 
 
 def test_not_utf8_names_the_line(tmp_path):
@@ -61,8 +67,8 @@ def test_a_prompt_the_check_refuses_names_its_line(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("short\n" + "y" * (MAX_PROMPT_CHARS + 1) + "\n")
 
-    def check(line, prompt):
-        if len(prompt) > MAX_PROMPT_CHARS:
+    def check(entry):
+        if len(entry.prompt) > MAX_PROMPT_CHARS:
             raise InvalidInputError("too long")
 
     with pytest.raises(InvalidInputError, match=r"p\.txt, line 2: too long"):
@@ -84,3 +90,66 @@ def test_a_100000_line_file_is_read_lazily(tmp_path):
     frame = lines.gi_frame  # the generator's own file: only the first buffer has been read
     assert frame.f_locals["f"].tell() <= 64 * 1024 < path.stat().st_size
     assert sum(1 for _ in lines) == 99_999
+
+
+# --- JSONL prompts files ----------------------------------------------------------------------------
+
+
+def test_jsonl_lines_with_their_overrides(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        '{"prompt": " a fox "}\n\n# a comment\n'
+        '{"prompt": "owl", "seed": 7, "width": 512, "height": 256, "num_inference_steps": 8}\n'
+    )
+    assert list(read_prompt_lines(path)) == [
+        PromptLine(1, "a fox"),
+        PromptLine(4, "owl", seed=7, width=512, height=256, steps=8),
+    ]
+    assert check_prompts_file(path).count == 2
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"prompt": "fox", "negative_prompt": "x"}', r"line 2: unknown field 'negative_prompt'"),
+        ('{"seed": 3}', r"line 2: no 'prompt'"),
+        ('{"prompt": 5}', r"line 2: 'prompt' is a int"),
+        ('{"prompt": "fox", "seed": "3"}', r"line 2: 'seed' must be a whole number; got \"3\""),
+        ('{"prompt": "fox", "width": 512.5}', r"line 2: 'width' must be a whole number"),
+        ('{"prompt": "fox", "seed": true}', r"line 2: 'seed' must be a whole number; got true"),
+        ('["fox"]', r"line 2: a JSON list, not an object"),
+        ("fox", r"line 2: not a JSON object"),
+    ],
+)
+def test_jsonl_refusals_name_the_line_and_the_field(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "ok"}\n' + line + "\n")
+    with pytest.raises(InvalidInputError, match=message):
+        check_prompts_file(path)
+
+
+def test_a_text_file_is_not_read_as_json(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text('{"prompt": "fox"}\n')
+    assert list(read_prompt_lines(path)) == [PromptLine(1, '{"prompt": "fox"}')]
+
+
+def test_a_manifest_gives_its_done_lines_with_their_seeds(tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    records = [
+        {"line": 1, "prompt": "fox", "seed": 11, "status": "done", "backend": "local", "steps": 4},
+        {"line": 2, "prompt": "owl", "seed": 12, "status": "failed", "backend": "local", "error": "x"},
+        {"line": 3, "prompt": "fox", "seed": 11, "status": "duplicate", "duplicate_of": 1},
+        {"line": 4, "prompt": "cat", "seed": 14, "status": "done", "backend": "api", "seed_sent": True},
+        {"line": 5, "prompt": "elk", "seed": 15, "status": "done", "backend": "api", "seed_sent": False},
+        {"line": 6, "prompt": "emu", "seed": 16, "status": "done", "backend": "api"},  # older manifests
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"line": 7, "prom')  # torn by a kill
+    assert list(read_prompt_lines(path)) == [
+        PromptLine(1, "fox", seed=11),  # steps and size come from the command line
+        PromptLine(4, "cat", seed=14),
+        PromptLine(5, "elk", seed_sent=False),
+        PromptLine(6, "emu", seed_sent=False),
+    ]
+    found = check_prompts_file(path)
+    assert (found.count, found.unsent_seeds) == (4, 2)

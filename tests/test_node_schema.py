@@ -235,3 +235,13 @@ def test_info_is_json_without_empty_fields():
     assert data["seconds"] == 1.235
     assert data["request_ids"] == ["a", None]
     assert "device" not in data
+
+
+def test_every_node_has_search_aliases(comfy_package):
+    for name, node in comfy_package.NODE_CLASS_MAPPINGS.items():
+        aliases = node.__dict__.get("SEARCH_ALIASES")  # on the class itself, as ComfyUI reads it
+        assert isinstance(aliases, list), name
+        assert aliases, name
+        assert all(isinstance(a, str) and a == a.strip() and a for a in aliases), name
+        assert len(set(aliases)) == len(aliases), name
+        assert {"flux", "schnell"} <= set(aliases), name
