@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import Linear, cast_to, compute_weight
+from .ops import Linear, cast_to, stored_linear
 from .rope import apply_rope
 
 NORM_EPS = 1e-6  # LayerNorm and QK RMSNorm epsilon of the reference
@@ -42,9 +42,7 @@ def linear_part(
 ) -> Tensor:
     """`layer` restricted to some output rows / input columns of its stored weight (a view of a plain
     weight; only those rows of a GGUF one are dequantized)."""
-    weight = compute_weight(layer, x, rows, cols)
-    with_bias = bias and layer.bias is not None
-    out = F.linear(x, weight, cast_to(layer.bias[rows], x) if with_bias else None)
+    out = stored_linear(layer, x, rows, cols, bias)
     return out if layer.lora is None else layer.lora.add_to(out, x, rows, cols)
 
 
