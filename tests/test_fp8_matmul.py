@@ -60,7 +60,8 @@ def test_each_layer_within_tolerance_of_the_upcast_product(monkeypatch, how, sca
     x = torch.randn(2, 7, 160) * torch.logspace(-2, 1, 7)[:, None]  # rows of very different sizes
     expected = upcast_product(layer, x)
     got = fp8_matmul.fp8_linear(x, layer.weight, layer._buffers.get("weight_scale"), layer.bias, how)
-    assert got.shape == (2, 7, 96) and got.dtype == x.dtype
+    assert got.shape == (2, 7, 96)
+    assert got.dtype == x.dtype
     assert not torch.equal(got, expected)  # the input really was quantized
     assert rel_error(got, expected) < LAYER_TOLERANCE
 
@@ -75,9 +76,11 @@ def test_marked_layers_take_scaled_mm_only_when_usable(monkeypatch):
     assert torch.equal(layer(x), upcast_product(layer, x))  # not marked: upcast as before
     assert fp8_matmul.enable(torch.nn.Sequential(layer, Linear(4, 4))) == 1  # fp32 weight: left alone
     out = layer(x)
-    assert calls == [1] and rel_error(out, upcast_product(layer, x)) < LAYER_TOLERANCE
+    assert calls == [1]
+    assert rel_error(out, upcast_product(layer, x)) < LAYER_TOLERANCE
     monkeypatch.setenv(fp8_matmul.ENV, "off")
-    assert torch.equal(layer(x), upcast_product(layer, x)) and calls == [1]
+    assert torch.equal(layer(x), upcast_product(layer, x))
+    assert calls == [1]
 
 
 def test_row_and_column_parts_of_a_marked_layer(monkeypatch):
@@ -98,7 +101,8 @@ def test_without_the_hardware_it_says_so_once_and_upcasts(monkeypatch, caplog):
         assert not fp8_matmul.usable(torch.device("cpu"))
         assert not fp8_matmul.usable(torch.device("cpu"))
     said = [r for r in caplog.records if "capability 8.9" in r.getMessage()]
-    assert len(said) == 1 and "as fp8_e4m3fn" in said[0].getMessage()
+    assert len(said) == 1
+    assert "as fp8_e4m3fn" in said[0].getMessage()
     monkeypatch.setenv(fp8_matmul.ENV, "force")
     assert fp8_matmul.usable(torch.device("cpu"))
 
@@ -118,5 +122,6 @@ def test_end_to_end_image_close_to_the_fp8_one(tmp_path, monkeypatch):
         fast, _ = run(spec_for(files, tmp_path, weight_dtype="fp8_e4m3fn_fast"), seed=4)
     finally:
         local_backend.release_models()
-    assert plain.std() > 0 and not torch.equal(plain, fast)
+    assert plain.std() > 0
+    assert not torch.equal(plain, fast)
     assert psnr(fast, plain) > IMAGE_PSNR_DB
