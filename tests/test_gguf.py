@@ -13,7 +13,7 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="the GGUF tests compare with the gguf package")
 from comfyui_flux_schnell.errors import ModelLoadError
-from comfyui_flux_schnell.flux import gguf_quants, loading, ops, sampling
+from comfyui_flux_schnell.flux import gguf_quants, loading, ops
 from comfyui_flux_schnell.flux.checkpoint import inspect_file
 from comfyui_flux_schnell.flux.gguf_file import read_gguf_header
 from comfyui_flux_schnell.flux.model import Flux
@@ -21,29 +21,10 @@ from comfyui_flux_schnell.flux.t5 import T5Encoder
 from comfyui_flux_schnell.local.models import Placed, module_bytes
 from support import tiny_gguf as tg
 from support import tiny_models as tm
+from support.reference_networks import flux_inputs, reference, t5_ids
 
 BLOCK_TYPES = [t for t in tg.GGUF_TYPES if t not in ("F32", "F16", "BF16")]
 WIDE_T5 = replace(tm.TINY_T5, d_model=256, d_kv=128, d_ff=256)  # rows of whole 256-value blocks
-
-
-def reference(build, config, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The network with the decoded (fp32) weights: what a GGUF network must compute exactly."""
-    with torch.device("meta"):
-        model = build(config)
-    model.load_state_dict(weights, assign=True)
-    return model.requires_grad_(False).eval()
-
-
-def flux_inputs(params, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    img = torch.randn(1, 16, params.in_channels, generator=g)  # a 64x64 image: 4x4 packed tokens
-    txt = torch.randn(1, 8, params.context_in_dim, generator=g)
-    vec = torch.randn(1, params.vec_in_dim, generator=g)
-    return img, sampling.image_ids(1, 64, 64), txt, sampling.text_ids(1, 8), torch.tensor([0.7]), vec
-
-
-def t5_ids(config, seed=0):
-    return torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
 # --- decoding -------------------------------------------------------------------------------------
