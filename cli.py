@@ -145,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--clip-tokenizer", type=Path, help="folder with the CLIP tokenizer")
     local.add_argument(
         "--dtype",
-        choices=("as-stored", "bf16", "fp8_e4m3fn"),
+        choices=("as-stored", "bf16", "fp8_e4m3fn", "fp8_e4m3fn_fast"),
         default="as-stored",
-        help="how transformer and T5 weights are kept in memory",
+        help="how transformer and T5 weights are kept in memory; fp8_e4m3fn_fast also multiplies the "
+        "transformer's fp8 weights as fp8 (GPUs of compute capability 8.9+, else as fp8_e4m3fn)",
     )
     local.add_argument("--device", help="cuda, cuda:1, cpu (default: the first GPU, else cpu)")
     local.add_argument(

@@ -267,7 +267,9 @@ class FluxSchnellLocalModel:
                         "default": "as stored",
                         "tooltip": "How the transformer and T5 weights are kept in memory. "
                         "fp8_e4m3fn halves the memory of bf16 (about 12 GB instead of 24 GB for "
-                        "the transformer); the arithmetic still runs in bf16.",
+                        "the transformer); the arithmetic still runs in bf16. fp8_e4m3fn_fast also "
+                        "multiplies the transformer's fp8 weights as fp8 (RTX 40xx, L4, H100 and newer: "
+                        "faster, slightly less exact); other GPUs compute it as fp8_e4m3fn.",
                     },
                 ),
                 "memory": (

@@ -147,8 +147,10 @@ def write_lora(path: Path, transformer: dict[str, torch.Tensor], rank: int) -> P
 
 
 def write_files(folder: Path, config: dict, device: torch.device, with_gguf: bool) -> dict[str, Path]:
-    from tests.support.tiny_gguf import llama_t5_name
     from tests.support.tiny_tokenizers import write_flux_repo_tree
+
+    if with_gguf:  # the gguf package (the writer) only when the GGUF rows run: --no-gguf runs without it
+        from tests.support.tiny_gguf import llama_t5_name
 
     clip_tok, t5_tok = write_flux_repo_tree(folder)
     files = {"clip_tokenizer": clip_tok, "t5_tokenizer": t5_tok}

@@ -24,8 +24,8 @@ from .tokenizers import PromptTokenizer, check_prompts
 def t5_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     """The dtype T5 computes in when `dtype` is wanted: bf16 or fp32, never fp16.
 
-    fp32 stays fp32 and bf16 stays bf16; fp16 becomes bf16 where the device supports it (CUDA with
-    bf16, or the CPU) and fp32 otherwise.
+    fp32 stays fp32 and bf16 stays bf16; fp16 becomes bf16 where the device has it natively (CUDA
+    Ampere or newer, AMD, or the CPU) and fp32 otherwise (Turing, Volta).
     """
     if dtype in (torch.float32, torch.bfloat16):
         return dtype
@@ -34,7 +34,9 @@ def t5_compute_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dt
             f"text encoder dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}"
         )
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    # The capability, not `is_bf16_supported()`, which also says yes for emulated bf16 (Turing, Volta)
+    nvidia = device.type == "cuda" and torch.version.hip is None
+    if nvidia and torch.cuda.get_device_capability(device)[0] < 8:
         return torch.float32
     return torch.bfloat16
 

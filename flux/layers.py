@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import Linear, cast_to, compute_weight
+from .ops import Linear, cast_to, stored_linear
 from .rope import apply_rope
 
 NORM_EPS = 1e-6  # LayerNorm and QK RMSNorm epsilon of the reference
@@ -42,9 +42,7 @@ def linear_part(
 ) -> Tensor:
     """`layer` restricted to some output rows / input columns of its stored weight (a view of a plain
     weight; only those rows of a GGUF one are dequantized)."""
-    weight = compute_weight(layer, x, rows, cols)
-    with_bias = bias and layer.bias is not None
-    out = F.linear(x, weight, cast_to(layer.bias[rows], x) if with_bias else None)
+    out = stored_linear(layer, x, rows, cols, bias)
     return out if layer.lora is None else layer.lora.add_to(out, x, rows, cols)
 
 
@@ -136,6 +134,24 @@ class SelfAttention(nn.Module):
         return qkv_heads(self.qkv(x), self.num_heads, self.norm, pe)
 
 
+FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
+
+
+def keep_finite(x: Tensor) -> Tensor:
+    """In fp16, the residual stream `x` with inf/-inf at +-65504 and NaN at 0; other dtypes as they are.
+
+    FLUX's residual streams grow past fp16's range in some blocks (huggingface/diffusers#9096). The
+    known fix clips them after each block: diffusers after the text stream of its double blocks and
+    after its single blocks (https://github.com/huggingface/diffusers/pull/9097,
+    `transformer_flux.py`); ComfyUI with `nan_to_num` on `txt` after each double block and on the
+    stream after each single block (https://github.com/comfyanonymous/ComfyUI, `comfy/ldm/flux/layers.py`).
+    Here both streams of a double block are kept finite, and the joint one after a single block.
+    """
+    if x.dtype != torch.float16:
+        return x
+    return torch.nan_to_num(x, nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX)
+
+
 def mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
     """Linear -> GELU(tanh) -> Linear, keys `0` and `2` as in the reference."""
     return nn.Sequential(Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"), Linear(mlp_hidden, hidden))
@@ -165,7 +181,7 @@ class DoubleStreamBlock(nn.Module):
         del attn
         img = torch.addcmul(img, img_g2, self.img_mlp(modulate(img, img_sh2, img_sc2)))
         txt = torch.addcmul(txt, txt_g2, self.txt_mlp(modulate(txt, txt_sh2, txt_sc2)))
-        return img, txt
+        return keep_finite(img), keep_finite(txt)
 
     def joint_heads(self, img: Tensor, txt: Tensor, pe: Tensor) -> list[Tensor]:
         """Modulated img (B, N, D), txt (B, L, D) -> joint q, k, v, each (B, L + N, H, D/H), text first."""
@@ -203,7 +219,7 @@ class SingleStreamBlock(nn.Module):
         del x_mod
         out = linear_part(self.linear2, attn, cols=slice(width), bias=False)  # (B, L, D)
         out += linear_part(self.linear2, mlp, cols=slice(width, None))
-        return torch.addcmul(x, gate, out)
+        return keep_finite(torch.addcmul(x, gate, out))
 
 
 class LastLayer(nn.Module):

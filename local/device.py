@@ -7,7 +7,7 @@ import torch
 from .. import comfy_bridge
 from ..errors import LocalBackendUnavailable
 
-__all__ = ["check_device_can_hold", "compute_dtype", "pick_device"]
+__all__ = ["check_device_can_hold", "compute_dtype", "decode_dtype", "pick_device"]
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -30,17 +30,26 @@ def pick_device(requested: str | None) -> torch.device:
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs with native bf16 (NVIDIA Ampere or newer, AMD, Intel), else fp32.
+    """bf16 on GPUs with native bf16 (NVIDIA Ampere or newer, AMD, Intel), fp16 on older NVIDIA GPUs
+    (Turing, Volta: tensor cores for fp16 only), else fp32.
 
-    Never fp16: FLUX's activations overflow it. `torch.cuda.is_bf16_supported()` also says yes
-    for emulated bf16 (Turing, Volta), which is slow, so the capability is asked instead.
+    `torch.cuda.is_bf16_supported()` also says yes for emulated bf16 (Turing, Volta), which is slow,
+    so the capability is asked instead. In fp16 the transformer keeps its residual streams finite
+    (`flux.layers.keep_finite`), T5 still computes in fp32 (`flux.conditioning.t5_compute_dtype`) and
+    the autoencoder decodes in fp32 (`decode_dtype`); fp32 throughout is 4-6x slower on those cards.
     """
     if device.type == "cuda":
         native = torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if native else torch.float16
     if device.type == "xpu":
         return torch.bfloat16
     return torch.float32
+
+
+def decode_dtype(compute: torch.dtype) -> torch.dtype:
+    """The autoencoder's dtype for a run in `compute`: fp32 in place of fp16, whose range its decoder
+    activations may leave (ComfyUI, too, decodes FLUX latents in fp32 on GPUs without bf16)."""
+    return torch.float32 if compute == torch.float16 else compute
 
 
 def check_device_can_hold(models, device: torch.device) -> None:

@@ -21,7 +21,7 @@ from ..errors import InvalidInputError, LocalBackendUnavailable
 from ..flux.components import CHECKPOINT_PATTERNS, COMPONENTS, Component
 from .lora import LoraChoice
 
-WEIGHT_DTYPE_OPTIONS = ("as stored", "bf16", "fp8_e4m3fn")
+WEIGHT_DTYPE_OPTIONS = ("as stored", "bf16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
 """How the transformer and T5 weights are kept in memory (the loader node's and --dtype's choices)."""
 MEMORY_CHOICES = ("auto", "keep on GPU", "offload to CPU", "free after run")
 
@@ -151,7 +151,7 @@ def _find(component: Component, weight_dtype: str = "as stored") -> tuple[Path |
     """The first file of a usual name in the component's ComfyUI folders."""
     folders = [Path(p) for f in component.folders for p in comfy_bridge.model_folder_paths(f)]
     patterns = component.patterns
-    if weight_dtype == "fp8_e4m3fn":  # prefer a file that is already fp8
+    if weight_dtype.startswith("fp8_e4m3fn"):  # prefer a file that is already fp8
         patterns = tuple(p.replace("*.", "*fp8*.") for p in patterns if "*" in p) + patterns
     where = (
         f"{' or '.join(patterns[:3])} in {', '.join(map(str, folders))}"

@@ -32,7 +32,13 @@ __all__ = [
 ]
 
 # local.files.WEIGHT_DTYPE_OPTIONS -> the dtype weights are converted to at load (None: as stored)
-LOAD_DTYPE_OF_OPTION = {"as stored": None, "bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}
+LOAD_DTYPE_OF_OPTION = {
+    "as stored": None,
+    "bf16": torch.bfloat16,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e4m3fn_fast": torch.float8_e4m3fn,  # and the transformer's fp8 layers multiply as fp8
+}
+FP8_MATMUL_OPTIONS = ("fp8_e4m3fn_fast",)
 T5_MAX_LENGTH = 256  # FLUX.1 [schnell] encodes 256 T5 tokens (dev: 512)
 CLIP_MAX_LENGTH = 77
 
@@ -148,7 +154,7 @@ class ModelCache:
     def load(self, files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, bool]:
         """The models for these files and dtype, and whether they had to be loaded (the caller
         holds `lock`). A different set is released first, so two never share the memory."""
-        from ..flux import loading, tokenizers
+        from ..flux import fp8_matmul, loading, tokenizers
 
         stamps = file_stamps(files)
         cached = self.loaded
@@ -163,6 +169,10 @@ class ModelCache:
         loading.check_files_compatible(files.transformer, files.t5, files.clip, files.ae)
         narrow = LOAD_DTYPE_OF_OPTION[weight_dtype]
         self.drop()
+        transformer = loading.load_transformer(files.transformer, weight_dtype=narrow)
+        if weight_dtype in FP8_MATMUL_OPTIONS:
+            count = fp8_matmul.enable(transformer)
+            log.info("fp8 matrix products for %d transformer layers (where the GPU has them)", count)
         log.info("loading FLUX.1-schnell (weights %s) from %s", weight_dtype, files.transformer.parent)
         self.loaded = LoadedModels(
             files=files,
@@ -170,9 +180,7 @@ class ModelCache:
             stamps=stamps,
             t5=Placed("T5-XXL", loading.load_t5(files.t5, weight_dtype=narrow)),
             clip=Placed("CLIP-L", loading.load_clip(files.clip)),
-            transformer=Placed(
-                "transformer", loading.load_transformer(files.transformer, weight_dtype=narrow)
-            ),
+            transformer=Placed("transformer", transformer),
             ae=Placed("autoencoder", loading.load_autoencoder(files.ae)),
             t5_tokenizer=tokenizers.load_t5_tokenizer(files.t5_tokenizer, max_length=T5_MAX_LENGTH),
             clip_tokenizer=tokenizers.load_clip_tokenizer(files.clip_tokenizer, max_length=CLIP_MAX_LENGTH),

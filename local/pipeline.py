@@ -13,6 +13,7 @@ from .. import comfy_bridge
 from ..comfy_bridge import Progress
 from ..errors import OutOfMemoryError
 from ..generation import GenerationRequest
+from .device import decode_dtype
 from .memory import GIB, MemoryPolicy, decoding_bytes, sampling_bytes
 from .models import LoadedModels
 
@@ -100,7 +101,8 @@ def run_pipeline(models: LoadedModels, run: PipelineRun) -> torch.Tensor:
     decoding_stage = policy.use([models.ae], decoding_bytes(height, width))
     with timed_stage("decoding", request, timings), decoding_stage:
         images = [
-            sampling.decode_to_images(models.ae.module, x, height, width, dtype=dtype) for x in latents
+            sampling.decode_to_images(models.ae.module, x, height, width, dtype=decode_dtype(dtype))
+            for x in latents
         ]  # each (1, H, W, 3) float32 on the CPU
     return torch.cat(images)
 

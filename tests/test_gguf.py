@@ -1,17 +1,19 @@
 """GGUF files: decoding of every GGML type against the `gguf` package, the header reader, loading
 city96's FLUX transformer and llama.cpp's T5 encoder layouts, and every refusal."""
 
+# ruff: noqa: E402 (the imports below the gguf check need the gguf package)
 from __future__ import annotations
 
 import sys
 from dataclasses import replace
 
-import gguf
 import numpy as np
 import pytest
 import torch
+
+gguf = pytest.importorskip("gguf", reason="the GGUF tests compare with the gguf package")
 from comfyui_flux_schnell.errors import ModelLoadError
-from comfyui_flux_schnell.flux import gguf_quants, loading, ops, sampling
+from comfyui_flux_schnell.flux import gguf_quants, loading, ops
 from comfyui_flux_schnell.flux.checkpoint import inspect_file
 from comfyui_flux_schnell.flux.gguf_file import read_gguf_header
 from comfyui_flux_schnell.flux.model import Flux
@@ -19,29 +21,10 @@ from comfyui_flux_schnell.flux.t5 import T5Encoder
 from comfyui_flux_schnell.local.models import Placed, module_bytes
 from support import tiny_gguf as tg
 from support import tiny_models as tm
+from support.reference_networks import flux_inputs, reference, t5_ids
 
 BLOCK_TYPES = [t for t in tg.GGUF_TYPES if t not in ("F32", "F16", "BF16")]
 WIDE_T5 = replace(tm.TINY_T5, d_model=256, d_kv=128, d_ff=256)  # rows of whole 256-value blocks
-
-
-def reference(build, config, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The network with the decoded (fp32) weights: what a GGUF network must compute exactly."""
-    with torch.device("meta"):
-        model = build(config)
-    model.load_state_dict(weights, assign=True)
-    return model.requires_grad_(False).eval()
-
-
-def flux_inputs(params, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    img = torch.randn(1, 16, params.in_channels, generator=g)  # a 64x64 image: 4x4 packed tokens
-    txt = torch.randn(1, 8, params.context_in_dim, generator=g)
-    vec = torch.randn(1, params.vec_in_dim, generator=g)
-    return img, sampling.image_ids(1, 64, 64), txt, sampling.text_ids(1, 8), torch.tensor([0.7]), vec
-
-
-def t5_ids(config, seed=0):
-    return torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -61,8 +44,40 @@ def test_every_type_decodes_like_the_gguf_package(name):
     assert ours.shape == (rows, cols)
     assert torch.isfinite(ours).all()
     assert torch.equal(ours, expected)
-    half = gguf_quants.dequantize(torch.from_numpy(np.ascontiguousarray(raw)), name, torch.bfloat16)
-    assert torch.equal(half, expected.to(torch.bfloat16))
+
+
+# the types whose values are q * scale + minimum, and the bytes of the minimum in each block
+MINIMUM_FIELD = {"Q4_1": (2, 4), "Q5_1": (2, 4), "Q2_K": (82, 84), "Q4_K": (2, 4), "Q5_K": (2, 4)}
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.mark.parametrize("dtype", list(UNIT_ROUNDOFF))
+@pytest.mark.parametrize("name", tg.GGUF_TYPES)
+def test_narrow_decoding_is_the_reference_rounded_or_within_two_roundings(name, dtype):
+    """In bf16/fp16: bit-identical to the reference rounded to the dtype for the types without a
+    minimum; within u * (|q * dl| + |value|) of the exact value for those with one."""
+    rng = np.random.default_rng(2)
+    rows, cols = 6, 2 * 256
+    if name in tg.K_QUANTS:
+        raw = tg.random_blocks(name, rows * cols // 256, rng, scale=0.05).reshape(rows, -1)
+    else:
+        raw = tg.encode(torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32)), name, rng)
+    raw = np.ascontiguousarray(raw)
+    exact = torch.from_numpy(np.asarray(gguf.quants.dequantize(raw, tg.qtype(name)), dtype=np.float32))
+    ours = gguf_quants.dequantize(torch.from_numpy(raw), name, dtype)
+    assert ours.dtype == dtype
+    if name not in MINIMUM_FIELD:
+        assert torch.equal(ours, exact.to(dtype))
+        return
+    start, stop = MINIMUM_FIELD[name]
+    no_minimum = raw.copy()
+    no_minimum.reshape(-1, gguf_quants.GGML_TYPES[name].type_size)[:, start:stop] = 0
+    scaled = torch.from_numpy(
+        np.asarray(gguf.quants.dequantize(no_minimum, tg.qtype(name)), dtype=np.float32)
+    )
+    bound = UNIT_ROUNDOFF[dtype] * (scaled.abs() + exact.abs()) * 1.001 + 1e-30
+    assert ((ours.float() - exact).abs() <= bound).all()
+    assert not torch.equal(ours, exact.to(dtype))  # two roundings: not always the rounded reference
 
 
 @pytest.mark.parametrize("name", BLOCK_TYPES)

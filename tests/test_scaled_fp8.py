@@ -13,8 +13,8 @@ from comfyui_flux_schnell.flux.model import Flux
 from comfyui_flux_schnell.flux.t5 import T5Encoder
 from safetensors.torch import save_file
 from support import tiny_models as tm
+from support.reference_networks import flux_inputs, reference, t5_ids
 from support.tiny_scaled_fp8 import comfy_quant_bytes, scaled_fp8
-from test_gguf import flux_inputs, reference, t5_ids
 
 FORMS = ("scaled_fp8", "comfy_quant", "metadata")
 NETWORKS = {
