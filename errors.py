@@ -38,6 +38,7 @@ class ApiError(FluxSchnellError):
         super().__init__(message)
         self.status = status
         self.request_id = request_id
+        self.calls = None  # a generation.CallRecord, set by the api layer: what this image's calls were
 
 
 class BadRequestError(ApiError, ValueError):

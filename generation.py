@@ -7,7 +7,7 @@ first, so a request that must fail never costs a paid API call or a model load.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import InvalidInputError
@@ -118,6 +118,17 @@ class GenerationInfo:
 
 
 @dataclass
+class CallRecord:
+    """What one image's calls to the hosted service were, for the manifest and a billing report.
+    Filled by the api layer; the local backend leaves it empty. It never holds the key."""
+
+    paid_calls: int = 0  # calls that may have been billed, the one that delivered included
+    free_retries: int = 0  # calls refused before any work was done (429, connection refused, ...)
+    request_ids: tuple[str, ...] = ()  # the service's ids of those calls, in order
+    poll_url: str | None = None  # an async job's status URL (key-free), so a re-run collects it
+
+
+@dataclass
 class FinishedImage:
     """One finished image, from either backend. `data` and `format` are the file as the hosted
     service sent it (`"PNG"`, `"JPEG"`, ...), kept only when the caller asked for them (to write it
@@ -131,6 +142,7 @@ class FinishedImage:
     data: bytes | bytearray | None = None
     format: str | None = None
     requested_size: tuple[int, int] | None = None  # (width, height) the request asked for
+    calls: CallRecord = field(default_factory=CallRecord)
 
     @property
     def size(self) -> tuple[int, int]:
