@@ -135,11 +135,16 @@ class T5Attention(nn.Module):
             self.relative_attention_bias = Embedding(self.num_buckets, config.num_heads)
 
     def position_bias(self, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The additive attention bias for a sequence of `length` tokens, shape (1, H, L, L)."""
+        """The additive attention bias for a sequence of `length` tokens, shape (1, H, L, L), contiguous.
+
+        The embedding gives (L, L, H); the permuted view has last-dim stride H, and CUDA's fused SDPA
+        kernels refuse a mask whose last dimension is not stride 1 (they fall back to the math kernel),
+        so the bias is made contiguous once here, not in each of the 24 layers.
+        """
         buckets = relative_position_buckets(length, length, self.num_buckets, self.max_distance, device)
         table = self.relative_attention_bias.weight
         bias = self.relative_attention_bias(buckets.to(table.device), out_dtype=dtype)  # (L, L, H)
-        return rearrange(bias, "Lq Lk H -> 1 H Lq Lk").to(device)
+        return rearrange(bias, "Lq Lk H -> 1 H Lq Lk").to(device).contiguous()
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         q, k, v = (

@@ -122,6 +122,27 @@ def test_t5_position_bias_computed_once_per_forward(monkeypatch):
     assert not hasattr(model.encoder.block[1].layer[0].SelfAttention, "relative_attention_bias")
 
 
+def test_t5_position_bias_reaches_sdpa_contiguous(monkeypatch):
+    """CUDA's fused SDPA kernels need a mask with last-dim stride 1; the bias must arrive contiguous."""
+    model = randomise_(T5Encoder(UNEVEN_T5), seed=5)
+    ids = t5_ids([7], total=20, vocab=UNEVEN_T5.vocab_size, seed=6)
+    with torch.no_grad():
+        before = model(ids)
+    masks = []
+    original = t5_module.F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return original(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(t5_module.F, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        after = model(ids)
+    assert len(masks) == UNEVEN_T5.num_layers
+    assert all(m.is_contiguous() and m.stride(-1) == 1 for m in masks)
+    assert torch.equal(before, after)
+
+
 def test_t5_refuses_fp16_compute():
     model = T5Encoder(UNEVEN_T5)
     with pytest.raises(InvalidInputError, match="fp16"):
