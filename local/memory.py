@@ -52,19 +52,24 @@ class MemoryPolicy:
             (p for p in self.models.all() if p not in stage and p.device == self.device),
             key=lambda p: p.last_used,
         )
+        moved = False  # the allocator's cache is emptied only when a model left the device
         if self.choice in ("offload to CPU", "free after run"):
             for placed in others:
                 placed.home()
+                moved = True
         elif self.choice == "auto":
-            empty_cache()  # the last stage's cached blocks are free memory too
+            emptied = False
             for placed in others:
                 free = free_bytes(self.device)
+                if free is not None and free < need and not emptied:
+                    empty_cache()  # the last stage's cached blocks are free memory too: count them
+                    emptied, free = True, free_bytes(self.device)
                 if free is not None and free >= need:
                     break
                 log.info("moving %s out of %s to make room", placed.name, self.device)
                 placed.home()
-                empty_cache()
-        if others:
+                moved = True
+        if moved:
             empty_cache()
         comfy_bridge.free_memory(need, self.device)  # other ComfyUI models make room too
         for placed in stage:

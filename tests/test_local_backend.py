@@ -351,6 +351,48 @@ def test_memory_policy_on_a_non_cuda_device(monkeypatch, choice, free, expected_
     assert (transformer.device.type == "cpu") is (choice == "offload to CPU")
 
 
+def _three_stage_run(policy, t5, transformer, ae):
+    for stage in ([t5], [transformer], [ae]):
+        with policy.use(stage, activation_bytes=2**20):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("choice", "free", "expected_calls"),
+    [
+        ("auto", 10 * 2**30, 0),  # everything fits: nothing moves, the cache is left alone (was 5)
+        ("auto", None, 2),  # free memory unknown: the others move out before stages 2 and 3
+        ("keep on GPU", None, 0),
+        ("offload to CPU", None, 0),  # each stage went home on leaving: nothing on the device to move
+    ],
+)
+def test_allocator_cache_is_emptied_only_when_a_model_moved_out(monkeypatch, choice, free, expected_calls):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
+    monkeypatch.setattr(local_memory, "free_bytes", lambda d: free)
+    device = torch.device("meta")
+    t5, transformer, ae = (_FakePlaced(n, 2**30, torch.device("cpu")) for n in ("T5", "transformer", "AE"))
+    models = type("M", (), {"all": lambda self: [t5, transformer, ae]})()
+    _three_stage_run(local_memory.MemoryPolicy(models, device, choice), t5, transformer, ae)
+    assert len(calls) == expected_calls
+
+
+def test_auto_empties_the_cache_once_before_moving_a_model_out(monkeypatch):
+    """Cached blocks count as free memory once emptied: a model moves out only if that is not enough."""
+    calls, frees = [], iter([2**29, 4 * 2**30])  # short before emptying, enough after
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
+    monkeypatch.setattr(local_memory, "free_bytes", lambda d: next(frees))
+    device = torch.device("meta")
+    t5, transformer = _FakePlaced("T5", 2**30, device), _FakePlaced("transformer", 2**30, torch.device("cpu"))
+    models = type("M", (), {"all": lambda self: [t5, transformer]})()
+    with local_memory.MemoryPolicy(models, device, "auto").use([transformer], activation_bytes=2**20):
+        pass
+    assert calls == [1]
+    assert t5.moves == []
+
+
 def test_files_that_do_not_belong_together_are_refused_before_loading(
     tiny_bf16, model_dir, tmp_path, monkeypatch
 ):
