@@ -32,6 +32,7 @@ from .models import (
     model_management_available,
     previews_enabled,
     recover_from_out_of_memory,
+    resize_managed,
     torch_device,
     unload_managed,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "progress_for",
     "progress_text",
     "recover_from_out_of_memory",
+    "resize_managed",
     "run_in_thread",
     "torch_device",
     "unload_managed",

@@ -105,6 +105,16 @@ def managed_model(module, size: int, load_device, offload_device, move_in, move_
     return _managed_class(base)(module, load_device, offload_device, size, move_in, move_out)
 
 
+def resize_managed(patcher, size: int) -> None:
+    """Tell ComfyUI a managed model now holds `size` bytes (a LoRA was added or taken off): its
+    planner counts `model_size()` / `loaded_size()`, which would otherwise keep the old size."""
+    if patcher is None:
+        return
+    patcher.size = size
+    if patcher.model.model_loaded_weight_memory:  # loaded: all of it is (ours load whole)
+        patcher.model.model_loaded_weight_memory = size
+
+
 def load_managed(models: list, memory_required: int) -> None:
     """Have ComfyUI load `models` (ModelPatchers) for a stage that needs `memory_required` more
     bytes: it unloads whatever else it must (its own models or ours) and counts ours as loaded."""

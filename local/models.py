@@ -95,10 +95,11 @@ class Placed:
         self.device = torch.device("cpu")
 
     def refresh_size(self) -> None:
-        """Recount `nbytes` (the weights and the LoRA updates now attached)."""
+        """Recount `nbytes` (the weights and the LoRA updates now attached), also for ComfyUI."""
         from ..flux.lora import adapters
 
         self.nbytes = module_bytes(self.module) + sum(a.nbytes for a in adapters(self.module))
+        comfy_bridge.resize_managed(self.patcher, self.nbytes)
 
 
 def _move_loras(module: nn.Module, device: torch.device) -> None:

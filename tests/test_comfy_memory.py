@@ -62,6 +62,21 @@ def test_comfyui_counts_our_models_after_a_run(comfy, comfy_package, local_node)
         assert entry.model.load_device.type == "cpu"  # ComfyUI's device (the stand-in's: the CPU)
 
 
+def test_comfyui_counts_the_new_size_after_a_lora_change(comfy, comfy_package, local_node):
+    run(local_node)
+    before = {name: e.model_memory() for name, e in ours(comfy, comfy_package).items()}
+    lora_node = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellLoRA"]()
+    lora = sorted(p.name for p in (comfy.models_dir / "loras").iterdir())[0]
+    (with_lora,) = lora_node.apply(loader(comfy_package, "auto"), lora, 1.0)
+    run(local_node, local_model=with_lora)
+    loaded = comfy_package.local.models.MODEL_CACHE.loaded
+    entries = ours(comfy, comfy_package)
+    assert entries["transformer"].model_memory() > before["transformer"]  # the adapters count
+    for name, entry in entries.items():
+        placed = getattr(loaded, name)
+        assert entry.model_memory() == entry.model.loaded_size() == placed.nbytes
+
+
 def test_each_stage_is_loaded_through_load_models_gpu(comfy, comfy_package, local_node):
     run(local_node)
     memory = comfy_package.local.memory
