@@ -14,6 +14,7 @@ batch at a time, so peak memory does not grow with the batch size.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,9 @@ from torch import Tensor, nn
 from ..errors import ConfigurationError, InvalidInputError
 from .ops import Conv2d, cast_to
 
+TILE_PIXELS_ENV = "FLUX_SCHNELL_VAE_TILE_PIXELS"
+DEFAULT_TILE_PIXELS = 4_000_000  # decodes above about 4 MP go in tiles (2048²: 5 GiB untiled in bf16)
+TILE_OVERLAP = 4  # a tile overlaps each neighbour by a quarter of its side (in latent pixels: side // 4)
 GROUPS = 32  # GroupNorm groups in every normalisation layer of the reference
 NORM_EPS = 1e-6
 
@@ -299,15 +303,95 @@ class AutoEncoder(nn.Module):
         z = torch.cat([self.encoder(xi)[:, : p.z_channels] for xi in x.split(1)])  # (B, z, h, w)
         return (z - self.shift_factor) * self.scale_factor
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Latent (B, z_channels, h, w) to the image (B, out_ch, 8h, 8w), roughly in [-1, 1], unclamped."""
+    def decode(self, z: Tensor, tile_pixels: int | None = None) -> Tensor:
+        """Latent (B, z_channels, h, w) to the image (B, out_ch, 8h, 8w), roughly in [-1, 1], unclamped.
+
+        An image of more than `tile_pixels` output pixels (default: `vae_tile_pixels()`) is decoded
+        in overlapping tiles of at most that many pixels, blended with linear ramps (`decode_tiled`).
+        """
         _check_batch("latent", z, self.params.z_channels)
         z = z / self.scale_factor + self.shift_factor
+        f = self.params.downscale_factor
+        limit = vae_tile_pixels() if tile_pixels is None else tile_pixels
+        if z.shape[-2] * z.shape[-1] * f * f > limit:
+            return torch.cat([self.decode_tiled(zi, limit) for zi in z.split(1)])
         return torch.cat([self.decoder(zi) for zi in z.split(1)])  # one image at a time
+
+    def decode_tiled(self, z: Tensor, tile_pixels: int) -> Tensor:
+        """One unnormalised latent (1, z, h, w) to (1, out_ch, f*h, f*w) in overlapping tiles.
+
+        Each tile is a square of `side` latent pixels (side² f² <= tile_pixels, at least 8), its
+        neighbours overlap it by side // 4; in the overlaps the tiles' outputs are blended with
+        weights ramping linearly across the overlap. The decoder's GroupNorms and its mid attention
+        see the whole tile, not the whole image, so the result is close to the untiled decode, not
+        equal (tests/test_autoencoder.py states the measured difference).
+        """
+        f = self.params.downscale_factor
+        side = max(8, math.isqrt(tile_pixels) // f)
+        overlap = side // TILE_OVERLAP
+        _b, _c, h, w = z.shape
+        out = weight = None
+        for top in _tile_starts(h, side, overlap):
+            for left in _tile_starts(w, side, overlap):
+                tile = z[:, :, top : top + side, left : left + side]  # (1, z, th, tw)
+                pixels = self.decoder(tile).float()  # (1, out_ch, f*th, f*tw)
+                th, tw = tile.shape[-2:]
+                ramp = (
+                    _ramp(th * f, overlap * f, top > 0, top + th < h, pixels.device)[:, None]
+                    * _ramp(tw * f, overlap * f, left > 0, left + tw < w, pixels.device)[None, :]
+                )  # (f*th, f*tw)
+                if out is None:
+                    out = pixels.new_zeros(1, pixels.shape[1], h * f, w * f)  # (1, out_ch, f*h, f*w)
+                    weight = pixels.new_zeros(h * f, w * f)
+                rows, cols = slice(top * f, (top + th) * f), slice(left * f, (left + tw) * f)
+                out[:, :, rows, cols] += pixels * ramp
+                weight[rows, cols] += ramp
+        return (out / weight).to(z.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """Encode then decode (a reconstruction of `x`)."""
         return self.decode(self.encode(x))
+
+
+def vae_tile_pixels() -> int:
+    """Output pixels above which `decode` tiles: $FLUX_SCHNELL_VAE_TILE_PIXELS, else 4 MP."""
+    raw = os.environ.get(TILE_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TILE_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigurationError(
+            f"{TILE_PIXELS_ENV}={raw!r} is not a positive whole number of pixels: set it to e.g. "
+            f"{DEFAULT_TILE_PIXELS}, or unset it"
+        )
+    return value
+
+
+def _tile_starts(size: int, side: int, overlap: int) -> list[int]:
+    """Where tiles of `side` start along an axis of `size`, overlapping by `overlap` at least;
+    the last tile ends at the edge."""
+    if size <= side:
+        return [0]
+    stride = side - overlap
+    starts = list(range(0, size - side, stride))
+    return [*starts, size - side]
+
+
+def _ramp(length: int, overlap: int, rise: bool, fall: bool, device) -> Tensor:
+    """Blend weights (length,): rising linearly over the first `overlap` if `rise`, falling over
+    the last `overlap` if `fall`, 1 elsewhere."""
+    w = torch.ones(length, device=device)
+    steps = (
+        torch.arange(overlap, device=device, dtype=torch.float32) + 0.5
+    ) / overlap  # (overlap,) in (0, 1)
+    if rise:
+        w[:overlap] = torch.minimum(w[:overlap], steps)
+    if fall:
+        w[length - overlap :] = torch.minimum(w[length - overlap :], steps.flip(0))
+    return w
 
 
 def _check_batch(name: str, t: Tensor, channels: int) -> None:
