@@ -62,7 +62,7 @@ def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, prog
         finally:
             peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
             if spec.memory == "free after run":
-                MODEL_CACHE.drop()
+                MODEL_CACHE.drop(keep_compiled_code=True)
     info = GenerationInfo(
         backend="local",
         model=MODEL_NAME,

@@ -52,7 +52,7 @@ class LocalModelSpec:
     weight_dtype: str = "as stored"
     memory: str = "auto"
     device: str | None = None
-    compile: bool = False  # torch.compile the transformer (faster after a slow first run)
+    compile: bool = False  # torch.compile each transformer block (faster after a slower first run)
     loras: tuple[LoraChoice, ...] = ()  # applied in order, stacked; not part of the loaded models
 
     def __post_init__(self):

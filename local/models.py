@@ -121,7 +121,7 @@ class LoadedModels:
     ae: Placed
     t5_tokenizer: object
     clip_tokenizer: object
-    compiled: object = None  # torch.compile of the transformer, made on first use
+    compiled: str | None = None  # the backend its blocks were compiled with (local.pipeline.compile_blocks)
     lora_state: tuple = ()  # local.lora.lora_state of the LoRAs on the models (() : none)
 
     def all(self) -> list[Placed]:
@@ -140,14 +140,18 @@ class ModelCache:
         with self.lock:
             self.drop()
 
-    def drop(self) -> None:
+    def drop(self, keep_compiled_code: bool = False) -> None:
         """Forget the cached models (the caller holds `lock`). Each is moved home first, so its
-        device memory is freed even while something else still refers to the module."""
+        device memory is freed even while something else still refers to the module.
+
+        Dynamo's compiled code is dropped too (`torch._dynamo.reset()`) unless `keep_compiled_code`:
+        "free after run" keeps it, since the per-block graphs serve the same blocks loaded again
+        (no recompile each run)."""
         if self.loaded is not None:
             comfy_bridge.unload_managed([placed.patcher for placed in self.loaded.all()])
             for placed in self.loaded.all():
                 placed.home()
-            if self.loaded.compiled is not None:  # compiled graphs and their guards hold the old modules
+            if self.loaded.compiled is not None and not keep_compiled_code:
                 torch._dynamo.reset()
             self.loaded = None
         empty_cache()

@@ -422,3 +422,54 @@ def test_previews_when_comfyui_asks_for_them(comfy, comfy_package, tiny_bf16, mo
         kind, picture, max_size = preview
         assert (kind, max_size) == ("JPEG", 512)
         assert picture.size == (SIZE // 8, (SIZE + 64) // 8)
+
+
+@pytest.mark.parametrize("memory", ["auto", "free after run"])
+def test_compile_compiles_each_block_and_a_second_run_keeps_dynamos_code(
+    tiny_bf16, model_dir, monkeypatch, memory
+):
+    """Per-block compile (backend "eager" to keep the test fast); no `torch._dynamo.reset()` per run."""
+    import weakref
+
+    from comfyui_flux_schnell.local import pipeline as local_pipeline
+
+    monkeypatch.setattr(local_pipeline, "COMPILE_BACKEND", "eager")
+    resets = []
+    real_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1) or real_reset())
+    local_models.MODEL_CACHE.release()
+    resets.clear()
+    spec = spec_for(tiny_bf16, model_dir, memory=memory, compile=True)
+    compiled_calls = []
+    first, _ = run(spec)
+    loaded = local_models.MODEL_CACHE.loaded
+    if memory == "auto":
+        transformer = loaded.transformer.module
+        blocks = [*transformer.double_blocks, *transformer.single_blocks]
+        assert blocks
+        assert all(b._compiled_call_impl is not None for b in blocks)
+        assert transformer._compiled_call_impl is None  # the blocks, not the whole model
+        assert loaded.compiled == "eager"
+        for b in blocks:
+            monkeypatch.setattr(b, "_compiled_call_impl", _counting(b._compiled_call_impl, compiled_calls))
+    else:
+        assert loaded is None  # released after the run
+    old = weakref.ref(local_models.MODEL_CACHE.loaded) if loaded is not None else None
+    second, _ = run(spec)
+    assert resets == []
+    assert torch.equal(first, second)
+    if memory == "auto":
+        assert old() is not None
+        assert compiled_calls  # the second run went through the compiled blocks
+    local_models.MODEL_CACHE.release()
+    uncompiled, _ = run(spec_for(tiny_bf16, model_dir, memory=memory))
+    assert torch.equal(first, uncompiled)  # the eager backend runs the same kernels
+    local_models.MODEL_CACHE.release()
+
+
+def _counting(fn, calls):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted
