@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="torch.compile the transformer (slow first image)"
     )
     local.add_argument(
+        "--memory",
+        choices=LOCAL_MEMORY_FLAGS,
+        default="auto",
+        help="which models stay on the GPU between stages (local.files.MEMORY_CHOICES); stream-blocks "
+        "keeps the transformer blocks that do not fit on the CPU and streams them in (low VRAM)",
+    )
+    local.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -277,6 +284,10 @@ def _generate(args) -> int:
     return generate_command(run_settings, args.prompt, args.prompts_file, spec)
 
 
+# --memory's values: local.files.MEMORY_CHOICES with dashes (not imported here: the api path imports no torch)
+LOCAL_MEMORY_FLAGS = ("auto", "keep-on-GPU", "offload-to-CPU", "free-after-run", "stream-blocks")
+
+
 def _local_model_spec(args):
     from .local.files import LocalModelSpec
 
@@ -291,5 +302,6 @@ def _local_model_spec(args):
         weight_dtype="as stored" if args.dtype in (None, "as-stored") else args.dtype,
         device=args.device,
         compile=args.compile,
+        memory=args.memory.replace("-", " "),
         loras=tuple(args.lora),
     )

@@ -53,7 +53,8 @@ def _managed_class(base: type) -> type:
     `partially_unload(...)` then `detach()`. ModelPatcher itself moves weights with `module.to()`,
     which would copy them into new CPU memory when they leave the GPU; ours go back to the CPU
     tensors they were loaded as (memory-mapped from the file), so loading and unloading are
-    `move_in(device)` and `move_out()`: the whole model, no copy, no partial (low-VRAM) load.
+    `move_in(device, budget)` and `move_out()`, no copy; under a low-VRAM budget the transformer keeps
+    the blocks beyond it on the CPU and streams each in as it runs (local.memory.BlockStreamer).
     Everything else (patch lists, clones, hooks) is the base class's.
     """
     if base not in _managed_classes:
@@ -64,18 +65,22 @@ def _managed_class(base: type) -> type:
                 self._move_in, self._move_out = move_in, move_out
 
             def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+                # ComfyUI's low-VRAM budget: what is loaded plus `extra_memory` more bytes; a model
+                # that can stream its blocks keeps the rest on the CPU (`move_in(device, budget)`).
                 before = self.model.model_loaded_weight_memory
-                self._move_in(device_to)
+                budget = before + extra_memory if extra_memory and before + extra_memory < self.size else None
+                loaded = self._move_in(device_to, budget)
+                loaded = self.size if loaded is None or budget is None else min(loaded, self.size)
                 self.model.device = device_to
-                self.model.model_loaded_weight_memory = self.size
-                return self.size - before
+                self.model.model_loaded_weight_memory = loaded
+                return loaded - before
 
             def partially_unload(self, device_to, memory_to_free=0):
                 return 0  # all or nothing: ComfyUI then detaches the whole model
 
             def patch_model(self, device_to=None, lowvram_model_memory=0, load_weights=True, **kwargs):
-                if load_weights and device_to is not None:
-                    self.partially_load(device_to)
+                if load_weights and device_to is not None:  # lowvram_model_memory 0: load it all
+                    self.partially_load(device_to, lowvram_model_memory or 1e32)
                 return self.model
 
             def unpatch_model(self, device_to=None, unpatch_weights=True):
@@ -98,7 +103,8 @@ def _managed_class(base: type) -> type:
 
 def managed_model(module, size: int, load_device, offload_device, move_in, move_out):
     """A ModelPatcher for `module` (`size` bytes) that ComfyUI's model management can load onto
-    `load_device` (`move_in(device)`) and unload (`move_out()`), or None outside ComfyUI."""
+    `load_device` (`move_in(device, budget)`, returning the bytes it put there) and unload
+    (`move_out()`), or None outside ComfyUI."""
     if not model_management_available():
         return None
     base = comfy_module("comfy.model_patcher").ModelPatcher
@@ -110,9 +116,10 @@ def resize_managed(patcher, size: int) -> None:
     planner counts `model_size()` / `loaded_size()`, which would otherwise keep the old size."""
     if patcher is None:
         return
-    patcher.size = size
-    if patcher.model.model_loaded_weight_memory:  # loaded: all of it is (ours load whole)
-        patcher.model.model_loaded_weight_memory = size
+    old, patcher.size = patcher.size, size
+    loaded = patcher.model.model_loaded_weight_memory
+    if loaded:  # loaded: all of it, unless blocks stream (then the adapters all moved in)
+        patcher.model.model_loaded_weight_memory = max(0, min(size, loaded + size - old))
 
 
 def load_managed(models: list, memory_required: int) -> None:

@@ -23,7 +23,7 @@ from .lora import LoraChoice
 
 WEIGHT_DTYPE_OPTIONS = ("as stored", "bf16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
 """How the transformer and T5 weights are kept in memory (the loader node's and --dtype's choices)."""
-MEMORY_CHOICES = ("auto", "keep on GPU", "offload to CPU", "free after run")
+MEMORY_CHOICES = ("auto", "keep on GPU", "offload to CPU", "free after run", "stream blocks")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ Memory choices (the loader node's `memory` input, the command line's `--memory`)
 - "keep on GPU": every model stays on the GPU after its stage (fastest repeat runs).
 - "offload to CPU": only the running stage's model is on the GPU.
 - "free after run": like "offload to CPU", and the loaded models are released after each run.
+- "stream blocks" (low VRAM): like "offload to CPU", and the transformer's blocks that do not fit
+  the free memory stay on the CPU (pinned where CUDA is available) and each moves in as it runs,
+  the next block's copy overlapping the current block (`BlockStreamer`).
 
 Inside ComfyUI the models join ComfyUI's own model management (`ComfyManagedPolicy`).
 """
@@ -26,7 +29,17 @@ from .models import T5_MAX_LENGTH, LoadedModels, Placed, empty_cache
 
 log = logging.getLogger("flux_schnell.local")
 
-__all__ = ["GIB", "ComfyManagedPolicy", "MemoryPolicy", "decoding_bytes", "free_bytes", "sampling_bytes"]
+__all__ = [
+    "GIB",
+    "BlockStreamer",
+    "ComfyManagedPolicy",
+    "MemoryPolicy",
+    "decoding_bytes",
+    "free_bytes",
+    "sampling_bytes",
+]
+
+OFFLOADING_CHOICES = ("offload to CPU", "free after run", "stream blocks")
 
 GIB = 2**30
 
@@ -53,7 +66,7 @@ class MemoryPolicy:
             key=lambda p: p.last_used,
         )
         moved = False  # the allocator's cache is emptied only when a model left the device
-        if self.choice in ("offload to CPU", "free after run"):
+        if self.choice in OFFLOADING_CHOICES:
             for placed in others:
                 placed.home()
                 moved = True
@@ -73,10 +86,15 @@ class MemoryPolicy:
             empty_cache()
         comfy_bridge.free_memory(need, self.device)  # other ComfyUI models make room too
         for placed in stage:
-            placed.to(self.device)
+            if self.choice == "stream blocks" and placed.streamable():
+                free = free_bytes(self.device)
+                budget = 0 if free is None else max(0, free - activation_bytes)
+                placed.to(self.device, budget=budget)
+            else:
+                placed.to(self.device)
 
     def leave(self, stage: list[Placed]) -> None:
-        if self.choice in ("offload to CPU", "free after run"):
+        if self.choice in OFFLOADING_CHOICES:
             for placed in stage:
                 placed.home()
 
@@ -109,8 +127,92 @@ class ComfyManagedPolicy(MemoryPolicy):
             placed.last_used = time.monotonic()
 
     def leave(self, stage: list[Placed]) -> None:
-        if self.choice in ("offload to CPU", "free after run"):
+        if self.choice in OFFLOADING_CHOICES:
             comfy_bridge.unload_managed([p.patcher for p in stage])
+
+
+class BlockStreamer:
+    """Moves streamed blocks onto the device as they run: block i's copy is waited for as it
+    starts, block i+1's copy is started then (so it overlaps block i's compute), and block i goes
+    back to its CPU tensors when it ends. Blocks run in the order given; after the last the first
+    is prefetched (the next sampling step starts with it).
+
+    `copy_in(i)` starts block i's copy and returns what `wait(i, ticket)` waits on; `copy_out(i)`
+    sends it home. The defaults copy from the CPU tensors (pinned where CUDA is available) with
+    `non_blocking=True` on a side CUDA stream and an event per block; on other devices they copy
+    in order and the wait is nothing. Tests inject recording functions.
+    """
+
+    def __init__(self, blocks: list, sources: list[dict], device: torch.device, copy_in=None, copy_out=None):
+        self.blocks, self.sources, self.device = blocks, sources, device
+        self.index = {id(b): i for i, b in enumerate(blocks)}
+        self.copy_in = copy_in or self._copy_in
+        self.copy_out = copy_out or self._copy_out
+        self.pending: dict[int, object] = {}  # block index -> its copy's ticket (an event, or None)
+        self.handles = []
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def attach(self) -> None:
+        for block in self.blocks:
+            self.handles.append(block.register_forward_pre_hook(self._before))
+            self.handles.append(block.register_forward_hook(self._after))
+        if self.blocks:
+            self.pending[0] = self.copy_in(0)  # the first block's copy overlaps what runs before it
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        if self.side is not None:
+            self.side.synchronize()
+        for i in list(self.pending):
+            self.copy_out(i)
+        self.pending.clear()
+
+    def _before(self, module, args) -> None:
+        i = self.index[id(module)]
+        if i not in self.pending:
+            self.pending[i] = self.copy_in(i)
+        self.wait(i, self.pending[i])
+        following = (i + 1) % len(self.blocks)
+        if following not in self.pending:
+            self.pending[following] = self.copy_in(following)
+
+    def _after(self, module, args, output) -> None:
+        i = self.index[id(module)]
+        if i in self.pending and len(self.blocks) > 1:
+            del self.pending[i]
+            self.copy_out(i)
+
+    def _tensors(self, i: int):
+        block = self.blocks[i]
+        yield from block.named_parameters()
+        yield from block.named_buffers()
+
+    def _copy_in(self, i: int):
+        source = self.sources[i]
+        if self.side is None:
+            for name, t in self._tensors(i):
+                t.data = source[name].to(self.device, non_blocking=True)
+            return None
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            for name, t in self._tensors(i):
+                t.data = source[name].to(self.device, non_blocking=True)  # pinned: a real async copy
+            event = torch.cuda.Event()
+            event.record(self.side)
+        return event
+
+    def wait(self, i: int, ticket) -> None:
+        if ticket is not None:
+            torch.cuda.current_stream(self.device).wait_event(ticket)
+
+    def _copy_out(self, i: int) -> None:
+        source = self.sources[i]
+        for name, t in self._tensors(i):
+            if self.side is not None and t.device.type == "cuda":
+                t.data.record_stream(torch.cuda.current_stream(self.device))  # freed after its last use
+            t.data = source[name]
 
 
 def free_bytes(device: torch.device) -> int | None:

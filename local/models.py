@@ -58,6 +58,8 @@ class Placed:
         self.device = torch.device("cpu")
         self.last_used = 0.0
         self.patcher = None  # its ModelPatcher while ComfyUI's model management holds it
+        self.streamer = None  # memory.BlockStreamer while some blocks stay on the CPU ("stream blocks")
+        self.resident_bytes = 0  # bytes on the device (all of nbytes unless blocks stream)
 
     def managed(self, device: torch.device):
         """The ModelPatcher through which ComfyUI loads this model onto `device` and unloads it."""
@@ -72,27 +74,82 @@ class Placed:
         yield from self.module.named_parameters()
         yield from self.module.named_buffers()
 
-    def to(self, device: torch.device) -> None:
-        if self.device != device:
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """The transformer's blocks in the order they run, (name prefix, block); [] for other models."""
+        m = self.module
+        return [
+            (f"{kind}.{i}.", block)
+            for kind in ("double_blocks", "single_blocks")
+            for i, block in enumerate(getattr(m, kind, ()))
+        ]
+
+    def streamable(self) -> bool:
+        return bool(self.blocks())
+
+    def to(self, device: torch.device, budget: int | None = None) -> int:
+        """Everything onto `device`; with a `budget` (bytes) smaller than the model, the blocks that do
+        not fit it (the last ones to run) stay on the CPU and stream in as they run."""
+        streamed = self._streamed_blocks(budget)
+        if self.device != device or (self.streamer is not None) != bool(streamed):
+            self._restore()
             try:
+                skip = tuple(prefix for prefix, _block in streamed)
+                moved = 0
                 for name, t in self._tensors():
-                    t.data = self.cpu_tensors[name].to(device, non_blocking=True)
+                    if not name.startswith(skip):
+                        t.data = self.cpu_tensors[name].to(device, non_blocking=True)
+                        moved += t.data.numel() * t.data.element_size()
                 _move_loras(self.module, device)
+                if streamed:
+                    self._stream(streamed, device)
             except BaseException:  # out of memory half way: give back what did move
                 self._restore()
                 raise
-            self.device = device
+            self.device, self.resident_bytes = device, moved
         self.last_used = time.monotonic()
+        return self.resident_bytes
+
+    def _streamed_blocks(self, budget: int | None) -> list[tuple[str, nn.Module]]:
+        blocks = self.blocks()
+        if budget is None or budget >= self.nbytes or not blocks:
+            return []
+        used = self.nbytes - sum(module_bytes(b) for _p, b in blocks)  # embeddings, final layer, LoRAs
+        resident = 0
+        for _prefix, block in blocks:
+            used += module_bytes(block)
+            if used > budget:
+                break
+            resident += 1
+        return blocks[resident:]
+
+    def _stream(self, streamed: list[tuple[str, nn.Module]], device: torch.device) -> None:
+        from .memory import BlockStreamer
+
+        pin = torch.cuda.is_available() and device.type == "cuda"
+        sources = []
+        for prefix, _block in streamed:
+            names = [n for n in self.cpu_tensors if n.startswith(prefix)]
+            if pin:  # pinned once: the copies are then real asynchronous ones
+                for n in names:
+                    if not self.cpu_tensors[n].is_pinned():
+                        self.cpu_tensors[n] = self.cpu_tensors[n].pin_memory()
+            sources.append({n.removeprefix(prefix): self.cpu_tensors[n] for n in names})
+        self.streamer = BlockStreamer([b for _p, b in streamed], sources, device)
+        self.streamer.attach()
 
     def home(self) -> None:
         if self.device.type != "cpu":
             self._restore()
 
     def _restore(self) -> None:
+        if self.streamer is not None:
+            self.streamer.detach()
+            self.streamer = None
         for name, t in self._tensors():
             t.data = self.cpu_tensors[name]
         _move_loras(self.module, torch.device("cpu"))
         self.device = torch.device("cpu")
+        self.resident_bytes = 0
 
     def refresh_size(self) -> None:
         """Recount `nbytes` (the weights and the LoRA updates now attached), also for ComfyUI."""
