@@ -74,6 +74,7 @@ from comfyui_flux_schnell.flux.gguf_quants import GGML_TYPES
 from comfyui_flux_schnell.flux.model import Flux, FluxParams
 from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder
 from comfyui_flux_schnell.generation import GenerationRequest
+from comfyui_flux_schnell.local import memory as local_memory
 from comfyui_flux_schnell.local import models as local_models
 from comfyui_flux_schnell.local import pipeline as local_pipeline
 from torch import nn
@@ -462,6 +463,7 @@ class PipelineMemory:
     model_bytes_rounded: dict[str, int]
     stages: list[StageMemory]
     seconds: float = 0.0
+    block_bytes: list[int] = field(default_factory=list)  # the transformer's blocks, in run order
 
     @property
     def offload_peak(self) -> int:
@@ -556,9 +558,14 @@ def measure(
     marks = _StageMarks(tracker, top)
     device, dtype = torch.device("meta"), torch.bfloat16
     progress = Progress(request.steps * request.batch_size)
-    with gpu_kernels(fused_kernels), tracker.module_names(), tracker:
-        run = local_pipeline.PipelineRun(request, device, dtype, policy=marks, progress=progress)
-        local_pipeline.run_pipeline(models, run)
+    real_check = local_pipeline.fused_attention_likely
+    local_pipeline.fused_attention_likely = lambda device: fused_kernels  # meta stands in for a GPU
+    try:
+        with gpu_kernels(fused_kernels), tracker.module_names(), tracker:
+            run = local_pipeline.PipelineRun(request, device, dtype, policy=marks, progress=progress)
+            local_pipeline.run_pipeline(models, run)
+    finally:
+        local_pipeline.fused_attention_likely = real_check
     return PipelineMemory(
         weight_dtype=weight_dtype,
         height=request.height,
@@ -570,6 +577,7 @@ def measure(
         model_bytes_rounded={name: _rounded_bytes(m) for name, m in modules.items()},
         stages=marks.stages,
         seconds=time.monotonic() - started,
+        block_bytes=[local_models.module_bytes(b) for _p, b in placed["transformer"].blocks()],
     )
 
 
@@ -606,6 +614,23 @@ def simulate_auto(result: PipelineMemory, card_bytes: int, runs: int = 2) -> lis
             rows.append((run, stage.name, sorted(resident), weights + stage.activation_peak))
             cached = stage.activation_peak - stage.carried_bytes  # freed into the cache
     return rows
+
+
+def simulate_stream_blocks(result: PipelineMemory, card_bytes: int) -> tuple[int, int]:
+    """ "stream blocks" on a card of `card_bytes`: (peak, resident blocks). The other stages run as
+    "offload to CPU"; sampling keeps the blocks `local_models.resident_block_count` allows within the
+    budget `MemoryPolicy.enter` gives it (the free memory less the reserved activations), plus two
+    blocks in flight, plus the measured activations."""
+    sampling = next(s for s in result.stages if s.models == ["transformer"])
+    blocks = result.block_bytes
+    rest = result.model_bytes["transformer"] - sum(blocks)
+    reserve = local_memory.sampling_bytes(result.height, result.width, result.fused_kernels)
+    budget = max(0, card_bytes - CUDA_CONTEXT - reserve)
+    resident = local_models.resident_block_count(rest, blocks, budget)
+    in_flight = 0 if resident == len(blocks) else 2 * max(blocks)
+    sampling_peak = rest + sum(blocks[:resident]) + in_flight + sampling.activation_peak
+    others = max((s.peak for s in result.stages if s is not sampling), default=0)
+    return max(sampling_peak, others), resident
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -668,6 +693,16 @@ def report(result: PipelineMemory, cards: list[float], out=sys.stdout) -> None:
             print(
                 f"    run {run} {stage:<14} {gib(allocated)} GiB, on the GPU: {', '.join(resident)}", file=out
             )
+    for card in cards:
+        card_bytes = int(card * GIB)
+        peak, resident = simulate_stream_blocks(r, card_bytes)
+        room = card_bytes - CUDA_CONTEXT - peak
+        fits = f"fits, {room / GIB:.2f} GiB to spare" if room >= 0 else "OUT OF MEMORY"
+        print(
+            f'pipeline peak, "stream blocks" on a {card:g} GiB card: {gib(peak)} GiB, '
+            f"{resident} of {len(r.block_bytes)} blocks resident  ({fits})",
+            file=out,
+        )
     for s in r.stages:
         print(f"live at the {s.name} peak (largest first):", file=out)
         for line in s.peak_tensors:
@@ -695,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cards",
         type=float,
         nargs="*",
-        default=[8.0, 16.0, 24.0],
+        default=[8.0, 12.0, 16.0, 24.0],
         help="card sizes in GiB for the 'auto' simulation",
     )
     parser.add_argument("--top", type=int, default=8, help="live tensors listed at each peak")

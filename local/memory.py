@@ -36,6 +36,8 @@ __all__ = [
     "MemoryPolicy",
     "decoding_bytes",
     "free_bytes",
+    "fused_attention_likely",
+    "math_attention_bytes",
     "sampling_bytes",
 ]
 
@@ -223,10 +225,26 @@ def free_bytes(device: torch.device) -> int | None:
     return comfy_bridge.free_bytes(device)
 
 
-def sampling_bytes(height: int, width: int) -> int:
-    """A generous bound on the transformer's activations for one image (bf16, 3072 wide)."""
+def fused_attention_likely(device: torch.device) -> bool:
+    """Whether SDPA will take a fused kernel (O(L) memory) on `device`: CUDA with flash or
+    memory-efficient attention enabled. Elsewhere the math kernel holds L x L scores."""
+    return device.type == "cuda" and (
+        torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+    )
+
+
+def math_attention_bytes(height: int, width: int) -> int:
+    """The math SDPA kernel's extra memory at one attention: fp32 scores and probabilities (24 heads)."""
     tokens = (height // 16) * (width // 16) + T5_MAX_LENGTH
-    return tokens * 3072 * 2 * 24 + GIB // 2
+    return 2 * 24 * tokens * tokens * 4
+
+
+def sampling_bytes(height: int, width: int, fused_attention: bool = True) -> int:
+    """A generous bound on the transformer's activations for one image (bf16, 3072 wide), and the
+    math SDPA kernel's L x L scores where no fused kernel runs (`fused_attention_likely`)."""
+    tokens = (height // 16) * (width // 16) + T5_MAX_LENGTH
+    extra = 0 if fused_attention else math_attention_bytes(height, width)
+    return tokens * 3072 * 2 * 24 + GIB // 2 + extra
 
 
 def decoding_bytes(height: int, width: int) -> int:

@@ -29,6 +29,7 @@ __all__ = [
     "empty_cache",
     "file_stamps",
     "module_bytes",
+    "resident_block_count",
 ]
 
 # local.files.WEIGHT_DTYPE_OPTIONS -> the dtype weights are converted to at load (None: as stored)
@@ -45,6 +46,22 @@ CLIP_MAX_LENGTH = 77
 
 def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def resident_block_count(rest_bytes: int, block_bytes: list[int], budget: int) -> int:
+    """How many of a transformer's blocks (in the order they run) stay on the device within `budget`
+    bytes, besides its other layers (`rest_bytes`); the others stream, two at a time on the device
+    (the running block and the next one's copy), so room for the two largest is kept free."""
+    if rest_bytes + sum(block_bytes) <= budget:
+        return len(block_bytes)
+    room = budget - rest_bytes - 2 * max(block_bytes)
+    count = used = 0
+    for nbytes in block_bytes:
+        if used + nbytes > room:
+            break
+        used += nbytes
+        count += 1
+    return count
 
 
 class Placed:
@@ -113,14 +130,9 @@ class Placed:
         blocks = self.blocks()
         if budget is None or budget >= self.nbytes or not blocks:
             return []
-        used = self.nbytes - sum(module_bytes(b) for _p, b in blocks)  # embeddings, final layer, LoRAs
-        resident = 0
-        for _prefix, block in blocks:
-            used += module_bytes(block)
-            if used > budget:
-                break
-            resident += 1
-        return blocks[resident:]
+        sizes = [module_bytes(b) for _p, b in blocks]
+        rest = self.nbytes - sum(sizes)  # embeddings, final layer, LoRA updates
+        return blocks[resident_block_count(rest, sizes, budget) :]
 
     def _stream(self, streamed: list[tuple[str, nn.Module]], device: torch.device) -> None:
         from .memory import BlockStreamer

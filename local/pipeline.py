@@ -14,7 +14,7 @@ from ..comfy_bridge import Progress
 from ..errors import OutOfMemoryError
 from ..generation import GenerationRequest
 from .device import decode_dtype
-from .memory import GIB, MemoryPolicy, decoding_bytes, sampling_bytes
+from .memory import GIB, MemoryPolicy, decoding_bytes, fused_attention_likely, sampling_bytes
 from .models import LoadedModels
 
 __all__ = ["PipelineRun", "run_pipeline", "timed_stage"]
@@ -107,7 +107,8 @@ def run_pipeline(models: LoadedModels, run: PipelineRun) -> torch.Tensor:
         models.compiled = compile_blocks(transformer, COMPILE_BACKEND)
     previews = comfy_bridge.previews_enabled()
     latents = []
-    sampling_stage = policy.use([models.transformer], sampling_bytes(height, width))
+    reserve = sampling_bytes(height, width, fused_attention_likely(device))
+    sampling_stage = policy.use([models.transformer], reserve)
     with timed_stage("sampling", request, timings), sampling_stage:
         for seed in request.seeds:
             latents.append(_sample_one(transformer, txt, vec, seed, run, previews))

@@ -15,7 +15,7 @@ from test_model import make_inputs, run_flux, tiny_flux
 
 
 def _model_and_inputs():
-    model = tiny_flux(seed=3, depth=2, depth_single_blocks=3)
+    model = tiny_flux(seed=3, depth=2, depth_single_blocks=6)
     x = make_inputs(model.params, 1, "txt2img", seed=4)
     return model, x
 
@@ -81,11 +81,12 @@ def test_placed_to_with_a_budget_keeps_the_first_blocks_resident_and_streams_the
     blocks = _blocks(model)
     block_bytes = [local_models.module_bytes(b) for b in blocks]
     rest = placed.nbytes - sum(block_bytes)
-    budget = rest + sum(block_bytes[:2])  # the non-block layers and two blocks
+    in_flight = 2 * max(block_bytes)  # the running block and the next one's copy
+    budget = rest + sum(block_bytes[:2]) + in_flight  # the non-block layers and two blocks
     loaded = placed.to(torch.device("cpu"), budget=budget)
     assert placed.streamer is not None
     assert placed.streamer.blocks == blocks[2:]
-    assert loaded == budget
+    assert loaded == budget - in_flight
     assert all(torch.equal(a, b) for a, b in zip(resident, _two_steps(model, x), strict=True))
     placed.to(torch.device("cpu"))  # no budget: everything resident, no streaming
     assert placed.streamer is None
@@ -97,16 +98,16 @@ def test_placed_to_with_a_budget_keeps_the_first_blocks_resident_and_streams_the
 
 def test_partially_load_with_comfyuis_budget_keeps_n_blocks_resident(comfy):
     model, x = _model_and_inputs()
-    resident = _two_steps(model, x)
+    expected = _two_steps(model, x)
     placed = local_models.Placed("transformer", model)
     blocks = _blocks(model)
     block_bytes = [local_models.module_bytes(b) for b in blocks]
-    budget = placed.nbytes - sum(block_bytes) + sum(block_bytes[:3])
+    resident = placed.nbytes - sum(block_bytes) + sum(block_bytes[:3])
     patcher = placed.managed(torch.device("cpu"))
-    gained = patcher.partially_load(torch.device("cpu"), extra_memory=budget)
-    assert placed.streamer.blocks == blocks[3:]  # 3 blocks resident, 2 streamed
-    assert gained == patcher.loaded_size() == budget < patcher.model_size()
-    assert all(torch.equal(a, b) for a, b in zip(resident, _two_steps(model, x), strict=True))
+    gained = patcher.partially_load(torch.device("cpu"), extra_memory=resident + 2 * max(block_bytes))
+    assert placed.streamer.blocks == blocks[3:]  # 3 blocks resident, 5 streamed
+    assert gained == patcher.loaded_size() == resident < patcher.model_size()
+    assert all(torch.equal(a, b) for a, b in zip(expected, _two_steps(model, x), strict=True))
     patcher.partially_load(torch.device("cpu"), extra_memory=1e32)  # more room: all of it
     assert placed.streamer is None
     assert patcher.loaded_size() == patcher.model_size()
@@ -130,6 +131,12 @@ def test_streamed_forward_on_cuda_equals_resident():
     streamed = _two_steps(model, xs)
     placed.home()
     assert all(torch.equal(a, b) for a, b in zip(resident, streamed, strict=True))
+
+
+def test_resident_block_count_keeps_room_for_two_blocks_in_flight():
+    assert local_models.resident_block_count(10, [5, 5, 5], 25) == 3  # everything fits: no streaming
+    assert local_models.resident_block_count(10, [5, 5, 5], 24) == 0  # 10 + 2*5 in flight leaves 4
+    assert local_models.resident_block_count(10, [5, 5, 5, 5, 5], 30) == 2
 
 
 @pytest.mark.parametrize("flag", ["auto", "keep-on-GPU", "offload-to-CPU", "free-after-run", "stream-blocks"])

@@ -267,3 +267,23 @@ def test_measure_tiny_pipeline_in_gguf_form(form, block_type):
     assert sampling.weight_bytes == expected == result.model_bytes["transformer"]
     assert sampling.activation_peak >= largest  # a dequantized weight is live in fp32 for a moment
     assert any("uint8" in line or "float32" in line for line in sampling.peak_tensors)
+
+
+def test_stream_blocks_rows_use_the_codes_resident_block_count():
+    gib = me.GIB
+    result = _stages()
+    result.block_bytes = [gib // 5] * 50  # 10 GiB of blocks, 1 GiB of other layers
+    reserve = local_memory.sampling_bytes(1024, 1024, True)
+    peak, resident = me.simulate_stream_blocks(result, 12 * gib)
+    budget = 12 * gib - me.CUDA_CONTEXT - reserve
+    rest = result.model_bytes["transformer"] - sum(result.block_bytes)
+    assert resident == local_models_count(rest, result.block_bytes, budget) < 50
+    assert peak == rest + resident * (gib // 5) + 2 * (gib // 5) + gib // 4
+    assert peak <= 12 * gib - me.CUDA_CONTEXT
+    assert me.simulate_stream_blocks(result, 24 * gib) == (result.offload_peak, 50)  # all fit: no streaming
+
+
+def local_models_count(rest, blocks, budget):
+    from comfyui_flux_schnell.local.models import resident_block_count
+
+    return resident_block_count(rest, blocks, budget)
