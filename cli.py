@@ -70,6 +70,24 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+# The flags that only the local backend reads, with their argparse names.
+LOCAL_ONLY_FLAGS = tuple(
+    (flag, flag[2:].replace("-", "_"))
+    for flag in (
+        "--checkpoint",
+        "--transformer",
+        "--t5",
+        "--clip",
+        "--ae",
+        "--t5-tokenizer",
+        "--clip-tokenizer",
+        "--dtype",
+        "--device",
+        "--compile",
+    )
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -146,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument(
         "--dtype",
         choices=("as-stored", "bf16", "fp8_e4m3fn", "fp8_e4m3fn_fast"),
-        default="as-stored",
+        default=None,  # as stored; None tells a flag left out from one given (refused on the api)
         help="how transformer and T5 weights are kept in memory; fp8_e4m3fn_fast also multiplies the "
         "transformer's fp8 weights as fp8 (GPUs of compute capability 8.9+, else as fp8_e4m3fn)",
     )
@@ -261,6 +279,13 @@ def _generate(args) -> int:
         gen_parser.error(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
     if args.lora and args.backend != "local":
         gen_parser.error("--lora needs --backend local (the hosted API applies no LoRA)")
+    if args.backend != "local":
+        given = [flag for flag, dest in LOCAL_ONLY_FLAGS if getattr(args, dest) not in (None, False)]
+        if given:  # ignored by the service: refused before the image is paid for
+            gen_parser.error(
+                f"{' '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the local backend only; "
+                f"add --backend local, or drop {'it' if len(given) == 1 else 'them'} for the hosted API"
+            )
 
     seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
     template = GenerationRequest(

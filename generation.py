@@ -7,6 +7,7 @@ first, so a request that must fail never costs a paid API call or a model load.
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,7 +46,13 @@ class GenerationRequest:
         """Raise `InvalidInputError` naming the first input that cannot be honoured."""
         if backend not in BACKENDS:
             raise InvalidInputError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}.")
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
+        if isinstance(self.prompt, str) and _not_utf8(self.prompt):
+            raise InvalidInputError(
+                "prompt is not valid UTF-8 text (bytes a terminal in another encoding sent?): the "
+                "service could take it and the PNG could not record it; type it again in a UTF-8 "
+                "terminal or put it in a UTF-8 prompts file."
+            )
+        if not isinstance(self.prompt, str) or not visible_text(self.prompt):
             raise InvalidInputError(
                 "prompt is empty: describe the image to generate (FLUX.1 [schnell] needs a non-empty prompt)."
             )
@@ -80,6 +87,32 @@ class GenerationRequest:
         if not 1 <= self.batch_size <= MAX_BATCH:
             raise InvalidInputError(f"batch_size must be between 1 and {MAX_BATCH}; got {self.batch_size}.")
         return self
+
+
+# Characters that draw nothing although Unicode files them as letters or symbols: the braille
+# blank, the Hangul fillers, the Khmer inherent vowels.
+_BLANK_CHARACTERS = frozenset("\u2800\u115f\u1160\u3164\uffa0\u17b4\u17b5")
+# Categories that never draw a glyph: controls, format characters (U+200B, U+FEFF, ...),
+# separators (spaces, line and paragraph separators), unassigned, private use.
+_INVISIBLE_CATEGORIES = frozenset(("Cc", "Cf", "Cn", "Co", "Cs", "Zs", "Zl", "Zp"))
+
+
+def visible_text(text: str) -> bool:
+    """Whether `text` has at least one character that draws something: a prompt of only spaces,
+    zero-width characters, byte-order marks or blank symbols is empty to the model and is refused
+    before it is paid for."""
+    return any(
+        ch not in _BLANK_CHARACTERS and unicodedata.category(ch) not in _INVISIBLE_CATEGORIES for ch in text
+    )
+
+
+def _not_utf8(text: str) -> bool:
+    """Lone surrogates: what Python makes of bytes that are not UTF-8 in argv (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _check_int(name: str, value: object) -> None:

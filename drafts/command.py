@@ -150,7 +150,10 @@ def generate_command(run_settings, prompt: str | None, prompts_file: Path | None
 
     # 4. Only now: folders, and what a killed run left behind.
     _prepare_folders(run_settings)
-    lines = read_prompt_lines(prompts_file) if prompts_file is not None else [(1, prompt.strip())]
+    if prompts_file is not None:  # what was checked, not what was appended since
+        lines = read_prompt_lines(prompts_file, found.last_line)
+    else:
+        lines = [(1, prompt.strip())]
     return _run(run_settings, api_settings, spec, lines, found.count * template.batch_size)
 
 

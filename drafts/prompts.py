@@ -66,13 +66,15 @@ class PromptsFile:
     count: int
     unsent_seeds: int = 0
     seeded: int = 0
+    last_line: int = 0  # the number of the last prompt line checked: a run reads no further
 
 
 def check_prompts_file(path: Path, check: Callable[[PromptLine], None] | None = None) -> PromptsFile:
     """Read `path` once and raise `InvalidInputError` naming the first problem (and its line);
     `check(prompt_line)` may refuse a prompt by raising `InvalidInputError`."""
-    count = unsent = seeded = 0
+    count = unsent = seeded = last_line = 0
     for entry in read_prompt_lines(path):
+        last_line = entry.line
         if check is not None:
             try:
                 check(entry)
@@ -87,19 +89,20 @@ def check_prompts_file(path: Path, check: Callable[[PromptLine], None] | None = 
             f"--prompts-file {path} has no {what} (one a line; '#' starts a comment; a manifest gives "
             "its done lines)."
         )
-    return PromptsFile(count, unsent, seeded)
+    return PromptsFile(count, unsent, seeded, last_line)
 
 
-def read_prompt_lines(path: Path) -> Iterator[PromptLine]:
-    """`PromptLine`s of a text or JSONL prompts file (by its name), read lazily."""
+def read_prompt_lines(path: Path, last_line: int | None = None) -> Iterator[PromptLine]:
+    """`PromptLine`s of a text or JSONL prompts file (by its name), read lazily; with `last_line`,
+    none after that line (lines appended while a run goes on were never checked: not sent)."""
     if not _is_jsonl(path):
-        for number, prompt in read_prompts(path):
+        for number, prompt in read_prompts(path, last_line):
             yield PromptLine(number, prompt)
         return
     from .manifest import MANIFEST_NAME
 
     torn_lines_skipped = Path(path).name == MANIFEST_NAME  # a kill may cut a manifest's last line
-    for number, text in read_prompts(path):
+    for number, text in read_prompts(path, last_line):
         entry = _jsonl_entry(path, number, text, torn_lines_skipped)
         if entry is not None:
             yield entry
@@ -174,8 +177,8 @@ def _whole_number(where: str, name: str, value) -> int | None:
     return value
 
 
-def read_prompts(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number from 1, prompt) for each prompt line, read lazily."""
+def read_prompts(path: Path, last_line: int | None = None) -> Iterator[tuple[int, str]]:
+    """(line number from 1, prompt) for each prompt line, read lazily, up to `last_line`."""
     _check_kind_and_size(path)
     try:
         f = open(path, "rb")  # noqa: SIM115 -- closed by the generator's `with` below
@@ -183,7 +186,7 @@ def read_prompts(path: Path) -> Iterator[tuple[int, str]]:
         raise InvalidInputError(f"--prompts-file {path}: cannot read it ({e.strerror}).") from None
     with f:
         number = 0
-        while True:
+        while last_line is None or number < last_line:
             try:
                 raw = f.readline(MAX_LINE_BYTES + 1)
             except OSError as e:
