@@ -138,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     where = gen.add_argument_group("where to write")
     where.add_argument("--out", type=Path, help="the PNG for --prompt (FILE-1.png, ... with --batch-size)")
     where.add_argument("--out-dir", type=Path, help="the draft folder for --prompts-file")
+    money = gen.add_argument_group("spending")
+    money.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (lines, repeats, already done, to request, the estimated cost with "
+        "price_per_image in the config) and send nothing",
+    )
+    money.add_argument(
+        "--max-images",
+        type=int,
+        metavar="N",
+        help="refuse the run, before any request, when it would send more than N paid requests "
+        "(default: max_images_per_run in the config, else no limit)",
+    )
     params = gen.add_argument_group("generation")
     params.add_argument("--backend", choices=BACKENDS, default="api", help="where images are made")
     params.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
@@ -306,7 +320,16 @@ def _generate(args) -> int:
         loras=tuple(args.lora),
     )
     spec = _local_model_spec(args) if args.backend == "local" else None
-    return generate_command(run_settings, args.prompt, args.prompts_file, spec)
+    if args.max_images is not None and args.max_images < 1:
+        gen_parser.error(f"--max-images must be at least 1; got {args.max_images}")
+    return generate_command(
+        run_settings,
+        args.prompt,
+        args.prompts_file,
+        spec,
+        dry_run=args.dry_run,
+        max_images=args.max_images,
+    )
 
 
 # --memory's values: local.files.MEMORY_CHOICES with dashes (not imported here: the api path imports no torch)

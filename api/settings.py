@@ -47,6 +47,8 @@ _CONFIG_FIELDS: dict[str, type | tuple[type, ...]] = {
     "request_timeout_s": (int, float),
     "deadline_s": (int, float),
     "min_call_s": (int, float),
+    "max_images_per_run": int,
+    "price_per_image": (int, float),
 }
 _ALLOWED_KEYS = ("api_key", *_CONFIG_FIELDS)
 # Upper bounds of the time limits: past them a socket timeout overflows (1e10 s) after the paid
@@ -72,6 +74,8 @@ class ApiSettings:
     min_call_s: float = 30.0  # a call is only retried with this long left (capped by the timeout)
     max_billed_retries: int = 0  # retries of calls that may already be billed: only when opted in
     max_free_retries: int = 4  # retries of calls that certainly did no work
+    max_images_per_run: int | None = None  # spend guard: a run planning more paid images is refused
+    price_per_image: float | None = None  # for estimates in --dry-run, the summary and `info`
     max_download_bytes: int = 64 * 2**20
     max_image_pixels: int = 4096 * 4096
     # Finer knobs (not in the config file); tests shrink them.
@@ -118,6 +122,10 @@ class ApiSettings:
             _check_int(name, getattr(self, name), minimum=0)
         for name in ("max_download_bytes", "max_image_pixels"):
             _check_int(name, getattr(self, name), minimum=1)
+        if self.max_images_per_run is not None:
+            _check_int("max_images_per_run", self.max_images_per_run, minimum=1)
+        if self.price_per_image is not None:
+            _check_number("price_per_image", self.price_per_image, minimum=0.0, strict=False)
         if not isinstance(self.send_seed, bool):
             raise ConfigurationError(f"send_seed must be true or false; got {self.send_seed!r}.")
 

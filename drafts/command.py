@@ -95,9 +95,19 @@ def gallery_command(folder: Path) -> int:
 # --- generate -------------------------------------------------------------------------------------
 
 
-def generate_command(run_settings, prompt: str | None, prompts_file: Path | None, spec=None) -> int:
+def generate_command(
+    run_settings,
+    prompt: str | None,
+    prompts_file: Path | None,
+    spec=None,
+    *,
+    dry_run: bool = False,
+    max_images: int | None = None,
+) -> int:
     """Check, prepare and run one `generate`: `run_settings` is a drafts.run.RunSettings, `spec` the
-    local.files.LocalModelSpec for the local backend (None for the api)."""
+    local.files.LocalModelSpec for the local backend (None for the api). `dry_run` prints the plan
+    and sends nothing; `max_images` (else the config's `max_images_per_run`) refuses a run that
+    would send more paid requests, before any."""
     from .prompts import PromptLine, PromptsFile, check_prompts_file, read_prompt_lines
     from .run import line_request
 
@@ -148,13 +158,66 @@ def generate_command(run_settings, prompt: str | None, prompts_file: Path | None
             found.unsent_seeds,
         )
 
-    # 4. Only now: folders, and what a killed run left behind.
+    def lines():
+        if prompts_file is not None:  # what was checked, not what was appended since
+            return read_prompt_lines(prompts_file, found.last_line)
+        return [(1, prompt.strip())]
+
+    # 4. What it would cost: the plan after repeats and earlier runs, before anything is sent.
+    limit = max_images
+    if limit is None and api_settings is not None:
+        limit = api_settings.max_images_per_run
+    if dry_run or (limit is not None and backend == "api"):
+        count = _count_plan(run_settings, lines())
+        price = api_settings.price_per_image if api_settings is not None else None
+        if dry_run:
+            _print_plan(count, found.count, backend, price)
+            return EXIT_OK
+        if count.to_request > limit:
+            flag = "--max-images" if max_images is not None else "max_images_per_run in the config file"
+            raise InvalidInputError(
+                f"this run would send {count.to_request} paid request(s) ({count.images} image(s) "
+                f"planned, {count.duplicates} repeat(s), {count.already_done} already done), more than "
+                f"{flag} allows ({limit}); nothing was sent. Raise {flag}, or split the prompts file "
+                "(--dry-run shows the plan)."
+            )
+
+    # 5. Only now: folders, and what a killed run left behind.
     _prepare_folders(run_settings)
-    if prompts_file is not None:  # what was checked, not what was appended since
-        lines = read_prompt_lines(prompts_file, found.last_line)
-    else:
-        lines = [(1, prompt.strip())]
+    lines = lines()
     return _run(run_settings, api_settings, spec, lines, found.count * template.batch_size)
+
+
+class _Silent:
+    """The progress a counting pass reports to: nothing is shown."""
+
+    def advance(self, **_kinds) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+def _count_plan(run_settings, lines):
+    from .run import DraftRun
+
+    def no_backend(planned):  # never called by count_plan: it sends nothing
+        raise AssertionError("a counting pass has no backend")
+
+    return DraftRun(run_settings, no_backend, _Silent(), lambda error: None).count_plan(lines)
+
+
+def _print_plan(count, lines: int, backend: str, price: float | None) -> None:
+    """The plan on stdout (it is the command's result), in the words of the summary."""
+    print(f"dry run: nothing sent, nothing written ({backend} backend)")
+    print(f"  prompt lines:        {lines}")
+    print(f"  images planned:      {count.images}")
+    print(f"  repeats (sent once): {count.duplicates}")
+    print(f"  already done:        {count.already_done}")
+    paid = " (each may be billed)" if backend == "api" else ""
+    print(f"  to request:          {count.to_request}{paid}")
+    if backend == "api" and price is not None:
+        print(f"  estimated cost:      {count.to_request * price:.4g} (price_per_image {price:g})")
 
 
 def _check_out_file(out: Path) -> None:

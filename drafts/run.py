@@ -89,6 +89,16 @@ class RunOutcome:
         return self.planned - self.done - self.skipped - self.duplicates - self.failed_count
 
 
+@dataclass
+class PlanCount:
+    """What a run would do, counted without sending anything (`--dry-run`, the spend guard)."""
+
+    images: int = 0  # planned: lines x batch size
+    duplicates: int = 0  # requested once for several lines
+    already_done: int = 0  # on disk from an earlier run
+    to_request: int = 0  # what the backend would be asked for (paid, on the api)
+
+
 class StopRun(Exception):
     """Ends a run early: every remaining image would fail the same way."""
 
@@ -283,10 +293,7 @@ class DraftRun:
         self.outcome.planned = planned_total
         if self.settings.drafts:
             self.manifest = ManifestWriter(self.settings.out_dir / MANIFEST_NAME)
-            for record in read_manifest(self.settings.out_dir / MANIFEST_NAME):
-                name, size = record.get("file"), record.get("bytes")
-                if record["status"] == DONE and isinstance(name, str) and isinstance(size, int):
-                    self._done_files[name] = size
+        self._read_done_files()
         results = self.backend(self._to_make(plan(lines, self.settings)))
         try:
             for p, result in results:
@@ -303,6 +310,26 @@ class DraftRun:
             if self.manifest is not None:
                 self.manifest.close()
         return self.outcome
+
+    def count_plan(self, lines: Iterable) -> PlanCount:
+        """What `run` would send, writing nothing (no manifest, no file, no request): the lines
+        are planned, repeats and files already done are taken out as `run` takes them out."""
+        self._read_done_files()
+        count = PlanCount()
+        for _ in self._to_make(plan(lines, self.settings)):
+            count.to_request += 1
+        count.duplicates = self.outcome.duplicates + sum(len(waiting) for waiting in self._waiting.values())
+        count.already_done = self.outcome.skipped
+        count.images = count.to_request + count.duplicates + count.already_done
+        return count
+
+    def _read_done_files(self) -> None:
+        if not self.settings.drafts:
+            return
+        for record in read_manifest(self.settings.out_dir / MANIFEST_NAME):
+            name, size = record.get("file"), record.get("bytes")
+            if record["status"] == DONE and isinstance(name, str) and isinstance(size, int):
+                self._done_files[name] = size
 
     # planning: what to send
 

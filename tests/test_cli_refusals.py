@@ -106,3 +106,74 @@ def test_lines_appended_to_the_prompts_file_during_the_run_are_not_sent(fake_api
     assert code == 0
     assert sorted(r.prompt for r in fake_api.requests) == ["one", "three", "two"]
     assert "not run: -" not in capsys.readouterr().err
+
+
+# --- the spend guard and the dry run (issue 15, build 5) ------------------------------------------
+
+
+def _prompts(tmp_path, text="fox\nowl\nfox\ncat\n"):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(text, encoding="utf-8")
+    return prompts
+
+
+def test_a_dry_run_prints_the_plan_and_sends_nothing(fake_api, tmp_path, capsys):
+    config = tmp_path / "flux_schnell_config.json"
+    config.write_text('{"price_per_image": 0.003}')
+    config.chmod(0o600)
+    out_dir = tmp_path / "d"
+    args = ["generate", "--prompts-file", str(_prompts(tmp_path)), "--out-dir", str(out_dir)]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "images planned:      4" in out
+    assert "repeats (sent once): 1" in out
+    assert "already done:        0" in out
+    assert "to request:          3" in out
+    assert "estimated cost:      0.009" in out
+    assert fake_api.generate_calls == 0
+    assert not out_dir.exists()
+    # After a run, the same dry run finds the images done.
+    assert main(args) == 0
+    paid = fake_api.generate_calls
+    capsys.readouterr()
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "already done:        3" in out
+    assert "to request:          0" in out
+    assert fake_api.generate_calls == paid
+
+
+def test_max_images_refuses_a_larger_plan_before_any_request(fake_api, tmp_path, capsys):
+    out_dir = tmp_path / "d"
+    args = ["generate", "--prompts-file", str(_prompts(tmp_path)), "--out-dir", str(out_dir)]
+    assert main([*args, "--max-images", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "would send 3 paid request(s)" in err
+    assert "--max-images" in err
+    assert fake_api.generate_calls == 0
+    assert not out_dir.exists()
+    assert main([*args, "--max-images", "3"]) == 0  # repeats are not counted: 3 requests fit
+    assert fake_api.generate_calls == 3
+
+
+def test_max_images_per_run_in_the_config_guards_too(fake_api, tmp_path, capsys):
+    config = tmp_path / "flux_schnell_config.json"
+    config.write_text('{"max_images_per_run": 1}')
+    config.chmod(0o600)
+    args = ["generate", "--prompts-file", str(_prompts(tmp_path)), "--out-dir", str(tmp_path / "d")]
+    assert main(args) == 2
+    assert "max_images_per_run in the config file allows (1)" in capsys.readouterr().err
+    assert fake_api.generate_calls == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [('{"max_images_per_run": 0}', "max_images_per_run"), ('{"price_per_image": -1}', "price_per_image")],
+)
+def test_bad_spend_fields_in_the_config_are_named(fake_api, tmp_path, capsys, text, field):
+    config = tmp_path / "flux_schnell_config.json"
+    config.write_text(text)
+    config.chmod(0o600)
+    assert main(["generate", "--prompt", "a fox", "--out", str(tmp_path / "x.png")]) == 2
+    assert field in capsys.readouterr().err
+    assert fake_api.generate_calls == 0
