@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import difflib
 import logging
 import os
 import random
@@ -108,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    commands: dict[str, argparse.ArgumentParser] = {}
+    parser.set_defaults(command_parsers=commands)
+
     def command(name: str, text: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(
+        commands[name] = sub.add_parser(
             name,
             help=text,
             description=description,
@@ -117,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=_HelpFormatter,
             parents=[common],
         )
+        return commands[name]
 
     gen = command(
         "generate",
@@ -233,6 +238,8 @@ def _lora_option(text: str) -> LoraChoice:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _name_unknown_flags(parser, argv)
     args = parser.parse_args(argv)
     _set_up_logging(getattr(args, "verbose", False))
     try:
@@ -247,6 +254,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigurationError, InvalidInputError, LocalBackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _name_unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Exit 2 naming the first unknown `--flag` with the closest known one of its command and a
+    one-line usage, before argparse's own checks (which would print the whole usage and complain
+    of a missing --prompt instead of the misspelt --promt)."""
+    commands = parser.get_default("command_parsers")
+    name = next((token for token in argv if not token.startswith("-")), None)
+    target = commands.get(name, parser)
+    known = _flags_of(parser) | _flags_of(target)
+    for token in argv:
+        if token == "--":
+            break
+        flag = token.split("=", 1)[0]
+        if not flag.startswith("--") or flag in known or any(k.startswith(flag) for k in known):
+            continue  # a value, a known flag, or an abbreviation argparse resolves
+        close = difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        print(
+            f"{target.prog}: error: unrecognized argument {flag}{hint}\n"
+            f"run '{target.prog} --help' for its flags",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_USAGE)
+
+
+def _flags_of(parser: argparse.ArgumentParser) -> set[str]:
+    # argparse keeps a parser's flags in `_actions` only (no public accessor).
+    return {flag for action in parser._actions for flag in action.option_strings}
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:

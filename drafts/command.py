@@ -124,12 +124,12 @@ def generate_command(
     def check(entry: PromptLine) -> None:
         line_request(entry, run_settings)[0].validate(backend)
 
-    if prompt is not None:
-        check(PromptLine(1, prompt))
-        found = PromptsFile(1)
-    else:
-        check(PromptLine(0, "x"))  # size, steps, seed and batch, once, with the file's name out of it
-        found = check_prompts_file(prompts_file, check)
+    try:  # the flags: an error names the flag typed, not the service's field
+        check(PromptLine(1, prompt) if prompt is not None else PromptLine(0, "x"))
+    except InvalidInputError as e:
+        raise InvalidInputError(_named_by_flag(str(e))) from None
+    # Then each line of a prompts file (a JSONL line's own fields keep their names).
+    found = PromptsFile(1) if prompt is not None else check_prompts_file(prompts_file, check)
 
     # 3. What the backend needs: the key (read here, where the program starts) or the packages.
     if backend == "api":
@@ -186,6 +186,24 @@ def generate_command(
     _prepare_folders(run_settings)
     lines = lines()
     return _run(run_settings, api_settings, spec, lines, found.count * template.batch_size)
+
+
+# The request's fields and the flags that set them.
+FLAG_OF_FIELD = {
+    "prompt": "--prompt",
+    "width": "--width",
+    "height": "--height",
+    "num_inference_steps": "--steps",
+    "seed": "--seed",
+    "batch_size": "--batch-size",
+}
+
+
+def _named_by_flag(message: str) -> str:
+    """`message` with the field it starts with named by its flag ("--steps must be ...")."""
+    field, _, rest = message.partition(" ")
+    flag = FLAG_OF_FIELD.get(field)
+    return f"{flag} {rest}" if flag else message
 
 
 class _Silent:

@@ -177,3 +177,59 @@ def test_bad_spend_fields_in_the_config_are_named(fake_api, tmp_path, capsys, te
     assert main(["generate", "--prompt", "a fox", "--out", str(tmp_path / "x.png")]) == 2
     assert field in capsys.readouterr().err
     assert fake_api.generate_calls == 0
+
+
+# --- the command line a newcomer meets (issue 14, item 5) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "named", "usage_of"),
+    [
+        (["generate", "--promt", "a fox", "--out", "x.png"], "--promt; did you mean --prompt?", "generate"),
+        (["generate", "--prompt", "a fox", "--widht", "512"], "--widht; did you mean --width?", "generate"),
+        (["generate", "--prompt=a fox", "--out-dri", "d"], "--out-dri; did you mean --out-dir?", "generate"),
+        (["gallery", "d", "--verbsoe"], "--verbsoe; did you mean --verbose?", "gallery"),
+        (["--verbsoe", "config"], "--verbsoe; did you mean --verbose?", "config"),
+        (["generate", "--prompt", "a fox", "--zzzzzz"], "unrecognized argument --zzzzzz\n", "generate"),
+    ],
+)
+def test_an_unknown_flag_is_named_with_the_closest_match_and_a_short_usage(capsys, argv, named, usage_of):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert named in err
+    assert f"flux-schnell {usage_of}: error:" in err
+    assert len(err.splitlines()) == 2  # not the 17-line usage
+    assert "is required" not in err
+
+
+def test_an_abbreviated_flag_is_still_argparses_to_resolve(fake_api, tmp_path):
+    out = tmp_path / "x.png"
+    assert main(["generate", "--prompt", "a fox", "--out", str(out), "--widt", "512"]) == 0
+    assert out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--steps", "9"], "--steps must be between 1 and 8"),
+        (["--batch-size", "17"], "--batch-size must be between 1 and 16"),
+        (["--width", "100"], "--width must be between 256 and 2048"),
+        (["--height", "1000"], "--height must be a multiple of 16"),
+    ],
+)
+def test_errors_name_the_flag_typed_not_the_services_field(fake_api, tmp_path, capsys, flags, message):
+    assert main(["generate", "--prompt", "a fox", "--out", str(tmp_path / "x.png"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "num_inference_steps" not in err
+    assert "batch_size" not in err
+    assert fake_api.generate_calls == 0
+
+
+def test_a_jsonl_lines_own_field_keeps_its_name(fake_api, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "owl", "num_inference_steps": 9}\n')
+    assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "d")]) == 2
+    assert "line 1: num_inference_steps must be between 1 and 8" in capsys.readouterr().err
