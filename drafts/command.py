@@ -391,14 +391,14 @@ def _summary(outcome, run_settings) -> int:
         except OSError as e:
             print(f"could not write the gallery: {e}", file=err)
         else:
+            # The run's result: on stdout, so a script can capture where the images went.
             print(
                 f"images in {out_dir}; every line in {out_dir / MANIFEST_NAME}; "
-                f"review them in {out_dir / GALLERY_NAME} ({gallery.images} image(s))",
-                file=err,
+                f"review them in {out_dir / GALLERY_NAME} ({gallery.images} image(s))"
             )
     else:
         for path in outcome.written:
-            print(f"wrote {path}", file=err)
+            print(f"wrote {path}")
     if outcome.exit_code is not None:
         return outcome.exit_code
     return EXIT_OK if not outcome.failed_count and not not_run else EXIT_FAILED

@@ -25,7 +25,14 @@ from urllib.parse import quote
 from PIL import Image
 
 from .manifest import DONE, FAILED, MANIFEST_NAME, latest_by_file
-from .png_files import THUMBNAIL_SIDE, is_complete_png, read_png_text, save_thumbnail, write_atomically
+from .png_files import (
+    THUMBNAIL_SIDE,
+    UNREADABLE,
+    is_complete_png,
+    read_png_text,
+    save_thumbnail,
+    write_atomically,
+)
 from .prompts import seed_was_sent
 
 GALLERY_NAME = "index.html"
@@ -75,7 +82,7 @@ def write_gallery(out_dir: Path) -> GalleryStats:
     for name in others:
         try:
             text = read_png_text(out_dir / name)
-        except (OSError, SyntaxError, ValueError):
+        except UNREADABLE:
             continue  # not a readable PNG: nothing to show
         prompt = text.get("prompt", "")
         tiles.append(Tile(name, prompt, text.get("seed", ""), None, {"prompt": prompt}))

@@ -110,6 +110,11 @@ def _itxt_chunk(keyword: bytes, text: str) -> bytes:
     return struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body) & 0xFFFFFFFF)
 
 
+# What reading a PNG of the folder may raise when the file is not one we can use: damaged, of
+# another kind, or claiming more pixels than Pillow agrees to decode (not an OSError).
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def is_complete_png(path: str | os.PathLike) -> bool:
     """True when `path` is a PNG that decodes to the end (so a resumed run may skip it)."""
     try:
@@ -117,7 +122,7 @@ def is_complete_png(path: str | os.PathLike) -> bool:
             if image.format != "PNG":
                 return False
             image.load()
-    except (OSError, SyntaxError, ValueError):
+    except UNREADABLE:
         return False
     return True
 

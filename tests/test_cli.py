@@ -442,7 +442,9 @@ def test_mismatched_options_are_usage_errors(argv):
 def test_a_finished_run_says_where_its_files_are(fake_api, tmp_path, capsys):
     out = tmp_path / "fox.png"
     assert main(["generate", "--prompt", "fox", "--out", str(out), "--width", "256", "--height", "256"]) == 0
-    assert f"wrote {out}" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert f"wrote {out}" in said.out  # the result, on stdout (issue 14): a script captures it
+    assert "wrote" not in said.err
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\n")
     assert (
@@ -461,10 +463,11 @@ def test_a_finished_run_says_where_its_files_are(fake_api, tmp_path, capsys):
         )
         == 0
     )
-    err = capsys.readouterr().err
-    assert f"images in {tmp_path / 'd'}" in err
-    assert str(tmp_path / "d" / "manifest.jsonl") in err
-    assert str(tmp_path / "d" / "index.html") in err
+    said = capsys.readouterr()
+    assert f"images in {tmp_path / 'd'}" in said.out
+    assert str(tmp_path / "d" / "manifest.jsonl") in said.out
+    assert str(tmp_path / "d" / "index.html") in said.out
+    assert "images in" not in said.err
 
 
 @pytest.mark.parametrize("where", ["before", "after"])

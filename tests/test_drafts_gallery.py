@@ -211,3 +211,31 @@ def test_picks_hold_a_seed_only_where_the_service_received_it(draft_folder):
     assert len(picks) == 3
     assert all("seed" not in pick for pick in picks)  # the default config sends no seed
     assert {"prompt": "a red fox"} in picks
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` pixels, with almost no image data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_png_claiming_100000_squared_pixels_is_left_out_not_a_crash(tmp_path):
+    from comfyui_flux_schnell.cli import main
+
+    (tmp_path / "bomb.png").write_bytes(_png_claiming(100_000, 100_000))
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / "fine.png")
+    assert main(["gallery", str(tmp_path)]) == 0
+    page = (tmp_path / "index.html").read_text()
+    assert "fine.png" in page
+    assert "bomb.png" not in page
