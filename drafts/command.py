@@ -149,9 +149,13 @@ def generate_command(run_settings, prompt: str | None, prompts_file: Path | None
         )
 
     # 4. Only now: folders, and what a killed run left behind.
-    _prepare_folders(run_settings)
-    lines = read_prompt_lines(prompts_file) if prompts_file is not None else [(1, prompt.strip())]
-    return _run(run_settings, api_settings, spec, lines, found.count * template.batch_size)
+    lock = _prepare_folders(run_settings)
+    try:
+        lines = read_prompt_lines(prompts_file) if prompts_file is not None else [(1, prompt.strip())]
+        return _run(run_settings, api_settings, spec, lines, found.count * template.batch_size)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _check_out_file(out: Path) -> None:
@@ -182,8 +186,11 @@ def _check_output_folder(folder: Path, flag: str) -> None:
         )
 
 
-def _prepare_folders(run_settings) -> None:
+def _prepare_folders(run_settings):
+    """Make the folders, lock a draft folder (drafts/lock.py: a second run into it exits 2 naming
+    the first) and remove what a killed run left; returns the lock (None for `--out`)."""
     from .gallery import THUMBS_DIR
+    from .lock import FolderLock
     from .png_files import remove_stale_parts
 
     drafts = run_settings.drafts
@@ -199,7 +206,10 @@ def _prepare_folders(run_settings) -> None:
         raise InvalidInputError(
             f"{flag}: cannot write images to {folder}: {e.strerror}; choose another {flag}."
         ) from e
+    lock = None
     if drafts:
+        lock = FolderLock(folder, flag=flag)
+        lock.acquire()
         removed = remove_stale_parts(folder) + remove_stale_parts(folder / THUMBS_DIR)
     else:
         out = run_settings.out
@@ -209,6 +219,7 @@ def _prepare_folders(run_settings) -> None:
             removed += remove_stale_parts(folder, name)
     if removed:
         log.info("removed %d unfinished file(s) left by an interrupted run", len(removed))
+    return lock
 
 
 def _progress_handler():
