@@ -149,10 +149,15 @@ def generate_command(run_settings, prompt: str | None, prompts_file: Path | None
         )
 
     # 4. Only now: folders, and what a killed run left behind.
+    count = found.count
+    if run_settings.shard is not None:  # its own lines only (read again, lazily: nothing is held)
+        count = sum(1 for entry in read_prompt_lines(prompts_file) if run_settings.in_shard(entry.line))
+        k, n = run_settings.shard
+        log.info("shard %d/%d: %d of the %d prompts of %s", k, n, count, found.count, prompts_file)
     lock = _prepare_folders(run_settings)
     try:
         lines = read_prompt_lines(prompts_file) if prompts_file is not None else [(1, prompt.strip())]
-        return _run(run_settings, api_settings, spec, lines, found.count * template.batch_size)
+        return _run(run_settings, api_settings, spec, lines, count * template.batch_size)
     finally:
         if lock is not None:
             lock.release()
@@ -208,7 +213,7 @@ def _prepare_folders(run_settings):
         ) from e
     lock = None
     if drafts:
-        lock = FolderLock(folder, flag=flag)
+        lock = FolderLock(folder, shard=run_settings.shard, flag=flag)
         lock.acquire()
         removed = remove_stale_parts(folder) + remove_stale_parts(folder / THUMBS_DIR)
     else:

@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -71,6 +72,14 @@ class FolderLock:
         self.release()
 
     def acquire(self) -> None:
+        self._acquire_own()
+        try:
+            self._check_overlapping()
+        except FolderLockedError:
+            self.release()
+            raise
+
+    def _acquire_own(self) -> None:
         for _ in range(3):  # a lock released or taken over between our tries: look again
             if self._create():
                 return
@@ -91,6 +100,25 @@ class FolderLock:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
         self._mine = None
+
+    def _check_overlapping(self) -> None:
+        """A run of the whole folder and a shard, or shards of different counts (1/2 and 1/3), make
+        some of the same lines: the other's live lock refuses this run too. Two such runs starting
+        at the same moment may both stop; neither pays for the other's lines."""
+        for other in sorted(self.folder.glob(LOCK_NAME + "*")):
+            shard = _shard_of(other.name)
+            if other == self.path or shard is False:
+                continue
+            if self.shard is not None and shard is not None and shard[1] == self.shard[1]:
+                continue  # another shard of the same split: no line in common
+            holder = read_holder(other)
+            if holder is not None and not self._is_dead(holder):
+                what = f"shard {shard[0]}/{shard[1]}" if shard else "the whole folder"
+                raise FolderLockedError(
+                    f"{self.flag} {self.folder}: a run of {what} is running there ({holder.describe()}) "
+                    f"and makes some of the same lines; wait for it, or give every run the same --shard K/N "
+                    f"split."
+                )
 
     # creating and taking over
 
@@ -152,6 +180,14 @@ class FolderLock:
         else:
             text += "; wait for it to finish, or choose another folder"
         return text + "."
+
+
+def _shard_of(name: str) -> tuple[int, int] | bool | None:
+    """(K, N) for `.lock-K-of-N`, None for `.lock`, False for any other file."""
+    if name == LOCK_NAME:
+        return None
+    match = re.fullmatch(re.escape(LOCK_NAME) + r"-(\d+)-of-(\d+)", name)
+    return (int(match[1]), int(match[2])) if match else False
 
 
 def read_holder(path: Path) -> LockHolder | None:
