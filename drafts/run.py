@@ -54,6 +54,9 @@ class RunSettings:
     loras: tuple = ()  # local.lora.LoraChoice: they make other images, so they name other files
     seed_sent: bool = True  # api: whether the service receives the seed (config `send_seed`)
     shard: tuple[int, int] | None = None  # --shard K/N: only the lines whose number % N == K % N
+    # more PNG text chunks (the Drafts node: ComfyUI's "prompt" graph and "workflow", as SaveImage
+    # writes them; our prompt text then goes under "flux_prompt")
+    png_extra: tuple[tuple[str, str], ...] = ()
 
     @property
     def drafts(self) -> bool:
@@ -194,7 +197,10 @@ def png_text_for(
         text["request_id"] = request_id
     if run_settings.loras:
         text["loras"] = ", ".join(choice.describe() for choice in run_settings.loras)
-    return text
+    extra = dict(run_settings.png_extra)
+    if "prompt" in extra:
+        text["flux_prompt"] = text.pop("prompt")
+    return {**text, **extra}
 
 
 # --- backends -------------------------------------------------------------------------------------
