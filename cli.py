@@ -2,7 +2,7 @@
 
     flux-schnell generate --prompt TEXT --out FILE.png [--backend api|local] [--width W]
                           [--height H] [--steps N] [--seed S] [--batch-size B]
-    flux-schnell generate --prompts-file FILE --out-dir DIR [--concurrency N] [...]
+    flux-schnell generate --prompts-file FILE --out-dir DIR [--concurrency N] [--shard K/N] [...]
     flux-schnell gallery DIR        (thumbnails and index.html for a folder of drafts)
     flux-schnell set-key            (reads the API key from standard input)
     flux-schnell config             (where the key and base URL come from; never the key)
@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse the run, before any request, when it would send more than N paid requests "
         "(default: max_images_per_run in the config, else no limit)",
     )
+    where.add_argument(
+        "--shard",
+        type=_shard_option,
+        metavar="K/N",
+        help="make only the prompts whose line number modulo N is K modulo N, so N processes (a Slurm "
+        "array, a Kubernetes indexed Job, one per GPU) share one prompts file and one --out-dir",
+    )
     params = gen.add_argument_group("generation")
     params.add_argument("--backend", choices=BACKENDS, default="api", help="where images are made")
     params.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
@@ -234,6 +241,22 @@ def _lora_option(text: str) -> LoraChoice:
         return parse_lora_option(text)
     except InvalidInputError as e:  # argparse shows this message, not a generic one
         raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _shard_option(text: str) -> tuple[int, int]:
+    """`K/N` with 1 <= K <= N, as a pair."""
+    k, slash, n = text.strip().partition("/")
+    try:
+        shard = int(k), int(n)
+    except ValueError:
+        shard = None
+    if not slash or shard is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N; write it like 2/8 (shard 2 of 8)")
+    if not 1 <= shard[0] <= shard[1]:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: K must be between 1 and N (shards are numbered 1..N), like 1/{max(shard[1], 1)}"
+        )
+    return shard
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -325,6 +348,8 @@ def _generate(args) -> int:
         gen_parser.error("--out-dir goes with --prompts-file; with --prompt, name the file with --out")
     if args.prompts_file is not None and args.out is not None:
         gen_parser.error("--out goes with --prompt; with --prompts-file, name a folder with --out-dir")
+    if args.shard is not None and args.prompts_file is None:
+        gen_parser.error("--shard goes with --prompts-file and --out-dir (it splits the file's lines)")
     if not 1 <= args.concurrency <= MAX_CONCURRENCY:
         gen_parser.error(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
     if args.lora and args.backend != "local":
@@ -354,6 +379,7 @@ def _generate(args) -> int:
         out=args.out,
         out_dir=args.out_dir,
         loras=tuple(args.lora),
+        shard=args.shard,
     )
     spec = _local_model_spec(args) if args.backend == "local" else None
     if args.max_images is not None and args.max_images < 1:

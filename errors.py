@@ -16,6 +16,10 @@ class InvalidInputError(FluxSchnellError, ValueError):
     """A generation input cannot be honoured; the message names the input and the allowed values."""
 
 
+class FolderLockedError(InvalidInputError):
+    """Another run holds the output folder's lock; says which (pid, host, since) and what to do."""
+
+
 class ConfigurationError(FluxSchnellError, ValueError):
     """The configuration (API key, base URL, config file) is missing or wrong; says how to fix it."""
 

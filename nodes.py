@@ -4,12 +4,15 @@
   model.
 - `FluxSchnellLocalModel` ("FLUX Schnell Local Model"): picks the weight files of the local backend.
 - `FluxSchnellLoRA` ("FLUX Schnell LoRA"): adds a LoRA (models/loras) to a local model; several chain.
+- `FluxSchnellDrafts` ("FLUX Schnell Drafts"): a list of prompts into a draft folder (drafts/node_run.py).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+from pathlib import Path
 from typing import ClassVar
 
 from . import comfy_bridge
@@ -347,13 +350,155 @@ class FluxSchnellLoRA:
         return (local_model.with_lora(lora_from_comfy(lora_name, strength)),)
 
 
+NONE_FILE = "none"
+PROMPTS_SUFFIXES = (".txt", ".jsonl")
+
+
+def _input_files(suffixes: tuple[str, ...]) -> list[str]:
+    folder = comfy_bridge.input_directory()
+    if folder is None or not os.path.isdir(folder):
+        return []
+    return sorted(name for name in os.listdir(folder) if name.lower().endswith(suffixes))
+
+
+class FluxSchnellDrafts:
+    DESCRIPTION = (
+        "Drafts a list of prompts (one a line, '#' comments, or a .txt/.jsonl prompts file from the "
+        "input folder) into a folder under ComfyUI's output folder, as the command line's "
+        "`flux-schnell generate --prompts-file` does: each image saved as it arrives, manifest.jsonl "
+        "and index.html (tick images there and export picks.jsonl, then plug it into 'picks' to render "
+        "only those). Queue it again to finish what is missing: nothing is paid twice."
+    )
+    CATEGORY = CATEGORY
+    SEARCH_ALIASES: ClassVar[list[str]] = [*SEARCH_WORDS, "drafts", "batch", "prompt list", "imageapi"]
+    FUNCTION = "draft"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("contact_sheet", "folder")
+    OUTPUT_TOOLTIPS = (
+        "A grid of the drafts' thumbnails captioned with their line numbers (at most 64).",
+        "The draft folder's path.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        generate = FluxSchnellGenerate.INPUT_TYPES()["required"]
+        return {
+            "required": {
+                "prompts": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "placeholder": "one prompt a line\n# a comment",
+                        "tooltip": "One prompt a line; blank lines and lines starting with # are skipped.",
+                    },
+                ),
+                "backend": generate["backend"],
+                "width": generate["width"],
+                "height": generate["height"],
+                "num_inference_steps": generate["num_inference_steps"],
+                "seed": generate["seed"],
+                "concurrency": (
+                    "INT",
+                    {"default": 4, "min": 1, "max": 16, "tooltip": "api: requests in flight at once."},
+                ),
+                "folder": (
+                    "STRING",
+                    {"default": "flux_drafts", "tooltip": "A folder name under ComfyUI's output folder."},
+                ),
+            },
+            "optional": {
+                "prompts_file": (
+                    [NONE_FILE, *_input_files(PROMPTS_SUFFIXES)],
+                    {"default": NONE_FILE, "tooltip": "A .txt or .jsonl prompts file in the input folder."},
+                ),
+                "picks": (
+                    [NONE_FILE, *_input_files((".jsonl",))],
+                    {"default": NONE_FILE, "tooltip": "A picks.jsonl exported from index.html: only those."},
+                ),
+                "local_model": (LOCAL_MODEL_TYPE, {"tooltip": "Weight files (local backend)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID", "prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    async def draft(
+        self,
+        prompts,
+        backend,
+        width,
+        height,
+        num_inference_steps,
+        seed,
+        concurrency,
+        folder,
+        prompts_file=NONE_FILE,
+        picks=NONE_FILE,
+        local_model=None,
+        unique_id=None,
+        prompt=None,
+        extra_pnginfo=None,
+    ):
+        from .drafts.node_run import drafts_folder, run_drafts
+        from .drafts.run import RunSettings
+        from .image_tensors import pil_to_tensor
+
+        out_dir, subfolder = drafts_folder(comfy_bridge.output_directory(), folder)
+        chosen = picks if picks not in (None, NONE_FILE) else prompts_file
+        source = None
+        if chosen not in (None, NONE_FILE):
+            source = os.path.join(comfy_bridge.input_directory() or "", chosen)
+        extra = {}
+        if prompt is not None:
+            extra["prompt"] = json.dumps(prompt)
+        for key, value in (extra_pnginfo or {}).items():
+            extra[key] = json.dumps(value)
+        settings = RunSettings(
+            backend=backend,
+            request=GenerationRequest("", width, height, num_inference_steps, seed, 1),
+            seed_given=seed,
+            concurrency=concurrency,
+            out_dir=out_dir,
+            png_extra=tuple(extra.items()),
+        )
+        progress = comfy_bridge.progress_for(1, unique_id, unit="image")
+        if backend == "api":
+            from dataclasses import replace
+
+            from .api.settings import load_settings
+
+            api_settings = load_settings()
+            settings = replace(settings, seed_sent=api_settings.send_seed)
+            with progress.status_text("drafting"):
+                result = await comfy_bridge.run_in_thread(
+                    run_drafts,
+                    settings,
+                    prompts,
+                    source and Path(source),
+                    progress,
+                    api_settings,
+                    progress=progress,
+                )
+        else:
+            from .local.packages import require_local_packages
+
+            require_local_packages()
+            result = run_drafts(settings, prompts, source and Path(source), progress, spec=local_model)
+        if result.interrupted:
+            progress.raise_if_interrupted()  # ComfyUI's cancel, once what was paid is saved
+        images = [{"filename": name, "subfolder": subfolder, "type": "output"} for name in result.previews]
+        return {"ui": {"images": images}, "result": (pil_to_tensor([result.sheet]), str(result.folder))}
+
+
 NODE_CLASS_MAPPINGS = {
     "FluxSchnellGenerate": FluxSchnellGenerate,
     "FluxSchnellLocalModel": FluxSchnellLocalModel,
     "FluxSchnellLoRA": FluxSchnellLoRA,
+    "FluxSchnellDrafts": FluxSchnellDrafts,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "FluxSchnellGenerate": "FLUX Schnell Generate",
     "FluxSchnellLocalModel": "FLUX Schnell Local Model",
     "FluxSchnellLoRA": "FLUX Schnell LoRA",
+    "FluxSchnellDrafts": "FLUX Schnell Drafts",
 }

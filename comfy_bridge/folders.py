@@ -62,3 +62,15 @@ def user_directory() -> str | None:
     if folder_paths is None:
         return None
     return folder_paths.get_user_directory()
+
+
+def output_directory() -> str | None:
+    """ComfyUI's output folder (where SaveImage writes), None outside ComfyUI."""
+    folder_paths = comfy_module("folder_paths")
+    return None if folder_paths is None else folder_paths.get_output_directory()
+
+
+def input_directory() -> str | None:
+    """ComfyUI's input folder (uploads), None outside ComfyUI."""
+    folder_paths = comfy_module("folder_paths")
+    return None if folder_paths is None else folder_paths.get_input_directory()

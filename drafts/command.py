@@ -163,29 +163,38 @@ def generate_command(
             return read_prompt_lines(prompts_file, found.last_line)
         return [(1, prompt.strip())]
 
+    count = found.count
+    if run_settings.shard is not None:  # its own lines only (read again, lazily: nothing is held)
+        count = sum(1 for entry in lines() if run_settings.in_shard(entry.line))
+        k, n = run_settings.shard
+        log.info("shard %d/%d: %d of the %d prompts of %s", k, n, count, found.count, prompts_file)
+
     # 4. What it would cost: the plan after repeats and earlier runs, before anything is sent.
     limit = max_images
     if limit is None and api_settings is not None:
         limit = api_settings.max_images_per_run
     if dry_run or (limit is not None and backend == "api"):
-        count = _count_plan(run_settings, lines())
+        plan_count = _count_plan(run_settings, lines())
         price = api_settings.price_per_image if api_settings is not None else None
         if dry_run:
-            _print_plan(count, found.count, backend, price)
+            _print_plan(plan_count, count, backend, price)
             return EXIT_OK
-        if count.to_request > limit:
+        if plan_count.to_request > limit:
             flag = "--max-images" if max_images is not None else "max_images_per_run in the config file"
             raise InvalidInputError(
-                f"this run would send {count.to_request} paid request(s) ({count.images} image(s) "
-                f"planned, {count.duplicates} repeat(s), {count.already_done} already done), more than "
-                f"{flag} allows ({limit}); nothing was sent. Raise {flag}, or split the prompts file "
-                "(--dry-run shows the plan)."
+                f"this run would send {plan_count.to_request} paid request(s) ({plan_count.images} "
+                f"image(s) planned, {plan_count.duplicates} repeat(s), {plan_count.already_done} already "
+                f"done), more than {flag} allows ({limit}); nothing was sent. Raise {flag}, or split "
+                "the prompts file (--dry-run shows the plan)."
             )
 
-    # 5. Only now: folders, and what a killed run left behind.
-    _prepare_folders(run_settings)
-    lines = lines()
-    return _run(run_settings, api_settings, spec, lines, found.count * template.batch_size)
+    # 5. Only now: folders, the lock, and what a killed run left behind.
+    lock = _prepare_folders(run_settings)
+    try:
+        return _run(run_settings, api_settings, spec, lines(), count * template.batch_size)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # The request's fields and the flags that set them.
@@ -266,8 +275,11 @@ def _check_output_folder(folder: Path, flag: str) -> None:
         )
 
 
-def _prepare_folders(run_settings) -> None:
+def _prepare_folders(run_settings):
+    """Make the folders, lock a draft folder (drafts/lock.py: a second run into it exits 2 naming
+    the first) and remove what a killed run left; returns the lock (None for `--out`)."""
     from .gallery import THUMBS_DIR
+    from .lock import FolderLock
     from .png_files import remove_stale_parts
 
     drafts = run_settings.drafts
@@ -283,7 +295,10 @@ def _prepare_folders(run_settings) -> None:
         raise InvalidInputError(
             f"{flag}: cannot write images to {folder}: {e.strerror}; choose another {flag}."
         ) from e
+    lock = None
     if drafts:
+        lock = FolderLock(folder, shard=run_settings.shard, flag=flag)
+        lock.acquire()
         removed = remove_stale_parts(folder) + remove_stale_parts(folder / THUMBS_DIR)
     else:
         out = run_settings.out
@@ -293,6 +308,7 @@ def _prepare_folders(run_settings) -> None:
             removed += remove_stale_parts(folder, name)
     if removed:
         log.info("removed %d unfinished file(s) left by an interrupted run", len(removed))
+    return lock
 
 
 def _progress_handler():

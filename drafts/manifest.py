@@ -14,23 +14,26 @@ lines, and the last record of a file is what holds.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 MANIFEST_NAME = "manifest.jsonl"
 DONE, FAILED, DUPLICATE = "done", "failed", "duplicate"
 
 
 class ManifestWriter:
-    """Appends records to a manifest; each is written with one write call and flushed."""
+    """Appends records to a manifest; each is one `write()` of a whole line to a file opened with
+    `O_APPEND`, so the records of several processes appending at once (the shards of one prompts
+    file, `--shard K/N`) never interleave, and each is in the kernel's hands as soon as it is written
+    (it survives the process being killed)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
 
     def __enter__(self) -> ManifestWriter:
         return self
@@ -39,18 +42,20 @@ class ManifestWriter:
         self.close()
 
     def append(self, record: dict) -> None:
-        if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- closed in close()
-            if self._file.tell() > 0 and not _ends_with_newline(self.path):
-                self._file.write("\n")  # a torn last line from a killed run stays on its own line
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            if os.fstat(self._fd).st_size > 0 and not _ends_with_newline(self.path):
+                os.write(self._fd, b"\n")  # a torn last line from a killed run stays on its own line
         record = {**record, "time": round(time.time(), 3)}
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()  # in the kernel's hands: survives the process being killed
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        written = os.write(self._fd, line)
+        if written != len(line):  # a full disk: the short line is cut, read_manifest skips it
+            raise OSError(errno.ENOSPC, f"{self.path}: only {written} of {len(line)} bytes written")
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _ends_with_newline(path: Path) -> bool:

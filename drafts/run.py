@@ -53,10 +53,18 @@ class RunSettings:
     out_dir: Path | None = None  # --prompts-file: the draft folder
     loras: tuple = ()  # local.lora.LoraChoice: they make other images, so they name other files
     seed_sent: bool = True  # api: whether the service receives the seed (config `send_seed`)
+    shard: tuple[int, int] | None = None  # --shard K/N: only the lines whose number % N == K % N
+    # more PNG text chunks (the Drafts node: ComfyUI's "prompt" graph and "workflow", as SaveImage
+    # writes them; our prompt text then goes under "flux_prompt")
+    png_extra: tuple[tuple[str, str], ...] = ()
 
     @property
     def drafts(self) -> bool:
         return self.out_dir is not None
+
+    def in_shard(self, line: int) -> bool:
+        """Whether this run makes prompts-file line `line` (1-based): always, without --shard."""
+        return self.shard is None or line % self.shard[1] == self.shard[0] % self.shard[1]
 
 
 @dataclass
@@ -199,7 +207,10 @@ def png_text_for(
         text["request_id"] = request_id
     if run_settings.loras:
         text["loras"] = ", ".join(choice.describe() for choice in run_settings.loras)
-    return text
+    extra = dict(run_settings.png_extra)
+    if "prompt" in extra:
+        text["flux_prompt"] = text.pop("prompt")
+    return {**text, **extra}
 
 
 # --- backends -------------------------------------------------------------------------------------
@@ -334,8 +345,15 @@ class DraftRun:
     # planning: what to send
 
     def _to_make(self, planned: Iterator[PlannedImage]) -> Iterator[PlannedImage]:
-        """The planned images the backend must make: not on disk, not a repeat of another line."""
+        """The planned images the backend must make: not on disk, not a repeat of another line, in
+        this run's shard. A line of another shard is not recorded, but it still counts as the first
+        occurrence of its request, so a repeat of it in this shard is a duplicate of that line (the
+        shard that owns it pays for it), never paid twice."""
         for p in planned:
+            if not self.settings.in_shard(p.line):
+                if p.key not in self._waiting:
+                    self._seen.setdefault(p.key, p.line)
+                continue
             if p.key in self._waiting:  # its first occurrence is being made now
                 self._waiting[p.key].append(p)
                 continue

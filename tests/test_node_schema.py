@@ -23,7 +23,10 @@ def test_import_is_light_and_needs_no_comfyui():
         "print(sorted(p.NODE_CLASS_MAPPINGS), heavy)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['FluxSchnellGenerate', 'FluxSchnellLoRA', 'FluxSchnellLocalModel'] []"
+    assert (
+        out.stdout.strip()
+        == "['FluxSchnellDrafts', 'FluxSchnellGenerate', 'FluxSchnellLoRA', 'FluxSchnellLocalModel'] []"
+    )
 
 
 def test_loads_under_a_path_derived_module_name(comfy):
@@ -33,6 +36,7 @@ def test_loads_under_a_path_derived_module_name(comfy):
         assert set(module.NODE_CLASS_MAPPINGS) == {
             "FluxSchnellGenerate",
             "FluxSchnellLocalModel",
+            "FluxSchnellDrafts",
             "FluxSchnellLoRA",
         }
         assert module.NODE_DISPLAY_NAME_MAPPINGS["FluxSchnellGenerate"] == "FLUX Schnell Generate"

@@ -132,6 +132,10 @@ class ComfyStandIn:
         self.comfy.model_patcher = self.model_patcher
         self.folder_paths = types.ModuleType("folder_paths")
         self.folder_paths.get_user_directory = lambda: str(stand_in.user_dir)
+        self.output_dir = tmp_path / "comfy_output"
+        self.input_dir = tmp_path / "comfy_input"
+        self.folder_paths.get_output_directory = lambda: str(stand_in.output_dir)
+        self.folder_paths.get_input_directory = lambda: str(stand_in.input_dir)
         self.folder_paths.get_filename_list = self._filenames
         self.folder_paths.get_folder_paths = lambda name: [str(stand_in.models_dir / name)]
         self.folder_paths.get_full_path = self._full_path
