@@ -137,6 +137,11 @@ def generate_command(
 
         api_settings = load_settings()
         run_settings = replace(run_settings, seed_sent=api_settings.send_seed)
+        if not api_settings.send_seed:  # said once: no file, manifest or gallery will claim a seed
+            log.info(
+                "the service chooses each image's seed (it does not document one and send_seed is off "
+                'in the config), so no seed is recorded; set "send_seed": true to send yours.'
+            )
         if found.seeded and not api_settings.send_seed:
             log.warning(
                 "%s gives seeds for %d line(s), but the service does not receive seeds (send_seed is "
@@ -398,7 +403,7 @@ def _summary(outcome, run_settings) -> int:
         file=err,
     )
     for planned, reason in outcome.failed:
-        print(f"  failed {planned.label} (seed {planned.seed}): {reason}", file=err)
+        print(f"  failed {planned.label}{run_settings.seed_note(planned)}: {reason}", file=err)
     if outcome.failed_count > len(outcome.failed):
         print(f"  ... and {outcome.failed_count - len(outcome.failed)} more", file=err)
     if run_settings.drafts:

@@ -231,11 +231,12 @@ def _page(out_dir: Path, tiles: list[Tile], failures: list[dict]) -> str:
     for tile in tiles:
         where = f"line {tile.line}" if tile.line is not None else html.escape(tile.file)
         thumb = f"{THUMBS_DIR}/{Path(tile.file).stem}.jpg"
+        seed = f" · seed {html.escape(tile.seed)}" if tile.seed else ""  # none when it was not sent
         parts.append(
             f'<figure><a href="{_href(tile.file)}">'
             f'<img src="{_href(thumb)}" alt="{html.escape(_cut(tile.prompt))}" loading="lazy" '
             f'width="{THUMBNAIL_SIDE}" height="{THUMBNAIL_SIDE}"></a>'
-            f'<figcaption><span class="where">{where}</span> · seed {html.escape(tile.seed)}<br>'
+            f'<figcaption><span class="where">{where}</span>{seed}<br>'
             f'<span title="{html.escape(tile.prompt)}">{html.escape(_cut(tile.prompt))}</span>'
             "</figcaption>"
             f'<label class="pick"><input type="checkbox" class="pick" '

@@ -62,6 +62,16 @@ class RunSettings:
     def drafts(self) -> bool:
         return self.out_dir is not None
 
+    @property
+    def seed_recorded(self) -> bool:
+        """Whether the images' seeds are known: the local backend's always; the service's only when
+        it receives them (`send_seed`), else it chooses its own and no seed is ever recorded."""
+        return self.backend != "api" or self.seed_sent
+
+    def seed_note(self, planned: PlannedImage) -> str:
+        """ " (seed N)" for messages, or nothing when the seed was not sent."""
+        return f" (seed {planned.seed})" if self.seed_recorded else ""
+
     def in_shard(self, line: int) -> bool:
         """Whether this run makes prompts-file line `line` (1-based): always, without --shard."""
         return self.shard is None or line % self.shard[1] == self.shard[0] % self.shard[1]
@@ -195,9 +205,10 @@ def png_text_for(
     planned: PlannedImage, run_settings: RunSettings, request_id: str | None = None
 ) -> dict[str, str]:
     """The text chunks to write into one image's PNG."""
-    text = {
-        "prompt": planned.prompt,
-        "seed": str(planned.seed),
+    text = {"prompt": planned.prompt}
+    if run_settings.seed_recorded:  # never a seed the service did not receive
+        text["seed"] = str(planned.seed)
+    text |= {
         "model": MODEL_NAME,
         "steps": str(planned.request.steps),
         "backend": run_settings.backend,
@@ -423,7 +434,7 @@ class DraftRun:
         self._record(p, FAILED, error=reason)
         self.progress.advance(failed=True)
         if announce:  # at once, above the bar; the summary lists it again at the end
-            self.progress.note(f"{p.label} (seed {p.seed}) failed: {reason}")
+            self.progress.note(f"{p.label}{self.settings.seed_note(p)} failed: {reason}")
         self._settle(p, reason)
 
     def _settle(self, p: PlannedImage, failed: str | None) -> None:
@@ -446,7 +457,6 @@ class DraftRun:
         record = {
             "line": p.line,
             "prompt": p.prompt,
-            "seed": p.seed,
             "status": status,
             "file": p.path.name,
             "width": p.request.width,
@@ -454,6 +464,8 @@ class DraftRun:
             "steps": p.request.steps,
             "backend": self.settings.backend,
         }
+        if self.settings.seed_recorded:
+            record["seed"] = p.seed
         if self.settings.backend == "api":  # a re-render from this manifest can reproduce only sent seeds
             record["seed_sent"] = self.settings.seed_sent
         record.update({k: v for k, v in fields.items() if v is not None})

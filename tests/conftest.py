@@ -86,3 +86,13 @@ def make_client(fake):
 @pytest.fixture
 def client(make_client):
     return make_client()
+
+
+@pytest.fixture
+def send_seed(tmp_path, fake_api):
+    """The config file of `fake_api` with `send_seed` on: the service receives each image's seed,
+    so files, manifest and gallery record it (without it no seed is ever recorded)."""
+    config = tmp_path / "flux_schnell_config.json"
+    config.write_text('{"send_seed": true}')
+    config.chmod(0o600)
+    return config

@@ -21,7 +21,7 @@ def png_text(path) -> dict[str, str]:
         return dict(image.text)
 
 
-def test_one_prompt_to_a_png_with_metadata(fake_api, tmp_path):
+def test_one_prompt_to_a_png_with_metadata(fake_api, send_seed, tmp_path):
     out = tmp_path / "fox.png"
     code = main(
         [
@@ -49,7 +49,7 @@ def test_one_prompt_to_a_png_with_metadata(fake_api, tmp_path):
     assert fake_api.requests[0].json["num_inference_steps"] == 4
 
 
-def test_batch_writes_one_file_per_seed(fake_api, tmp_path):
+def test_batch_writes_one_file_per_seed(fake_api, send_seed, tmp_path):
     out = tmp_path / "fox.png"
     assert (
         main(

@@ -233,3 +233,38 @@ def test_a_jsonl_lines_own_field_keeps_its_name(fake_api, tmp_path, capsys):
     prompts.write_text('{"prompt": "owl", "num_inference_steps": 9}\n')
     assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "d")]) == 2
     assert "line 1: num_inference_steps must be between 1 and 8" in capsys.readouterr().err
+
+
+# --- the seed rule (issue 15, item 14): never record a seed that was not sent ----------------------
+
+
+def test_without_send_seed_no_file_manifest_or_gallery_claims_a_seed(fake_api, tmp_path, caplog):
+    import json
+
+    from PIL import Image
+
+    out = tmp_path / "fox.png"
+    assert main(["generate", "--prompt", "fox", "--out", str(out), "--batch-size", "3", "--seed", "5"]) == 0
+    assert all("seed" not in r.json for r in fake_api.requests)
+    for i in (1, 2, 3):  # three identical requests: no file claims S, S+1, S+2
+        with Image.open(tmp_path / f"fox-{i}.png") as image:
+            assert "seed" not in image.text
+    assert "the service chooses each image's seed" in caplog.text
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\nan owl\n")
+    drafts = tmp_path / "d"
+    assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(drafts), "--seed", "9"]) == 0
+    records = [json.loads(line) for line in (drafts / "manifest.jsonl").open()]
+    assert records
+    assert all("seed" not in r and r["seed_sent"] is False for r in records)
+    assert "seed" not in (drafts / "index.html").read_text()
+
+
+def test_with_send_seed_the_seed_sent_is_the_seed_recorded(fake_api, send_seed, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "fox.png"
+    assert main(["generate", "--prompt", "fox", "--out", str(out), "--seed", "5"]) == 0
+    assert fake_api.requests[0].json["seed"] == 5
+    with Image.open(out) as image:
+        assert image.text["seed"] == "5"

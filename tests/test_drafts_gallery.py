@@ -98,7 +98,14 @@ def draft_folder(fake_api, tmp_path) -> Path:
     return out
 
 
-def test_gallery_lists_every_image_with_line_and_seed_and_every_failure(draft_folder):
+@pytest.fixture
+def seeded_draft_folder(send_seed, draft_folder) -> Path:
+    """`draft_folder` made with `send_seed` on (the config is written first): seeds are recorded."""
+    return draft_folder
+
+
+def test_gallery_lists_every_image_with_line_and_seed_and_every_failure(seeded_draft_folder):
+    draft_folder = seeded_draft_folder
     page = Page((draft_folder / "index.html").read_text(encoding="utf-8"))
     assert not [u for u in page.urls if u.startswith("EXTERNAL:")]  # opens from disk, alone
     assert len(page.figures) == 3  # fox, whale, the odd one; the repeated fox is no new image

@@ -122,7 +122,7 @@ def test_a_duplicate_of_a_failed_line_is_not_sent_either(fake_api, tmp_path):
     assert "same request as line 1, which failed" in second["error"]
 
 
-def test_manifest_records_every_line(fake_api, tmp_path):
+def test_manifest_records_every_line(fake_api, send_seed, tmp_path):
     def answer(req, fake):
         if req.prompt == "bad":
             return error_reply(400, "no")
@@ -149,7 +149,7 @@ def test_manifest_records_every_line(fake_api, tmp_path):
     assert TEST_KEY not in (tmp_path / "o" / "manifest.jsonl").read_text()
 
 
-def test_service_png_is_written_as_sent_with_text_chunks(fake_api, tmp_path):
+def test_service_png_is_written_as_sent_with_text_chunks(fake_api, send_seed, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a lighthouse\n")
     sent = []
@@ -256,7 +256,7 @@ def test_stale_part_files_are_removed_by_the_next_run(fake_api, tmp_path):
 
 
 @pytest.mark.parametrize("steps", ["1", "2"])
-def test_manifest_line_numbers_with_batches(fake_api, tmp_path, steps):
+def test_manifest_line_numbers_with_batches(fake_api, send_seed, tmp_path, steps):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n\nthird line\n")
     assert main(draft_args(prompts, tmp_path / "o", "--batch-size", "2", "--steps", steps)) == 0
