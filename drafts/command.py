@@ -278,6 +278,10 @@ def _check_output_folder(folder: Path, flag: str) -> None:
         raise InvalidInputError(
             f"{flag}: cannot write images to {folder}: {existing} is not writable; choose another {flag}."
         )
+    if flag == "--out-dir":
+        from .manifest import MANIFEST_NAME, check_manifest_file
+
+        check_manifest_file(folder / MANIFEST_NAME, flag)
 
 
 def _prepare_folders(run_settings):

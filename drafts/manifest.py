@@ -17,9 +17,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from ..errors import InvalidInputError
 
 MANIFEST_NAME = "manifest.jsonl"
 DONE, FAILED, DUPLICATE = "done", "failed", "duplicate"
@@ -43,7 +46,9 @@ class ManifestWriter:
 
     def append(self, record: dict) -> None:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            # O_NOFOLLOW: a symlink put in its place never sends the records out of the folder.
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+            self._fd = os.open(self.path, flags, 0o666)
             if os.fstat(self._fd).st_size > 0 and not _ends_with_newline(self.path):
                 os.write(self._fd, b"\n")  # a torn last line from a killed run stays on its own line
         record = {**record, "time": round(time.time(), 3)}
@@ -56,6 +61,26 @@ class ManifestWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def check_manifest_file(path: Path, flag: str) -> None:
+    """Refuse a manifest that is not a plain file of the folder (a symlink to a file elsewhere, a
+    directory, a device), naming it, before anything is paid for."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise InvalidInputError(f"{flag}: cannot read {path} ({e.strerror}).") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise InvalidInputError(
+            f"{flag}: {path} is a symbolic link; the manifest is written only inside the folder: "
+            "replace the link with the file itself (or remove it), or choose another folder."
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise InvalidInputError(
+            f"{flag}: {path} is not a file (a folder or a device?); move it away or choose another folder."
+        )
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -268,3 +268,43 @@ def test_with_send_seed_the_seed_sent_is_the_seed_recorded(fake_api, send_seed, 
     assert fake_api.requests[0].json["seed"] == 5
     with Image.open(out) as image:
         assert image.text["seed"] == "5"
+
+
+# --- the manifest stays a plain file of the folder (issue 15, item 24) -----------------------------
+
+
+def test_a_manifest_symlinked_out_of_the_folder_is_refused_before_anything_is_paid(
+    fake_api, tmp_path, capsys
+):
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("keep me\n")
+    drafts = tmp_path / "d"
+    drafts.mkdir()
+    (drafts / "manifest.jsonl").symlink_to(outside)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("fox\n")
+    assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(drafts)]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert fake_api.generate_calls == 0
+    assert outside.read_text() == "keep me\n"
+
+
+def test_a_manifest_that_is_a_folder_is_refused_not_a_traceback(fake_api, tmp_path, capsys):
+    drafts = tmp_path / "d"
+    (drafts / "manifest.jsonl").mkdir(parents=True)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("fox\n")
+    assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(drafts)]) == 2
+    assert "is not a file" in capsys.readouterr().err
+    assert fake_api.generate_calls == 0
+
+
+def test_the_manifest_writer_never_follows_a_symlink(tmp_path):
+    from comfyui_flux_schnell.drafts.manifest import ManifestWriter
+
+    outside = tmp_path / "elsewhere.txt"
+    outside.write_text("")
+    (tmp_path / "manifest.jsonl").symlink_to(outside)
+    with pytest.raises(OSError, match="symbolic link"), ManifestWriter(tmp_path / "manifest.jsonl") as writer:
+        writer.append({"status": "done"})
+    assert outside.read_text() == ""
