@@ -27,7 +27,7 @@ from .folders import (
     user_directory,
 )
 from .models import (
-    free_bytes,
+    comfy_free_bytes,
     free_memory,
     load_managed,
     managed_model,
@@ -44,7 +44,7 @@ __all__ = [
     "GGUF_FOLDERS",
     "MODEL_FOLDERS",
     "Progress",
-    "free_bytes",
+    "comfy_free_bytes",
     "free_memory",
     "full_model_path",
     "input_directory",

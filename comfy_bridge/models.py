@@ -167,7 +167,7 @@ def recover_from_out_of_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def free_bytes(device) -> int | None:
+def comfy_free_bytes(device) -> int | None:
     """Free memory on `device` as ComfyUI counts it (any device type), or None outside ComfyUI."""
     mm = comfy_module("comfy.model_management")
     if mm is None or not hasattr(mm, "get_free_memory"):

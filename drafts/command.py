@@ -327,10 +327,10 @@ def _progress_handler():
 
 
 def _run(run_settings, api_settings, spec, lines, planned: int) -> int:
-    from .progress import Progress
+    from .progress import TerminalProgress
     from .run import DraftRun, StopRun, api_backend, local_backend
 
-    progress = Progress(planned)
+    progress = TerminalProgress(planned)
     handler = _progress_handler()
     if handler is not None:
         handler.progress = progress

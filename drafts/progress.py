@@ -18,7 +18,7 @@ EVERY_S = 10.0  # without a terminal: one summary line this often
 BAR_WIDTH = 24
 
 
-class Progress:
+class TerminalProgress:
     """Counts of a run and their display on `stream` (standard error by default)."""
 
     def __init__(self, total: int, stream: TextIO | None = None, every_s: float = EVERY_S):
@@ -130,7 +130,7 @@ class ProgressLogHandler(logging.StreamHandler):
 
     def __init__(self, stream: TextIO | None = None):
         super().__init__(stream or sys.stderr)
-        self.progress: Progress | None = None
+        self.progress: TerminalProgress | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         progress = self.progress

@@ -28,7 +28,7 @@ TILE_PIXELS_ENV = "FLUX_SCHNELL_VAE_TILE_PIXELS"
 DEFAULT_TILE_PIXELS = 4_000_000  # decodes above about 4 MP go in tiles (2048²: 5 GiB untiled in bf16)
 TILE_OVERLAP = 4  # a tile overlaps each neighbour by a quarter of its side (in latent pixels: side // 4)
 GROUPS = 32  # GroupNorm groups in every normalisation layer of the reference
-NORM_EPS = 1e-6
+GROUP_NORM_EPS = 1e-6
 
 
 @dataclass
@@ -97,7 +97,7 @@ class _GroupNorm(nn.GroupNorm):
 
 
 def _norm(channels: int) -> _GroupNorm:
-    return _GroupNorm(GROUPS, channels, eps=NORM_EPS, affine=True)
+    return _GroupNorm(GROUPS, channels, eps=GROUP_NORM_EPS, affine=True)
 
 
 def _swish(h: Tensor) -> Tensor:

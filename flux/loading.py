@@ -69,12 +69,12 @@ from .checkpoint import (
 )
 from .clip import CLIPTextConfig, CLIPTextEncoder
 from .components import AE, CLIP, T5, TRANSFORMER, Component
+from .fp8_matmul import FP8_MAX
 from .model import Flux, FluxParams
 from .scaled_fp8 import LayerScales, find_layer_scales
 from .t5 import T5Config, T5Encoder
 
 LOAD_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn)
-FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448: larger values would become NaN
 # layers whose weight fp8 loading narrows: the matrices, the kernels and the vocabulary tables
 CASTING_LAYERS = (ops.Linear, ops.Conv2d, ops.TokenEmbedding)
 

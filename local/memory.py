@@ -222,7 +222,7 @@ def free_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free
-    return comfy_bridge.free_bytes(device)
+    return comfy_bridge.comfy_free_bytes(device)
 
 
 def fused_attention_likely(device: torch.device) -> bool:

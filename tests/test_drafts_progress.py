@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import logging
 
-from comfyui_flux_schnell.drafts.progress import Progress, ProgressLogHandler
+from comfyui_flux_schnell.drafts.progress import ProgressLogHandler, TerminalProgress
 
 
 class Terminal(io.StringIO):
@@ -16,7 +16,7 @@ class Terminal(io.StringIO):
 
 def test_without_a_terminal_no_line_per_image():
     out = io.StringIO()
-    progress = Progress(1000, stream=out, every_s=3600)
+    progress = TerminalProgress(1000, stream=out, every_s=3600)
     for i in range(1000):
         progress.advance(failed=i % 100 == 0, duplicate=i % 250 == 1)
     progress.close()
@@ -29,7 +29,7 @@ def test_without_a_terminal_a_summary_line_every_few_seconds(monkeypatch):
     now = [0.0]
     monkeypatch.setattr("comfyui_flux_schnell.drafts.progress.time.monotonic", lambda: now[0])
     out = io.StringIO()
-    progress = Progress(100, stream=out, every_s=10)
+    progress = TerminalProgress(100, stream=out, every_s=10)
     for _ in range(100):  # one image every 0.5 s: 50 s in all
         now[0] += 0.5
         progress.advance()
@@ -39,7 +39,7 @@ def test_without_a_terminal_a_summary_line_every_few_seconds(monkeypatch):
 
 def test_on_a_terminal_one_line_redrawn_and_log_lines_above_it():
     out = Terminal()
-    progress = Progress(3, stream=out)
+    progress = TerminalProgress(3, stream=out)
     handler = ProgressLogHandler(out)
     handler.progress = progress
     logger = logging.getLogger("flux_schnell.test_progress")

@@ -74,3 +74,45 @@ def test_pyproject_lists_every_package_folder():
     )
     assert listed - package_folders() == set(), "pyproject lists packages that are not folders"
     assert {"comfyui_flux_schnell.api", "comfyui_flux_schnell.local", "comfyui_flux_schnell.drafts"} <= listed
+
+
+# Names that stay defined in two modules until their rename lands (issue 14, item 2): the api
+# event kinds and the job-status word sets (to become enums). Shrink this list; never grow it.
+KNOWN_COLLISIONS = {"DONE", "FAILED"}
+
+
+def test_no_public_top_level_name_is_defined_in_two_modules():
+    """One name per thing: a public class, function or constant is defined in one module of the
+    package (packages' __init__.py re-export, loggers are everyone's `log`)."""
+    import ast
+    from collections import defaultdict
+
+    defined: dict[str, list[str]] = defaultdict(list)
+    for path in _package_modules():
+        if path.name == "__init__.py":
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [target.id for target in node.targets if isinstance(target, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names = [node.target.id]
+            else:
+                continue
+            for name in names:
+                if not name.startswith("_") and name != "log":
+                    defined[name].append(str(path.relative_to(REPO)))
+    twice = {
+        name: where for name, where in defined.items() if len(where) > 1 and name not in KNOWN_COLLISIONS
+    }
+    assert not twice, f"defined in two modules (rename one): {twice}"
+
+
+def _package_modules():
+    skipped = {"tests", "benchmarks", "scripts", "example_workflows", "docs"}
+    for path in sorted(REPO.rglob("*.py")):
+        relative = path.relative_to(REPO)
+        if relative.parts[0] in skipped or relative.parts[0].startswith("."):
+            continue
+        yield path
