@@ -10,8 +10,7 @@
 Everything the user gives is checked before anything is paid for or created: the prompts (every
 line of a prompts file), the sizes, the output paths, the API key or the local backend's packages.
 Only then are folders made and the run started (drafts/command.py, drafts/run.py). The flags are read here,
-at the start. The api path never imports torch. Exit codes: 0 all done, 1 some images failed (or the
-run was interrupted), 2 a usage or configuration error.
+at the start. The api path never imports torch. Exit codes: drafts.command.EXIT_MEANINGS.
 """
 
 from __future__ import annotations
@@ -27,7 +26,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._version import __version__
-from .drafts.command import EXIT_USAGE, config_command, gallery_command, generate_command, set_key_command
+from .drafts.command import (
+    EXIT_USAGE,
+    config_command,
+    exit_codes_help,
+    gallery_command,
+    generate_command,
+    set_key_command,
+)
 from .errors import (
     ConfigurationError,
     InvalidInputError,
@@ -47,12 +53,7 @@ environment variables:
   IMAGEAPI_CONFIG      the one config file to read and write, instead of the default
   XDG_CONFIG_HOME      where the default config file lives (default ~/.config)
   HTTPS_PROXY, HTTP_PROXY, NO_PROXY, REQUESTS_CA_BUNDLE
-                       proxies and certificates, as for any program using requests
-
-exit codes:
-  0  every image is done (or was already on disk)
-  1  some images failed, or the run was interrupted: run the same command again to resume
-  2  a usage or configuration error (bad input, no or refused API key, a missing package)"""
+                       proxies and certificates, as for any program using requests"""
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flux-schnell",
         description="FLUX.1 [schnell] images from the command line: the hosted ImageAPI service "
         "or local weight files.",
-        epilog=ENVIRONMENT_HELP,
+        epilog=f"{ENVIRONMENT_HELP}\n\n{exit_codes_help('generate')}",
         formatter_class=_HelpFormatter,
         parents=[common],
     )
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=text,
             description=description,
-            epilog=ENVIRONMENT_HELP,
+            epilog=f"{ENVIRONMENT_HELP}\n\n{exit_codes_help(name)}",
             formatter_class=_HelpFormatter,
             parents=[common],
         )

@@ -28,7 +28,33 @@ from ..errors import (
     LocalBackendUnavailable,
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# One exit code per class of failure, the same in the code, each command's --help and the README.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ACCOUNT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_MEANINGS = {
+    EXIT_OK: "every image is done (or was already on disk)",
+    EXIT_FAILED: "some images failed or were not made (the service unreachable, a disk full): run the "
+    "same command again to resume",
+    EXIT_USAGE: "bad input, a usage or configuration error, missing weights or packages: nothing was "
+    "paid for",
+    EXIT_ACCOUNT: "the service refused the API key or the account has no credits left",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C): finished images are kept; run the same command again",
+}
+# The exit codes each command can end with.
+COMMAND_EXIT_CODES = {
+    "generate": (EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ACCOUNT, EXIT_INTERRUPTED),
+    "gallery": (EXIT_OK, EXIT_USAGE),
+    "config": (EXIT_OK, EXIT_USAGE),
+    "set-key": (EXIT_OK, EXIT_USAGE),
+}
+
+
+def exit_codes_help(command: str) -> str:
+    """The `exit codes:` block of one command's --help."""
+    lines = ["exit codes:"]
+    lines += [f"  {code:<3}  {EXIT_MEANINGS[code]}" for code in COMMAND_EXIT_CODES[command]]
+    return "\n".join(lines)
+
+
 OUT_SUFFIX = ".png"  # the prompt, seed and model go into PNG text chunks
 log = logging.getLogger("flux_schnell.cli")
 
@@ -337,12 +363,9 @@ def _run(run_settings, api_settings, spec, lines, planned: int) -> int:
     stop = threading.Event()
     if run_settings.backend == "api":
         from ..api_client import ends_the_run
-        from ..errors import AuthenticationError
 
         def ends_run(error: FluxSchnellError) -> int | None:
-            if not ends_the_run(error):  # a refused key, no credits left
-                return None
-            return EXIT_USAGE if isinstance(error, AuthenticationError) else EXIT_FAILED
+            return EXIT_ACCOUNT if ends_the_run(error) else None  # a refused key, no credits left
 
         backend = api_backend(api_settings, run_settings, stop, on_event=_show_event(progress))
     else:
@@ -359,9 +382,11 @@ def _run(run_settings, api_settings, spec, lines, planned: int) -> int:
         run.run(lines, planned)
     except GenerationInterrupted:
         progress.note("interrupted: finished images are kept; run the same command again to resume")
+        run.outcome.exit_code = EXIT_INTERRUPTED
     except StopRun as e:
         progress.note(f"error: {e}\nstopped: the remaining images would fail the same way.")
         run.outcome.exit_code = e.exit_code
+        run.outcome.stop_message = str(e)  # said once: the summary does not list it again
     finally:
         signal.signal(signal.SIGINT, previous)
         progress.close()
@@ -407,6 +432,8 @@ def _summary(outcome, run_settings) -> int:
         file=err,
     )
     for planned, reason in outcome.failed:
+        if outcome.stop_message and reason.endswith(outcome.stop_message):
+            continue  # the error that ended the run, printed once already
         print(f"  failed {planned.label}{run_settings.seed_note(planned)}: {reason}", file=err)
     if outcome.failed_count > len(outcome.failed):
         print(f"  ... and {outcome.failed_count - len(outcome.failed)} more", file=err)

@@ -137,7 +137,7 @@ def test_refused_key_stops_the_run(fake_api, tmp_path, capsys):
     code = main(
         ["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "o"), "--concurrency", "1"]
     )
-    assert code == 2  # a refused key is a configuration error
+    assert code == 3  # the account's class of failure (issue 14: one exit code per class)
     assert fake_api.generate_calls < 12
     err = capsys.readouterr().err
     assert "remaining images would fail the same way" in err
@@ -315,7 +315,8 @@ def test_local_files_that_fail_to_load_end_the_run_once(tmp_path, capsys):
         ]
     )
     assert code == 2
-    assert capsys.readouterr().err.count("failed line") == 1
+    err = capsys.readouterr().err
+    assert err.count("cannot be loaded") == 1, err  # said once, not again in the summary
 
 
 def test_pngs_get_the_usual_permissions(fake_api, tmp_path):
@@ -498,7 +499,7 @@ def test_help_shows_defaults_environment_variables_and_exit_codes(capsys, comman
     for name in ("IMAGEAPI_API_KEY", "IMAGEAPI_KEY", "IMAGEAPI_BASE_URL", "IMAGEAPI_CONFIG", "HTTPS_PROXY"):
         assert name in text
     assert "exit codes:" in text
-    assert "2  a usage or configuration error" in text
+    assert "2    bad input, a usage or configuration error" in text
     if command == "generate":
         assert "(default: 1024)" in text
         assert "(default: 4)" in text

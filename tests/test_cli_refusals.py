@@ -308,3 +308,38 @@ def test_the_manifest_writer_never_follows_a_symlink(tmp_path):
     with pytest.raises(OSError, match="symbolic link"), ManifestWriter(tmp_path / "manifest.jsonl") as writer:
         writer.append({"status": "done"})
     assert outside.read_text() == ""
+
+
+# --- one exit code per class of failure, the same in the code, --help and the README (issue 14) -----
+
+
+def test_each_commands_help_lists_its_own_exit_codes_and_the_readme_the_same_meanings(capsys):
+    import re
+
+    from comfyui_flux_schnell.drafts.command import COMMAND_EXIT_CODES, EXIT_MEANINGS
+    from support import REPO
+
+    for command, codes in COMMAND_EXIT_CODES.items():
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        listed = re.findall(r"^  (\d+) +(.+)$", text.split("exit codes:")[1], flags=re.M)
+        assert [int(code) for code, _ in listed] == list(codes), command
+        for code, meaning in listed:
+            assert " ".join(meaning.split()) in " ".join(EXIT_MEANINGS[int(code)].split())
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = dict(re.findall(r"^\| (\d+) \| (.+) \|$", readme, flags=re.M))
+    assert {int(code): meaning for code, meaning in table.items()} == EXIT_MEANINGS
+
+
+def test_a_refused_key_and_no_credits_exit_3_and_say_it_once(fake_api, tmp_path, capsys):
+    from support.fake_imageapi import error_reply
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\nc\n")
+    for status in (401, 402):
+        fake_api.set_default(lambda req, fake, status=status: error_reply(status, "nope"))
+        out_dir = tmp_path / f"d{status}"
+        assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(out_dir)]) == 3
+        err = capsys.readouterr().err
+        assert err.count("nope") == 1, err
