@@ -26,9 +26,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import requests
 
 from ..errors import ApiError, FluxSchnellError, GenerationInterrupted, InvalidInputError
-from ..generation import FinishedImage
+from ..generation import CallRecord, FinishedImage
 from .answers import AnswerReader
-from .failures import FREE, GENERATE, RATE_LIMIT_STATUS, Failure, attempt, status_failure
+from .failures import BILLED, FREE, GENERATE, RATE_LIMIT_STATUS, Failure, attempt, status_failure
 from .http import HttpTransport
 from .retry import SLEEP_SLICE_S, SYSTEM_CLOCK, Clock, RetryPolicy
 from .settings import ApiSettings
@@ -72,6 +72,54 @@ class _Place:
 
 
 _NO_MORE = object()  # put on the work queue once per worker when the input is used up or the run stops
+
+
+class CallTally:
+    """The retry loop's counters for one image, and the billing record they make (`record()`).
+
+    `attempts`: POSTs sent; `free`/`billed`: retries of each kind so far; `paid`: POSTs that may have
+    been billed (a billed-kind failure, a 5xx without a retry, any answered 2xx, the delivering one
+    included); `request_ids`: the service's ids of the calls, in order; `poll_url`: an async job's
+    status URL (key-free)."""
+
+    def __init__(self) -> None:
+        self.attempts = self.free = self.billed = self.paid = self.refused = 0
+        self.request_ids: list[str] = []
+        self.poll_url: str | None = None
+
+    def sent(self) -> None:
+        self.attempts += 1
+
+    def failed(self, failure: Failure) -> None:
+        """A POST that failed: counted as paid when the service may have done (and billed) the work."""
+        if failure.retry == FREE:
+            self.refused += 1
+        if failure.retry == BILLED or (failure.retry is None and (failure.status or 0) >= 500):
+            self.paid += 1
+        self.add_id(failure.request_id)
+
+    def retrying(self, failure: Failure) -> None:
+        if failure.retry == FREE:
+            self.free += 1
+        else:
+            self.billed += 1
+
+    def answered(self, request_id: str | None) -> None:
+        """A POST answered 2xx: the service took the work, whatever the answer turns out to hold."""
+        self.paid += 1
+        self.add_id(request_id)
+
+    def add_id(self, request_id: str | None) -> None:
+        if request_id and request_id not in self.request_ids:
+            self.request_ids.append(request_id)
+
+    def record(self) -> CallRecord:
+        return CallRecord(
+            paid_calls=self.paid,
+            free_retries=self.refused,
+            request_ids=tuple(self.request_ids),
+            poll_url=self.poll_url,
+        )
 
 
 def _tried(attempts: int) -> str:
@@ -302,14 +350,31 @@ class ImageApiClient:
         report: Callable[[ApiEvent], None] | None = None,
         keep_data: bool = False,
     ) -> FinishedImage:
-        """Call (and retry) until the answer holds an image, say `calls_done()`, decode it."""
+        """Call (and retry) until the answer holds an image, say `calls_done()`, decode it. An
+        `ApiError` raised carries the image's `CallRecord` in `.calls`."""
+        tally = CallTally()
+        try:
+            return self._attempt_calls(request, index, stop, tally, calls_done, report, keep_data)
+        except ApiError as e:
+            e.calls = tally.record()
+            raise
+
+    def _attempt_calls(
+        self,
+        request: ApiImageRequest,
+        index: int,
+        stop: threading.Event,
+        tally: CallTally,
+        calls_done: Callable[[], None],
+        report: Callable[[ApiEvent], None] | None,
+        keep_data: bool,
+    ) -> FinishedImage:
         s, clock = self.settings, self.clock
         name = request.name(index)
         started = clock.monotonic()
         deadline = started + s.deadline_s
         body = json.dumps(request.to_body(s.send_seed)).encode()
         self.log.debug("%s: POST %s %s", name, self._generate_url, body.decode())
-        free = billed = attempts = 0
         last: Failure | None = None  # the failure being retried
         if report is not None:
             report(ApiEvent(index, name, STARTED))
@@ -319,8 +384,8 @@ class ImageApiClient:
             if last is not None and self._policy.too_late(deadline):
                 # The wait overran: a call now would be billed and its answer cut off.
                 note = self._policy.no_time_note(deadline - clock.monotonic(), None)
-                raise last.error(note + _tried(attempts), self._scrub) from last.__cause__
-            attempts += 1
+                raise last.error(note + _tried(tally.attempts), self._scrub) from last.__cause__
+            tally.sent()
             reply, failure = attempt(
                 self._http.exchange,
                 "POST",
@@ -342,52 +407,56 @@ class ImageApiClient:
                     url=self._generate_url,
                 )
             if failure is not None:
-                wait, note = self._policy.wait_before_retry(failure, free, billed, deadline)
+                tally.failed(failure)
+                wait, note = self._policy.wait_before_retry(failure, tally.free, tally.billed, deadline)
                 if wait is None:
-                    raise failure.error(note + _tried(attempts), self._scrub) from failure.__cause__
-                if failure.retry == FREE:
-                    free += 1
-                else:
-                    billed += 1
+                    raise failure.error(note + _tried(tally.attempts), self._scrub) from failure.__cause__
+                tally.retrying(failure)
                 reason = self._scrub(failure.reason)
                 self.log.warning(
                     "ImageAPI %s, attempt %d failed (%s); retrying in %.2f s (%s)",
                     name,
-                    attempts,
+                    tally.attempts,
                     reason,
                     wait,
-                    self._policy.retry_kind(failure, free, billed),
+                    self._policy.retry_kind(failure, tally.free, tally.billed),
                 )
                 if report is not None:
                     kind = RATE_LIMITED if failure.status == RATE_LIMIT_STATUS else RETRYING
-                    report(ApiEvent(index, name, kind, attempts, wait, reason))
+                    report(ApiEvent(index, name, kind, tally.attempts, wait, reason))
                 clock.sleep(wait, stop)
                 last = failure
                 continue
             request_id = self._answers.request_id(reply)
+            tally.answered(request_id)
 
-            def waiting(seconds: float, why: str, attempt_no: int = attempts) -> None:
+            def waiting(seconds: float, why: str, attempt_no: int = tally.attempts) -> None:
                 if report is not None:
                     report(ApiEvent(index, name, WAITING, attempt_no, seconds, why))
 
-            encoded, job_id = self._answers.locate(reply, deadline, stop, request_id, waiting)
+            def job_at(url: str) -> None:
+                tally.poll_url = url if s.api_key not in url else None
+
+            encoded, job_id = self._answers.locate(reply, deadline, stop, request_id, waiting, job_at)
             del reply  # the answer's body is not needed any more
+            tally.add_id(job_id)
             calls_done()
             image, data, fmt = self._answers.decode(encoded)
             del encoded
             seconds = clock.monotonic() - started
             self.log.debug(
-                "%s: %dx%d in %.3f s, %d attempt(s)", name, image.width, image.height, seconds, attempts
+                "%s: %dx%d in %.3f s, %d attempt(s)", name, image.width, image.height, seconds, tally.attempts
             )
             return FinishedImage(
                 image,
                 request_id or job_id,
                 seconds,
-                attempts,
-                billed_attempts=billed,
+                tally.attempts,
+                billed_attempts=tally.billed,
                 data=data if keep_data else None,
                 format=fmt if keep_data else None,
                 requested_size=(request.width, request.height),
+                calls=tally.record(),
             )
 
     # --- keeping the key out of everything ------------------------------------------------------
