@@ -76,6 +76,7 @@ def image_requests(request: GenerationRequest, labels: Iterable[str] = ()) -> li
             seed=seed,
             model=MODEL_NAME,
             label=names[i] if i < len(names) else "",
+            index_in_batch=i,
         )
         for i, seed in enumerate(request.seeds)
     ]

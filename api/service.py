@@ -35,12 +35,14 @@ from .settings import ApiSettings
 from .types import (
     DONE,
     FAILED,
+    IDEMPOTENCY_HEADER,
     RATE_LIMITED,
     RETRYING,
     STARTED,
     WAITING,
     ApiEvent,
     ApiImageRequest,
+    idempotency_key,
 )
 
 GENERATE_PATH = "/api/v1/generate"
@@ -374,6 +376,7 @@ class ImageApiClient:
         started = clock.monotonic()
         deadline = started + s.deadline_s
         body = json.dumps(request.to_body(s.send_seed)).encode()
+        idempotency = {IDEMPOTENCY_HEADER: idempotency_key(s.base_url, request, s.send_seed)}
         self.log.debug("%s: POST %s %s", name, self._generate_url, body.decode())
         last: Failure | None = None  # the failure being retried
         if report is not None:
@@ -396,6 +399,7 @@ class ImageApiClient:
                 stop=stop,
                 cap=self._http.body_cap(),
                 may_bill=True,
+                extra_headers=idempotency,
             )
             if failure is None and not 200 <= reply.status < 300:
                 failure = status_failure(

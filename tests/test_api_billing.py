@@ -48,3 +48,46 @@ def test_errors_in_a_batch_carry_records(fake, client):
     assert isinstance(results[0], ApiError)
     assert results[0].calls.paid_calls == 0
     assert results[0].calls.request_ids == ("req-err-1",)
+
+
+# --- idempotency keys ------------------------------------------------------------------------------
+
+
+def test_retries_and_reruns_send_one_key_and_images_differ(fake, make_client):
+    from comfyui_flux_schnell.api.types import ApiImageRequest, idempotency_key
+
+    client = make_client(max_billed_retries=1)
+    fake.script(error_reply(503), error_reply(500))
+    client.generate(REQ)  # two retries, then the image
+    client.generate(REQ)  # a re-run of the same image
+    keys = [r.header("Idempotency-Key") for r in fake.requests]
+    assert len(keys) == 4
+    assert len(set(keys)) == 1
+    assert keys[0] == idempotency_key(fake.base_url, REQ, send_seed=False)
+    assert len(keys[0]) == 64
+    int(keys[0], 16)
+    second = ApiImageRequest(REQ.prompt, 64, 48, 4, seed=7, index_in_batch=1)
+    client.generate(second)
+    assert fake.requests[-1].header("Idempotency-Key") != keys[0]
+
+
+def test_key_follows_the_image_identity():
+    from comfyui_flux_schnell.api.types import ApiImageRequest, idempotency_key
+
+    base = "https://imageapi.org"
+    key = idempotency_key(base, REQ, send_seed=False)
+    assert idempotency_key(base, ApiImageRequest("  " + REQ.prompt + " ", 64, 48, 4, seed=7), False) == key
+    assert idempotency_key(base, ApiImageRequest(REQ.prompt, 64, 48, 4, seed=8), False) == key  # unsent
+    assert idempotency_key(base, ApiImageRequest(REQ.prompt, 64, 48, 4, seed=8), True) != key
+    assert idempotency_key(base, ApiImageRequest(REQ.prompt, 64, 64, 4, seed=7), False) != key
+    assert idempotency_key(base, ApiImageRequest(REQ.prompt, 64, 48, 3, seed=7), False) != key
+    assert idempotency_key(base, ApiImageRequest("another", 64, 48, 4, seed=7), False) != key
+    assert idempotency_key("https://other.example", REQ, False) != key
+
+
+def test_batch_images_get_distinct_keys(fake, client):
+    from comfyui_flux_schnell.api_client import image_requests
+    from comfyui_flux_schnell.generation import GenerationRequest
+
+    client.generate_many(image_requests(GenerationRequest("a fox", 256, 256, 4, seed=1, batch_size=3)))
+    assert len({r.header("Idempotency-Key") for r in fake.requests}) == 3
