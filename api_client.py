@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from PIL import Image
 
+from .api.control import StopRequest
 from .api.service import ImageApiClient, OnEvent
 from .api.settings import ApiSettings, load_settings
 from .api.types import ApiImageRequest
@@ -36,6 +37,7 @@ from .errors import (
     BatchFailedError,
     GenerationInterrupted,
     InsufficientCreditsError,
+    ServiceUnreachableError,
 )
 from .generation import MODEL_NAME, FinishedImage, GenerationInfo, GenerationRequest
 
@@ -43,7 +45,7 @@ log = logging.getLogger("flux_schnell.api")
 
 CONCURRENCY = 4
 # Errors after which the rest of a batch is not sent: every request would fail the same way.
-ABORT_BATCH = (AuthenticationError, InsufficientCreditsError)
+ABORT_BATCH = (AuthenticationError, InsufficientCreditsError, ServiceUnreachableError)
 KEEP_LIMIT = 32
 
 _lock = threading.Lock()
@@ -93,6 +95,7 @@ def stream_api_images(
     *,
     concurrency: int = CONCURRENCY,
     should_stop: Callable[[], bool] | None = None,
+    stop_request: StopRequest | None = None,
     on_event: OnEvent | None = None,
     keep_data: bool = False,
 ) -> Iterator[tuple[int, FinishedImage | ApiError]]:
@@ -104,6 +107,7 @@ def stream_api_images(
         requests_in,
         concurrency=concurrency,
         should_stop=should_stop,
+        stop_request=stop_request,
         on_event=on_event,
         keep_data=keep_data,
     )

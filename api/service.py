@@ -25,9 +25,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import requests
 
-from ..errors import ApiError, FluxSchnellError, GenerationInterrupted, InvalidInputError
+from ..errors import (
+    ApiError,
+    AuthenticationError,
+    FluxSchnellError,
+    GenerationInterrupted,
+    InsufficientCreditsError,
+    InvalidInputError,
+    ServiceUnreachableError,
+)
 from ..generation import CallRecord, FinishedImage
 from .answers import AnswerReader
+from .control import StopRequest
 from .failures import BILLED, FREE, GENERATE, RATE_LIMIT_STATUS, Failure, attempt, status_failure
 from .http import HttpTransport
 from .retry import SLEEP_SLICE_S, SYSTEM_CLOCK, Clock, RetryPolicy
@@ -73,7 +82,90 @@ class _Place:
             self._places.release()
 
 
+# Errors after which no further POST of the run goes out: every one would fail the same way.
+ENDS_THE_RUN = (AuthenticationError, InsufficientCreditsError, ServiceUnreachableError)
+UNREACHABLE_AFTER = 3  # connection failures, with no call answered yet, that end a run early
+
+
+class _NotSent(Exception):
+    """Raised in a worker for an image whose first POST a drain kept from going out."""
+
+
+class RunGate:
+    """What every worker of one run looks at right before each POST: a drain (send nothing new), an
+    error that ends the run (a refused key, no credits: set before the worker gives back its place,
+    so even at concurrency 1 no queued call goes out after it), and whether the service has been
+    reachable (the first `UNREACHABLE_AFTER` connection failures with no answer end the run)."""
+
+    def __init__(self, settings: ApiSettings, stop_request: StopRequest | None):
+        self.settings = settings
+        self.stop_request = stop_request
+        self._lock = threading.Lock()
+        self._ended: ApiError | None = None
+        self._answered = False
+        self._unreachable = 0
+        self._sent: set[int] = set()  # images with a POST out and no result taken yet
+
+    def before_post(self, index: int, attempts: int, last: Failure | None) -> None:
+        """Raise instead of sending when the run must send nothing more."""
+        with self._lock:
+            ended = self._ended
+        if ended is not None:
+            raise self._not_sent_error(ended)
+        if self.stop_request is not None and self.stop_request.draining:
+            if attempts == 0 or last is None:
+                raise _NotSent()
+            raise last.error(" (not retried: the run is stopping)", lambda text: text)
+        with self._lock:
+            self._sent.add(index)
+
+    def _not_sent_error(self, ended: ApiError) -> ApiError:
+        error = type(ended)(f"not sent: {ended}", status=ended.status)
+        error.calls = CallRecord()
+        return error
+
+    def failed(self, failure: Failure) -> None:
+        if not failure.unreachable:
+            return
+        s = self.settings
+        with self._lock:
+            if self._answered or self._ended is not None:
+                return
+            self._unreachable += 1
+            if self._unreachable >= UNREACHABLE_AFTER:
+                self._ended = ServiceUnreachableError(
+                    f"the service at {s.base_url} could not be reached: the first {self._unreachable} "
+                    f"calls failed to connect ({failure.reason}) and none succeeded, so the run "
+                    f"stopped early; nothing was billed. The base URL comes from "
+                    f"{s.base_url_source}: check it and that the service is up"
+                )
+
+    def answered(self) -> None:
+        with self._lock:
+            self._answered = True
+
+    def ended(self, error: ApiError) -> None:
+        """An image ended with `error`; one that ends the run stops every later POST."""
+        if isinstance(error, ENDS_THE_RUN):
+            with self._lock:
+                if self._ended is None:
+                    self._ended = error
+
+    def ending_error(self) -> ApiError | None:
+        with self._lock:
+            return self._ended
+
+    def taken(self, index: int) -> None:
+        with self._lock:
+            self._sent.discard(index)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._sent)
+
+
 _NO_MORE = object()  # put on the work queue once per worker when the input is used up or the run stops
+_NOT_SENT = object()  # a worker's outcome for an image a drain kept from being sent
 
 
 class CallTally:
@@ -176,6 +268,7 @@ class ImageApiClient:
         *,
         concurrency: int = 4,
         should_stop: Callable[[], bool] | None = None,
+        stop_request: StopRequest | None = None,
         on_result: Callable[[int, Result], None] | None = None,
         on_event: OnEvent | None = None,
         poll_interval: float = 0.05,
@@ -190,6 +283,7 @@ class ImageApiClient:
             batch,
             concurrency=concurrency,
             should_stop=should_stop,
+            stop_request=stop_request,
             on_event=on_event,
             poll_interval=poll_interval,
         )
@@ -206,6 +300,7 @@ class ImageApiClient:
         *,
         concurrency: int = 4,
         should_stop: Callable[[], bool] | None = None,
+        stop_request: StopRequest | None = None,
         on_event: OnEvent | None = None,
         keep_data: bool = False,
         poll_interval: float = 0.05,
@@ -224,12 +319,23 @@ class ImageApiClient:
         worker checks the stop right before each request goes out), `GenerationInterrupted` is
         raised, and calls in flight are abandoned (their threads leave at the next piece of the
         answer or their timeout). Closing the generator early stops the run the same way.
+
+        `stop_request` (api/control.py) is the graceful stop: after its `drain()` nothing new is
+        sent (no new image, no retry), the input is not read further, the calls in flight finish
+        and are yielded, and the stream ends normally (`stop_request.not_sent`: images read but not
+        sent); after its `abandon()` the stream raises `GenerationInterrupted` as `should_stop` does
+        and sets `stop_request.abandoned_in_flight` (images with a call out, maybe billed without an
+        image). After a refused key or an empty account (and after `UNREACHABLE_AFTER` connection
+        failures with no answer: `ServiceUnreachableError`) no further POST goes out; the images
+        not sent then end with an error of the same class and an empty `CallRecord`.
         """
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidInputError(f"concurrency must be a whole number >= 1; got {concurrency!r}.")
         if not poll_interval > 0:
             raise InvalidInputError(f"poll_interval must be > 0 seconds; got {poll_interval!r}.")
-        return self._stream(iter(requests_in), concurrency, should_stop, on_event, keep_data, poll_interval)
+        return self._stream(
+            iter(requests_in), concurrency, should_stop, stop_request, on_event, keep_data, poll_interval
+        )
 
     # --- the pool -------------------------------------------------------------------------------
 
@@ -238,10 +344,12 @@ class ImageApiClient:
         source: Iterator[ApiImageRequest],
         concurrency: int,
         should_stop: Callable[[], bool] | None,
+        stop_request: StopRequest | None,
         on_event: OnEvent | None,
         keep_data: bool,
         poll_interval: float,
     ) -> Iterator[tuple[int, Result]]:
+        gate = RunGate(self.settings, stop_request)
         window = 2 * concurrency  # requests read and not yet given back as results
         stop = threading.Event()
         places = threading.BoundedSemaphore(concurrency)
@@ -264,9 +372,14 @@ class ImageApiClient:
                         return
                 place = _Place(places)
                 try:
-                    outcome: object = self._attempts(request, i, stop, place.release, events.put, keep_data)
+                    outcome: object = self._attempts(
+                        request, i, stop, place.release, events.put, keep_data, gate
+                    )
                 except ApiError as e:
+                    gate.ended(e)  # before the place is given back: the next POST sees it
                     outcome = self._scrub_error(e)
+                except _NotSent:
+                    outcome = _NOT_SENT
                 except GenerationInterrupted:
                     return
                 except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
@@ -279,6 +392,11 @@ class ImageApiClient:
         def read_more() -> None:
             nonlocal taken, exhausted
             while not exhausted and taken - given < window:
+                if stop_request is not None and stop_request.draining:
+                    exhausted = True  # read nothing more: what was read and not sent is counted
+                    for _ in workers:
+                        todo.put(_NO_MORE)
+                    break
                 try:
                     request = next(source)
                 except StopIteration:
@@ -311,9 +429,15 @@ class ImageApiClient:
             read_more()
             while not (exhausted and given == taken):
                 send_events()
-                if should_stop is not None and should_stop():
+                if (should_stop is not None and should_stop()) or (
+                    stop_request is not None and stop_request.abandoned
+                ):
+                    abandoned = gate.in_flight()
+                    if stop_request is not None:
+                        stop_request.abandoned_in_flight = abandoned
                     raise GenerationInterrupted(
-                        f"stopped on request after {given} image(s); calls already sent may still be billed."
+                        f"stopped on request after {given} image(s); {abandoned} image(s) with a call "
+                        "in flight were abandoned: those calls may still be billed."
                     )
                 try:
                     i, outcome = done.get(timeout=poll_interval)
@@ -327,6 +451,13 @@ class ImageApiClient:
                     raise outcome.exc
                 send_events()
                 label = labels.pop(i)
+                gate.taken(i)
+                if outcome is _NOT_SENT:
+                    given += 1
+                    if stop_request is not None:
+                        stop_request.not_sent += 1
+                    read_more()
+                    continue
                 if on_event is not None:
                     if isinstance(outcome, FinishedImage):
                         on_event(ApiEvent(i, label, DONE, outcome.attempts))
@@ -351,12 +482,14 @@ class ImageApiClient:
         calls_done: Callable[[], None] = lambda: None,
         report: Callable[[ApiEvent], None] | None = None,
         keep_data: bool = False,
+        gate: RunGate | None = None,
     ) -> FinishedImage:
         """Call (and retry) until the answer holds an image, say `calls_done()`, decode it. An
-        `ApiError` raised carries the image's `CallRecord` in `.calls`."""
+        `ApiError` raised carries the image's `CallRecord` in `.calls`. `gate` (the run's) is
+        asked right before each POST whether it may go out."""
         tally = CallTally()
         try:
-            return self._attempt_calls(request, index, stop, tally, calls_done, report, keep_data)
+            return self._attempt_calls(request, index, stop, tally, calls_done, report, keep_data, gate)
         except ApiError as e:
             e.calls = tally.record()
             raise
@@ -370,6 +503,7 @@ class ImageApiClient:
         calls_done: Callable[[], None],
         report: Callable[[ApiEvent], None] | None,
         keep_data: bool,
+        gate: RunGate | None,
     ) -> FinishedImage:
         s, clock = self.settings, self.clock
         name = request.name(index)
@@ -388,6 +522,8 @@ class ImageApiClient:
                 # The wait overran: a call now would be billed and its answer cut off.
                 note = self._policy.no_time_note(deadline - clock.monotonic(), None)
                 raise last.error(note + _tried(tally.attempts), self._scrub) from last.__cause__
+            if gate is not None:
+                gate.before_post(index, tally.attempts, last)
             tally.sent()
             reply, failure = attempt(
                 self._http.exchange,
@@ -412,6 +548,11 @@ class ImageApiClient:
                 )
             if failure is not None:
                 tally.failed(failure)
+                if gate is not None:
+                    gate.failed(failure)
+                    ended = gate.ending_error()
+                    if isinstance(ended, ServiceUnreachableError):  # no retry: the run ends here
+                        raise ServiceUnreachableError(str(ended)) from None
                 wait, note = self._policy.wait_before_retry(failure, tally.free, tally.billed, deadline)
                 if wait is None:
                     raise failure.error(note + _tried(tally.attempts), self._scrub) from failure.__cause__
@@ -433,6 +574,8 @@ class ImageApiClient:
                 continue
             request_id = self._answers.request_id(reply)
             tally.answered(request_id)
+            if gate is not None:
+                gate.answered()
 
             def waiting(seconds: float, why: str, attempt_no: int = tally.attempts) -> None:
                 if report is not None:

@@ -91,3 +91,131 @@ def test_batch_images_get_distinct_keys(fake, client):
 
     client.generate_many(image_requests(GenerationRequest("a fox", 256, 256, 4, seed=1, batch_size=3)))
     assert len({r.header("Idempotency-Key") for r in fake.requests}) == 3
+
+
+# --- no POST after a refused key -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [401, 403, 402])
+def test_no_post_after_a_refused_key_even_queued_at_concurrency_1(fake, client, status):
+    from comfyui_flux_schnell.api.types import ApiImageRequest
+
+    fake.script(error_reply(status))
+    batch = [ApiImageRequest(f"image {i}", 64, 48, 4) for i in range(4)]
+    results = client.generate_many(batch, concurrency=1)
+    assert fake.generate_calls == 1
+    assert all(isinstance(r, type(results[0])) for r in results)
+    assert [r.calls.paid_calls for r in results[1:]] == [0, 0, 0]
+
+
+# --- an early stop when the service is unreachable -------------------------------------------------
+
+
+def test_closed_port_stops_the_run_within_seconds_naming_the_base_url(fake):
+    import time
+
+    from comfyui_flux_schnell.api.service import ImageApiClient
+    from comfyui_flux_schnell.api.settings import ApiSettings
+    from comfyui_flux_schnell.api.types import ApiImageRequest
+    from comfyui_flux_schnell.errors import ServiceUnreachableError
+    from support.api_testing import KEY, free_port
+
+    base = f"http://127.0.0.1:{free_port()}"
+    settings = ApiSettings(  # the default retries and backoff
+        base_url=base,
+        api_key=KEY,
+        key_source="test",
+        base_url_source="environment variable IMAGEAPI_BASE_URL",
+    )
+    batch = [ApiImageRequest(f"image {i}", 64, 48, 4) for i in range(20)]
+    started = time.monotonic()
+    with ImageApiClient(settings) as client:
+        results = client.generate_many(batch, concurrency=1)
+    assert time.monotonic() - started < 6
+    assert all(isinstance(r, ServiceUnreachableError) for r in results)
+    assert base in str(results[0])
+    assert "IMAGEAPI_BASE_URL" in str(results[0])
+    assert all(r.calls.paid_calls == 0 for r in results)
+
+
+def test_unreachable_stops_the_stream_of_the_command_line(fake):
+    from comfyui_flux_schnell.api.settings import ApiSettings
+    from comfyui_flux_schnell.api.types import ApiImageRequest
+    from comfyui_flux_schnell.api_client import stream_api_images
+    from comfyui_flux_schnell.errors import ServiceUnreachableError
+    from support.api_testing import FAST, KEY, free_port
+
+    settings = ApiSettings(base_url=f"http://127.0.0.1:{free_port()}", api_key=KEY, key_source="t", **FAST)
+    batch = (ApiImageRequest(f"image {i}", 64, 48, 4) for i in range(50))
+    results = list(stream_api_images(batch, settings, concurrency=2))
+    assert len(results) == 1
+    assert isinstance(results[0][1], ServiceUnreachableError)
+
+
+def test_failures_after_an_answer_do_not_end_the_run():
+    from comfyui_flux_schnell.api.failures import Failure
+    from comfyui_flux_schnell.api.service import UNREACHABLE_AFTER, RunGate
+    from comfyui_flux_schnell.errors import NetworkError
+    from support.api_testing import make_settings
+
+    refused = Failure(NetworkError, "refused", reason="connection refused", retry="free", unreachable=True)
+    gate = RunGate(make_settings("http://127.0.0.1:9"), None)
+    gate.answered()
+    for _ in range(UNREACHABLE_AFTER + 2):
+        gate.failed(refused)
+    assert gate.ending_error() is None
+    fresh = RunGate(make_settings("http://127.0.0.1:9"), None)
+    for _ in range(UNREACHABLE_AFTER):
+        fresh.failed(refused)
+    assert fresh.ending_error() is not None
+
+
+# --- graceful stop ---------------------------------------------------------------------------------
+
+
+def _slow(seconds):
+    def responder(req, fake):
+        reply = default_png(req, fake)
+        reply.delay_s = seconds
+        return reply
+
+    return responder
+
+
+def test_drain_sends_nothing_new_and_delivers_the_calls_in_flight(fake, client):
+    import threading
+
+    from comfyui_flux_schnell.api.control import StopRequest
+    from comfyui_flux_schnell.api.types import ApiImageRequest
+    from comfyui_flux_schnell.generation import FinishedImage
+
+    fake.set_default(_slow(0.5))
+    stop = StopRequest()
+    batch = [ApiImageRequest(f"image {i}", 64, 48, 4) for i in range(10)]
+    timer = threading.Timer(0.2, stop.drain)
+    timer.start()
+    got = list(client.generate_stream(batch, concurrency=2, stop_request=stop))
+    timer.join()
+    assert len(got) == 2  # the two in flight, delivered
+    assert all(isinstance(r, FinishedImage) for _, r in got)
+    assert fake.generate_calls == 2
+    assert stop.not_sent == 2  # read ahead (2 x concurrency) and never sent
+    assert stop.abandoned_in_flight == 0
+
+
+def test_abandon_after_drain_raises_and_counts_the_calls_in_flight(fake, client):
+    import threading
+
+    from comfyui_flux_schnell.api.control import StopRequest
+    from comfyui_flux_schnell.api.types import ApiImageRequest
+    from comfyui_flux_schnell.errors import GenerationInterrupted
+
+    fake.set_default(_slow(2.0))
+    stop = StopRequest()
+    batch = [ApiImageRequest(f"image {i}", 64, 48, 4) for i in range(10)]
+    threading.Timer(0.2, stop.request).start()  # first: drain
+    threading.Timer(0.4, stop.request).start()  # second: abandon
+    with pytest.raises(GenerationInterrupted, match="2 image"):
+        list(client.generate_stream(batch, concurrency=2, stop_request=stop))
+    assert stop.abandoned_in_flight == 2
+    assert fake.generate_calls == 2
