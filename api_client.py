@@ -47,6 +47,7 @@ CONCURRENCY = 4
 # Errors after which the rest of a batch is not sent: every request would fail the same way.
 ABORT_BATCH = (AuthenticationError, InsufficientCreditsError, ServiceUnreachableError)
 KEEP_LIMIT = 32
+CANCEL_GRACE_S = 5.0  # how long ComfyUI's Cancel waits for answers already in flight (paid for)
 
 _lock = threading.Lock()
 _client: ImageApiClient | None = None
@@ -153,8 +154,15 @@ def generate_api(
     reused = [i for i, r in enumerate(results) if r is not None]
     todo = [i for i, r in enumerate(results) if r is None]
 
+    # ComfyUI's Cancel drains the batch: nothing new is sent, the answers in flight (paid for) are
+    # taken and kept below for the re-queue; after CANCEL_GRACE_S they are abandoned.
+    stop = StopRequest(drain_when=progress.should_stop, abandon_after_s=CANCEL_GRACE_S)
+
     def on_result(position: int, result: FinishedImage | ApiError) -> None:
         results[todo[position]] = result
+        stop.poll()
+        if stop.draining:
+            return  # ComfyUI's bar would raise its interrupt: the answers still coming are kept
         progress.advance(1)
         if isinstance(result, ABORT_BATCH):
             raise result  # the rest of the batch would fail the same way: send no more
@@ -167,9 +175,14 @@ def generate_api(
             client_for(settings).generate_many(
                 [reqs[i] for i in todo],
                 concurrency=min(CONCURRENCY, len(todo)),
-                should_stop=progress.should_stop,
+                stop_request=stop,
                 on_result=on_result,
                 on_event=on_event,
+            )
+        if stop.draining:  # a Cancel: the answers in flight were taken; keep them, then stop
+            raise GenerationInterrupted(
+                f"interrupted by the user; {sum(isinstance(r, FinishedImage) for r in results)} "
+                "finished image(s) are kept for the re-queue"
             )
     except GenerationInterrupted:
         _keep_finished(settings, reqs, results)

@@ -11,6 +11,8 @@ image. `request()` does the next of the two, for a signal handler. Thread-safe.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 RUNNING, DRAINING, ABANDONED = "running", "draining", "abandoned"
 
@@ -18,9 +20,16 @@ RUNNING, DRAINING, ABANDONED = "running", "draining", "abandoned"
 class StopRequest:
     """How far a stop has gone: running, draining (send nothing new) or abandoned."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, drain_when: Callable[[], bool] | None = None, abandon_after_s: float | None = None
+    ) -> None:
+        """`drain_when()` (read by `poll()`, in the stream's thread: ComfyUI's Cancel) starts a
+        drain; `abandon_after_s` after a drain began, `poll()` abandons what is still in flight."""
         self._lock = threading.Lock()
         self._state = RUNNING
+        self._drain_when = drain_when
+        self._abandon_after_s = abandon_after_s
+        self._drain_started: float | None = None
         self.abandoned_in_flight = 0  # set by the stream when it abandons calls in flight
         self.not_sent = 0  # images read from the input but never sent, set by the stream
 
@@ -42,6 +51,20 @@ class StopRequest:
         with self._lock:
             if self._state == RUNNING:
                 self._state = DRAINING
+                self._drain_started = time.monotonic()
+
+    def poll(self) -> None:
+        """Called by the stream every poll interval: applies `drain_when` and `abandon_after_s`."""
+        if self._state == RUNNING and self._drain_when is not None and self._drain_when():
+            self.drain()
+        started = self._drain_started
+        if (
+            self._state == DRAINING
+            and self._abandon_after_s is not None
+            and started is not None
+            and time.monotonic() - started > self._abandon_after_s
+        ):
+            self.abandon()
 
     def abandon(self) -> None:
         """Stop at once; the calls in flight are abandoned (and counted)."""
@@ -51,5 +74,9 @@ class StopRequest:
     def request(self) -> str:
         """The next stop: a drain the first time, an abandon after. Returns the new state."""
         with self._lock:
-            self._state = DRAINING if self._state == RUNNING else ABANDONED
+            if self._state == RUNNING:
+                self._state = DRAINING
+                self._drain_started = time.monotonic()
+            else:
+                self._state = ABANDONED
             return self._state

@@ -426,9 +426,17 @@ class ImageApiClient:
         try:
             if should_stop is not None and should_stop():
                 raise GenerationInterrupted("stopped on request before any image was sent; nothing billed.")
+            if stop_request is not None:
+                stop_request.poll()
+                if stop_request.draining:
+                    raise GenerationInterrupted(
+                        "stopped on request before any image was sent; nothing billed."
+                    )
             read_more()
             while not (exhausted and given == taken):
                 send_events()
+                if stop_request is not None:
+                    stop_request.poll()
                 if (should_stop is not None and should_stop()) or (
                     stop_request is not None and stop_request.abandoned
                 ):

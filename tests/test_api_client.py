@@ -54,3 +54,24 @@ def test_generate_api_reports_progress_events(fake_api):
         ("image 1", "retrying"),
         ("image 1", "done"),
     ]
+
+
+def test_cancel_keeps_the_answers_in_flight_and_the_requeue_buys_only_the_rest(
+    comfy, comfy_package, fake_api
+):
+    import asyncio
+    import threading
+
+    import pytest
+    from support.fake_imageapi import Reply, request_image
+
+    node = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
+    fake_api.set_default(lambda req, fake: Reply.image(request_image(req), delay_s=1.0))
+    threading.Timer(0.4, comfy.interrupt).start()  # Cancel while 4 answers are in flight
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        asyncio.run(node.generate("cancel me", "api", 256, 256, 4, 300, 6))
+    assert fake_api.generate_calls == 4  # concurrency 4: two were never sent
+    comfy.next_prompt()
+    images, _ = asyncio.run(node.generate("cancel me", "api", 256, 256, 4, 300, 6))
+    assert images.shape[0] == 6
+    assert fake_api.generate_calls == 6  # only the two never sent were bought
