@@ -203,6 +203,13 @@ class AnswerReader:
 
     # --- asynchronous jobs ----------------------------------------------------------------------
 
+    def collect(
+        self, poll_url: str, deadline: float, stop: threading.Event, on_wait: OnWait | None = None
+    ) -> tuple[Encoded, str | None]:
+        """Poll a job recorded by an earlier run at `poll_url` (GETs only, never billed)."""
+        job = AsyncJob(id=None, status=None, poll_url=poll_url, result_url=None, error=None)
+        return self._follow_job(job, poll_url, deadline, stop, None, on_wait)
+
     def _follow_job(
         self,
         job: AsyncJob,

@@ -337,6 +337,66 @@ class ImageApiClient:
             iter(requests_in), concurrency, should_stop, stop_request, on_event, keep_data, poll_interval
         )
 
+    def collect(
+        self,
+        poll_url: str,
+        request: ApiImageRequest,
+        *,
+        keep_data: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+        poll_interval: float = 0.05,
+    ) -> FinishedImage:
+        """The image of an async job an earlier run paid for and recorded (`CallRecord.poll_url`,
+        kept when the job passed `deadline_s`): its status URL is polled (GET, never billed) until
+        the job is done or failed, within `deadline_s`; no POST is sent. The result's `calls` has
+        `paid_calls` 0 (the payment is in the earlier record) and the poll URL; an `ApiError`
+        raised carries the same record, so the URL can be kept for a later try."""
+        s = self.settings
+        if not isinstance(poll_url, str) or not poll_url.startswith(("http://", "https://")):
+            raise InvalidInputError(f"poll_url must be an http(s) URL; got {poll_url!r}.")
+        if s.api_key in poll_url:
+            raise InvalidInputError("poll_url holds the API key; a recorded poll URL never does.")
+        record = CallRecord(poll_url=poll_url)
+        stop = threading.Event()
+        outcome: list[object] = []
+
+        def work() -> None:
+            try:
+                started = self.clock.monotonic()
+                encoded, job_id = self._answers.collect(poll_url, started + s.deadline_s, stop)
+                image, data, fmt = self._answers.decode(encoded)
+                outcome.append(
+                    FinishedImage(
+                        image,
+                        job_id,
+                        self.clock.monotonic() - started,
+                        attempts=0,
+                        data=data if keep_data else None,
+                        format=fmt if keep_data else None,
+                        requested_size=(request.width, request.height),
+                        calls=CallRecord(request_ids=(job_id,) if job_id else (), poll_url=poll_url),
+                    )
+                )
+            except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
+                outcome.append(e)
+
+        thread = threading.Thread(target=work, name="flux-schnell-api-collect", daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive():
+                if should_stop is not None and should_stop():
+                    raise GenerationInterrupted("stopped on request while collecting a job; nothing billed.")
+                thread.join(poll_interval)
+        finally:
+            stop.set()
+        (result,) = outcome
+        if isinstance(result, ApiError):
+            result.calls = record
+            raise self._scrub_error(result)
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[return-value]
+
     # --- the pool -------------------------------------------------------------------------------
 
     def _stream(

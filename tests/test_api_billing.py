@@ -219,3 +219,42 @@ def test_abandon_after_drain_raises_and_counts_the_calls_in_flight(fake, client)
         list(client.generate_stream(batch, concurrency=2, stop_request=stop))
     assert stop.abandoned_in_flight == 2
     assert fake.generate_calls == 2
+
+
+# --- collecting a job an earlier run paid for ------------------------------------------------------
+
+
+def test_job_past_its_deadline_is_collected_by_a_rerun_without_a_post(fake, make_client):
+    import time
+
+    from comfyui_flux_schnell.errors import ApiTimeoutError
+    from support.fake_imageapi import request_image
+
+    ready_at = time.monotonic() + 1.2  # the job finishes after the first run's deadline
+
+    def status(req, f):
+        if time.monotonic() < ready_at:
+            return Reply.json({"job_id": "j1", "status": "processing"})
+        return Reply.image(request_image(posted[0]))
+
+    posted = []
+
+    def start_job(req, f):
+        posted.append(req)
+        return Reply.json({"job_id": "j1", "status": "queued", "poll_url": "/jobs/j1"}, status=202)
+
+    fake.set_default(start_job)
+    fake.route("GET", "/jobs/j1", *([status] * 200))
+    client = make_client(deadline_s=0.6, min_call_s=0.1)
+    with pytest.raises(ApiTimeoutError) as caught:
+        client.generate(REQ)
+    record = caught.value.calls
+    assert record.paid_calls == 1
+    assert record.poll_url == fake.base_url + "/jobs/j1"
+    posts = fake.generate_calls
+
+    image = make_client(deadline_s=5.0).collect(record.poll_url, REQ)
+    assert fake.generate_calls == posts  # 0 new POSTs
+    assert image.size == (64, 48)
+    assert image.calls.paid_calls == 0
+    assert image.calls.poll_url == record.poll_url
