@@ -49,21 +49,62 @@ ABORT_BATCH = (AuthenticationError, InsufficientCreditsError, ServiceUnreachable
 KEEP_LIMIT = 32
 CANCEL_GRACE_S = 5.0  # how long ComfyUI's Cancel waits for answers already in flight (paid for)
 
-_lock = threading.Lock()
-_client: ImageApiClient | None = None
-_client_settings: ApiSettings | None = None
-_kept: OrderedDict[tuple, FinishedImage] = OrderedDict()
+
+class KeptImages:
+    """The node's process-wide state: one pooled client per configuration, and the finished images
+    of a failed or cancelled batch (paid for), keyed by their exact request, until a re-queue takes
+    them (at most `limit`, the oldest dropped first). Thread-safe."""
+
+    def __init__(self, limit: int = KEEP_LIMIT):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._client: ImageApiClient | None = None
+        self._client_settings: ApiSettings | None = None
+        self._kept: OrderedDict[tuple, FinishedImage] = OrderedDict()
+
+    def client_for(self, settings: ApiSettings) -> ImageApiClient:
+        """One pooled client per configuration; a changed key or URL gets a fresh one."""
+        with self._lock:
+            if self._client is None or self._client_settings != settings:
+                if self._client is not None:
+                    self._client.close()
+                self._client, self._client_settings = ImageApiClient(settings), settings
+            return self._client
+
+    @staticmethod
+    def _key(settings: ApiSettings, req: ApiImageRequest) -> tuple:
+        return (settings.base_url, settings.send_seed, req)
+
+    def take(self, settings: ApiSettings, reqs: list[ApiImageRequest]) -> dict[int, FinishedImage]:
+        """The kept images of `reqs` by position, removed from the cache (used once)."""
+        found: dict[int, FinishedImage] = {}
+        with self._lock:
+            for i, req in enumerate(reqs):
+                kept = self._kept.pop(self._key(settings, req), None)
+                if kept is not None:
+                    found[i] = kept
+        return found
+
+    def keep(self, settings: ApiSettings, reqs: list[ApiImageRequest], results: list) -> None:
+        """Keep the finished images among `results` (one per request of `reqs`)."""
+        with self._lock:
+            for req, result in zip(reqs, results, strict=True):
+                if isinstance(result, FinishedImage):
+                    self._kept[self._key(settings, req)] = result
+            while len(self._kept) > self.limit:
+                self._kept.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._kept)
+
+
+KEPT = KeptImages()
 
 
 def client_for(settings: ApiSettings) -> ImageApiClient:
-    """One pooled client per configuration; a changed key or URL gets a fresh one."""
-    global _client, _client_settings
-    with _lock:
-        if _client is None or _client_settings != settings:
-            if _client is not None:
-                _client.close()
-            _client, _client_settings = ImageApiClient(settings), settings
-        return _client
+    """One pooled client per configuration (see `KeptImages.client_for`)."""
+    return KEPT.client_for(settings)
 
 
 def image_requests(request: GenerationRequest, labels: Iterable[str] = ()) -> list[ApiImageRequest]:
@@ -122,10 +163,6 @@ def stream_api_images(
         stream.close()  # stops the pool: nothing more is sent
 
 
-def _keep_key(settings: ApiSettings, req: ApiImageRequest) -> tuple:
-    return (settings.base_url, settings.send_seed, req)
-
-
 def generate_api(
     request: GenerationRequest,
     progress: Progress,
@@ -146,11 +183,8 @@ def generate_api(
     reqs = image_requests(request)
     results: list[FinishedImage | ApiError | None] = [None] * len(reqs)
 
-    with _lock:
-        for i, req in enumerate(reqs):
-            kept = _kept.pop(_keep_key(settings, req), None)
-            if kept is not None:
-                results[i] = kept
+    for i, kept in KEPT.take(settings, reqs).items():
+        results[i] = kept
     reused = [i for i, r in enumerate(results) if r is not None]
     todo = [i for i, r in enumerate(results) if r is None]
 
@@ -215,12 +249,7 @@ def generate_api(
 
 
 def _keep_finished(settings, reqs, results) -> None:
-    with _lock:
-        for req, result in zip(reqs, results, strict=True):
-            if isinstance(result, FinishedImage):
-                _kept[_keep_key(settings, req)] = result
-        while len(_kept) > KEEP_LIMIT:
-            _kept.popitem(last=False)
+    KEPT.keep(settings, reqs, results)
 
 
 def _batch_error(request: GenerationRequest, failures: dict[int, ApiError]) -> ApiError:
