@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from PIL import Image
 
+from .api.control import StopRequest
 from .api.service import ImageApiClient, OnEvent
 from .api.settings import ApiSettings, load_settings
 from .api.types import ApiImageRequest
@@ -36,6 +37,7 @@ from .errors import (
     BatchFailedError,
     GenerationInterrupted,
     InsufficientCreditsError,
+    ServiceUnreachableError,
 )
 from .generation import MODEL_NAME, FinishedImage, GenerationInfo, GenerationRequest
 
@@ -43,24 +45,66 @@ log = logging.getLogger("flux_schnell.api")
 
 CONCURRENCY = 4
 # Errors after which the rest of a batch is not sent: every request would fail the same way.
-ABORT_BATCH = (AuthenticationError, InsufficientCreditsError)
+ABORT_BATCH = (AuthenticationError, InsufficientCreditsError, ServiceUnreachableError)
 KEEP_LIMIT = 32
+CANCEL_GRACE_S = 5.0  # how long ComfyUI's Cancel waits for answers already in flight (paid for)
 
-_lock = threading.Lock()
-_client: ImageApiClient | None = None
-_client_settings: ApiSettings | None = None
-_kept: OrderedDict[tuple, FinishedImage] = OrderedDict()
+
+class KeptImages:
+    """The node's process-wide state: one pooled client per configuration, and the finished images
+    of a failed or cancelled batch (paid for), keyed by their exact request, until a re-queue takes
+    them (at most `limit`, the oldest dropped first). Thread-safe."""
+
+    def __init__(self, limit: int = KEEP_LIMIT):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._client: ImageApiClient | None = None
+        self._client_settings: ApiSettings | None = None
+        self._kept: OrderedDict[tuple, FinishedImage] = OrderedDict()
+
+    def client_for(self, settings: ApiSettings) -> ImageApiClient:
+        """One pooled client per configuration; a changed key or URL gets a fresh one."""
+        with self._lock:
+            if self._client is None or self._client_settings != settings:
+                if self._client is not None:
+                    self._client.close()
+                self._client, self._client_settings = ImageApiClient(settings), settings
+            return self._client
+
+    @staticmethod
+    def _key(settings: ApiSettings, req: ApiImageRequest) -> tuple:
+        return (settings.base_url, settings.send_seed, req)
+
+    def take(self, settings: ApiSettings, reqs: list[ApiImageRequest]) -> dict[int, FinishedImage]:
+        """The kept images of `reqs` by position, removed from the cache (used once)."""
+        found: dict[int, FinishedImage] = {}
+        with self._lock:
+            for i, req in enumerate(reqs):
+                kept = self._kept.pop(self._key(settings, req), None)
+                if kept is not None:
+                    found[i] = kept
+        return found
+
+    def keep(self, settings: ApiSettings, reqs: list[ApiImageRequest], results: list) -> None:
+        """Keep the finished images among `results` (one per request of `reqs`)."""
+        with self._lock:
+            for req, result in zip(reqs, results, strict=True):
+                if isinstance(result, FinishedImage):
+                    self._kept[self._key(settings, req)] = result
+            while len(self._kept) > self.limit:
+                self._kept.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._kept)
+
+
+KEPT = KeptImages()
 
 
 def client_for(settings: ApiSettings) -> ImageApiClient:
-    """One pooled client per configuration; a changed key or URL gets a fresh one."""
-    global _client, _client_settings
-    with _lock:
-        if _client is None or _client_settings != settings:
-            if _client is not None:
-                _client.close()
-            _client, _client_settings = ImageApiClient(settings), settings
-        return _client
+    """One pooled client per configuration (see `KeptImages.client_for`)."""
+    return KEPT.client_for(settings)
 
 
 def image_requests(request: GenerationRequest, labels: Iterable[str] = ()) -> list[ApiImageRequest]:
@@ -76,6 +120,7 @@ def image_requests(request: GenerationRequest, labels: Iterable[str] = ()) -> li
             seed=seed,
             model=MODEL_NAME,
             label=names[i] if i < len(names) else "",
+            index_in_batch=i,
         )
         for i, seed in enumerate(request.seeds)
     ]
@@ -92,6 +137,7 @@ def stream_api_images(
     *,
     concurrency: int = CONCURRENCY,
     should_stop: Callable[[], bool] | None = None,
+    stop_request: StopRequest | None = None,
     on_event: OnEvent | None = None,
     keep_data: bool = False,
 ) -> Iterator[tuple[int, FinishedImage | ApiError]]:
@@ -103,6 +149,7 @@ def stream_api_images(
         requests_in,
         concurrency=concurrency,
         should_stop=should_stop,
+        stop_request=stop_request,
         on_event=on_event,
         keep_data=keep_data,
     )
@@ -114,10 +161,6 @@ def stream_api_images(
             del result  # the caller has it; this frame keeps no image alive
     finally:
         stream.close()  # stops the pool: nothing more is sent
-
-
-def _keep_key(settings: ApiSettings, req: ApiImageRequest) -> tuple:
-    return (settings.base_url, settings.send_seed, req)
 
 
 def generate_api(
@@ -140,16 +183,20 @@ def generate_api(
     reqs = image_requests(request)
     results: list[FinishedImage | ApiError | None] = [None] * len(reqs)
 
-    with _lock:
-        for i, req in enumerate(reqs):
-            kept = _kept.pop(_keep_key(settings, req), None)
-            if kept is not None:
-                results[i] = kept
+    for i, kept in KEPT.take(settings, reqs).items():
+        results[i] = kept
     reused = [i for i, r in enumerate(results) if r is not None]
     todo = [i for i, r in enumerate(results) if r is None]
 
+    # ComfyUI's Cancel drains the batch: nothing new is sent, the answers in flight (paid for) are
+    # taken and kept below for the re-queue; after CANCEL_GRACE_S they are abandoned.
+    stop = StopRequest(drain_when=progress.should_stop, abandon_after_s=CANCEL_GRACE_S)
+
     def on_result(position: int, result: FinishedImage | ApiError) -> None:
         results[todo[position]] = result
+        stop.poll()
+        if stop.draining:
+            return  # ComfyUI's bar would raise its interrupt: the answers still coming are kept
         progress.advance(1)
         if isinstance(result, ABORT_BATCH):
             raise result  # the rest of the batch would fail the same way: send no more
@@ -162,9 +209,14 @@ def generate_api(
             client_for(settings).generate_many(
                 [reqs[i] for i in todo],
                 concurrency=min(CONCURRENCY, len(todo)),
-                should_stop=progress.should_stop,
+                stop_request=stop,
                 on_result=on_result,
                 on_event=on_event,
+            )
+        if stop.draining:  # a Cancel: the answers in flight were taken; keep them, then stop
+            raise GenerationInterrupted(
+                f"interrupted by the user; {sum(isinstance(r, FinishedImage) for r in results)} "
+                "finished image(s) are kept for the re-queue"
             )
     except GenerationInterrupted:
         _keep_finished(settings, reqs, results)
@@ -197,12 +249,7 @@ def generate_api(
 
 
 def _keep_finished(settings, reqs, results) -> None:
-    with _lock:
-        for req, result in zip(reqs, results, strict=True):
-            if isinstance(result, FinishedImage):
-                _kept[_keep_key(settings, req)] = result
-        while len(_kept) > KEEP_LIMIT:
-            _kept.popitem(last=False)
+    KEPT.keep(settings, reqs, results)
 
 
 def _batch_error(request: GenerationRequest, failures: dict[int, ApiError]) -> ApiError:

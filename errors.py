@@ -77,6 +77,11 @@ class NetworkError(ApiError, ConnectionError):
     """The service could not be reached (DNS, proxy, TLS, refused or dropped connection)."""
 
 
+class ServiceUnreachableError(NetworkError):
+    """The first calls of a run all failed to connect (refused, DNS, connect timeout) and none had
+    succeeded: the run stopped early. The message names the base URL and where it was set."""
+
+
 class ResponseDecodeError(ApiError):
     """The service answered, but no image could be found or decoded in the answer."""
 

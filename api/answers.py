@@ -92,9 +92,11 @@ class AnswerReader:
         stop: threading.Event,
         request_id: str | None,
         on_wait: OnWait | None = None,
+        on_job: Callable[[str], None] | None = None,
     ) -> tuple[Encoded, str | None]:
         """The image in a successful answer (fetched when it is elsewhere), and the job id if it
-        came through a job. Not decoded yet: that needs no HTTP place."""
+        came through a job. Not decoded yet: that needs no HTTP place. `on_job(poll_url)` is told
+        each status URL of an async job as soon as it is known (so a re-run can collect it)."""
         tag = status_tag(reply.status, reply.reason, request_id)
         if looks_like_image(reply):
             where = f"the image body ({tag})"
@@ -102,7 +104,7 @@ class AnswerReader:
         doc = self._json(reply, tag, request_id)
         job = self._job_info(doc)
         if job is not None and ((job.pending and job.poll_url) or (job.done and job.result_url)):
-            return self._follow_job(job, reply.url, deadline, stop, request_id, on_wait)
+            return self._follow_job(job, reply.url, deadline, stop, request_id, on_wait, on_job)
         found = find_image(doc)
         if found is None:
             raise self._no_image(doc, reply, job, request_id, tag)
@@ -201,6 +203,13 @@ class AnswerReader:
 
     # --- asynchronous jobs ----------------------------------------------------------------------
 
+    def collect(
+        self, poll_url: str, deadline: float, stop: threading.Event, on_wait: OnWait | None = None
+    ) -> tuple[Encoded, str | None]:
+        """Poll a job recorded by an earlier run at `poll_url` (GETs only, never billed)."""
+        job = AsyncJob(id=None, status=None, poll_url=poll_url, result_url=None, error=None)
+        return self._follow_job(job, poll_url, deadline, stop, None, on_wait)
+
     def _follow_job(
         self,
         job: AsyncJob,
@@ -209,12 +218,15 @@ class AnswerReader:
         stop: threading.Event,
         request_id: str | None,
         on_wait: OnWait | None,
+        on_job: Callable[[str], None] | None = None,
     ) -> tuple[Encoded, str | None]:
         """Poll a job's status URL (GET, free) until it has an image, fails, or the deadline. A
         failed poll or result fetch is asked again after the backoff (or its Retry-After)."""
         s = self.settings
         clock = self._clock
         poll_url = urljoin(base, job.poll_url) if job.poll_url else None
+        if poll_url is not None and on_job is not None:
+            on_job(poll_url)
         job_id = job.id
         failures = 0
         waited = False  # a failed GET was just followed by its backoff
@@ -286,6 +298,8 @@ class AnswerReader:
                 raise self._no_image(doc, reply, nxt, request_id or job_id, tag)
             if nxt.poll_url:
                 poll_url = urljoin(reply.url, nxt.poll_url)
+                if on_job is not None:
+                    on_job(poll_url)
             job_id = job_id or nxt.id
             job = nxt
 

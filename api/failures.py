@@ -55,8 +55,10 @@ class Failure(Exception):
         status: int | None = None,
         request_id: str | None = None,
         retry_after: float | None = None,
+        unreachable: bool = False,
     ):
         super().__init__(reason)
+        self.unreachable = unreachable  # no connection was made at all (refused, DNS, connect timeout)
         self.cls, self.message, self.reason, self.retry = cls, message, reason, retry
         self.status, self.request_id, self.retry_after = status, request_id, retry_after
 
@@ -261,6 +263,7 @@ def _transport_failure(
             "service or the network is slow or down",
             reason="connect timeout",
             retry=FREE,
+            unreachable=True,
         )
     if has(urllib3.exceptions.NameResolutionError, socket.gaierror):
         return Failure(
@@ -268,6 +271,7 @@ def _transport_failure(
             f"the host name {host!r} could not be resolved (DNS): check the base URL "
             f"({ENV_BASE_URL} or base_url in the config file) and the network connection",
             reason="host name not resolved",
+            unreachable=True,
         )
     if not sent and has(ConnectionRefusedError, urllib3.exceptions.NewConnectionError):
         return Failure(
@@ -275,6 +279,7 @@ def _transport_failure(
             f"the connection to {where} was refused: the service is down or the base URL has the wrong port",
             reason="connection refused",
             retry=FREE,
+            unreachable=True,
         )
     if isinstance(e, requests.exceptions.ReadTimeout) or has(
         urllib3.exceptions.ReadTimeoutError, TimeoutError

@@ -108,9 +108,11 @@ class HttpTransport:
         stop: threading.Event,
         cap: int,
         may_bill: bool,
+        extra_headers: dict[str, str] | None = None,
     ) -> Reply:
         """Send one request and read its whole answer (streamed, capped, within the deadline).
-        Nothing is sent once `stop` is set: checked right before the request goes out."""
+        Nothing is sent once `stop` is set: checked right before the request goes out.
+        `extra_headers` (the POST's `Idempotency-Key`) are added to the request's own."""
         if stop.is_set():
             raise GenerationInterrupted("stopped")
         left = deadline - self.clock.monotonic()
@@ -125,6 +127,7 @@ class HttpTransport:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json, image/*"}
         if body is not None:
             headers["Content-Type"] = "application/json"
+        headers.update(extra_headers or {})
         same_origin = origin(url) == self.origin
         # Plain http is only allowed to this machine, and nothing to this machine goes through a
         # proxy from the environment: the proxy would see the key (plain http) or the local files.

@@ -25,22 +25,33 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import requests
 
-from ..errors import ApiError, FluxSchnellError, GenerationInterrupted, InvalidInputError
-from ..generation import FinishedImage
+from ..errors import (
+    ApiError,
+    AuthenticationError,
+    FluxSchnellError,
+    GenerationInterrupted,
+    InsufficientCreditsError,
+    InvalidInputError,
+    ServiceUnreachableError,
+)
+from ..generation import CallRecord, FinishedImage
 from .answers import AnswerReader
-from .failures import FREE, GENERATE, RATE_LIMIT_STATUS, Failure, attempt, status_failure
+from .control import StopRequest
+from .failures import BILLED, FREE, GENERATE, RATE_LIMIT_STATUS, Failure, attempt, status_failure
 from .http import HttpTransport
 from .retry import SLEEP_SLICE_S, SYSTEM_CLOCK, Clock, RetryPolicy
 from .settings import ApiSettings
 from .types import (
     DONE,
     FAILED,
+    IDEMPOTENCY_HEADER,
     RATE_LIMITED,
     RETRYING,
     STARTED,
     WAITING,
     ApiEvent,
     ApiImageRequest,
+    idempotency_key,
 )
 
 GENERATE_PATH = "/api/v1/generate"
@@ -71,7 +82,138 @@ class _Place:
             self._places.release()
 
 
+# Errors after which no further POST of the run goes out: every one would fail the same way.
+ENDS_THE_RUN = (AuthenticationError, InsufficientCreditsError, ServiceUnreachableError)
+UNREACHABLE_AFTER = 3  # connection failures, with no call answered yet, that end a run early
+
+
+class _NotSent(Exception):
+    """Raised in a worker for an image whose first POST a drain kept from going out."""
+
+
+class RunGate:
+    """What every worker of one run looks at right before each POST: a drain (send nothing new), an
+    error that ends the run (a refused key, no credits: set before the worker gives back its place,
+    so even at concurrency 1 no queued call goes out after it), and whether the service has been
+    reachable (the first `UNREACHABLE_AFTER` connection failures with no answer end the run)."""
+
+    def __init__(self, settings: ApiSettings, stop_request: StopRequest | None):
+        self.settings = settings
+        self.stop_request = stop_request
+        self._lock = threading.Lock()
+        self._ended: ApiError | None = None
+        self._answered = False
+        self._unreachable = 0
+        self._sent: set[int] = set()  # images with a POST out and no result taken yet
+
+    def before_post(self, index: int, attempts: int, last: Failure | None) -> None:
+        """Raise instead of sending when the run must send nothing more."""
+        with self._lock:
+            ended = self._ended
+        if ended is not None:
+            raise self._not_sent_error(ended)
+        if self.stop_request is not None and self.stop_request.draining:
+            if attempts == 0 or last is None:
+                raise _NotSent()
+            raise last.error(" (not retried: the run is stopping)", lambda text: text)
+        with self._lock:
+            self._sent.add(index)
+
+    def _not_sent_error(self, ended: ApiError) -> ApiError:
+        error = type(ended)(f"not sent: {ended}", status=ended.status)
+        error.calls = CallRecord()
+        return error
+
+    def failed(self, failure: Failure) -> None:
+        if not failure.unreachable:
+            return
+        s = self.settings
+        with self._lock:
+            if self._answered or self._ended is not None:
+                return
+            self._unreachable += 1
+            if self._unreachable >= UNREACHABLE_AFTER:
+                self._ended = ServiceUnreachableError(
+                    f"the service at {s.base_url} could not be reached: the first {self._unreachable} "
+                    f"calls failed to connect ({failure.reason}) and none succeeded, so the run "
+                    f"stopped early; nothing was billed. The base URL comes from "
+                    f"{s.base_url_source}: check it and that the service is up"
+                )
+
+    def answered(self) -> None:
+        with self._lock:
+            self._answered = True
+
+    def ended(self, error: ApiError) -> None:
+        """An image ended with `error`; one that ends the run stops every later POST."""
+        if isinstance(error, ENDS_THE_RUN):
+            with self._lock:
+                if self._ended is None:
+                    self._ended = error
+
+    def ending_error(self) -> ApiError | None:
+        with self._lock:
+            return self._ended
+
+    def taken(self, index: int) -> None:
+        with self._lock:
+            self._sent.discard(index)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._sent)
+
+
 _NO_MORE = object()  # put on the work queue once per worker when the input is used up or the run stops
+_NOT_SENT = object()  # a worker's outcome for an image a drain kept from being sent
+
+
+class CallTally:
+    """The retry loop's counters for one image, and the billing record they make (`record()`).
+
+    `attempts`: POSTs sent; `free`/`billed`: retries of each kind so far; `paid`: POSTs that may have
+    been billed (a billed-kind failure, a 5xx without a retry, any answered 2xx, the delivering one
+    included); `request_ids`: the service's ids of the calls, in order; `poll_url`: an async job's
+    status URL (key-free)."""
+
+    def __init__(self) -> None:
+        self.attempts = self.free = self.billed = self.paid = self.refused = 0
+        self.request_ids: list[str] = []
+        self.poll_url: str | None = None
+
+    def sent(self) -> None:
+        self.attempts += 1
+
+    def failed(self, failure: Failure) -> None:
+        """A POST that failed: counted as paid when the service may have done (and billed) the work."""
+        if failure.retry == FREE:
+            self.refused += 1
+        if failure.retry == BILLED or (failure.retry is None and (failure.status or 0) >= 500):
+            self.paid += 1
+        self.add_id(failure.request_id)
+
+    def retrying(self, failure: Failure) -> None:
+        if failure.retry == FREE:
+            self.free += 1
+        else:
+            self.billed += 1
+
+    def answered(self, request_id: str | None) -> None:
+        """A POST answered 2xx: the service took the work, whatever the answer turns out to hold."""
+        self.paid += 1
+        self.add_id(request_id)
+
+    def add_id(self, request_id: str | None) -> None:
+        if request_id and request_id not in self.request_ids:
+            self.request_ids.append(request_id)
+
+    def record(self) -> CallRecord:
+        return CallRecord(
+            paid_calls=self.paid,
+            free_retries=self.refused,
+            request_ids=tuple(self.request_ids),
+            poll_url=self.poll_url,
+        )
 
 
 def _tried(attempts: int) -> str:
@@ -126,6 +268,7 @@ class ImageApiClient:
         *,
         concurrency: int = 4,
         should_stop: Callable[[], bool] | None = None,
+        stop_request: StopRequest | None = None,
         on_result: Callable[[int, Result], None] | None = None,
         on_event: OnEvent | None = None,
         poll_interval: float = 0.05,
@@ -140,6 +283,7 @@ class ImageApiClient:
             batch,
             concurrency=concurrency,
             should_stop=should_stop,
+            stop_request=stop_request,
             on_event=on_event,
             poll_interval=poll_interval,
         )
@@ -156,6 +300,7 @@ class ImageApiClient:
         *,
         concurrency: int = 4,
         should_stop: Callable[[], bool] | None = None,
+        stop_request: StopRequest | None = None,
         on_event: OnEvent | None = None,
         keep_data: bool = False,
         poll_interval: float = 0.05,
@@ -174,12 +319,83 @@ class ImageApiClient:
         worker checks the stop right before each request goes out), `GenerationInterrupted` is
         raised, and calls in flight are abandoned (their threads leave at the next piece of the
         answer or their timeout). Closing the generator early stops the run the same way.
+
+        `stop_request` (api/control.py) is the graceful stop: after its `drain()` nothing new is
+        sent (no new image, no retry), the input is not read further, the calls in flight finish
+        and are yielded, and the stream ends normally (`stop_request.not_sent`: images read but not
+        sent); after its `abandon()` the stream raises `GenerationInterrupted` as `should_stop` does
+        and sets `stop_request.abandoned_in_flight` (images with a call out, maybe billed without an
+        image). After a refused key or an empty account (and after `UNREACHABLE_AFTER` connection
+        failures with no answer: `ServiceUnreachableError`) no further POST goes out; the images
+        not sent then end with an error of the same class and an empty `CallRecord`.
         """
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise InvalidInputError(f"concurrency must be a whole number >= 1; got {concurrency!r}.")
         if not poll_interval > 0:
             raise InvalidInputError(f"poll_interval must be > 0 seconds; got {poll_interval!r}.")
-        return self._stream(iter(requests_in), concurrency, should_stop, on_event, keep_data, poll_interval)
+        return self._stream(
+            iter(requests_in), concurrency, should_stop, stop_request, on_event, keep_data, poll_interval
+        )
+
+    def collect(
+        self,
+        poll_url: str,
+        request: ApiImageRequest,
+        *,
+        keep_data: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+        poll_interval: float = 0.05,
+    ) -> FinishedImage:
+        """The image of an async job an earlier run paid for and recorded (`CallRecord.poll_url`,
+        kept when the job passed `deadline_s`): its status URL is polled (GET, never billed) until
+        the job is done or failed, within `deadline_s`; no POST is sent. The result's `calls` has
+        `paid_calls` 0 (the payment is in the earlier record) and the poll URL; an `ApiError`
+        raised carries the same record, so the URL can be kept for a later try."""
+        s = self.settings
+        if not isinstance(poll_url, str) or not poll_url.startswith(("http://", "https://")):
+            raise InvalidInputError(f"poll_url must be an http(s) URL; got {poll_url!r}.")
+        if s.api_key in poll_url:
+            raise InvalidInputError("poll_url holds the API key; a recorded poll URL never does.")
+        record = CallRecord(poll_url=poll_url)
+        stop = threading.Event()
+        outcome: list[object] = []
+
+        def work() -> None:
+            try:
+                started = self.clock.monotonic()
+                encoded, job_id = self._answers.collect(poll_url, started + s.deadline_s, stop)
+                image, data, fmt = self._answers.decode(encoded)
+                outcome.append(
+                    FinishedImage(
+                        image,
+                        job_id,
+                        self.clock.monotonic() - started,
+                        attempts=0,
+                        data=data if keep_data else None,
+                        format=fmt if keep_data else None,
+                        requested_size=(request.width, request.height),
+                        calls=CallRecord(request_ids=(job_id,) if job_id else (), poll_url=poll_url),
+                    )
+                )
+            except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
+                outcome.append(e)
+
+        thread = threading.Thread(target=work, name="flux-schnell-api-collect", daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive():
+                if should_stop is not None and should_stop():
+                    raise GenerationInterrupted("stopped on request while collecting a job; nothing billed.")
+                thread.join(poll_interval)
+        finally:
+            stop.set()
+        (result,) = outcome
+        if isinstance(result, ApiError):
+            result.calls = record
+            raise self._scrub_error(result)
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[return-value]
 
     # --- the pool -------------------------------------------------------------------------------
 
@@ -188,10 +404,12 @@ class ImageApiClient:
         source: Iterator[ApiImageRequest],
         concurrency: int,
         should_stop: Callable[[], bool] | None,
+        stop_request: StopRequest | None,
         on_event: OnEvent | None,
         keep_data: bool,
         poll_interval: float,
     ) -> Iterator[tuple[int, Result]]:
+        gate = RunGate(self.settings, stop_request)
         window = 2 * concurrency  # requests read and not yet given back as results
         stop = threading.Event()
         places = threading.BoundedSemaphore(concurrency)
@@ -214,9 +432,14 @@ class ImageApiClient:
                         return
                 place = _Place(places)
                 try:
-                    outcome: object = self._attempts(request, i, stop, place.release, events.put, keep_data)
+                    outcome: object = self._attempts(
+                        request, i, stop, place.release, events.put, keep_data, gate
+                    )
                 except ApiError as e:
+                    gate.ended(e)  # before the place is given back: the next POST sees it
                     outcome = self._scrub_error(e)
+                except _NotSent:
+                    outcome = _NOT_SENT
                 except GenerationInterrupted:
                     return
                 except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
@@ -229,6 +452,11 @@ class ImageApiClient:
         def read_more() -> None:
             nonlocal taken, exhausted
             while not exhausted and taken - given < window:
+                if stop_request is not None and stop_request.draining:
+                    exhausted = True  # read nothing more: what was read and not sent is counted
+                    for _ in workers:
+                        todo.put(_NO_MORE)
+                    break
                 try:
                     request = next(source)
                 except StopIteration:
@@ -258,12 +486,26 @@ class ImageApiClient:
         try:
             if should_stop is not None and should_stop():
                 raise GenerationInterrupted("stopped on request before any image was sent; nothing billed.")
+            if stop_request is not None:
+                stop_request.poll()
+                if stop_request.draining:
+                    raise GenerationInterrupted(
+                        "stopped on request before any image was sent; nothing billed."
+                    )
             read_more()
             while not (exhausted and given == taken):
                 send_events()
-                if should_stop is not None and should_stop():
+                if stop_request is not None:
+                    stop_request.poll()
+                if (should_stop is not None and should_stop()) or (
+                    stop_request is not None and stop_request.abandoned
+                ):
+                    abandoned = gate.in_flight()
+                    if stop_request is not None:
+                        stop_request.abandoned_in_flight = abandoned
                     raise GenerationInterrupted(
-                        f"stopped on request after {given} image(s); calls already sent may still be billed."
+                        f"stopped on request after {given} image(s); {abandoned} image(s) with a call "
+                        "in flight were abandoned: those calls may still be billed."
                     )
                 try:
                     i, outcome = done.get(timeout=poll_interval)
@@ -277,6 +519,13 @@ class ImageApiClient:
                     raise outcome.exc
                 send_events()
                 label = labels.pop(i)
+                gate.taken(i)
+                if outcome is _NOT_SENT:
+                    given += 1
+                    if stop_request is not None:
+                        stop_request.not_sent += 1
+                    read_more()
+                    continue
                 if on_event is not None:
                     if isinstance(outcome, FinishedImage):
                         on_event(ApiEvent(i, label, DONE, outcome.attempts))
@@ -301,15 +550,36 @@ class ImageApiClient:
         calls_done: Callable[[], None] = lambda: None,
         report: Callable[[ApiEvent], None] | None = None,
         keep_data: bool = False,
+        gate: RunGate | None = None,
     ) -> FinishedImage:
-        """Call (and retry) until the answer holds an image, say `calls_done()`, decode it."""
+        """Call (and retry) until the answer holds an image, say `calls_done()`, decode it. An
+        `ApiError` raised carries the image's `CallRecord` in `.calls`. `gate` (the run's) is
+        asked right before each POST whether it may go out."""
+        tally = CallTally()
+        try:
+            return self._attempt_calls(request, index, stop, tally, calls_done, report, keep_data, gate)
+        except ApiError as e:
+            e.calls = tally.record()
+            raise
+
+    def _attempt_calls(
+        self,
+        request: ApiImageRequest,
+        index: int,
+        stop: threading.Event,
+        tally: CallTally,
+        calls_done: Callable[[], None],
+        report: Callable[[ApiEvent], None] | None,
+        keep_data: bool,
+        gate: RunGate | None,
+    ) -> FinishedImage:
         s, clock = self.settings, self.clock
         name = request.name(index)
         started = clock.monotonic()
         deadline = started + s.deadline_s
         body = json.dumps(request.to_body(s.send_seed)).encode()
+        idempotency = {IDEMPOTENCY_HEADER: idempotency_key(s.base_url, request, s.send_seed)}
         self.log.debug("%s: POST %s %s", name, self._generate_url, body.decode())
-        free = billed = attempts = 0
         last: Failure | None = None  # the failure being retried
         if report is not None:
             report(ApiEvent(index, name, STARTED))
@@ -319,8 +589,10 @@ class ImageApiClient:
             if last is not None and self._policy.too_late(deadline):
                 # The wait overran: a call now would be billed and its answer cut off.
                 note = self._policy.no_time_note(deadline - clock.monotonic(), None)
-                raise last.error(note + _tried(attempts), self._scrub) from last.__cause__
-            attempts += 1
+                raise last.error(note + _tried(tally.attempts), self._scrub) from last.__cause__
+            if gate is not None:
+                gate.before_post(index, tally.attempts, last)
+            tally.sent()
             reply, failure = attempt(
                 self._http.exchange,
                 "POST",
@@ -331,6 +603,7 @@ class ImageApiClient:
                 stop=stop,
                 cap=self._http.body_cap(),
                 may_bill=True,
+                extra_headers=idempotency,
             )
             if failure is None and not 200 <= reply.status < 300:
                 failure = status_failure(
@@ -342,52 +615,63 @@ class ImageApiClient:
                     url=self._generate_url,
                 )
             if failure is not None:
-                wait, note = self._policy.wait_before_retry(failure, free, billed, deadline)
+                tally.failed(failure)
+                if gate is not None:
+                    gate.failed(failure)
+                    ended = gate.ending_error()
+                    if isinstance(ended, ServiceUnreachableError):  # no retry: the run ends here
+                        raise ServiceUnreachableError(str(ended)) from None
+                wait, note = self._policy.wait_before_retry(failure, tally.free, tally.billed, deadline)
                 if wait is None:
-                    raise failure.error(note + _tried(attempts), self._scrub) from failure.__cause__
-                if failure.retry == FREE:
-                    free += 1
-                else:
-                    billed += 1
+                    raise failure.error(note + _tried(tally.attempts), self._scrub) from failure.__cause__
+                tally.retrying(failure)
                 reason = self._scrub(failure.reason)
                 self.log.warning(
                     "ImageAPI %s, attempt %d failed (%s); retrying in %.2f s (%s)",
                     name,
-                    attempts,
+                    tally.attempts,
                     reason,
                     wait,
-                    self._policy.retry_kind(failure, free, billed),
+                    self._policy.retry_kind(failure, tally.free, tally.billed),
                 )
                 if report is not None:
                     kind = RATE_LIMITED if failure.status == RATE_LIMIT_STATUS else RETRYING
-                    report(ApiEvent(index, name, kind, attempts, wait, reason))
+                    report(ApiEvent(index, name, kind, tally.attempts, wait, reason))
                 clock.sleep(wait, stop)
                 last = failure
                 continue
             request_id = self._answers.request_id(reply)
+            tally.answered(request_id)
+            if gate is not None:
+                gate.answered()
 
-            def waiting(seconds: float, why: str, attempt_no: int = attempts) -> None:
+            def waiting(seconds: float, why: str, attempt_no: int = tally.attempts) -> None:
                 if report is not None:
                     report(ApiEvent(index, name, WAITING, attempt_no, seconds, why))
 
-            encoded, job_id = self._answers.locate(reply, deadline, stop, request_id, waiting)
+            def job_at(url: str) -> None:
+                tally.poll_url = url if s.api_key not in url else None
+
+            encoded, job_id = self._answers.locate(reply, deadline, stop, request_id, waiting, job_at)
             del reply  # the answer's body is not needed any more
+            tally.add_id(job_id)
             calls_done()
             image, data, fmt = self._answers.decode(encoded)
             del encoded
             seconds = clock.monotonic() - started
             self.log.debug(
-                "%s: %dx%d in %.3f s, %d attempt(s)", name, image.width, image.height, seconds, attempts
+                "%s: %dx%d in %.3f s, %d attempt(s)", name, image.width, image.height, seconds, tally.attempts
             )
             return FinishedImage(
                 image,
                 request_id or job_id,
                 seconds,
-                attempts,
-                billed_attempts=billed,
+                tally.attempts,
+                billed_attempts=tally.billed,
                 data=data if keep_data else None,
                 format=fmt if keep_data else None,
                 requested_size=(request.width, request.height),
+                calls=tally.record(),
             )
 
     # --- keeping the key out of everything ------------------------------------------------------

@@ -54,3 +54,41 @@ def test_generate_api_reports_progress_events(fake_api):
         ("image 1", "retrying"),
         ("image 1", "done"),
     ]
+
+
+def test_cancel_keeps_the_answers_in_flight_and_the_requeue_buys_only_the_rest(
+    comfy, comfy_package, fake_api
+):
+    import asyncio
+    import threading
+
+    import pytest
+    from support.fake_imageapi import Reply, request_image
+
+    node = comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
+    fake_api.set_default(lambda req, fake: Reply.image(request_image(req), delay_s=1.0))
+    threading.Timer(0.4, comfy.interrupt).start()  # Cancel while 4 answers are in flight
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        asyncio.run(node.generate("cancel me", "api", 256, 256, 4, 300, 6))
+    assert fake_api.generate_calls == 4  # concurrency 4: two were never sent
+    comfy.next_prompt()
+    images, _ = asyncio.run(node.generate("cancel me", "api", 256, 256, 4, 300, 6))
+    assert images.shape[0] == 6
+    assert fake_api.generate_calls == 6  # only the two never sent were bought
+
+
+def test_kept_images_are_taken_once_and_bounded():
+    from comfyui_flux_schnell.api.types import ApiImageRequest
+    from comfyui_flux_schnell.api_client import KeptImages
+    from comfyui_flux_schnell.generation import FinishedImage
+    from support.api_testing import make_settings
+
+    settings = make_settings("http://127.0.0.1:9")
+    cache = KeptImages(limit=2)
+    reqs = [ApiImageRequest(f"p{i}", 64, 64, 4) for i in range(3)]
+    cache.keep(settings, reqs, [FinishedImage(None), None, FinishedImage(None)])
+    assert len(cache) == 2
+    assert sorted(cache.take(settings, reqs)) == [0, 2]
+    assert cache.take(settings, reqs) == {}
+    cache.keep(settings, reqs, [FinishedImage(None)] * 3)
+    assert sorted(cache.take(settings, reqs)) == [1, 2]  # the oldest dropped
