@@ -32,6 +32,7 @@ class StopRequest:
         self._drain_started: float | None = None
         self.abandoned_in_flight = 0  # set by the stream when it abandons calls in flight
         self.not_sent = 0  # images read from the input but never sent, set by the stream
+        self.count_in_flight: Callable[[], int] = lambda: 0  # set by the stream: calls out now
 
     @property
     def state(self) -> str:

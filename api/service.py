@@ -410,6 +410,8 @@ class ImageApiClient:
         poll_interval: float,
     ) -> Iterator[tuple[int, Result]]:
         gate = RunGate(self.settings, stop_request)
+        if stop_request is not None:  # so a stop can say how many paid answers it waits for
+            stop_request.count_in_flight = gate.in_flight
         window = 2 * concurrency  # requests read and not yet given back as results
         stop = threading.Event()
         places = threading.BoundedSemaphore(concurrency)

@@ -361,13 +361,19 @@ def _run(run_settings, api_settings, spec, lines, planned: int) -> int:
     if handler is not None:
         handler.progress = progress
     stop = threading.Event()
+    stop_request = None  # the api's graceful stop (api.control.StopRequest)
     if run_settings.backend == "api":
         from ..api_client import ends_the_run
 
         def ends_run(error: FluxSchnellError) -> int | None:
             return EXIT_ACCOUNT if ends_the_run(error) else None  # a refused key, no credits left
 
-        backend = api_backend(api_settings, run_settings, stop, on_event=_show_event(progress))
+        from ..api.control import StopRequest
+
+        stop_request = StopRequest()
+        backend = api_backend(
+            api_settings, run_settings, stop, on_event=_show_event(progress), stop_request=stop_request
+        )
     else:
         from ..errors import ModelLoadError
 
@@ -377,18 +383,25 @@ def _run(run_settings, api_settings, spec, lines, planned: int) -> int:
         backend = local_backend(spec, run_settings, stop)
 
     run = DraftRun(run_settings, backend, progress, ends_run)
-    previous = signal.signal(signal.SIGINT, lambda *_: _first_interrupt(stop, previous))
+    signals = StopSignals(stop, stop_request)
+    signals.install()
     try:
         run.run(lines, planned)
-    except GenerationInterrupted:
-        progress.note("interrupted: finished images are kept; run the same command again to resume")
+        if stop_request is not None and stop_request.draining:  # drained: what was paid is written
+            progress.note(
+                f"stopped: the answers already paid for are written; {stop_request.not_sent} image(s) "
+                "were not sent: run the same command again to make them"
+            )
+            run.outcome.exit_code = EXIT_INTERRUPTED
+    except GenerationInterrupted as e:
+        progress.note(f"interrupted ({e}): finished images are kept; run the same command again to resume")
         run.outcome.exit_code = EXIT_INTERRUPTED
     except StopRun as e:
         progress.note(f"error: {e}\nstopped: the remaining images would fail the same way.")
         run.outcome.exit_code = e.exit_code
         run.outcome.stop_message = str(e)  # said once: the summary does not list it again
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signals.restore()
         progress.close()
         if handler is not None:
             handler.progress = None
@@ -407,13 +420,44 @@ def _show_event(progress):
     return on_event
 
 
-def _first_interrupt(stop: threading.Event, previous) -> None:
-    """First Ctrl-C: stop gracefully (keep what is done); a second one aborts at once."""
-    if stop.is_set():
-        signal.signal(signal.SIGINT, previous)
-        raise KeyboardInterrupt
-    stop.set()
-    print("\nstopping (Ctrl-C again to abort at once)...", file=sys.stderr)
+class StopSignals:
+    """Ctrl-C and SIGTERM during a run. On the api (`stop_request`): the first stops sending and
+    waits for the answers in flight, which may have been paid for, so they are written and recorded;
+    the second abandons them. On the local backend (`stop_event`): the first stops after the current
+    step, the second raises KeyboardInterrupt."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, stop_event: threading.Event, stop_request=None):
+        self.stop_event = stop_event
+        self.stop_request = stop_request
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        self._previous = {number: signal.signal(number, self) for number in self.SIGNALS}
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def __call__(self, number, frame) -> None:
+        if self.stop_request is None:
+            if self.stop_event.is_set():
+                self.restore()
+                raise KeyboardInterrupt
+            self.stop_event.set()
+            print("\nstopping after the current image (Ctrl-C again to abort at once)...", file=sys.stderr)
+            return
+        self.stop_request.request()
+        if not self.stop_request.abandoned:
+            waiting = self.stop_request.count_in_flight()
+            print(
+                f"\nstopping: waiting for {waiting} answer(s) already paid for; Ctrl-C again to abandon them",
+                file=sys.stderr,
+            )
+        else:
+            print("\nabandoning the answers in flight...", file=sys.stderr)
 
 
 def _summary(outcome, run_settings) -> int:

@@ -227,8 +227,12 @@ def png_text_for(
 # --- backends -------------------------------------------------------------------------------------
 
 
-def api_backend(api_settings, run_settings: RunSettings, stop: threading.Event, on_event=None) -> Backend:
-    """The hosted service: `PlannedImage`s in, results out as they finish (see api_client.py)."""
+def api_backend(
+    api_settings, run_settings: RunSettings, stop: threading.Event, on_event=None, stop_request=None
+) -> Backend:
+    """The hosted service: `PlannedImage`s in, results out as they finish (see api_client.py).
+    With `stop_request` (api.control.StopRequest) a stop drains: the answers in flight are still
+    given back, to be written and recorded; else `stop` ends the stream at once."""
     from ..api_client import image_requests, stream_api_images
 
     def results(planned: Iterator[PlannedImage]) -> Results:
@@ -243,7 +247,8 @@ def api_backend(api_settings, run_settings: RunSettings, stop: threading.Event, 
             requests_in(),
             api_settings,
             concurrency=run_settings.concurrency,
-            should_stop=stop.is_set,
+            should_stop=None if stop_request is not None else stop.is_set,
+            stop_request=stop_request,
             on_event=on_event,
             keep_data=True,
         )
