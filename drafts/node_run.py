@@ -117,7 +117,11 @@ def _run(run_settings, prompts_file, progress, api_settings, spec) -> DraftsResu
     watcher = _CancelWatcher(progress, stop)
     with FolderLock(folder, flag="folder"):
         if backend_name == "api":
-            backend = api_backend(api_settings, run_settings, stop)
+            from ..api.control import StopRequest
+
+            # Cancel drains: nothing new is sent, the answers in flight (maybe paid) are written.
+            drain = StopRequest(drain_when=stop.is_set)
+            backend = api_backend(api_settings, run_settings, stop, stop_request=drain)
         else:
             backend = local_backend(spec, run_settings, stop)
         run = DraftRun(run_settings, backend, NodeProgress(progress), _ends_run)

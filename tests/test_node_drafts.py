@@ -102,9 +102,6 @@ def test_cancel_keeps_what_was_paid(comfy, make_node, fake_api):
     assert fake_api.generate_calls == paid + 20 - kept  # the re-queue requests only what is missing
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the api stream abandons the calls in flight on stop (issue 15 item 2)"
-)
 def test_cancel_keeps_the_answers_in_flight(comfy, make_node, fake_api):
     from support.comfy_stand_in import InterruptProcessingException
 
