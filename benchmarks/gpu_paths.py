@@ -9,8 +9,14 @@ case: its status, the second run's seconds, the first run's (loading or compilin
 device memory of the run (`peak_memory_gib` of the node's `info`, CUDA only). Random weights make
 noise images: this checks that the paths run and what they cost, not what they draw.
 
-    python -m benchmarks.gpu_paths                                  # CUDA, full size, 1024x1024
+    python -m benchmarks.gpu_paths                                  # CUDA, full width, reduced depth
     python -m benchmarks.gpu_paths --config tiny --device cpu       # the script itself, any machine
+
+The default config `reduced` has FLUX.1's and T5-XXL's widths with 1 double + 2 single blocks and 2
+T5 layers (full CLIP-L and autoencoder): about 3.5 GB of files, written in seconds, where the full
+size would write 43.5 GB. Each layer's cost and every device path are as at full size. A SIGTERM
+(a `timeout`) ends the run like Ctrl-C: the temporary files are removed and the table of the cases
+measured so far is printed.
 
 The speed of the same pipeline against diffusers' FluxPipeline is `benchmarks.local_pipeline`;
 `benchmarks/gpu_check.sh` runs both, with the other CUDA checks.
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
+import signal
 import tempfile
 import time
 import traceback
@@ -36,14 +43,23 @@ from comfyui_flux_schnell.errors import FluxSchnellError, OutOfMemoryError
 from comfyui_flux_schnell.flux.autoencoder import AutoEncoder
 from comfyui_flux_schnell.flux.clip import CLIPTextEncoder
 from comfyui_flux_schnell.flux.gguf_quants import GGML_TYPES
-from comfyui_flux_schnell.flux.model import Flux
-from comfyui_flux_schnell.flux.t5 import T5Encoder
+from comfyui_flux_schnell.flux.model import Flux, FluxParams
+from comfyui_flux_schnell.flux.t5 import T5Config, T5Encoder
 from comfyui_flux_schnell.generation import GenerationRequest
 from comfyui_flux_schnell.local.files import LocalModelSpec
 
 from benchmarks.local_pipeline import CONFIGS, PROMPT
 
 GIB = 2**30
+# full width, reduced depth: every layer as at full size, a few GB of files instead of 43.5 GB
+CONFIGS = {
+    **CONFIGS,
+    "reduced": {
+        **CONFIGS["schnell"],
+        "flux": FluxParams(depth=1, depth_single_blocks=2),
+        "t5": T5Config(num_layers=2),
+    },
+}
 # The dtypes of the official files (flux1-schnell, t5xxl_fp16, clip_l, ae); bf16 stands in for the
 # T5's fp16 so that one file serves CPU and GPU alike.
 STORED = {"transformer": torch.bfloat16, "t5": torch.bfloat16, "clip": torch.float16, "ae": torch.float32}
@@ -211,17 +227,19 @@ def run_case(row: Row, spec: LocalModelSpec, size: int, steps: int, fresh: bool 
             local_backend.release_models()
 
 
-def out_of_memory_case(row: Row, spec: LocalModelSpec, size: int, steps: int, device: torch.device) -> None:
+def out_of_memory_case(
+    row: Row, spec: LocalModelSpec, size: int, steps: int, device: torch.device, cap_gib: float
+) -> None:
     """With the device capped below the transformer's size, the run must end in our message."""
     if device.type != "cuda":
         row.status, row.note = "skipped", "CUDA only"
         return
     local_backend.release_models()
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(6 * GIB / total, device)
+    torch.cuda.set_per_process_memory_fraction(cap_gib * GIB / total, device)
     try:
         timed_run(dataclasses.replace(spec, memory="keep on GPU"), size, steps)
-        row.status, row.note = "FAILED", "no out-of-memory error under a 6 GiB cap"
+        row.status, row.note = "FAILED", f"no out-of-memory error under a {cap_gib:g} GiB cap"
     except OutOfMemoryError as e:
         named = any(stage in str(e) for stage in ("loading", "text encoding", "sampling", "decoding"))
         row.status = "ok" if named else "FAILED"
@@ -233,31 +251,41 @@ def out_of_memory_case(row: Row, spec: LocalModelSpec, size: int, steps: int, de
         local_backend.release_models()
 
 
+def stop_on_sigterm(signum, frame) -> None:
+    """A SIGTERM (from `timeout`) unwinds like Ctrl-C, so `finally` blocks run."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="schnell")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="reduced")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--folder", type=Path, help="where to write the weight files (default: a temp dir)")
     parser.add_argument("--no-gguf", action="store_true", help="skip the GGUF cases (needs the gguf package)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile case")
+    parser.add_argument(
+        "--oom-cap-gib", type=float, default=0.5, help="device memory cap of the out-of-memory case"
+    )
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     config, device = CONFIGS[args.config], torch.device(args.device)
     size = config["size"]
     folder = args.folder or Path(tempfile.mkdtemp(prefix="flux-gpu-paths-"))
     folder.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []  # filled as the cases run: a kill still prints those measured
     try:
         files = write_files(folder, config, device, with_gguf=not args.no_gguf)
-        rows = run_cases(files, device, size, args)
+        run_cases(files, device, size, args, rows)
     finally:
         if args.folder is None:
             shutil.rmtree(folder, ignore_errors=True)
-    print_table(rows, args, device, size)
+        print_table(rows, args, device, size)
     if any(r.status == "FAILED" for r in rows):
         raise SystemExit(1)
 
 
-def run_cases(files: dict[str, Path], device: torch.device, size: int, args) -> list[Row]:
+def run_cases(files: dict[str, Path], device: torch.device, size: int, args, rows: list[Row]) -> None:
     from comfyui_flux_schnell.local.lora import LoraChoice
 
     lora = (LoraChoice(files["lora"], 0.8),)
@@ -280,17 +308,16 @@ def run_cases(files: dict[str, Path], device: torch.device, size: int, args) -> 
         ]
     if not args.no_compile:
         cases.append(("compile, keep on GPU", {"compile": True, "memory": "keep on GPU"}))
-    rows = []
     for name, changes in cases:
         row = Row(name)
+        rows.append(row)  # "not run" in the table if a kill stops this case
         print(f"--- {name}", flush=True)
         run_case(row, spec_for(files, device, **changes), size, args.steps)
         print(f"    {row.status} {row.first_s:.2f} s, then {row.second_s:.2f} s {row.note}", flush=True)
-        rows.append(row)
-    row = Row("out of memory (6 GiB cap)")
-    out_of_memory_case(row, spec_for(files, device), size, args.steps, device)
+    row = Row(f"out of memory ({args.oom_cap_gib:g} GiB cap)")
     rows.append(row)
-    return rows
+    out_of_memory_case(row, spec_for(files, device), size, args.steps, device, args.oom_cap_gib)
+    print(f"    {row.status} {row.note}", flush=True)
 
 
 def print_table(rows: list[Row], args, device: torch.device, size: int) -> None:

@@ -216,8 +216,6 @@ def main():
     parser.add_argument("--skip-diffusers", action="store_true")
     args = parser.parse_args()
     cfg, device = CONFIGS[args.config], torch.device(args.device)
-    from comfyui_flux_schnell.flux.tokenizers import load_clip_tokenizer, load_t5_tokenizer
-
     from tests.support.tiny_tokenizers import write_flux_repo_tree
 
     tmp = Path(tempfile.mkdtemp())
@@ -229,7 +227,38 @@ def main():
         t5=random_module(T5Encoder, cfg["t5"], device, dtype, 2),
         clip=random_module(CLIPTextEncoder, cfg["clip"], device, dtype, 3),
     )
-    # one LoadedModels, as the backend's cache would hold it, already on the device
+    models = in_memory_models(nets, clip_dir, t5_dir, device)
+    # diffusers is imported before anything runs: without it the table says so (ours still measured)
+    if not args.skip_diffusers and not diffusers_available():
+        print("diffusers: skipped: no diffusers", flush=True)
+        args.skip_diffusers = True
+    columns = {"ours (eager)": summarize(run_ours(cfg, models, device, args.steps, args.repeats, False))}
+    if args.compile:
+        columns["ours (compiled)"] = summarize(run_ours(cfg, models, device, args.steps, args.repeats, True))
+    print_table(columns, args, device)  # ours now, so that a failure or kill in diffusers keeps it
+    if not args.skip_diffusers:
+        parts = to_diffusers(nets, cfg, device, dtype)
+        del models, nets
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        columns["diffusers"] = summarize(
+            run_diffusers(cfg, parts, (clip_dir, t5_dir), device, args.steps, args.repeats)
+        )
+        print_table(columns, args, device)
+
+
+def diffusers_available() -> bool:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def in_memory_models(nets: dict, clip_dir: Path, t5_dir: Path, device) -> local_models.LoadedModels:
+    """One LoadedModels of `nets` (already on `device`), as the backend's cache would hold it."""
+    from comfyui_flux_schnell.flux.tokenizers import load_clip_tokenizer, load_t5_tokenizer
+
     models = local_models.LoadedModels(
         files=None,
         stamps=(),
@@ -240,18 +269,7 @@ def main():
     )
     for placed in models.all():
         placed.device = device  # the weights were made there
-    columns = {"ours (eager)": summarize(run_ours(cfg, models, device, args.steps, args.repeats, False))}
-    if args.compile:
-        columns["ours (compiled)"] = summarize(run_ours(cfg, models, device, args.steps, args.repeats, True))
-    if not args.skip_diffusers:
-        parts = to_diffusers(nets, cfg, device, dtype)
-        del models, nets
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        columns["diffusers"] = summarize(
-            run_diffusers(cfg, parts, (clip_dir, t5_dir), device, args.steps, args.repeats)
-        )
-    print_table(columns, args, device)
+    return models
 
 
 def to_diffusers(nets, cfg, device, dtype):

@@ -453,6 +453,16 @@ def report(config: str, device: str, threads: int, warmup: int, repeats: int) ->
         print("warning: non-finite outputs")
 
 
+def diffusers_version() -> str:
+    """diffusers' version from its metadata, without importing it ("not installed" without it)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("diffusers")
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -494,7 +504,7 @@ def main() -> None:
         for config in configs:
             report_gguf(config, args.device, args.threads, args.warmup, args.repeats)
         return
-    print(f"torch {torch.__version__}, diffusers {__import__('diffusers').__version__}")
+    print(f"torch {torch.__version__}, diffusers {diffusers_version()}")
     for config in configs:
         if args.part in ("all", "compare"):
             report(config, args.device, args.threads, args.warmup, args.repeats)
