@@ -5,11 +5,13 @@ holds everything finished before a kill -9 (a line cut by the kill is ignored wh
 `line` (1-based, in the prompts file of that run), `prompt`, `seed`, `status` ("done", "failed" or
 "duplicate"), `file` (relative to the folder: the image, for a duplicate the image of the line it
 repeats, for a failure where the image would go), `error` (failures, and duplicates of a failed
-line), `duplicate_of` (the line a duplicate repeats), `attempts`, `billed_attempts`, `seconds`,
-`request_id`, `bytes` (the file's size, so a resumed run trusts it without decoding it),
-`found_on_disk` (an image a killed run wrote but did not record), `width`, `height`, `steps`,
-`backend`, `time` (Unix seconds). The file is only ever appended to: runs that resume add their
-lines, and the last record of a file is what holds.
+line), `duplicate_of` (the line a duplicate repeats), `attempts`, `seconds`, `request_id`, and
+on the api the billing record: `paid_calls` (calls that may have been billed, the one that delivered
+included; failures too), `free_retries`, `request_ids`, an async job's `poll_url`; `seed` only when
+the service received it (`seed_sent`), `bytes` (the file's size, so a resumed run trusts it
+without decoding it), `found_on_disk` (an image a killed run wrote but did not record), `width`,
+`height`, `steps`, `backend`, `time` (Unix seconds). The file is only ever appended to: runs that
+resume add their lines, and the last record of a file is what holds.
 """
 
 from __future__ import annotations

@@ -295,6 +295,20 @@ def local_backend(spec, run_settings: RunSettings, stop: threading.Event) -> Bac
 # --- the run --------------------------------------------------------------------------------------
 
 
+def _call_fields(calls, backend: str) -> dict:
+    """The billing record of one image for its manifest line (api only): `paid_calls` (calls that
+    may have been billed, the one that delivered included), `free_retries`, the service's
+    `request_ids` and an async job's `poll_url` (so a re-run can collect it)."""
+    if backend != "api" or calls is None:
+        return {}
+    fields = {"paid_calls": calls.paid_calls, "free_retries": calls.free_retries}
+    if calls.request_ids:
+        fields["request_ids"] = list(calls.request_ids)
+    if calls.poll_url:
+        fields["poll_url"] = calls.poll_url
+    return fields
+
+
 class DraftRun:
     """One run: plans lazily, feeds the backend, writes what comes back, records every line."""
 
@@ -424,7 +438,7 @@ class DraftRun:
             DONE,
             bytes=size,
             attempts=result.attempts,
-            billed_attempts=result.billed_attempts,
+            **_call_fields(result.calls, self.settings.backend),
             seconds=round(result.seconds, 3),
             request_id=result.request_id,
         )
@@ -436,7 +450,9 @@ class DraftRun:
         self.outcome.failed_count += 1
         if len(self.outcome.failed) < MAX_FAILURES_LISTED:
             self.outcome.failed.append((p, reason))
-        self._record(p, FAILED, error=reason)
+        self._record(
+            p, FAILED, error=reason, **_call_fields(getattr(error, "calls", None), self.settings.backend)
+        )
         self.progress.advance(failed=True)
         if announce:  # at once, above the bar; the summary lists it again at the end
             self.progress.note(f"{p.label}{self.settings.seed_note(p)} failed: {reason}")

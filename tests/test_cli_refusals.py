@@ -343,3 +343,34 @@ def test_a_refused_key_and_no_credits_exit_3_and_say_it_once(fake_api, tmp_path,
         assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(out_dir)]) == 3
         err = capsys.readouterr().err
         assert err.count("nope") == 1, err
+
+
+# --- the billing record of each manifest line (issue 15, item 15 and build 6) -----------------------
+
+
+def test_each_manifest_line_records_its_paid_calls_free_retries_and_request_ids(fake_api, tmp_path):
+    import json
+
+    from support.fake_imageapi import error_reply
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("fox\nrefused\n")
+
+    def answer(req, fake):
+        if req.prompt == "refused":
+            return error_reply(400, "moderation")
+        return Reply.image(request_image(req))
+
+    fake_api.set_default(answer)
+    out = tmp_path / "d"
+    assert main(["generate", "--prompts-file", str(prompts), "--out-dir", str(out)]) == 1
+    records = {r["prompt"]: r for r in map(json.loads, (out / "manifest.jsonl").open())}
+    done, failed = records["fox"], records["refused"]
+    assert done["status"] == "done"
+    assert done["paid_calls"] == 1  # the call that delivered was paid
+    assert done["free_retries"] == 0
+    assert done.get("request_ids", [done.get("request_id")]) == [done.get("request_id")]
+    assert "billed_attempts" not in done
+    assert failed["status"] == "failed"
+    assert failed["paid_calls"] == 0  # refused before any work: recorded as not billed
+    assert failed["request_ids"] == ["req-err-1"]

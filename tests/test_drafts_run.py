@@ -139,7 +139,7 @@ def test_manifest_records_every_line(fake_api, send_seed, tmp_path):
     assert done["status"] == "done"
     assert done["request_id"] == "rid-good"
     assert done["attempts"] == 1
-    assert done["billed_attempts"] == 0
+    assert (done["paid_calls"], done["free_retries"]) == (1, 0)  # replaces billed_attempts (issue 15: 15)
     assert done["seconds"] > 0
     assert done["bytes"] == (tmp_path / "o" / done["file"]).stat().st_size
     assert failed["line"] == 3
