@@ -32,6 +32,7 @@ from .drafts.command import (
     exit_codes_help,
     gallery_command,
     generate_command,
+    report_command,
     set_key_command,
 )
 from .errors import (
@@ -222,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
         "PNG of the folder, captioned with its prompts-file line and seed, and the lines that failed.",
     )
     gallery.add_argument("dir", type=Path, metavar="DIR", help="a draft folder (--out-dir of a run)")
+    report = command(
+        "report",
+        "what a draft folder's runs cost",
+        "Reads DIR/manifest.jsonl: images delivered, calls that may have been billed, those billed "
+        "without an image (request ids and times), free retries, duplicates, failures.",
+    )
+    report.add_argument("dir", type=Path, metavar="DIR", help="a draft folder (--out-dir of a run)")
+    report.add_argument(
+        "--csv", type=Path, metavar="FILE", help="also write one row per call that may have been billed"
+    )
     command(
         "set-key",
         "save the ImageAPI key (read from standard input)",
@@ -273,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return config_command()
         if args.command == "gallery":
             return gallery_command(args.dir)
+        if args.command == "report":
+            return report_command(args.dir, args.csv)
         _limit_malloc_arenas()  # before the worker threads start
         return _generate(args)
     except (ConfigurationError, InvalidInputError, LocalBackendUnavailable) as e:

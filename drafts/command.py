@@ -43,6 +43,7 @@ EXIT_MEANINGS = {
 COMMAND_EXIT_CODES = {
     "generate": (EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ACCOUNT, EXIT_INTERRUPTED),
     "gallery": (EXIT_OK, EXIT_USAGE),
+    "report": (EXIT_OK, EXIT_USAGE),
     "config": (EXIT_OK, EXIT_USAGE),
     "set-key": (EXIT_OK, EXIT_USAGE),
 }
@@ -119,6 +120,39 @@ def gallery_command(folder: Path) -> int:
 
 
 # --- generate -------------------------------------------------------------------------------------
+
+
+def report_command(folder: Path, csv_path: Path | None = None) -> int:
+    """What a draft folder's runs cost, from its manifest (drafts/report.py), on stdout."""
+    from .manifest import MANIFEST_NAME
+    from .report import write_report
+
+    if not (folder / MANIFEST_NAME).is_file():
+        raise InvalidInputError(
+            f"report: {folder} has no {MANIFEST_NAME}; give the --out-dir of a draft run."
+        )
+    if csv_path is not None:
+        _check_output_folder(csv_path.parent if str(csv_path.parent) else Path("."), "--csv")
+    report = write_report(folder, csv_path)
+    print(f"images delivered:                    {report.delivered}")
+    print(f"calls that may have been billed:     {report.paid_calls}")
+    print(f"  of those, without an image:        {report.paid_without_image}")
+    for row in report.listed:
+        rid = row["request_id"] or "no request id"
+        print(f"    {row['time']}  line {row['line']}  {row['status']}  {rid}  {row['file']}")
+    if report.paid_without_image > len(report.listed):
+        print(f"    ... and {report.paid_without_image - len(report.listed)} more (--csv lists them all)")
+    print(f"free retries (not billed):           {report.free_retries}")
+    print(f"duplicates (requested once):         {report.duplicates}")
+    print(f"failures:                            {report.failures}")
+    if report.records_without_billing:
+        print(
+            f"records without a billing record:    {report.records_without_billing} "
+            "(local backend, or older runs)"
+        )
+    if csv_path is not None:
+        print(f"wrote {csv_path}: one row per call that may have been billed")
+    return EXIT_OK
 
 
 def generate_command(
