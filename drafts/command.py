@@ -398,8 +398,11 @@ def _run(run_settings, api_settings, spec, lines, planned: int) -> int:
     stop_request = None  # the api's graceful stop (api.control.StopRequest)
     if run_settings.backend == "api":
         from ..api_client import ends_the_run
+        from ..errors import ServiceUnreachableError
 
         def ends_run(error: FluxSchnellError) -> int | None:
+            if isinstance(error, ServiceUnreachableError):  # nothing was made: run again later
+                return EXIT_FAILED
             return EXIT_ACCOUNT if ends_the_run(error) else None  # a refused key, no credits left
 
         from ..api.control import StopRequest

@@ -374,3 +374,29 @@ def test_each_manifest_line_records_its_paid_calls_free_retries_and_request_ids(
     assert failed["status"] == "failed"
     assert failed["paid_calls"] == 0  # refused before any work: recorded as not billed
     assert failed["request_ids"] == ["req-err-1"]
+
+
+def test_an_unreachable_service_stops_the_run_within_seconds_naming_the_base_url(
+    tmp_path, monkeypatch, capsys
+):
+    import socket
+    import time
+
+    from support import TEST_KEY
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("IMAGEAPI_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("IMAGEAPI_API_KEY", TEST_KEY)
+    monkeypatch.setenv("IMAGEAPI_CONFIG", str(tmp_path / "none.json"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"line {i}\n" for i in range(57)))
+    started = time.monotonic()
+    code = main(["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "d")])
+    assert code == 1
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err
+    assert "IMAGEAPI_BASE_URL" in err
+    assert err.count("retry") < 20  # not a warning per image
