@@ -415,6 +415,13 @@ class DraftRun:
     def _write(self, p: PlannedImage, result: FinishedImage) -> None:
         """Write one finished image; a disk that refuses it ends the run (the rest would be lost)."""
         text = png_text_for(p, self.settings, result.request_id)
+        other_size = None
+        if result.size_differs:  # kept (it was paid for), never silently: said and recorded
+            other_size = list(result.size)
+            self.progress.note(
+                f"{p.label}: the service sent {result.size[0]}x{result.size[1]}, not the "
+                f"{p.request.width}x{p.request.height} asked for; kept as sent"
+            )
         try:
             if result.format == "PNG" and result.data is not None:
                 png_files.save_png_bytes(result.data, p.path, text)
@@ -440,6 +447,7 @@ class DraftRun:
             attempts=result.attempts,
             **_call_fields(result.calls, self.settings.backend),
             seconds=round(result.seconds, 3),
+            size_sent=other_size,
             request_id=result.request_id,
         )
         self.progress.advance()

@@ -400,3 +400,22 @@ def test_an_unreachable_service_stops_the_run_within_seconds_naming_the_base_url
     assert f"127.0.0.1:{port}" in err
     assert "IMAGEAPI_BASE_URL" in err
     assert err.count("retry") < 20  # not a warning per image
+
+
+def test_an_image_of_another_size_than_asked_is_said_and_recorded_not_silent(fake_api, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+    from support.fake_imageapi import solid_image
+
+    fake_api.set_default(lambda req, fake: Reply.image(solid_image(512, 512, (1, 2, 3))))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("fox\n")
+    out = tmp_path / "d"
+    args = ["generate", "--prompts-file", str(prompts), "--out-dir", str(out), "--width", "256"]
+    assert main([*args, "--height", "256"]) == 0
+    assert "the service sent 512x512, not the 256x256 asked for" in capsys.readouterr().err
+    (record,) = [json.loads(line) for line in (out / "manifest.jsonl").open()]
+    assert record["size_sent"] == [512, 512]
+    with Image.open(out / record["file"]) as image:
+        assert image.size == (512, 512)  # kept as sent: it was paid for
