@@ -504,7 +504,8 @@ def _summary(outcome, run_settings) -> int:
     err = sys.stderr
     out_dir = run_settings.out_dir
     if outcome.skipped:
-        print(f"{outcome.skipped} image(s) already done in {out_dir}, skipped", file=err)
+        where = out_dir if out_dir is not None else run_settings.out.parent
+        print(f"{outcome.skipped} image(s) already done in {where}, skipped", file=err)
     not_run = outcome.not_run
     print(
         f"done: {outcome.done}, failed: {outcome.failed_count}, duplicates (requested once): "

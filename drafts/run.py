@@ -149,10 +149,15 @@ def _lora_names(run_settings: RunSettings) -> list:
     return [[str(choice.path), choice.strength] for choice in run_settings.loras]
 
 
-def request_key(request: GenerationRequest, run_settings: RunSettings, image: int) -> int:
-    """64 bits that identify a request: equal for the same trimmed prompt, size, steps and seed."""
+def request_key(
+    request: GenerationRequest, run_settings: RunSettings, image: int, seed_given: int | None = None
+) -> int:
+    """64 bits that identify a request: equal for the same trimmed prompt, size, steps, the seed as
+    given (--seed or the line's; a random one is not part of it, as in the file names) when the
+    seed is sent at all, and the image's place in its batch."""
+    seed = seed_given if run_settings.seed_recorded else None
     what = [request.prompt.strip(), request.width, request.height, request.steps, run_settings.backend]
-    what += [request.seed, image, _lora_names(run_settings)]
+    what += [seed, image, _lora_names(run_settings)]
     return int.from_bytes(hashlib.blake2b(json.dumps(what).encode(), digest_size=8).digest(), "big")
 
 
@@ -192,13 +197,16 @@ def plan(lines: Iterable, run_settings: RunSettings) -> Iterator[PlannedImage]:
                 path = out if batch == 1 else out.with_name(f"{out.stem}-{b + 1}{out.suffix}")
                 label = f"image {b + 1}"
             label += f" -> {path.name}"
-            key = request_key(request, run_settings, b)
+            key = request_key(request, run_settings, b, seed_given)
             yield PlannedImage(line, prompt, image_seed, path, label, key, request)
 
 
 def image_request(planned: PlannedImage) -> GenerationRequest:
     """The request for one planned image: its line's request with its own seed, one image."""
     return replace(planned.request, seed=planned.seed, batch_size=1)
+
+
+IDENTITY_CHUNK = "flux_schnell_request"  # the PNG text chunk holding an image's request key
 
 
 def png_text_for(
@@ -214,6 +222,7 @@ def png_text_for(
         "backend": run_settings.backend,
         "software": f"comfyui-flux-schnell {__version__}",
     }
+    text[IDENTITY_CHUNK] = f"{planned.key:016x}"  # a re-run of --out skips a file of this identity
     if request_id is not None:
         text["request_id"] = request_id
     if run_settings.loras:
@@ -390,13 +399,24 @@ class DraftRun:
             if p.key in self._seen:
                 self._duplicate(p, self._seen[p.key], self._first_failed.get(p.key))
                 continue
-            if self.settings.drafts and self._on_disk(p):
+            if self._on_disk(p) if self.settings.drafts else self._made_before(p):
                 self._seen[p.key] = p.line
                 self.outcome.skipped += 1
                 self.progress.advance(skipped=True)
                 continue
             self._waiting[p.key] = []
             yield p
+
+    def _made_before(self, p: PlannedImage) -> bool:
+        """`--out` runs: `p.path` is whole and was written for this very request (its identity chunk),
+        so a re-run after a failed batch requests only the missing images and overwrites none."""
+        try:
+            text = png_files.read_png_text(p.path)
+        except FileNotFoundError:
+            return False
+        except png_files.UNREADABLE:
+            return False
+        return text.get(IDENTITY_CHUNK) == f"{p.key:016x}" and png_files.is_complete_png(p.path)
 
     def _on_disk(self, p: PlannedImage) -> bool:
         try:

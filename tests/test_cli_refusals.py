@@ -419,3 +419,32 @@ def test_an_image_of_another_size_than_asked_is_said_and_recorded_not_silent(fak
     assert record["size_sent"] == [512, 512]
     with Image.open(out / record["file"]) as image:
         assert image.size == (512, 512)  # kept as sent: it was paid for
+
+
+def test_an_out_batch_re_run_requests_only_the_missing_images_and_overwrites_none(fake_api, tmp_path):
+    from support.fake_imageapi import error_reply
+
+    out = tmp_path / "fox.png"
+    calls = []
+
+    def second_fails(req, fake):
+        calls.append(req)
+        if len(calls) == 2:
+            return error_reply(400, "refused once")
+        return Reply.image(request_image(req))
+
+    fake_api.set_default(second_fails)
+    args = ["generate", "--prompt", "fox", "--out", str(out), "--batch-size", "3", "--concurrency", "1"]
+    assert main(args) == 1
+    written = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("fox-*.png")}
+    assert len(written) == 2
+    fake_api.set_default(lambda req, fake: Reply.image(request_image(req)))
+    before = fake_api.generate_calls
+    assert main(args) == 0
+    assert fake_api.generate_calls - before == 1  # only the missing image
+    for name, stamp in written.items():
+        assert (tmp_path / name).stat().st_mtime_ns == stamp  # not overwritten
+    assert len(list(tmp_path.glob("fox-*.png"))) == 3
+    # Another prompt into the same file names is made again, not skipped.
+    assert main(["generate", "--prompt", "owl", "--out", str(out), "--batch-size", "3"]) == 0
+    assert fake_api.generate_calls - before == 4
