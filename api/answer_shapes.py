@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from enum import Enum
 
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -34,16 +35,32 @@ MAX_KEY_PATHS = 40
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 # fmt: off
-PENDING = {
-    "queued", "in_queue", "pending", "processing", "in_progress", "starting", "started",
-    "running", "submitted", "created", "accepted", "waiting"
-}
-DONE = {
-    "succeeded", "success", "successful", "completed", "complete", "done", "ready", "finished"
-}
-FAILED = {
-    "failed", "failure", "error", "errored", "canceled", "cancelled", "rejected", "expired",
-    "timeout", "timed_out", "content_moderated", "request_moderated"
+
+
+class JobState(str, Enum):
+    """Where an async job stands, read from its status word (`STATE_WORDS`)."""
+
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# fmt: off
+STATE_WORDS = {
+    JobState.PENDING: frozenset({
+        "queued", "in_queue", "pending", "processing", "in_progress", "starting", "started",
+        "running", "submitted", "created", "accepted", "waiting"
+    }),
+    JobState.DONE: frozenset({
+        "succeeded", "success", "successful", "completed", "complete", "done", "ready", "finished"
+    }),
+    JobState.FAILED: frozenset({
+        "failed", "failure", "error", "errored", "canceled", "cancelled", "rejected", "expired",
+        "timeout", "timed_out", "content_moderated", "request_moderated"
+    }),
 }
 
 # Where an image may sit in a JSON answer, most specific first. Only these keys are searched, so a
@@ -100,21 +117,25 @@ class AsyncJob:
     error: str | None
 
     @property
-    def _norm(self) -> str | None:
-        return re.sub(r"[\s-]+", "_", self.status.strip().lower()) if self.status else None
+    def state(self) -> JobState | None:
+        """The status word's `JobState`; None when there is no status or an unknown word."""
+        if not self.status:
+            return None
+        word = re.sub(r"[\s-]+", "_", self.status.strip().lower())
+        return next((state for state, words in STATE_WORDS.items() if word in words), None)
 
     @property
     def pending(self) -> bool:
         # No status but a poll URL (an id + polling_url answer): still to come.
-        return self._norm in PENDING or (self._norm is None and self.poll_url is not None)
+        return self.state is JobState.PENDING or (not self.status and self.poll_url is not None)
 
     @property
     def done(self) -> bool:
-        return self._norm in DONE
+        return self.state is JobState.DONE
 
     @property
     def failed(self) -> bool:
-        return self._norm in FAILED
+        return self.state is JobState.FAILED
 
 
 def job_info(doc: object, scrub: Scrub = _no_scrub) -> AsyncJob | None:

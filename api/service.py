@@ -42,15 +42,10 @@ from .http import HttpTransport
 from .retry import SLEEP_SLICE_S, SYSTEM_CLOCK, Clock, RetryPolicy
 from .settings import ApiSettings
 from .types import (
-    DONE,
-    FAILED,
     IDEMPOTENCY_HEADER,
-    RATE_LIMITED,
-    RETRYING,
-    STARTED,
-    WAITING,
     ApiEvent,
     ApiImageRequest,
+    EventKind,
     idempotency_key,
 )
 
@@ -530,9 +525,9 @@ class ImageApiClient:
                     continue
                 if on_event is not None:
                     if isinstance(outcome, FinishedImage):
-                        on_event(ApiEvent(i, label, DONE, outcome.attempts))
+                        on_event(ApiEvent(i, label, EventKind.DONE, outcome.attempts))
                     else:
-                        on_event(ApiEvent(i, label, FAILED, message=type(outcome).__name__))
+                        on_event(ApiEvent(i, label, EventKind.FAILED, message=type(outcome).__name__))
                 given += 1
                 yield i, outcome
                 del outcome  # the caller has it; this frame keeps no image alive
@@ -584,7 +579,7 @@ class ImageApiClient:
         self.log.debug("%s: POST %s %s", name, self._generate_url, body.decode())
         last: Failure | None = None  # the failure being retried
         if report is not None:
-            report(ApiEvent(index, name, STARTED))
+            report(ApiEvent(index, name, EventKind.STARTED))
         while True:
             if stop.is_set():
                 raise GenerationInterrupted("stopped")
@@ -637,7 +632,9 @@ class ImageApiClient:
                     self._policy.retry_kind(failure, tally.free, tally.billed),
                 )
                 if report is not None:
-                    kind = RATE_LIMITED if failure.status == RATE_LIMIT_STATUS else RETRYING
+                    kind = (
+                        EventKind.RATE_LIMITED if failure.status == RATE_LIMIT_STATUS else EventKind.RETRYING
+                    )
                     report(ApiEvent(index, name, kind, tally.attempts, wait, reason))
                 clock.sleep(wait, stop)
                 last = failure
@@ -649,7 +646,7 @@ class ImageApiClient:
 
             def waiting(seconds: float, why: str, attempt_no: int = tally.attempts) -> None:
                 if report is not None:
-                    report(ApiEvent(index, name, WAITING, attempt_no, seconds, why))
+                    report(ApiEvent(index, name, EventKind.WAITING, attempt_no, seconds, why))
 
             def job_at(url: str) -> None:
                 tally.poll_url = url if s.api_key not in url else None

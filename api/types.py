@@ -13,17 +13,23 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from enum import Enum
 
 from ..errors import InvalidInputError
 
-# What an `ApiEvent` reports (its `kind`).
-STARTED = "started"  # the image's first call is going out
-RATE_LIMITED = "rate limited"  # the service asked to slow down (429): waiting before asking again
-RETRYING = "retrying"  # a failed call is sent again after a wait
-WAITING = "waiting"  # the service answered with a job that is not done yet: polling it
-DONE = "done"
-FAILED = "failed"
-EVENT_KINDS = (STARTED, RATE_LIMITED, RETRYING, WAITING, DONE, FAILED)
+
+class EventKind(str, Enum):
+    """What an `ApiEvent` reports (its `kind`); the value is the word messages show."""
+
+    STARTED = "started"  # the image's first call is going out
+    RATE_LIMITED = "rate limited"  # the service asked to slow down (429): waiting before asking again
+    RETRYING = "retrying"  # a failed call is sent again after a wait
+    WAITING = "waiting"  # the service answered with a job that is not done yet: polling it
+    DONE = "done"  # the image arrived
+    FAILED = "failed"  # the image will not arrive (its error says why)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -115,14 +121,14 @@ class ApiEvent:
     """Progress of one image, for a terminal line or a ComfyUI node's status text.
 
     `index` is the image's place in the run's input (from 0), `label` what messages call it,
-    `kind` one of `EVENT_KINDS`, `attempt` the generate calls made so far, `retry_in_s` the wait
+    `kind` an `EventKind`, `attempt` the generate calls made so far, `retry_in_s` the wait
     before the next call (rate limited, retrying, waiting), `message` a short reason (an HTTP
     status, "connection dropped mid-answer"). Never holds the API key or a URL.
     """
 
     index: int
     label: str
-    kind: str
+    kind: EventKind
     attempt: int = 0
     retry_in_s: float | None = None
     message: str = ""
@@ -131,11 +137,11 @@ class ApiEvent:
         """What a node waiting on the batch shows: "rate limited, retrying in 3 s", "HTTP 503,
         retrying in 2 s", "the service is still working on it", else "waiting for the service"."""
         wait = f" in {self.retry_in_s:.0f} s" if self.retry_in_s is not None else ""
-        if self.kind == RATE_LIMITED:
+        if self.kind == EventKind.RATE_LIMITED:
             return f"rate limited, retrying{wait}"
-        if self.kind == RETRYING:
+        if self.kind == EventKind.RETRYING:
             return f"{self.message or 'a call failed'}, retrying{wait}"
-        if self.kind == WAITING:
+        if self.kind == EventKind.WAITING:
             return "the service is still working on it"
         return "waiting for the service"
 

@@ -446,12 +446,12 @@ def _run(run_settings, api_settings, spec, lines, planned: int) -> int:
 
 
 def _show_event(progress):
-    from ..api.types import DONE, FAILED, RATE_LIMITED, RETRYING, STARTED, WAITING
+    from ..api.types import EventKind
 
     def on_event(event) -> None:
-        if event.kind in (RATE_LIMITED, RETRYING, WAITING):
+        if event.kind in (EventKind.RATE_LIMITED, EventKind.RETRYING, EventKind.WAITING):
             progress.waiting_on(event.label, event.kind)
-        elif event.kind in (STARTED, DONE, FAILED):
+        elif event.kind in (EventKind.STARTED, EventKind.DONE, EventKind.FAILED):
             progress.waiting_on(event.label, None)
 
     return on_event

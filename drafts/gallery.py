@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 from PIL import Image
 
-from .manifest import DONE, FAILED, MANIFEST_NAME, latest_by_file
+from .manifest import MANIFEST_NAME, RecordStatus, latest_by_file
 from .png_files import (
     THUMBNAIL_SIDE,
     UNREADABLE,
@@ -70,12 +70,12 @@ def write_gallery(out_dir: Path) -> GalleryStats:
     failures: list[dict] = []
     known = set()
     for name, record in latest.items():
-        if record["status"] == DONE and (out_dir / name).is_file():
+        if record["status"] == RecordStatus.DONE and (out_dir / name).is_file():
             known.add(name)
             line = record.get("line")
             prompt = str(record.get("prompt", ""))
             tiles.append(Tile(name, prompt, str(record.get("seed", "")), line, _pick(prompt, record)))
-        elif record["status"] == FAILED and not (out_dir / name).is_file():
+        elif record["status"] == RecordStatus.FAILED and not (out_dir / name).is_file():
             failures.append(record)
     tiles.sort(key=lambda t: (t.line if isinstance(t.line, int) else 0, t.file))
     others = sorted(p.name for p in out_dir.glob("*.png") if p.name not in known and p.is_file())

@@ -22,12 +22,23 @@ import os
 import stat
 import time
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 
 from ..errors import InvalidInputError
 
 MANIFEST_NAME = "manifest.jsonl"
-DONE, FAILED, DUPLICATE = "done", "failed", "duplicate"
+
+
+class RecordStatus(str, Enum):
+    """A manifest record's `status`: what became of one line of a run (written as its value)."""
+
+    DONE = "done"  # its PNG is in the folder
+    FAILED = "failed"  # no PNG; `error` says why
+    DUPLICATE = "duplicate"  # the same request as an earlier line (`duplicate_of`): not paid again
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class ManifestWriter:
@@ -113,6 +124,6 @@ def latest_by_file(path: Path) -> dict[str, dict]:
     latest: dict[str, dict] = {}
     for record in read_manifest(path):
         name = record.get("file")
-        if isinstance(name, str) and record["status"] in (DONE, FAILED):
+        if isinstance(name, str) and record["status"] in (RecordStatus.DONE, RecordStatus.FAILED):
             latest[name] = record
     return latest

@@ -150,10 +150,10 @@ def _jsonl_entry(path: Path, number: int, text: str, torn_lines_skipped: bool) -
 
 
 def _manifest_entry(where: str, number: int, record: dict) -> PromptLine | None:
-    from .manifest import DONE
+    from .manifest import RecordStatus
 
     prompt, seed = record.get("prompt"), record.get("seed")
-    if record["status"] != DONE or not isinstance(prompt, str):
+    if record["status"] != RecordStatus.DONE or not isinstance(prompt, str):
         return None
     sent = isinstance(seed, int) and not isinstance(seed, bool) and seed_was_sent(record)
     return PromptLine(

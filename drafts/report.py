@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import DONE, DUPLICATE, FAILED, MANIFEST_NAME, read_manifest
+from .manifest import MANIFEST_NAME, RecordStatus, read_manifest
 from .png_files import write_atomically
 
 MAX_LISTED = 20  # calls billed without an image listed on the terminal (the CSV has them all)
@@ -43,12 +43,12 @@ def read_report(folder: Path, csv_rows=None) -> BillingReport:
     report = BillingReport()
     for record in read_manifest(Path(folder) / MANIFEST_NAME):
         status = record["status"]
-        if status == DUPLICATE:
+        if status == RecordStatus.DUPLICATE:
             report.duplicates += 1
             continue
-        if status == DONE:
+        if status == RecordStatus.DONE:
             report.delivered += 1
-        elif status == FAILED:
+        elif status == RecordStatus.FAILED:
             report.failures += 1
         paid = record.get("paid_calls")
         if not isinstance(paid, int) or isinstance(paid, bool):
@@ -58,7 +58,7 @@ def read_report(folder: Path, csv_rows=None) -> BillingReport:
         free = record.get("free_retries")
         report.free_retries += free if isinstance(free, int) and not isinstance(free, bool) else 0
         ids = [i for i in record.get("request_ids") or [] if isinstance(i, str)]
-        delivered = status == DONE
+        delivered = status == RecordStatus.DONE
         for k in range(paid):
             row = _row(record, ids[k] if k < len(ids) else "", delivered and k == paid - 1)
             if row["delivered_an_image"] == "no":

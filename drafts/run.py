@@ -34,7 +34,7 @@ from ..errors import ConfigurationError, FluxSchnellError, GenerationInterrupted
 from ..generation import MODEL_NAME, FinishedImage, GenerationRequest
 from . import png_files
 from .gallery import thumbnail_path
-from .manifest import DONE, DUPLICATE, FAILED, MANIFEST_NAME, ManifestWriter, read_manifest
+from .manifest import MANIFEST_NAME, ManifestWriter, RecordStatus, read_manifest
 
 log = logging.getLogger("flux_schnell.cli")
 
@@ -378,7 +378,7 @@ class DraftRun:
             return
         for record in read_manifest(self.settings.out_dir / MANIFEST_NAME):
             name, size = record.get("file"), record.get("bytes")
-            if record["status"] == DONE and isinstance(name, str) and isinstance(size, int):
+            if record["status"] == RecordStatus.DONE and isinstance(name, str) and isinstance(size, int):
                 self._done_files[name] = size
 
     # planning: what to send
@@ -427,7 +427,7 @@ class DraftRun:
             return True
         if not png_files.is_complete_png(p.path):
             return False  # damaged, or a file of another kind: made again
-        self._record(p, DONE, bytes=size, found_on_disk=True)  # written, then the run was killed
+        self._record(p, RecordStatus.DONE, bytes=size, found_on_disk=True)  # written, then the run was killed
         return True
 
     # what came back
@@ -462,7 +462,7 @@ class DraftRun:
         self.outcome.done += 1
         self._record(
             p,
-            DONE,
+            RecordStatus.DONE,
             bytes=size,
             attempts=result.attempts,
             **_call_fields(result.calls, self.settings.backend),
@@ -479,7 +479,10 @@ class DraftRun:
         if len(self.outcome.failed) < MAX_FAILURES_LISTED:
             self.outcome.failed.append((p, reason))
         self._record(
-            p, FAILED, error=reason, **_call_fields(getattr(error, "calls", None), self.settings.backend)
+            p,
+            RecordStatus.FAILED,
+            error=reason,
+            **_call_fields(getattr(error, "calls", None), self.settings.backend),
         )
         self.progress.advance(failed=True)
         if announce:  # at once, above the bar; the summary lists it again at the end
@@ -497,7 +500,7 @@ class DraftRun:
     def _duplicate(self, p: PlannedImage, first_line: int, failed: str | None) -> None:
         self.outcome.duplicates += 1
         extra = {"error": f"same request as line {first_line}, which failed: {failed}"} if failed else {}
-        self._record(p, DUPLICATE, duplicate_of=first_line, **extra)
+        self._record(p, RecordStatus.DUPLICATE, duplicate_of=first_line, **extra)
         self.progress.advance(duplicate=True)
 
     def _record(self, p: PlannedImage, status: str, **fields) -> None:

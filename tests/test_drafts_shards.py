@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 from comfyui_flux_schnell.cli import main
-from comfyui_flux_schnell.drafts.manifest import DONE, DUPLICATE, ManifestWriter, read_manifest
+from comfyui_flux_schnell.drafts.manifest import ManifestWriter, RecordStatus, read_manifest
 from comfyui_flux_schnell.drafts.run import RunSettings
 from comfyui_flux_schnell.generation import GenerationRequest
 from support import TEST_KEY
@@ -53,8 +53,8 @@ def test_three_shards_into_one_folder_make_every_line_once(fake_api, prompts, tm
     raw_lines = [x for x in (out_dir / "manifest.jsonl").read_text(encoding="utf-8").splitlines() if x]
     assert len(raw_lines) == len(records) == 11  # whole lines, none torn or interleaved
     assert Counter(r["line"] for r in records) == Counter(range(1, 12))  # every line recorded once
-    assert {r["line"]: r["status"] for r in records}[11] == DUPLICATE
-    assert sum(r["status"] == DONE for r in records) == 10
+    assert {r["line"]: r["status"] for r in records}[11] == RecordStatus.DUPLICATE
+    assert sum(r["status"] == RecordStatus.DONE for r in records) == 10
     assert len(list(out_dir.glob("*.png"))) == 10
     assert not list(out_dir.glob(".lock*"))  # each shard released its own lock
     page = (out_dir / "index.html").read_text(encoding="utf-8")
@@ -67,7 +67,9 @@ def test_a_shard_resumes_its_own_lines_only(fake_api, prompts, tmp_path):
     shard_two = [line for line in range(1, 12) if line % 3 == 2]  # 2, 5, 8, 11
     records = list(read_manifest(out_dir / "manifest.jsonl"))
     assert sorted(r["line"] for r in records) == shard_two
-    assert {r["line"]: r["status"] for r in records}[11] == DUPLICATE  # of line 1, shard 1's: not paid here
+    assert {r["line"]: r["status"] for r in records}[
+        11
+    ] == RecordStatus.DUPLICATE  # of line 1, shard 1's: not paid here
     assert fake_api.generate_calls == 3
     assert "shard 2/3: 4 of the 11 prompts" in err
     finish(start_shard(prompts, out_dir, "2/3"))  # again: nothing to pay
@@ -112,7 +114,7 @@ def test_shard_needs_a_prompts_file(tmp_path, capsys):
 
 _APPENDER = """
 import sys
-from comfyui_flux_schnell.drafts.manifest import ManifestWriter
+from comfyui_flux_schnell.drafts.manifest import ManifestWriter, RecordStatus
 with ManifestWriter(sys.argv[1]) as writer:
     for i in range(150):
         writer.append({"line": i, "status": "done", "prompt": sys.argv[2] * 30000})

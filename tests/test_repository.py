@@ -76,11 +76,6 @@ def test_pyproject_lists_every_package_folder():
     assert {"comfyui_flux_schnell.api", "comfyui_flux_schnell.local", "comfyui_flux_schnell.drafts"} <= listed
 
 
-# Names that stay defined in two modules until their rename lands (issue 14, item 2): the api
-# event kinds and the job-status word sets (to become enums). Shrink this list; never grow it.
-KNOWN_COLLISIONS = {"DONE", "FAILED"}
-
-
 def test_no_public_top_level_name_is_defined_in_two_modules():
     """One name per thing: a public class, function or constant is defined in one module of the
     package (packages' __init__.py re-export, loggers are everyone's `log`)."""
@@ -103,9 +98,7 @@ def test_no_public_top_level_name_is_defined_in_two_modules():
             for name in names:
                 if not name.startswith("_") and name != "log":
                     defined[name].append(str(path.relative_to(REPO)))
-    twice = {
-        name: where for name, where in defined.items() if len(where) > 1 and name not in KNOWN_COLLISIONS
-    }
+    twice = {name: where for name, where in defined.items() if len(where) > 1}
     assert not twice, f"defined in two modules (rename one): {twice}"
 
 
