@@ -222,7 +222,7 @@ class AnswerReader:
     ) -> tuple[Encoded, str | None]:
         """Poll a job's status URL (GET, free) until it has an image, fails, or the deadline. A
         failed poll or result fetch is asked again after the backoff (or its Retry-After)."""
-        s = self.settings
+        settings = self.settings
         clock = self._clock
         poll_url = urljoin(base, job.poll_url) if job.poll_url else None
         if poll_url is not None and on_job is not None:
@@ -245,7 +245,7 @@ class AnswerReader:
                 left = deadline - clock.monotonic()
                 if left <= 0:
                     raise self._job_too_slow(job, job_id, request_id)
-                wait = min(s.poll_interval_s, left)
+                wait = min(settings.poll_interval_s, left)
                 if on_wait is not None:
                     on_wait(wait, f"job {self.scrub(job.status or 'pending')}")
                 clock.sleep(wait, stop)
@@ -253,12 +253,12 @@ class AnswerReader:
                     continue  # the check above raises the error that names the job's status
                 url = poll_url
             reply, failure = attempt(
-                self._http.get, url, deadline, stop, s.request_timeout_s, self._http.body_cap()
+                self._http.get, url, deadline, stop, settings.request_timeout_s, self._http.body_cap()
             )
             waited = False
             if failure is not None:
                 note = ""
-                if failure.retry is not None and failures < s.max_free_retries:
+                if failure.retry is not None and failures < settings.max_free_retries:
                     wait = self._policy.backoff(failure, failures)
                     if wait < deadline - clock.monotonic():
                         failures += 1

@@ -275,15 +275,15 @@ class HttpTransport:
 
     def download(self, url: str, deadline: float, stop: threading.Event, request_id: str | None) -> bytes:
         """The bytes at an image URL; a transient failure is retried once (downloads are free)."""
-        s = self.settings
+        settings = self.settings
         for tries in (1, 2):
             reply, failure = attempt(
-                self.get, url, deadline, stop, s.download_timeout_s, s.max_download_bytes
+                self.get, url, deadline, stop, settings.download_timeout_s, settings.max_download_bytes
             )
             if failure is None:
                 return reply.content
             left = deadline - self.clock.monotonic()
-            wait = min(s.backoff_base_s, s.backoff_max_s)
+            wait = min(settings.backoff_base_s, settings.backoff_max_s)
             if tries == 1 and failure.retry is not None and wait < left:
                 self.log.warning(
                     "ImageAPI image download from %s failed (%s); retrying once in %.2f s "

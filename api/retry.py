@@ -57,11 +57,11 @@ class RetryPolicy:
     ) -> tuple[float | None, str]:
         """Seconds to wait before retrying after `free` free and `billed` billed retries so far,
         or None and a note saying why not (empty when the failure allows no retry at all)."""
-        s = self.settings
+        settings = self.settings
         if failure.retry == FREE:
-            used, limit = free, s.max_free_retries
+            used, limit = free, settings.max_free_retries
         elif failure.retry == BILLED:
-            used, limit = billed, s.max_billed_retries
+            used, limit = billed, settings.max_billed_retries
         else:
             return None, ""
         if used >= limit:
@@ -77,8 +77,8 @@ class RetryPolicy:
         """The wait before asking again: the server's Retry-After, else exponential with jitter."""
         if failure.retry_after is not None:
             return failure.retry_after
-        s = self.settings
-        backoff = min(s.backoff_max_s, s.backoff_base_s * 2**used)
+        settings = self.settings
+        backoff = min(settings.backoff_max_s, settings.backoff_base_s * 2**used)
         return backoff * (0.5 + 0.5 * self._random.random())
 
     @property
@@ -101,10 +101,10 @@ class RetryPolicy:
 
     def retry_kind(self, failure: Failure, free: int, billed: int) -> str:
         """How a retry log line describes the retry (`free`/`billed`: counts including it)."""
-        s = self.settings
+        settings = self.settings
         if failure.retry == FREE:
-            return f"free retry {free} of {s.max_free_retries}: the call did no work"
+            return f"free retry {free} of {settings.max_free_retries}: the call did no work"
         return (
-            f"billed retry {billed} of {s.max_billed_retries}: the failed call "
+            f"billed retry {billed} of {settings.max_billed_retries}: the failed call "
             "may already have been billed, so this retry may cost a second image"
         )

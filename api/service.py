@@ -122,17 +122,17 @@ class RunGate:
     def failed(self, failure: Failure) -> None:
         if not failure.unreachable:
             return
-        s = self.settings
+        settings = self.settings
         with self._lock:
             if self._answered or self._ended is not None:
                 return
             self._unreachable += 1
             if self._unreachable >= UNREACHABLE_AFTER:
                 self._ended = ServiceUnreachableError(
-                    f"the service at {s.base_url} could not be reached: the first {self._unreachable} "
+                    f"the service at {settings.base_url} could not be reached: the first {self._unreachable} "
                     f"calls failed to connect ({failure.reason}) and none succeeded, so the run "
                     f"stopped early; nothing was billed. The base URL comes from "
-                    f"{s.base_url_source}: check it and that the service is up"
+                    f"{settings.base_url_source}: check it and that the service is up"
                 )
 
     def answered(self) -> None:
@@ -346,10 +346,10 @@ class ImageApiClient:
         the job is done or failed, within `deadline_s`; no POST is sent. The result's `calls` has
         `paid_calls` 0 (the payment is in the earlier record) and the poll URL; an `ApiError`
         raised carries the same record, so the URL can be kept for a later try."""
-        s = self.settings
+        settings = self.settings
         if not isinstance(poll_url, str) or not poll_url.startswith(("http://", "https://")):
             raise InvalidInputError(f"poll_url must be an http(s) URL; got {poll_url!r}.")
-        if s.api_key in poll_url:
+        if settings.api_key in poll_url:
             raise InvalidInputError("poll_url holds the API key; a recorded poll URL never does.")
         record = CallRecord(poll_url=poll_url)
         stop = threading.Event()
@@ -358,7 +358,7 @@ class ImageApiClient:
         def work() -> None:
             try:
                 started = self.clock.monotonic()
-                encoded, job_id = self._answers.collect(poll_url, started + s.deadline_s, stop)
+                encoded, job_id = self._answers.collect(poll_url, started + settings.deadline_s, stop)
                 image, data, fmt = self._answers.decode(encoded)
                 outcome.append(
                     FinishedImage(
@@ -570,12 +570,12 @@ class ImageApiClient:
         keep_data: bool,
         gate: RunGate | None,
     ) -> FinishedImage:
-        s, clock = self.settings, self.clock
+        settings, clock = self.settings, self.clock
         name = request.name(index)
         started = clock.monotonic()
-        deadline = started + s.deadline_s
-        body = json.dumps(request.to_body(s.send_seed)).encode()
-        idempotency = {IDEMPOTENCY_HEADER: idempotency_key(s.base_url, request, s.send_seed)}
+        deadline = started + settings.deadline_s
+        body = json.dumps(request.to_body(settings.send_seed)).encode()
+        idempotency = {IDEMPOTENCY_HEADER: idempotency_key(settings.base_url, request, settings.send_seed)}
         self.log.debug("%s: POST %s %s", name, self._generate_url, body.decode())
         last: Failure | None = None  # the failure being retried
         if report is not None:
@@ -595,7 +595,7 @@ class ImageApiClient:
                 "POST",
                 self._generate_url,
                 body=body,
-                timeout_s=s.request_timeout_s,
+                timeout_s=settings.request_timeout_s,
                 deadline=deadline,
                 stop=stop,
                 cap=self._http.body_cap(),
@@ -608,7 +608,7 @@ class ImageApiClient:
                     GENERATE,
                     request_id=self._answers.request_id(reply),
                     scrub=self._scrub,
-                    key_source=s.key_source,
+                    key_source=settings.key_source,
                     url=self._generate_url,
                 )
             if failure is not None:
@@ -649,7 +649,7 @@ class ImageApiClient:
                     report(ApiEvent(index, name, EventKind.WAITING, attempt_no, seconds, why))
 
             def job_at(url: str) -> None:
-                tally.poll_url = url if s.api_key not in url else None
+                tally.poll_url = url if settings.api_key not in url else None
 
             encoded, job_id = self._answers.locate(reply, deadline, stop, request_id, waiting, job_at)
             del reply  # the answer's body is not needed any more

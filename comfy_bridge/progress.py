@@ -143,14 +143,18 @@ class _StatusTicker:
         self._done.set()
         if self._thread is not None:
             self._thread.join()
-        p = self.progress
-        p.status = ""
+        progress = self.progress
+        progress.status = ""
         if exc_type is None:
-            p.show()  # "N of M images done in S s"
-        elif p._text is not None:
-            seconds = p.clock() - p.started
-            stopped = p._interrupted or p._stop.is_set() or issubclass(exc_type, GenerationInterrupted)
-            p._text(f"{'cancelled' if stopped else 'failed'} after {seconds:.1f} s")
+            progress.show()  # "N of M images done in S s"
+        elif progress._text is not None:
+            seconds = progress.clock() - progress.started
+            stopped = (
+                progress._interrupted
+                or progress._stop.is_set()
+                or issubclass(exc_type, GenerationInterrupted)
+            )
+            progress._text(f"{'cancelled' if stopped else 'failed'} after {seconds:.1f} s")
 
 
 def _prompt_server():

@@ -199,14 +199,14 @@ def _previews_and_sheet(lines, run_settings: RunSettings) -> tuple[list[str], Im
     previews: list[str] = []
     tiles: list[tuple[int, Path]] = []
     more = 0
-    for p in plan(lines, run_settings):
-        if p.path.name in seen or not p.path.is_file():
+    for planned in plan(lines, run_settings):
+        if planned.path.name in seen or not planned.path.is_file():
             continue
-        seen.add(p.path.name)
+        seen.add(planned.path.name)
         if len(previews) < MAX_PREVIEWS:
-            previews.append(p.path.name)
+            previews.append(planned.path.name)
         if len(tiles) < cells:
-            tiles.append((p.line, thumbnail_path(run_settings.out_dir, p.path.name)))
+            tiles.append((planned.line, thumbnail_path(run_settings.out_dir, planned.path.name)))
         else:
             more += 1
     return previews, contact_sheet(tiles, more)

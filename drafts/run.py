@@ -263,8 +263,8 @@ def api_backend(
         )
         try:
             for i, result in stream:
-                p = by_index.pop(i)
-                yield p, result  # a generation.FinishedImage or the error
+                wanted = by_index.pop(i)
+                yield wanted, result  # a generation.FinishedImage or the error
                 del result
         finally:
             stream.close()
@@ -281,22 +281,22 @@ def local_backend(spec, run_settings: RunSettings, stop: threading.Event) -> Bac
         from ..image_tensors import tensor_to_pil
         from ..local_backend import generate_local
 
-        for p in planned:
+        for wanted in planned:
             if stop.is_set():
                 raise GenerationInterrupted("interrupted")
-            request = image_request(p)
+            request = image_request(wanted)
             try:
                 images, info = generate_local(request, spec, Progress(request.steps, stop_flag=stop))
             except (ModelLoadError, LocalBackendUnavailable) as e:  # the files, not this prompt
-                yield p, e
+                yield wanted, e
                 return
             except FluxSchnellError as e:
                 if isinstance(e, (GenerationInterrupted, ConfigurationError)):
                     raise
-                yield p, e
+                yield wanted, e
                 continue
-            log.debug("%s: %s", p.label, info.to_json())  # timings, device, peak GPU memory
-            yield p, FinishedImage(tensor_to_pil(images)[0], seconds=info.seconds)
+            log.debug("%s: %s", wanted.label, info.to_json())  # timings, device, peak GPU memory
+            yield wanted, FinishedImage(tensor_to_pil(images)[0], seconds=info.seconds)
 
     return results
 
@@ -346,14 +346,14 @@ class DraftRun:
         self._read_done_files()
         results = self.backend(self._to_make(plan(lines, self.settings)))
         try:
-            for p, result in results:
+            for image, result in results:
                 if isinstance(result, FluxSchnellError):
                     code = self.ends_run(result)
-                    self._failed(p, result, announce=code is None)  # else the stop message says it
+                    self._failed(image, result, announce=code is None)  # else the stop message says it
                     if code is not None:
                         raise StopRun(str(result), code)
                 else:
-                    self._write(p, result)
+                    self._write(image, result)
                 del result
         finally:
             results.close()  # stops the backend: nothing more is sent
@@ -388,80 +388,84 @@ class DraftRun:
         this run's shard. A line of another shard is not recorded, but it still counts as the first
         occurrence of its request, so a repeat of it in this shard is a duplicate of that line (the
         shard that owns it pays for it), never paid twice."""
-        for p in planned:
-            if not self.settings.in_shard(p.line):
-                if p.key not in self._waiting:
-                    self._seen.setdefault(p.key, p.line)
+        for image in planned:
+            if not self.settings.in_shard(image.line):
+                if image.key not in self._waiting:
+                    self._seen.setdefault(image.key, image.line)
                 continue
-            if p.key in self._waiting:  # its first occurrence is being made now
-                self._waiting[p.key].append(p)
+            if image.key in self._waiting:  # its first occurrence is being made now
+                self._waiting[image.key].append(image)
                 continue
-            if p.key in self._seen:
-                self._duplicate(p, self._seen[p.key], self._first_failed.get(p.key))
+            if image.key in self._seen:
+                self._duplicate(image, self._seen[image.key], self._first_failed.get(image.key))
                 continue
-            if self._on_disk(p) if self.settings.drafts else self._made_before(p):
-                self._seen[p.key] = p.line
+            if self._on_disk(image) if self.settings.drafts else self._made_before(image):
+                self._seen[image.key] = image.line
                 self.outcome.skipped += 1
                 self.progress.advance(skipped=True)
                 continue
-            self._waiting[p.key] = []
-            yield p
+            self._waiting[image.key] = []
+            yield image
 
-    def _made_before(self, p: PlannedImage) -> bool:
-        """`--out` runs: `p.path` is whole and was written for this very request (its identity chunk),
+    def _made_before(self, planned: PlannedImage) -> bool:
+        """`--out` runs: `planned.path` is whole and was written for this very request (its identity chunk),
         so a re-run after a failed batch requests only the missing images and overwrites none."""
         try:
-            text = png_files.read_png_text(p.path)
+            text = png_files.read_png_text(planned.path)
         except FileNotFoundError:
             return False
         except png_files.UNREADABLE:
             return False
-        return text.get(IDENTITY_CHUNK) == f"{p.key:016x}" and png_files.is_complete_png(p.path)
+        return text.get(IDENTITY_CHUNK) == f"{planned.key:016x}" and png_files.is_complete_png(planned.path)
 
-    def _on_disk(self, p: PlannedImage) -> bool:
+    def _on_disk(self, planned: PlannedImage) -> bool:
         try:
-            size = p.path.stat().st_size
+            size = planned.path.stat().st_size
         except OSError:
             return False
-        if self._done_files.get(p.path.name) == size:
+        if self._done_files.get(planned.path.name) == size:
             return True
-        if not png_files.is_complete_png(p.path):
+        if not png_files.is_complete_png(planned.path):
             return False  # damaged, or a file of another kind: made again
-        self._record(p, RecordStatus.DONE, bytes=size, found_on_disk=True)  # written, then the run was killed
+        self._record(
+            planned, RecordStatus.DONE, bytes=size, found_on_disk=True
+        )  # written, then the run was killed
         return True
 
     # what came back
 
-    def _write(self, p: PlannedImage, result: FinishedImage) -> None:
+    def _write(self, planned: PlannedImage, result: FinishedImage) -> None:
         """Write one finished image; a disk that refuses it ends the run (the rest would be lost)."""
-        text = png_text_for(p, self.settings, result.request_id)
+        text = png_text_for(planned, self.settings, result.request_id)
         other_size = None
         if result.size_differs:  # kept (it was paid for), never silently: said and recorded
             other_size = list(result.size)
             self.progress.note(
-                f"{p.label}: the service sent {result.size[0]}x{result.size[1]}, not the "
-                f"{p.request.width}x{p.request.height} asked for; kept as sent"
+                f"{planned.label}: the service sent {result.size[0]}x{result.size[1]}, not the "
+                f"{planned.request.width}x{planned.request.height} asked for; kept as sent"
             )
         try:
             if result.format == "PNG" and result.data is not None:
-                png_files.save_png_bytes(result.data, p.path, text)
+                png_files.save_png_bytes(result.data, planned.path, text)
             else:
-                png_files.save_png(result.image, p.path, text)
-            size = p.path.stat().st_size
+                png_files.save_png(result.image, planned.path, text)
+            size = planned.path.stat().st_size
         except (OSError, ValueError) as e:
             reason = getattr(e, "strerror", None) or str(e)
-            self._failed(p, e, announce=False)
-            raise StopRun(f"cannot write {p.path}: {reason}", 1) from e
+            self._failed(planned, e, announce=False)
+            raise StopRun(f"cannot write {planned.path}: {reason}", 1) from e
         if self.settings.drafts:
             try:
-                png_files.save_thumbnail(result.image, thumbnail_path(self.settings.out_dir, p.path.name))
+                png_files.save_thumbnail(
+                    result.image, thumbnail_path(self.settings.out_dir, planned.path.name)
+                )
             except OSError as e:  # the image is safe; the gallery makes the thumbnail later
-                log.warning("could not write the thumbnail of %s: %s", p.path.name, e)
+                log.warning("could not write the thumbnail of %s: %s", planned.path.name, e)
         else:
-            self.outcome.written.append(p.path)
+            self.outcome.written.append(planned.path)
         self.outcome.done += 1
         self._record(
-            p,
+            planned,
             RecordStatus.DONE,
             bytes=size,
             attempts=result.attempts,
@@ -471,53 +475,53 @@ class DraftRun:
             request_id=result.request_id,
         )
         self.progress.advance()
-        self._settle(p, None)
+        self._settle(planned, None)
 
-    def _failed(self, p: PlannedImage, error: Exception, announce: bool = True) -> None:
+    def _failed(self, planned: PlannedImage, error: Exception, announce: bool = True) -> None:
         reason = f"{type(error).__name__}: {error}"
         self.outcome.failed_count += 1
         if len(self.outcome.failed) < MAX_FAILURES_LISTED:
-            self.outcome.failed.append((p, reason))
+            self.outcome.failed.append((planned, reason))
         self._record(
-            p,
+            planned,
             RecordStatus.FAILED,
             error=reason,
             **_call_fields(getattr(error, "calls", None), self.settings.backend),
         )
         self.progress.advance(failed=True)
         if announce:  # at once, above the bar; the summary lists it again at the end
-            self.progress.note(f"{p.label}{self.settings.seed_note(p)} failed: {reason}")
-        self._settle(p, reason)
+            self.progress.note(f"{planned.label}{self.settings.seed_note(planned)} failed: {reason}")
+        self._settle(planned, reason)
 
-    def _settle(self, p: PlannedImage, failed: str | None) -> None:
+    def _settle(self, planned: PlannedImage, failed: str | None) -> None:
         """The first occurrence of a request finished: record the duplicates that waited for it."""
-        self._seen[p.key] = p.line
+        self._seen[planned.key] = planned.line
         if failed is not None:
-            self._first_failed[p.key] = failed
-        for duplicate in self._waiting.pop(p.key, []):
-            self._duplicate(duplicate, p.line, failed)
+            self._first_failed[planned.key] = failed
+        for duplicate in self._waiting.pop(planned.key, []):
+            self._duplicate(duplicate, planned.line, failed)
 
-    def _duplicate(self, p: PlannedImage, first_line: int, failed: str | None) -> None:
+    def _duplicate(self, planned: PlannedImage, first_line: int, failed: str | None) -> None:
         self.outcome.duplicates += 1
         extra = {"error": f"same request as line {first_line}, which failed: {failed}"} if failed else {}
-        self._record(p, RecordStatus.DUPLICATE, duplicate_of=first_line, **extra)
+        self._record(planned, RecordStatus.DUPLICATE, duplicate_of=first_line, **extra)
         self.progress.advance(duplicate=True)
 
-    def _record(self, p: PlannedImage, status: str, **fields) -> None:
+    def _record(self, planned: PlannedImage, status: str, **fields) -> None:
         if self.manifest is None:
             return
         record = {
-            "line": p.line,
-            "prompt": p.prompt,
+            "line": planned.line,
+            "prompt": planned.prompt,
             "status": status,
-            "file": p.path.name,
-            "width": p.request.width,
-            "height": p.request.height,
-            "steps": p.request.steps,
+            "file": planned.path.name,
+            "width": planned.request.width,
+            "height": planned.request.height,
+            "steps": planned.request.steps,
             "backend": self.settings.backend,
         }
         if self.settings.seed_recorded:
-            record["seed"] = p.seed
+            record["seed"] = planned.seed
         if self.settings.backend == "api":  # a re-render from this manifest can reproduce only sent seeds
             record["seed_sent"] = self.settings.seed_sent
         record.update({k: v for k, v in fields.items() if v is not None})

@@ -216,16 +216,16 @@ class _Mid(nn.Module):
 class Encoder(nn.Module):
     """Image (B, in_channels, H, W) to the Gaussian's mean and log-variance (B, 2*z, H/f, W/f)."""
 
-    def __init__(self, p: AutoEncoderParams):
+    def __init__(self, params: AutoEncoderParams):
         super().__init__()
-        widths = [p.ch * m for m in p.ch_mult]
+        widths = [params.ch * m for m in params.ch_mult]
         last = len(widths) - 1
-        self.conv_in = Conv2d(p.in_channels, p.ch, 3, padding=1)
+        self.conv_in = Conv2d(params.in_channels, params.ch, 3, padding=1)
         self.down = nn.ModuleList(
             _Level(
-                p.ch if i == 0 else widths[i - 1],
+                params.ch if i == 0 else widths[i - 1],
                 widths[i],
-                p.num_res_blocks,
+                params.num_res_blocks,
                 down=i != last,
                 up=False,
             )
@@ -233,7 +233,7 @@ class Encoder(nn.Module):
         )
         self.mid = _Mid(widths[-1])
         self.norm_out = _norm(widths[-1])
-        self.conv_out = Conv2d(widths[-1], 2 * p.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(widths[-1], 2 * params.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -246,25 +246,25 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent (B, z, h, w) to an image (B, out_ch, h*f, w*f); levels run from `up.{L-1}` to `up.0`."""
 
-    def __init__(self, p: AutoEncoderParams):
+    def __init__(self, params: AutoEncoderParams):
         super().__init__()
-        widths = [p.ch * m for m in p.ch_mult]
+        widths = [params.ch * m for m in params.ch_mult]
         last = len(widths) - 1
-        self.conv_in = Conv2d(p.z_channels, widths[-1], 3, padding=1)
+        self.conv_in = Conv2d(params.z_channels, widths[-1], 3, padding=1)
         self.mid = _Mid(widths[-1])
         # up.i is level i: it takes level i+1's width (the mid's for the last) and ends at widths[i]
         self.up = nn.ModuleList(
             _Level(
                 widths[min(i + 1, last)],
                 widths[i],
-                p.num_res_blocks + 1,
+                params.num_res_blocks + 1,
                 down=False,
                 up=i != 0,
             )
             for i in range(len(widths))
         )
         self.norm_out = _norm(widths[0])
-        self.conv_out = Conv2d(widths[0], p.out_ch, 3, padding=1)
+        self.conv_out = Conv2d(widths[0], params.out_ch, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
@@ -292,15 +292,15 @@ class AutoEncoder(nn.Module):
 
         Returns `scale_factor * (mean - shift_factor)`: the Gaussian's mean, never a sample.
         """
-        p = self.params
-        f = p.downscale_factor
-        _check_batch("image", x, p.in_channels)
+        params = self.params
+        f = params.downscale_factor
+        _check_batch("image", x, params.in_channels)
         if x.shape[-2] % f or x.shape[-1] % f:
             raise InvalidInputError(
                 f"image height and width must be multiples of {f}, got {tuple(x.shape[-2:])}: "
                 f"crop or resize the image first"
             )
-        z = torch.cat([self.encoder(xi)[:, : p.z_channels] for xi in x.split(1)])  # (B, z, h, w)
+        z = torch.cat([self.encoder(xi)[:, : params.z_channels] for xi in x.split(1)])  # (B, z, h, w)
         return (z - self.shift_factor) * self.scale_factor
 
     def decode(self, z: Tensor, tile_pixels: int | None = None) -> Tensor:

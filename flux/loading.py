@@ -210,8 +210,8 @@ def infer_clip_config(shapes: Mapping[str, Sequence[int]]) -> CLIPTextConfig:
 # --- what each network adds to the generic loader -----------------------------------------------
 
 
-def _refuse_dev(p: FluxParams) -> str | None:
-    if p.guidance_embed:
+def _refuse_dev(params: FluxParams) -> str | None:
+    if params.guidance_embed:
         return (
             "it is a FLUX.1 [dev] transformer (it has guidance_in.* keys); this node runs FLUX.1 "
             f"[schnell]: give {TRANSFORMER.file_hint}"
@@ -219,10 +219,10 @@ def _refuse_dev(p: FluxParams) -> str | None:
     return None
 
 
-def _refuse_foreign_vae(p: AutoEncoderParams) -> str | None:
-    if p.z_channels != FLUX_LATENT_CHANNELS or p.downscale_factor != 8:
+def _refuse_foreign_vae(params: AutoEncoderParams) -> str | None:
+    if params.z_channels != FLUX_LATENT_CHANNELS or params.downscale_factor != 8:
         return (
-            f"it is an autoencoder with {p.z_channels} latent channels at 1/{p.downscale_factor} "
+            f"it is an autoencoder with {params.z_channels} latent channels at 1/{params.downscale_factor} "
             f"size (a Stable Diffusion VAE?); FLUX.1 needs its own {FLUX_LATENT_CHANNELS}-channel "
             f"VAE: give {AE.file_hint}"
         )

@@ -93,11 +93,11 @@ class Placed:
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """The transformer's blocks in the order they run, (name prefix, block); [] for other models."""
-        m = self.module
+        module = self.module
         return [
             (f"{kind}.{i}.", block)
             for kind in ("double_blocks", "single_blocks")
-            for i, block in enumerate(getattr(m, kind, ()))
+            for i, block in enumerate(getattr(module, kind, ()))
         ]
 
     def streamable(self) -> bool:
