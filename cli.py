@@ -40,7 +40,17 @@ from .errors import (
     InvalidInputError,
     LocalBackendUnavailable,
 )
-from .generation import BACKENDS, MAX_BATCH, MAX_PROMPT_CHARS, MAX_SEED, MAX_STEPS, GenerationRequest
+from .generation import (
+    BACKENDS,
+    MAX_BATCH,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    SIDE_MULTIPLE,
+    GenerationRequest,
+)
 from .local.lora import LoraChoice, parse_lora_option
 
 MAX_CONCURRENCY = 16
@@ -66,7 +76,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if (
             "%(default)" not in text
             and action.option_strings
-            and default not in (None, False, argparse.SUPPRESS)
+            and not (default is None or default is False or default is argparse.SUPPRESS or default == [])
             and action.nargs != 0
         ):
             text += " (default: %(default)s)"
@@ -168,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     params = gen.add_argument_group("generation")
     params.add_argument("--backend", choices=BACKENDS, default="api", help="where images are made")
-    params.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 16")
-    params.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 16")
+    side = f"pixels, {MIN_SIDE}..{MAX_SIDE}, a multiple of {SIDE_MULTIPLE}"
+    params.add_argument("--width", type=int, default=1024, help=side)
+    params.add_argument("--height", type=int, default=1024, help=side)
     params.add_argument("--steps", type=int, default=4, help=f"1..{MAX_STEPS} (4: fast, 8: quality)")
     params.add_argument(
         "--seed", type=int, help=f"seed of each prompt's first image, 0..{MAX_SEED} (default: random)"
@@ -204,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory",
         choices=LOCAL_MEMORY_FLAGS,
         default="auto",
-        help="which models stay on the GPU between stages (local.files.MEMORY_CHOICES); stream-blocks "
+        help="which models stay on the GPU between stages; stream-blocks "
         "keeps the transformer blocks that do not fit on the CPU and streams them in (low VRAM)",
     )
     local.add_argument(

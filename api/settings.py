@@ -35,6 +35,7 @@ ENV_CONFIG = "IMAGEAPI_CONFIG"
 DEFAULT_BASE_URL = "https://imageapi.org"
 KEY_HELP = "imageapi.org → Dashboard → API Keys"
 SET_KEY_COMMAND = "flux-schnell set-key"
+SET_KEY_SOURCE = "set-key's input (stdin or the hidden prompt)"
 COMFY_SUBDIR = "flux_schnell"
 XDG_SUBDIR = "comfyui-flux-schnell"
 CONFIG_NAME = "config.json"
@@ -300,13 +301,19 @@ def missing_key_message(
             f"set {ENV_CONFIG}={target} and run `{SET_KEY_COMMAND}` in a shell: {stores} "
             f"(without {ENV_CONFIG} it would write {shell_target}, which is not read here);"
         )
+    in_comfyui = _comfy_config() is not None  # ComfyUI's user directory is known
     lines += [
         "Set one in any of these ways:",
         f"  - the environment variable {names} (for example `export {ENV_KEY_NAMES[0]}=sk_...` "
-        "before starting ComfyUI);",
+        + ("before starting ComfyUI);" if in_comfyui else "in the shell that runs flux-schnell);"),
         f"  - {set_key}",
         f'  - write {{"api_key": "sk_..."}} into {target} yourself.',
-        f"Get a key at {KEY_HELP}. No restart is needed: the key is read on every run.",
+        f"Get a key at {KEY_HELP}. "
+        + (
+            "No restart is needed: the key is read on every run."
+            if in_comfyui
+            else "It is read on every run."
+        ),
     ]
     return scrub("\n".join(lines), key_like=True)  # the paths come from the environment
 
@@ -314,7 +321,7 @@ def missing_key_message(
 def save_api_key(api_key: str, config_path: Path | None = None) -> Path:
     """Store the key in the config file (mode 0600, atomic replace, other fields kept)."""
     path = Path(config_path) if config_path is not None else default_config_path()
-    check_api_key(api_key, "the key given to set-key")
+    check_api_key(api_key, SET_KEY_SOURCE)
     config = _read_config(path)
     config["api_key"] = api_key
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
@@ -343,7 +350,8 @@ def check_api_key(api_key: object, source: str) -> None:
     """Refuse an empty key or one with spaces or control characters, without echoing it."""
     if not isinstance(api_key, str) or not api_key.strip():
         raise ConfigurationError(
-            f"the API key from {source} is empty. Set a key from {KEY_HELP} (or run `{SET_KEY_COMMAND}`)."
+            f"the API key from {source} is empty. Get a key at {KEY_HELP}"
+            + ("." if source == SET_KEY_SOURCE else f" and set it (for example with `{SET_KEY_COMMAND}`).")
         )
     if any(ch.isspace() or not ch.isprintable() or ord(ch) > 126 for ch in api_key):
         raise ConfigurationError(

@@ -11,6 +11,12 @@ MODEL_FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "lor
 GGUF_FOLDERS = ("diffusion_models", "text_encoders")
 
 
+def inside_comfyui() -> bool:
+    """True in a ComfyUI process (its `folder_paths` is loaded): messages then speak of ComfyUI's
+    folders and inputs; outside it (the command line) of flags."""
+    return comfy_module("folder_paths") is not None
+
+
 def model_file_lists() -> dict[str, list[str]]:
     """File names ComfyUI knows in each model folder, and the .gguf files of `GGUF_FOLDERS`; empty
     lists outside ComfyUI."""

@@ -185,16 +185,27 @@ def _missing_message(missing: list[str], looked: list[str], missing_paths: list[
     lines += [f"  - {m}" for m in missing_paths]
     tokenizers = [m for m in missing if m.endswith("tokenizer")]
     lines += [f"  - {entry}" for entry in looked if entry]
+    if comfy_bridge.inside_comfyui():  # its folders and inputs; outside it the flags
+        if tokenizers:
+            lines.append(
+                "  - tokenizer folders: ComfyUI's comfy/text_encoders/t5_tokenizer and comfy/sd1_tokenizer"
+            )
+        lines.append(
+            "FLUX.1-schnell needs flux1-schnell.safetensors (models/diffusion_models), "
+            "t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors and clip_l.safetensors "
+            "(models/text_encoders), ae.safetensors (models/vae), or one all-in-one checkpoint "
+            "(models/checkpoints); or use backend 'api'."
+        )
+        return "\n".join(lines)
     if tokenizers:
         lines.append(
-            "  - tokenizer folders (--t5-tokenizer, --clip-tokenizer): ComfyUI's "
-            "comfy/text_encoders/t5_tokenizer and comfy/sd1_tokenizer, or the tokenizer_2/ and "
-            "tokenizer/ folders of the FLUX.1-schnell repository next to the transformer file"
+            "  - tokenizer folders (--t5-tokenizer, --clip-tokenizer): the tokenizer_2/ and tokenizer/ "
+            "folders of the FLUX.1-schnell repository, kept next to the transformer file"
         )
     lines.append(
-        "FLUX.1-schnell needs flux1-schnell.safetensors (models/diffusion_models), "
-        "t5xxl_fp16.safetensors or t5xxl_fp8_e4m3fn.safetensors and clip_l.safetensors "
-        "(models/text_encoders), ae.safetensors (models/vae), or one all-in-one checkpoint "
-        "(models/checkpoints); or use backend 'api'."
+        "FLUX.1-schnell needs --transformer flux1-schnell.safetensors and --ae ae.safetensors (from "
+        "black-forest-labs/FLUX.1-schnell), --t5 t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn) and "
+        "--clip clip_l.safetensors (from comfyanonymous/flux_text_encoders), or one --checkpoint; "
+        "or use --backend api."
     )
     return "\n".join(lines)

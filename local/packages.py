@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 
+from .. import comfy_bridge
 from ..errors import LocalBackendUnavailable
 
 LOCAL_PACKAGES = ("torch", "einops", "tokenizers")
@@ -37,6 +38,10 @@ def require_local_packages() -> None:
         raise LocalBackendUnavailable(
             f"backend 'local' needs the Python package{'s' if len(missing) > 1 else ''} {names}, "
             f"not installed in this Python environment. Install the local backend's extra with: "
-            f"{INSTALL_COMMAND} (inside ComfyUI: python -m pip install {' '.join(missing)}, with "
-            "ComfyUI's own Python)."
+            f"{INSTALL_COMMAND}"
+            + (
+                f" (or python -m pip install {' '.join(missing)}), with ComfyUI's own Python."
+                if comfy_bridge.inside_comfyui()
+                else "."
+            )
         )

@@ -65,6 +65,8 @@ def test_missing_key_explains_every_way_to_set_one(cfg):
     for part in ("IMAGEAPI_API_KEY", "IMAGEAPI_KEY", str(cfg), "flux-schnell set-key", "Dashboard"):
         assert part in msg
     assert isinstance(info.value, ValueError)
+    assert "ComfyUI" not in msg  # outside ComfyUI (no user directory): a shell's words
+    assert "in the shell that runs flux-schnell" in msg
 
 
 @pytest.mark.parametrize(
@@ -363,6 +365,8 @@ def test_missing_key_inside_comfyui_names_every_file_and_set_key_target(inside_c
     assert f"{xdg_file}: does not exist" in msg
     assert f"run `flux-schnell set-key` in a shell: it stores it in {xdg_file}" in msg
     assert "IMAGEAPI_API_KEY" in msg
+    assert "before starting ComfyUI" in msg
+    assert "No restart is needed" in msg
 
 
 def test_missing_key_when_an_earlier_file_hides_the_key(inside_comfyui):

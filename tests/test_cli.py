@@ -144,6 +144,18 @@ def test_refused_key_stops_the_run(fake_api, tmp_path, capsys):
     assert TEST_KEY not in err
 
 
+def test_set_key_with_an_empty_key_says_where_to_get_one_not_to_run_itself(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "cfg" / "config.json"
+    monkeypatch.setenv("IMAGEAPI_CONFIG", str(config))
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("\n"))
+    assert main(["set-key"]) == 2
+    err = capsys.readouterr().err
+    assert "set-key's input (stdin or the hidden prompt) is empty" in err
+    assert "Dashboard" in err
+    assert "run `flux-schnell set-key`" not in err  # the user just ran it
+    assert not config.exists()
+
+
 def test_set_key_and_config_never_print_the_key(fake_api, tmp_path, monkeypatch, capsys):
     config = tmp_path / "cfg" / "config.json"
     monkeypatch.setenv("IMAGEAPI_CONFIG", str(config))
@@ -505,6 +517,9 @@ def test_help_shows_defaults_environment_variables_and_exit_codes(capsys, comman
         assert "(default: 4)" in text
         assert "(default: api)" in text
         assert "(default: None)" not in text
+        assert "(default: [])" not in text  # --lora
+        assert text.count("pixels, 256..2048, a multiple of 16 (default: 1024)") == 2  # width, height
+        assert "MEMORY_CHOICES" not in text  # no names of the code in help texts
 
 
 def test_config_without_a_key_says_not_set_and_exits_0(fake_api, tmp_path, monkeypatch, capsys):
@@ -575,6 +590,7 @@ def test_local_backend_without_its_extra_exits_2_naming_the_package_and_the_comm
     assert result.returncode == 2
     assert "'torch'" in result.stderr
     assert 'pip install "comfyui-flux-schnell[local]"' in result.stderr
+    assert "ComfyUI" not in result.stderr  # no ComfyUI wording outside ComfyUI
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "new").exists()
 

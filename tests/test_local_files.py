@@ -70,8 +70,19 @@ def test_missing_files_are_listed_with_where_they_were_looked_for(comfy_with_tok
 
 
 def test_outside_comfyui_the_flags_are_named(tmp_path):
-    with pytest.raises(LocalBackendUnavailable, match="name the file with --t5"):
+    with pytest.raises(LocalBackendUnavailable, match="name the file with --t5") as info:
         LocalModelSpec(transformer=_touch(tmp_path / "f.safetensors")).resolve()
+    message = str(info.value)
+    # The command line's words: its flags and where the files come from, not ComfyUI's folders.
+    for expected in (
+        "--ae ae.safetensors",
+        "black-forest-labs/FLUX.1-schnell",
+        "flux_text_encoders",
+        "--backend api",
+    ):
+        assert expected in message
+    for comfy_words in ("models/diffusion_models", "backend 'api'", "comfy/sd1_tokenizer"):
+        assert comfy_words not in message
 
 
 def test_tokenizers_beside_the_transformer_as_in_the_flux_repository(tmp_path):
