@@ -29,6 +29,22 @@ def comfy_package(comfy):
 
 
 @pytest.fixture
+def node(comfy_package):
+    """A "FLUX Schnell Generate" node of the package as ComfyUI loaded it."""
+    return comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
+
+
+@pytest.fixture
+def fresh_local_cache():
+    """No local models cached before or after the test (each test loads its own files)."""
+    from comfyui_flux_schnell import local_backend
+
+    local_backend.release_models()
+    yield
+    local_backend.release_models()
+
+
+@pytest.fixture
 def fake_api(tmp_path, monkeypatch):
     """A loopback fake ImageAPI, with the environment pointing the package at it."""
     from support.fake_imageapi import FakeImageAPI

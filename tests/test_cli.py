@@ -13,6 +13,7 @@ import torch
 from comfyui_flux_schnell.cli import main
 from PIL import Image
 from support import TEST_KEY
+from support.cli_args import SMALL_SIZE, generate_args
 from support.fake_imageapi import Reply, error_reply, request_image
 
 
@@ -51,26 +52,7 @@ def test_one_prompt_to_a_png_with_metadata(fake_api, send_seed, tmp_path):
 
 def test_batch_writes_one_file_per_seed(fake_api, send_seed, tmp_path):
     out = tmp_path / "fox.png"
-    assert (
-        main(
-            [
-                "generate",
-                "--prompt",
-                "fox",
-                "--out",
-                str(out),
-                "--batch-size",
-                "3",
-                "--seed",
-                "5",
-                "--width",
-                "256",
-                "--height",
-                "256",
-            ]
-        )
-        == 0
-    )
+    assert main(generate_args("--prompt", "fox", "--out", str(out), "--batch-size", "3", "--seed", "5")) == 0
     seeds = [png_text(tmp_path / f"fox-{i}.png")["seed"] for i in (1, 2, 3)]
     assert seeds == ["5", "6", "7"]
 
@@ -86,21 +68,9 @@ def test_prompts_file_is_resumable_and_reports_failures(fake_api, tmp_path, caps
         return Reply.image(request_image(req))
 
     fake_api.set_default(refuse_dog)
-    args = [
-        "generate",
-        "--prompts-file",
-        str(prompts),
-        "--out-dir",
-        str(out_dir),
-        "--width",
-        "256",
-        "--height",
-        "256",
-        "--seed",
-        "1",
-        "--concurrency",
-        "2",
-    ]
+    args = generate_args(
+        "--prompts-file", str(prompts), "--out-dir", str(out_dir), "--seed", "1", "--concurrency", "2"
+    )
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "done: 2, failed: 1" in err
@@ -178,15 +148,7 @@ def test_module_entry_point_runs_in_a_subprocess(fake_api, tmp_path):
             sys.executable,
             "-m",
             "comfyui_flux_schnell",
-            "generate",
-            "--prompt",
-            "p",
-            "--out",
-            str(out),
-            "--width",
-            "256",
-            "--height",
-            "256",
+            *generate_args("--prompt", "p", "--out", str(out)),
         ],
         capture_output=True,
         text=True,
@@ -207,8 +169,7 @@ def test_local_backend_from_the_command_line(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\na dog\n")
     code = main(
-        [
-            "generate",
+        generate_args(
             "--backend",
             "local",
             "--prompts-file",
@@ -221,10 +182,6 @@ def test_local_backend_from_the_command_line(tmp_path):
             str(t5_tok),
             "--clip-tokenizer",
             str(clip_tok),
-            "--width",
-            "256",
-            "--height",
-            "256",
             "--steps",
             "1",
             "--seed",
@@ -233,7 +190,7 @@ def test_local_backend_from_the_command_line(tmp_path):
             "2",
             "--device",
             "cpu",
-        ]
+        )
     )
     assert code == 0
     names = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
@@ -251,19 +208,7 @@ def test_local_backend_from_the_command_line(tmp_path):
 def test_editing_the_prompts_file_does_not_rename_finished_drafts(fake_api, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\na cat\n")
-    args = [
-        "generate",
-        "--prompts-file",
-        str(prompts),
-        "--out-dir",
-        str(tmp_path / "d"),
-        "--width",
-        "256",
-        "--height",
-        "256",
-        "--seed",
-        "1",
-    ]
+    args = generate_args("--prompts-file", str(prompts), "--out-dir", str(tmp_path / "d"), "--seed", "1")
     assert main(args) == 0
     prompts.write_text("# a fox is done\na cat\na new owl\n")
     assert main(args) == 0
@@ -335,9 +280,7 @@ def test_pngs_get_the_usual_permissions(fake_api, tmp_path):
     old = os.umask(0o022)
     try:
         out = tmp_path / "perm.png"
-        assert (
-            main(["generate", "--prompt", "p", "--out", str(out), "--width", "256", "--height", "256"]) == 0
-        )
+        assert main(generate_args("--prompt", "p", "--out", str(out))) == 0
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o644
@@ -403,9 +346,7 @@ def test_too_large_a_prompts_file_is_refused(fake_api, tmp_path, capsys, monkeyp
 def test_bad_out_paths_are_refused_before_anything_happens(fake_api, tmp_path, capsys, out, message):
     (tmp_path / "folder").mkdir()
     (tmp_path / "blocker").write_text("a file, not a folder")
-    code = main(
-        ["generate", "--prompt", "p", "--out", str(tmp_path / out), "--width", "256", "--height", "256"]
-    )
+    code = main(generate_args("--prompt", "p", "--out", str(tmp_path / out)))
     assert code == 2
     assert message in capsys.readouterr().err
     assert fake_api.generate_calls == 0
@@ -454,28 +395,13 @@ def test_mismatched_options_are_usage_errors(argv):
 
 def test_a_finished_run_says_where_its_files_are(fake_api, tmp_path, capsys):
     out = tmp_path / "fox.png"
-    assert main(["generate", "--prompt", "fox", "--out", str(out), "--width", "256", "--height", "256"]) == 0
+    assert main(generate_args("--prompt", "fox", "--out", str(out))) == 0
     said = capsys.readouterr()
     assert f"wrote {out}" in said.out  # the result, on stdout (issue 14): a script captures it
     assert "wrote" not in said.err
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\n")
-    assert (
-        main(
-            [
-                "generate",
-                "--prompts-file",
-                str(prompts),
-                "--out-dir",
-                str(tmp_path / "d"),
-                "--width",
-                "256",
-                "--height",
-                "256",
-            ]
-        )
-        == 0
-    )
+    assert main(generate_args("--prompts-file", str(prompts), "--out-dir", str(tmp_path / "d"))) == 0
     said = capsys.readouterr()
     assert f"images in {tmp_path / 'd'}" in said.out
     assert str(tmp_path / "d" / "manifest.jsonl") in said.out
@@ -485,17 +411,7 @@ def test_a_finished_run_says_where_its_files_are(fake_api, tmp_path, capsys):
 
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_verbose_is_accepted_anywhere(fake_api, tmp_path, where, capsys):
-    args = [
-        "generate",
-        "--prompt",
-        "p",
-        "--out",
-        str(tmp_path / "x.png"),
-        "--width",
-        "256",
-        "--height",
-        "256",
-    ]
+    args = generate_args("--prompt", "p", "--out", str(tmp_path / "x.png"))
     argv = ["-v", *args] if where == "before" else [*args, "-v"]
     assert main(argv) == 0
     assert "POST" in capsys.readouterr().err  # the request, logged at DEBUG
@@ -570,9 +486,7 @@ def test_the_api_path_runs_without_torch(fake_api, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\nb\na\n")
     out = tmp_path / "d"
-    result = run_without_torch(
-        "generate", "--prompts-file", str(prompts), "--out-dir", str(out), "--width", "256", "--height", "256"
-    )
+    result = run_without_torch(*generate_args("--prompts-file", str(prompts), "--out-dir", str(out)))
     assert result.returncode == 0, result.stderr
     assert "torch never imported" in result.stdout
     assert len(list(out.glob("*.png"))) == 2
@@ -620,7 +534,7 @@ def test_jsonl_lines_override_the_command_line(fake_api, tmp_path):
         '{"prompt": "fox"}\n{"prompt": "owl", "width": 512, "height": 256, "num_inference_steps": 8}\n'
     )
     args = ["generate", "--prompts-file", str(prompts), "--out-dir", str(tmp_path / "d")]
-    assert main([*args, "--width", "256", "--height", "256", "--seed", "3"]) == 0
+    assert main([*args, *SMALL_SIZE, "--seed", "3"]) == 0
     sent = {r.prompt: r.json for r in fake_api.requests}
     assert (sent["fox"]["width"], sent["fox"]["height"], sent["fox"]["num_inference_steps"]) == (256, 256, 4)
     assert (sent["owl"]["width"], sent["owl"]["height"], sent["owl"]["num_inference_steps"]) == (512, 256, 8)

@@ -20,24 +20,12 @@ from comfyui_flux_schnell.drafts import png_files as image_files
 from comfyui_flux_schnell.drafts.manifest import read_manifest
 from PIL import Image
 from support import TEST_KEY
+from support.cli_args import generate_args
 from support.fake_imageapi import Reply, error_reply, request_image
 
 
 def draft_args(prompts, out_dir, *extra) -> list[str]:
-    return [
-        "generate",
-        "--prompts-file",
-        str(prompts),
-        "--out-dir",
-        str(out_dir),
-        "--width",
-        "256",
-        "--height",
-        "256",
-        "--seed",
-        "3",
-        *extra,
-    ]
+    return generate_args("--prompts-file", str(prompts), "--out-dir", str(out_dir), "--seed", "3", *extra)
 
 
 class AliveImages:

@@ -37,23 +37,11 @@ def tiny_bf16(model_dir):
     return write_tiny_models(model_dir, torch.bfloat16)
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    local_backend.release_models()
-    yield
-    local_backend.release_models()
+pytestmark = pytest.mark.usefixtures("fresh_local_cache")
 
 
-def spec_for(files, model_dir, **kw) -> LocalModelSpec:
-    return LocalModelSpec(
-        transformer=files.transformer,
-        t5=files.t5,
-        clip=files.clip,
-        ae=files.ae,
-        t5_tokenizer=model_dir / "tokenizer_2",
-        clip_tokenizer=model_dir / "tokenizer",
-        **kw,
-    )
+def spec_for(files, model_dir, **fields) -> LocalModelSpec:
+    return files.spec(model_dir, **fields)
 
 
 def run(spec, prompt="a red fox", seed=3, batch=1, steps=2, width=SIZE, height=SIZE):

@@ -109,24 +109,12 @@ def tiny(tmp_path_factory):
     return folder, files, loras
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    local_backend.release_models()
-    yield
-    local_backend.release_models()
+pytestmark = pytest.mark.usefixtures("fresh_local_cache")
 
 
 def spec_for(tiny, *loras: tuple[str, float]) -> LocalModelSpec:
     folder, files, paths = tiny
-    return LocalModelSpec(
-        transformer=files.transformer,
-        t5=files.t5,
-        clip=files.clip,
-        ae=files.ae,
-        t5_tokenizer=folder / "tokenizer_2",
-        clip_tokenizer=folder / "tokenizer",
-        loras=tuple(LoraChoice(paths[name], strength) for name, strength in loras),
-    )
+    return files.spec(folder, loras=tuple(LoraChoice(paths[name], strength) for name, strength in loras))
 
 
 def run(spec, seed=3):

@@ -19,11 +19,6 @@ def run(node, *args, **kwargs):
 
 
 @pytest.fixture
-def node(comfy_package):
-    return comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
-
-
-@pytest.fixture
 def send_seed(fake_api, monkeypatch, tmp_path):
     config = tmp_path / "seed_config.json"
     config.write_text(json.dumps({"send_seed": True}))

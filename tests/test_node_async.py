@@ -18,11 +18,6 @@ from support.fake_imageapi import Reply, error_reply, request_image
 SLOW_S = 30.0  # a service that would answer only after the test had failed
 
 
-@pytest.fixture
-def node(comfy_package):
-    return comfy_package.NODE_CLASS_MAPPINGS["FluxSchnellGenerate"]()
-
-
 def _args(prompt: str, batch: int = 1, node_id: str = "1") -> dict:
     return {
         "prompt": prompt,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfyui_flux_schnell import local_backend
 from support import tiny_models as tm
 from support.tiny_scaled_fp8 import scaled_fp8
 from support.tiny_tokenizers import write_flux_repo_tree
@@ -26,11 +25,7 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    local_backend.release_models()
-    yield
-    local_backend.release_models()
+pytestmark = pytest.mark.usefixtures("fresh_local_cache")
 
 
 def fp32_set(folder, transformer, t5, clip, ae):

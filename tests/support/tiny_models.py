@@ -171,6 +171,21 @@ class TinyModelFiles:
     t5_config: T5Config = field(default_factory=lambda: replace(TINY_T5))
     clip_config: CLIPTextConfig = field(default_factory=lambda: replace(TINY_CLIP))
 
+    def spec(self, tokenizers: Path, **fields):
+        """The local backend's `LocalModelSpec` of these four files, with the tokenizer folders
+        `tokenizers`/tokenizer_2 (T5) and `tokenizers`/tokenizer (CLIP); `fields` set the rest."""
+        from comfyui_flux_schnell.local.files import LocalModelSpec
+
+        return LocalModelSpec(
+            transformer=self.transformer,
+            t5=self.t5,
+            clip=self.clip,
+            ae=self.ae,
+            t5_tokenizer=tokenizers / "tokenizer_2",
+            clip_tokenizer=tokenizers / "tokenizer",
+            **fields,
+        )
+
 
 def write_tiny_models(folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0):
     """Write the four single files and the all-in-one checkpoint of one tiny model set."""
