@@ -149,6 +149,7 @@ def test_missing_key_says_how_to_set_one(comfy_package, node, fake_api, monkeypa
     assert fake_api.generate_calls == 0
 
 
+@pytest.mark.slow  # over 3 s: it waits on a slow service on purpose
 def test_interrupt_stops_waiting_at_once(comfy, node, fake_api):
     fake_api.set_default(lambda req, fake: Reply.image(request_image(req), delay_s=30))
     threading.Timer(0.3, comfy.interrupt).start()

@@ -68,6 +68,7 @@ def test_each_node_still_bounds_its_own_requests(comfy_package, node, fake_api):
     assert fake_api.max_in_flight == limit < 6
 
 
+@pytest.mark.slow  # over 3 s: it waits on a slow service on purpose
 def test_cancel_stops_every_waiting_node(comfy, node, fake_api):
     fake_api.delay_s = SLOW_S
 
@@ -84,6 +85,7 @@ def test_cancel_stops_every_waiting_node(comfy, node, fake_api):
     assert all(text.startswith("cancelled after ") for text in last.values()), last
 
 
+@pytest.mark.slow  # over 3 s: it waits on a slow service on purpose
 def test_cancel_seen_by_one_node_reaches_the_other(comfy, node, fake_api):
     """ComfyUI's own `throw_exception_if_processing_interrupted` clears the flag; the package
     raises ComfyUI's exception itself, so a node that saw the Cancel leaves it for the others."""
