@@ -26,10 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from PIL import Image
 
-from .api.control import StopRequest
-from .api.service import ImageApiClient, OnEvent
-from .api.settings import ApiSettings, load_settings
-from .api.types import ApiImageRequest
+from .api import ApiImageRequest, ApiSettings, ImageApiClient, OnEvent, StopRequest, load_settings
 from .comfy_bridge import Progress
 from .errors import (
     ApiError,

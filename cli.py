@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._version import __version__
-from .drafts.command import (
+from .drafts import (
     EXIT_USAGE,
     config_command,
     exit_codes_help,
@@ -51,7 +51,7 @@ from .generation import (
     SIDE_MULTIPLE,
     GenerationRequest,
 )
-from .local.lora import LoraChoice, parse_lora_option
+from .local import LoraChoice, parse_lora_option
 
 MAX_CONCURRENCY = 16
 log = logging.getLogger("flux_schnell.cli")
@@ -349,7 +349,7 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 
 
 def _set_up_logging(verbose: bool) -> None:
-    from .drafts.progress import ProgressLogHandler
+    from .drafts import ProgressLogHandler
 
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, ProgressLogHandler)]:
@@ -362,7 +362,7 @@ def _set_up_logging(verbose: bool) -> None:
 
 def _generate(args) -> int:
     """Check the flags, build one request template and one model spec, hand them to drafts."""
-    from .drafts.run import RunSettings
+    from .drafts import RunSettings
 
     gen_parser = args.command_parser  # its usage line goes with the errors below
     if args.prompt is not None and args.out is None:
@@ -424,7 +424,7 @@ LOCAL_MEMORY_FLAGS = ("auto", "keep-on-GPU", "offload-to-CPU", "free-after-run",
 
 
 def _local_model_spec(args):
-    from .local.files import LocalModelSpec
+    from .local import LocalModelSpec
 
     return LocalModelSpec(
         checkpoint=args.checkpoint,

@@ -13,11 +13,19 @@ import torch
 
 from .comfy_bridge import Progress
 from .generation import MODEL_NAME, GenerationInfo, GenerationRequest
-from .local.device import check_device_can_hold, compute_dtype, pick_device
-from .local.files import LocalModelSpec
-from .local.memory import GIB, MemoryPolicy
-from .local.models import MODEL_CACHE, set_loras
-from .local.pipeline import PipelineRun, run_pipeline, timed_stage
+from .local import (
+    GIB,
+    MODEL_CACHE,
+    LocalModelSpec,
+    MemoryPolicy,
+    PipelineRun,
+    check_device_can_hold,
+    compute_dtype,
+    pick_device,
+    run_pipeline,
+    set_loras,
+    timed_stage,
+)
 
 __all__ = ["generate_local", "release_models"]
 
@@ -29,7 +37,7 @@ def release_models() -> None:
 
 def generate_local(request: GenerationRequest, spec: LocalModelSpec | None, progress: Progress):
     """Run `request` on this machine; returns `(IMAGE tensor [B, H, W, 3], GenerationInfo)`."""
-    from .flux.sampling import check_image_size
+    from .flux import check_image_size
 
     request.validate("local")
     check_image_size(request.height, request.width)

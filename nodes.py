@@ -28,8 +28,7 @@ from .generation import (
     SIDE_MULTIPLE,
     GenerationRequest,
 )
-from .local.files import MEMORY_CHOICES, WEIGHT_DTYPE_OPTIONS
-from .local.lora import LORA_FOLDER, STRENGTH_LIMIT, lora_from_comfy
+from .local import LORA_FOLDER, MEMORY_CHOICES, STRENGTH_LIMIT, WEIGHT_DTYPE_OPTIONS, lora_from_comfy
 
 CATEGORY = "image/generation/FLUX Schnell"
 # What the node search also matches (the V1 attribute SEARCH_ALIASES, Comfy-Org/ComfyUI PR #12010)
@@ -182,7 +181,7 @@ class FluxSchnellGenerate:
                 "Schnell LoRA nodes (the hosted API would make the images without them)"
             )
         if backend == "api":
-            from .api.settings import load_settings
+            from .api import load_settings
             from .api_client import generate_api
 
             settings = load_settings()  # the environment and config file, read on every run
@@ -196,7 +195,7 @@ class FluxSchnellGenerate:
                     progress=progress,
                 )
         else:
-            from .local.packages import require_local_packages
+            from .local import require_local_packages
 
             require_local_packages()  # one clear error naming the package and the pip command
             from .local_backend import generate_local
@@ -288,10 +287,10 @@ class FluxSchnellLocalModel:
         }
 
     def select(self, checkpoint, transformer, t5, clip, vae, weight_dtype, memory):
-        from .local.packages import require_local_packages
+        from .local import require_local_packages
 
         require_local_packages()  # the same clear error as FLUX Schnell Generate's
-        from .local.files import LocalModelSpec
+        from .local import LocalModelSpec
 
         spec = LocalModelSpec.from_node_inputs(
             checkpoint=None if checkpoint == NO_CHECKPOINT else checkpoint,
@@ -439,8 +438,7 @@ class FluxSchnellDrafts:
         prompt=None,
         extra_pnginfo=None,
     ):
-        from .drafts.node_run import drafts_folder, run_drafts
-        from .drafts.run import RunSettings
+        from .drafts import RunSettings, drafts_folder, run_drafts
         from .image_tensors import pil_to_tensor
 
         out_dir, subfolder = drafts_folder(comfy_bridge.output_directory(), folder)
@@ -465,7 +463,7 @@ class FluxSchnellDrafts:
         if backend == "api":
             from dataclasses import replace
 
-            from .api.settings import load_settings
+            from .api import load_settings
 
             api_settings = load_settings()
             settings = replace(settings, seed_sent=api_settings.send_seed)
@@ -480,7 +478,7 @@ class FluxSchnellDrafts:
                     progress=progress,
                 )
         else:
-            from .local.packages import require_local_packages
+            from .local import require_local_packages
 
             require_local_packages()
             result = run_drafts(settings, prompts, source and Path(source), progress, spec=local_model)

@@ -331,7 +331,7 @@ def part_headline(setup: Setup) -> None:
     transformer = models.transformer.module
     to_fp8(transformer)
     report("ours fp8_e4m3fn", run_ours(models, setup, size), ours.latent, "weights upcast per layer call")
-    enabled = fp8_matmul.enable(transformer)
+    enabled = fp8_matmul.enable_fp8_matmul(transformer)
     usable = fp8_matmul.usable(setup.device)
     note = f"{enabled} layers, _scaled_mm " + ("used" if usable else "not usable here: computes as fp8")
     report("ours fp8_e4m3fn_fast", run_ours(models, setup, size), ours.latent, note)

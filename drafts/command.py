@@ -64,7 +64,7 @@ log = logging.getLogger("flux_schnell.cli")
 
 
 def set_key_command() -> int:
-    from ..api.settings import save_api_key
+    from ..api import save_api_key
 
     interactive = sys.stdin.isatty()
     key = getpass.getpass("ImageAPI key (input hidden): ") if interactive else sys.stdin.readline()
@@ -76,13 +76,13 @@ def set_key_command() -> int:
 def config_command() -> int:
     """Every setting with its value and where it came from (environment variable, which config
     file, default), with or without a key; then the settings' own check."""
-    from ..api.redact import scrub
-    from ..api.settings import (
+    from ..api import (
         config_search_paths,
         default_config_path,
         describe_settings,
         load_settings,
         missing_key_message,
+        scrub,
     )
 
     looked = config_search_paths()
@@ -193,7 +193,7 @@ def generate_command(
 
     # 3. What the backend needs: the key (read here, where the program starts) or the packages.
     if backend == "api":
-        from ..api.settings import load_settings
+        from ..api import load_settings
 
         api_settings = load_settings()
         run_settings = replace(run_settings, seed_sent=api_settings.send_seed)
@@ -210,7 +210,7 @@ def generate_command(
                 found.seeded,
             )
     else:
-        from ..local.packages import require_local_packages
+        from ..local import require_local_packages
 
         require_local_packages()
         api_settings = None
@@ -405,7 +405,7 @@ def _run(run_settings, api_settings, spec, lines, planned: int) -> int:
                 return EXIT_FAILED
             return EXIT_ACCOUNT if ends_the_run(error) else None  # a refused key, no credits left
 
-        from ..api.control import StopRequest
+        from ..api import StopRequest
 
         stop_request = StopRequest()
         backend = api_backend(
@@ -446,7 +446,7 @@ def _run(run_settings, api_settings, spec, lines, planned: int) -> int:
 
 
 def _show_event(progress):
-    from ..api.types import EventKind
+    from ..api import EventKind
 
     def on_event(event) -> None:
         if event.kind in (EventKind.RATE_LIMITED, EventKind.RETRYING, EventKind.WAITING):

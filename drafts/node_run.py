@@ -117,7 +117,7 @@ def _run(run_settings, prompts_file, progress, api_settings, spec) -> DraftsResu
     watcher = _CancelWatcher(progress, stop)
     with FolderLock(folder, flag="folder"):
         if backend_name == "api":
-            from ..api.control import StopRequest
+            from ..api import StopRequest
 
             # Cancel drains: nothing new is sent, the answers in flight (maybe paid) are written.
             drain = StopRequest(drain_when=stop.is_set)

@@ -9,7 +9,7 @@ accumulates in fp32 and writes the compute dtype. This is ComfyUI's `--fast fp8_
 (https://github.com/comfyanonymous/ComfyUI, `comfy/ops.py` `fp8_linear`) and that of
 https://github.com/aredden/flux-fp8-api; the code here is our own.
 
-A layer takes this path when `fp8_matmul` is set on it (`enable`) and `usable(device)` says yes:
+A layer takes this path when `fp8_matmul` is set on it (`enable_fp8_matmul`) and `usable(device)` says yes:
 - a CUDA GPU of capability >= (8, 9): yes;
 - `FLUX_SCHNELL_FP8_MATMUL=force`: yes wherever this torch has `_scaled_mm` (the CPU too, which is
   how the tests prove the path: torch 2.13's CPU build has it);
@@ -79,7 +79,7 @@ def granularity(device: torch.device) -> str:
     return "row"
 
 
-def enable(model: nn.Module) -> int:
+def enable_fp8_matmul(model: nn.Module) -> int:
     """Mark the fp8 Linear layers of `model` for fp8 matrix products; returns how many."""
     from .ops import Linear
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import comfy_bridge
 from ..errors import InvalidInputError, LocalBackendUnavailable
-from ..flux.components import CHECKPOINT_PATTERNS, COMPONENTS, Component
+from ..flux import CHECKPOINT_PATTERNS, COMPONENTS, Component
 from .lora import LoraChoice
 
 WEIGHT_DTYPE_OPTIONS = ("as stored", "bf16", "fp8_e4m3fn", "fp8_e4m3fn_fast")
@@ -125,7 +125,7 @@ class LocalModelSpec:
                 "t5_tokenizer": Path(self.t5_tokenizer),
                 "clip_tokenizer": Path(self.clip_tokenizer),
             }
-        from ..flux.tokenizers import find_comfyui_tokenizer_folders
+        from ..flux import find_comfyui_tokenizer_folders
 
         bundled = find_comfyui_tokenizer_folders()
         candidates = []

@@ -93,7 +93,7 @@ def use_loras(networks: Mapping[str, object], choices: Sequence[LoraChoice], dty
     """Put exactly `choices` on the networks (name -> module), replacing what was there; returns how
     many layers carry an update. Reads the LoRA files, never a base weight file. Every file is
     checked before anything changes: on an error the networks keep their previous LoRAs."""
-    from ..flux import lora as flux_lora
+    from ..flux import apply_loras, read_lora
 
-    loras = [(flux_lora.read_lora(c.path), c.strength) for c in choices]
-    return flux_lora.apply_loras(networks, loras, dtype)
+    loras = [(read_lora(c.path), c.strength) for c in choices]
+    return apply_loras(networks, loras, dtype)

@@ -165,14 +165,14 @@ class Placed:
 
     def refresh_size(self) -> None:
         """Recount `nbytes` (the weights and the LoRA updates now attached), also for ComfyUI."""
-        from ..flux.lora import adapters
+        from ..flux import adapters
 
         self.nbytes = module_bytes(self.module) + sum(a.nbytes for a in adapters(self.module))
         comfy_bridge.resize_managed(self.patcher, self.nbytes)
 
 
 def _move_loras(module: nn.Module, device: torch.device) -> None:
-    from ..flux.lora import move_loras
+    from ..flux import move_loras
 
     move_loras(module, device)
 
@@ -228,7 +228,16 @@ class ModelCache:
     def load(self, files: ResolvedFiles, weight_dtype: str) -> tuple[LoadedModels, bool]:
         """The models for these files and dtype, and whether they had to be loaded (the caller
         holds `lock`). A different set is released first, so two never share the memory."""
-        from ..flux import fp8_matmul, loading, tokenizers
+        from ..flux import (
+            check_files_compatible,
+            enable_fp8_matmul,
+            load_autoencoder,
+            load_clip,
+            load_clip_tokenizer,
+            load_t5,
+            load_t5_tokenizer,
+            load_transformer,
+        )
 
         stamps = file_stamps(files)
         cached = self.loaded
@@ -240,24 +249,24 @@ class ModelCache:
         ):
             return cached, False
         # The four files must belong together: checked from their headers, before gigabytes load.
-        loading.check_files_compatible(files.transformer, files.t5, files.clip, files.ae)
+        check_files_compatible(files.transformer, files.t5, files.clip, files.ae)
         narrow = LOAD_DTYPE_OF_OPTION[weight_dtype]
         self.drop()
-        transformer = loading.load_transformer(files.transformer, weight_dtype=narrow)
+        transformer = load_transformer(files.transformer, weight_dtype=narrow)
         if weight_dtype in FP8_MATMUL_OPTIONS:
-            count = fp8_matmul.enable(transformer)
+            count = enable_fp8_matmul(transformer)
             log.info("fp8 matrix products for %d transformer layers (where the GPU has them)", count)
         log.info("loading FLUX.1-schnell (weights %s) from %s", weight_dtype, files.transformer.parent)
         self.loaded = LoadedModels(
             files=files,
             weight_dtype=weight_dtype,
             stamps=stamps,
-            t5=Placed("T5-XXL", loading.load_t5(files.t5, weight_dtype=narrow)),
-            clip=Placed("CLIP-L", loading.load_clip(files.clip)),
+            t5=Placed("T5-XXL", load_t5(files.t5, weight_dtype=narrow)),
+            clip=Placed("CLIP-L", load_clip(files.clip)),
             transformer=Placed("transformer", transformer),
-            ae=Placed("autoencoder", loading.load_autoencoder(files.ae)),
-            t5_tokenizer=tokenizers.load_t5_tokenizer(files.t5_tokenizer, max_length=T5_MAX_LENGTH),
-            clip_tokenizer=tokenizers.load_clip_tokenizer(files.clip_tokenizer, max_length=CLIP_MAX_LENGTH),
+            ae=Placed("autoencoder", load_autoencoder(files.ae)),
+            t5_tokenizer=load_t5_tokenizer(files.t5_tokenizer, max_length=T5_MAX_LENGTH),
+            clip_tokenizer=load_clip_tokenizer(files.clip_tokenizer, max_length=CLIP_MAX_LENGTH),
         )
         return self.loaded, True
 
@@ -290,7 +299,7 @@ def set_loras(models: LoadedModels, choices, dtype: torch.dtype) -> None:
     """Put the chosen LoRAs on the loaded models when they differ from what is there (the caller
     holds the cache's lock). Only the LoRA files are read; a LoRA that does not fit raises and leaves the
     models as they were."""
-    from ..flux.components import CLIP, T5, TRANSFORMER
+    from ..flux import CLIP, T5, TRANSFORMER
     from .lora import lora_state, use_loras
 
     state = (lora_state(choices), dtype) if choices else ()

@@ -82,8 +82,7 @@ def compile_blocks(transformer: nn.Module, backend: str) -> str:
 @torch.inference_mode()
 def run_pipeline(models: LoadedModels, run: PipelineRun) -> torch.Tensor:
     """Text encoding, sampling (one image per seed) and decoding: IMAGE tensor (B, H, W, 3) on the CPU."""
-    from ..flux import sampling
-    from ..flux.conditioning import encode_prompts
+    from ..flux import decode_to_images, encode_prompts
 
     request, policy, timings, device, dtype = run.request, run.policy, run.timings, run.device, run.dtype
     height, width = request.height, request.width
@@ -116,8 +115,7 @@ def run_pipeline(models: LoadedModels, run: PipelineRun) -> torch.Tensor:
     decoding_stage = policy.use([models.ae], decoding_bytes(height, width))
     with timed_stage("decoding", request, timings), decoding_stage:
         images = [
-            sampling.decode_to_images(models.ae.module, x, height, width, dtype=decode_dtype(dtype))
-            for x in latents
+            decode_to_images(models.ae.module, x, height, width, dtype=decode_dtype(dtype)) for x in latents
         ]  # each (1, H, W, 3) float32 on the CPU
     return torch.cat(images)
 
@@ -126,18 +124,17 @@ def _sample_one(
     transformer: nn.Module, txt: torch.Tensor, vec: torch.Tensor, seed: int, run: PipelineRun, previews: bool
 ) -> torch.Tensor:
     """The packed latent (1, H/16 * W/16, 64) of one seed, after `run.request.steps` Euler steps."""
-    from ..flux import sampling
-    from ..flux.preview import latent_preview
+    from ..flux import denoise, get_noise, get_schedule, image_ids, latent_preview, pack, text_ids, unpack
 
     request, device, dtype, progress = run.request, run.device, run.dtype, run.progress
     height, width = request.height, request.width
     # Drawn by a CPU generator (the same numbers on every device), in bf16 as the reference does.
-    noise = sampling.get_noise(1, height, width, seed, device=device, dtype=torch.bfloat16)
+    noise = get_noise(1, height, width, seed, device=device, dtype=torch.bfloat16)
     noise = noise.to(dtype)
-    img, img_ids = sampling.pack(noise), sampling.image_ids(1, height, width, device=device)
-    txt_ids = sampling.text_ids(1, txt.shape[1], device=device)
+    img, img_ids = pack(noise), image_ids(1, height, width, device=device)
+    txt_ids = text_ids(1, txt.shape[1], device=device)
 
-    schedule = sampling.get_schedule(request.steps)
+    schedule = get_schedule(request.steps)
     last = [img]  # the latent before the step, to recover the step's velocity for the preview
 
     def on_step(done: int, total: int, x: torch.Tensor) -> None:
@@ -145,10 +142,10 @@ def _sample_one(
         if previews:  # show the predicted clean image, not the noisy latent
             t_prev, t_curr = schedule[done], schedule[done - 1]
             velocity = (x - last[0]) / (t_prev - t_curr)  # Euler: x = last + (t_prev - t_curr) v
-            picture = latent_preview(sampling.unpack(x - t_prev * velocity, height, width))
+            picture = latent_preview(unpack(x - t_prev * velocity, height, width))
             preview = ("JPEG", picture, PREVIEW_MAX_SIZE)
             last[0] = x
         progress.advance(1, preview)  # ComfyUI's bar raises its interrupt exception here
         progress.raise_if_interrupted()
 
-    return sampling.denoise(transformer, img, img_ids, txt, txt_ids, vec, schedule, on_step=on_step)
+    return denoise(transformer, img, img_ids, txt, txt_ids, vec, schedule, on_step=on_step)

@@ -74,7 +74,8 @@ def test_marked_layers_take_scaled_mm_only_when_usable(monkeypatch):
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setenv(fp8_matmul.ENV, "force")
     assert torch.equal(layer(x), upcast_product(layer, x))  # not marked: upcast as before
-    assert fp8_matmul.enable(torch.nn.Sequential(layer, Linear(4, 4))) == 1  # fp32 weight: left alone
+    # the fp32 weight is left alone
+    assert fp8_matmul.enable_fp8_matmul(torch.nn.Sequential(layer, Linear(4, 4))) == 1
     out = layer(x)
     assert calls == [1]
     assert rel_error(out, upcast_product(layer, x)) < LAYER_TOLERANCE

@@ -109,3 +109,53 @@ def _package_modules():
         if relative.parts[0] in skipped or relative.parts[0].startswith("."):
             continue
         yield path
+
+
+SUBPACKAGES = ("api", "local", "drafts", "flux")
+
+
+def _imports_from_other_packages():
+    """(module, line, package, the module imported from it or None, names) of every relative import
+    in the package that reaches a subpackage from outside it."""
+    import ast
+
+    for path in _package_modules():
+        relative = path.relative_to(REPO)
+        own = relative.parts[0] if len(relative.parts) > 1 else None
+        folder = list(relative.parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or node.level == 0:
+                continue
+            target = folder[: len(folder) - (node.level - 1)] + (
+                node.module.split(".") if node.module else []
+            )
+            if target and target[0] in SUBPACKAGES and target[0] != own:
+                inner = ".".join(target[1:]) or None
+                yield str(relative), node.lineno, target[0], inner, [a.name for a in node.names]
+
+
+def test_modules_outside_a_package_import_only_its_entry_points():
+    """`from ..api import load_settings`, never `from ..api.settings import ...`: each package's
+    `__init__.py` names what the rest of the package may use of it."""
+    import importlib
+
+    deep, unnamed = [], []
+    for module, line, package, inner, names in _imports_from_other_packages():
+        if inner is not None:
+            deep.append(f"{module}:{line}: from {package}.{inner}")
+            continue
+        listed = importlib.import_module(f"comfyui_flux_schnell.{package}").__all__
+        unnamed += [f"{module}:{line}: {package}.{name}" for name in names if name not in listed]
+    assert not deep, "import the package's entry points instead:\n" + "\n".join(deep)
+    assert not unnamed, "not an entry point of its package (add it to __init__.py):\n" + "\n".join(unnamed)
+
+
+def test_every_entry_point_of_a_package_resolves_to_where_it_is_defined():
+    import importlib
+
+    for package in SUBPACKAGES:
+        module = importlib.import_module(f"comfyui_flux_schnell.{package}")
+        assert sorted(module.__all__) == sorted(module._HOME), package
+        for name in module.__all__:
+            home = importlib.import_module(f"comfyui_flux_schnell.{package}.{module._HOME[name]}")
+            assert getattr(module, name) is getattr(home, name), f"{package}.{name}"
