@@ -6,7 +6,7 @@ an asynchronous job with a URL to poll (api/answer_shapes.py reads those shapes)
 does the HTTP part (downloads and polls are GETs, never billed: a failed one is asked again after
 the backoff or its `Retry-After`, within the image's deadline) and returns the image still encoded;
 `decode` needs no HTTP, so the client does it after giving back its place in the pool. Every text
-that comes from the server is passed through `safe` (the API key replaced by ***) and ids are cut.
+that comes from the server is scrubbed (`api.redact.scrub`: the API key replaced by ***) and ids are cut.
 """
 
 from __future__ import annotations
