@@ -372,7 +372,9 @@ def kernels_per_layer_call(model: torch.nn.Module, compute: torch.dtype, way: st
 
     layers = [m for m in model.modules() if isinstance(m, ops.Linear) and m.gguf_type]
     counts = []
-    with torch.inference_mode(), decoding(way):
+    # no_grad, not inference_mode: under inference_mode composite ops (`to`, `linear`) reach the
+    # counter whole, a no-op `.to` counted as a kernel; with autograd's keys they decompose first
+    with torch.no_grad(), decoding(way):
         for layer in layers:
             if device == "meta":
                 layer = copy.deepcopy(layer).to("meta")
