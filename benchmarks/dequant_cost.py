@@ -66,8 +66,9 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
-def before(raw: torch.Tensor, name: str) -> torch.Tensor:
-    return dequantize(raw, name, torch.float32).to(torch.bfloat16)
+def before(raw: torch.Tensor, name: str, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The old decode: in fp32, then cast to `dtype` (also `benchmarks.local_speed --gguf`'s "before")."""
+    return dequantize(raw, name, torch.float32).to(dtype)
 
 
 def after(raw: torch.Tensor, name: str) -> torch.Tensor:

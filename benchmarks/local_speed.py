@@ -38,12 +38,24 @@ whole blocks is stored in the type (city96's files keep `img_in`, `txt_in`, `tim
 and `final_layer` unquantized; so does this), with random block bytes whose scales give weights of
 about 1/sqrt(fan_in): the speed does not depend on the values. It also reports the time to
 dequantize all those weights once, outside a forward.
-Run: `python -m benchmarks.local_speed --gguf [--device cuda] [--config small|schnell]`.
+
+Each GGUF type runs twice on the same blocks: "after" with this package's decoder (written straight in
+the compute dtype, `flux.gguf_quants.dequantize`), and "before" with the decode as it was before
+issue 17, a benchmark-side reference only: `benchmarks.dequant_cost.before` (decode in fp32, then cast
+to the compute dtype) put in place of `flux.ops`' decoder while those forwards run (`decoded_as_before`).
+In fp32 compute (the CPU default) the two are the same operations, so compare them with
+`--compute bf16`. Kernels per layer call are the non-view aten ops of one GGUF `Linear` call (decode,
+cast, matrix product, bias) on a one-token input, averaged over the model's GGUF layers, counted with
+`dequant_cost.OpCounter`: on the CPU and, for "after", on the meta device (the GPU's path, where the
+byte fields stay views; the old decoders copied them on every device, so "before" counts the same).
+Run: `python -m benchmarks.local_speed --gguf [--device cuda] [--config small|schnell] [--compute bf16]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import math
 import os
@@ -328,48 +340,118 @@ def to_gguf(model: torch.nn.Module, type_name: str, gen: torch.Generator) -> tor
     return model
 
 
-def worker_gguf(config: str, device: str, warmup: int, repeats: int) -> dict:
-    """Forward times of the bf16 model and its GGUF twins, alternated; dequantization alone."""
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DECODES = ("before", "after")
+
+
+@contextlib.contextmanager
+def decoded_as_before():
+    """`flux.ops` decodes GGUF weights the old way while the `with` body runs: in fp32, then cast to the
+    compute dtype (`dequant_cost.before`). A benchmark-side reference; the package is not changed."""
     from comfyui_flux_schnell.flux import ops
 
-    compute = torch.float32 if device == "cpu" else torch.bfloat16
+    from benchmarks import dequant_cost
+
+    current = ops.dequantize
+    ops.dequantize = dequant_cost.before  # same signature: (raw, type name, dtype)
+    try:
+        yield
+    finally:
+        ops.dequantize = current
+
+
+def decoding(way: str):
+    return decoded_as_before() if way == "before" else contextlib.nullcontext()
+
+
+def kernels_per_layer_call(model: torch.nn.Module, compute: torch.dtype, way: str, device: str) -> float:
+    """Non-view aten ops of one call of each GGUF `Linear` of `model` (one token in), averaged."""
+    from comfyui_flux_schnell.flux import ops
+
+    from benchmarks.dequant_cost import OpCounter
+
+    layers = [m for m in model.modules() if isinstance(m, ops.Linear) and m.gguf_type]
+    counts = []
+    # no_grad, not inference_mode: under inference_mode composite ops (`to`, `linear`) reach the
+    # counter whole, a no-op `.to` counted as a kernel; with autograd's keys they decompose first
+    with torch.no_grad(), decoding(way):
+        for layer in layers:
+            if device == "meta":
+                layer = copy.deepcopy(layer).to("meta")
+            x = torch.zeros(1, layer.in_features, dtype=compute, device=layer.weight.device)
+            with OpCounter() as counter:
+                layer(x)
+            counts.append(counter.kernels)
+    return statistics.mean(counts)
+
+
+def worker_gguf(config: str, device: str, warmup: int, repeats: int, compute_name: str | None = None) -> dict:
+    """Forward times of the bf16 model and its GGUF twins (each decoded before and after), alternated;
+    dequantization alone; kernels per GGUF layer call."""
+    from comfyui_flux_schnell.flux import ops
+
+    default = torch.float32 if device == "cpu" else torch.bfloat16
+    compute = COMPUTE_DTYPES[compute_name] if compute_name else default
     gen = torch.Generator(device).manual_seed(2)
     models = {}
     for form in ("bf16", *GGUF_TYPES):
         model, x = build("ours", config, device, dtype_name="bfloat16")
         models[form] = to_gguf(model, form, gen) if form in GGUF_TYPES else model
     x = {k: v.to(compute) if k in ("img", "txt", "y") else v for k, v in x.items()}
-    times: dict[str, list[float]] = {form: [] for form in models}
-    dequant: dict[str, list[float]] = {form: [] for form in GGUF_TYPES}
+    runs = [("bf16", "after"), *((form, way) for form in GGUF_TYPES for way in DECODES)]
+    label = {run: run[0] if run[0] == "bf16" else f"{run[0]} {run[1]}" for run in runs}
+    times: dict[str, list[float]] = {label[run]: [] for run in runs}
+    dequant: dict[str, list[float]] = {label[run]: [] for run in runs if run[0] in GGUF_TYPES}
     like = torch.empty(0, dtype=compute, device=device)
     with torch.inference_mode():
         for i in range(warmup + repeats):
-            for form, model in models.items():
-                sync(device)
-                start = time.perf_counter()
-                forward("ours", model, x)
-                sync(device)
+            for form, way in runs:
+                with decoding(way):
+                    sync(device)
+                    start = time.perf_counter()
+                    forward("ours", models[form], x)
+                    sync(device)
                 if i >= warmup:
-                    times[form].append(time.perf_counter() - start)
-            for form in GGUF_TYPES:  # every quantized weight once, as a forward dequantizes them
+                    times[label[form, way]].append(time.perf_counter() - start)
+            for form, way in runs[1:]:  # every quantized weight once, as a forward dequantizes them
                 layers = [m for m in models[form].modules() if isinstance(m, ops.Linear) and m.gguf_type]
-                sync(device)
-                start = time.perf_counter()
-                for layer in layers:
-                    ops.compute_weight(layer, like)
-                sync(device)
+                with decoding(way):
+                    sync(device)
+                    start = time.perf_counter()
+                    for layer in layers:
+                        ops.compute_weight(layer, like)
+                    sync(device)
                 if i >= warmup:
-                    dequant[form].append(time.perf_counter() - start)
+                    dequant[label[form, way]].append(time.perf_counter() - start)
+    kernels = {
+        label[form, way]: kernels_per_layer_call(models[form], compute, way, device) for form, way in runs[1:]
+    }
+    gpu_path = {
+        label[form, "after"]: kernels_per_layer_call(models[form], compute, "after", "meta")
+        for form in GGUF_TYPES
+    }
     weight_bytes = {
         form: sum(t.numel() * t.element_size() for t in model.parameters()) for form, model in models.items()
     }
-    return dict(times=times, dequant=dequant, weight_bytes=weight_bytes, compute=str(compute))
+    return dict(
+        times=times,
+        dequant=dequant,
+        kernels=kernels,
+        kernels_gpu_path=gpu_path,
+        weight_bytes=weight_bytes,
+        compute=str(compute),
+    )
 
 
-def report_gguf(config: str, device: str, threads: int, warmup: int, repeats: int) -> None:
+def report_gguf(
+    config: str, device: str, threads: int, warmup: int, repeats: int, compute_name: str | None = None
+) -> None:
     args = ["--worker", "gguf", "--config", config, "--device", device]
+    if compute_name:
+        args += ["--compute", compute_name]
     result = run_worker([*args, "--warmup", str(warmup), "--repeats", str(max(repeats, 1))], threads)
     med = {form: statistics.median(ts) for form, ts in result["times"].items()}
+    once = {form: statistics.median(ts) for form, ts in result["dequant"].items()}
     overrides, (rows, cols), txt_len, _ = CONFIGS[config]
     where = f"{device}, {threads} threads" if device == "cpu" else device
     print(
@@ -377,12 +459,22 @@ def report_gguf(config: str, device: str, threads: int, warmup: int, repeats: in
         f"tokens, batch 1, compute {result['compute'].removeprefix('torch.')}, {where}\n"
     )
     print(
-        "| weights | median s/forward | / bf16 | dequantizing all weights once, s (median) | weight bytes |\n"
-        "| --- | --- | --- | --- | --- |"
+        "| weights | s/forward before | after | after / before | after / bf16 "
+        "| kernels per layer call before | after | after, GPU path "
+        "| dequantizing all weights once, s, before | after | weight bytes |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
-    for form, t in med.items():
-        once = f"{statistics.median(result['dequant'][form]):.3f}" if form in result["dequant"] else "-"
-        print(f"| {form} | {t:.3f} | {t / med['bf16']:.3f} | {once} | {mib(result['weight_bytes'][form])} |")
+    bf16 = med["bf16"]
+    bf16_bytes = mib(result["weight_bytes"]["bf16"])
+    print(f"| bf16 | - | {bf16:.3f} | - | 1.000 | - | - | - | - | - | {bf16_bytes} |")
+    for form in GGUF_TYPES:
+        old, new = f"{form} before", f"{form} after"
+        print(
+            f"| {form} | {med[old]:.3f} | {med[new]:.3f} | {med[new] / med[old]:.3f} | {med[new] / bf16:.3f} "
+            f"| {result['kernels'][old]:.1f} | {result['kernels'][new]:.1f} "
+            f"| {result['kernels_gpu_path'][new]:.1f} "
+            f"| {once[old]:.3f} | {once[new]:.3f} | {mib(result['weight_bytes'][form])} |"
+        )
     for form, ts in result["times"].items():
         print(f"\n{form} runs (s): " + ", ".join(f"{t:.3f}" for t in ts), end="")
     print()
@@ -480,6 +572,11 @@ def main() -> None:
     )
     parser.add_argument("--gguf", action="store_true", help="time GGUF Q8_0 / Q4_K weights against bf16")
     parser.add_argument(
+        "--compute",
+        choices=sorted(COMPUTE_DTYPES),
+        help="--gguf: the compute dtype (default fp32 on the CPU, bf16 on CUDA)",
+    )
+    parser.add_argument(
         "--worker", choices=["time", "gguf", "ours", "diffusers", "lora"], help=argparse.SUPPRESS
     )
     args = parser.parse_args()
@@ -491,7 +588,7 @@ def main() -> None:
         elif args.worker == "lora":
             result = lora_overhead(config, args.device, args.warmup, args.repeats)
         elif args.worker == "gguf":
-            result = worker_gguf(config, args.device, args.warmup, args.repeats)
+            result = worker_gguf(config, args.device, args.warmup, args.repeats, args.compute)
         else:
             result = worker_memory(args.worker, config, args.device)
         print(json.dumps(result))
@@ -502,7 +599,7 @@ def main() -> None:
     if args.gguf:
         print(f"torch {torch.__version__}")
         for config in configs:
-            report_gguf(config, args.device, args.threads, args.warmup, args.repeats)
+            report_gguf(config, args.device, args.threads, args.warmup, args.repeats, args.compute)
         return
     print(f"torch {torch.__version__}, diffusers {diffusers_version()}")
     for config in configs:

@@ -77,6 +77,7 @@ class Placed:
         self.patcher = None  # its ModelPatcher while ComfyUI's model management holds it
         self.streamer = None  # memory.BlockStreamer while some blocks stay on the CPU ("stream blocks")
         self.resident_bytes = 0  # bytes on the device (all of nbytes unless blocks stream)
+        self.staging = None  # memory.PinnedStaging for its moves (None: the process's memory.STAGING)
 
     def managed(self, device: torch.device):
         """The ModelPatcher through which ComfyUI loads this model onto `device` and unloads it."""
@@ -112,10 +113,11 @@ class Placed:
             try:
                 skip = tuple(prefix for prefix, _block in streamed)
                 moved = 0
-                for name, t in self._tensors():
-                    if not name.startswith(skip):
-                        t.data = self.cpu_tensors[name].to(device, non_blocking=True)
-                        moved += t.data.numel() * t.data.element_size()
+                with self._staging().copies(device) as move:  # pinned, non-blocking on CUDA
+                    for name, t in self._tensors():
+                        if not name.startswith(skip):
+                            t.data = move(self.cpu_tensors[name])
+                            moved += t.data.numel() * t.data.element_size()
                 _move_loras(self.module, device)
                 if streamed:
                     self._stream(streamed, device)
@@ -125,6 +127,11 @@ class Placed:
             self.device, self.resident_bytes = device, moved
         self.last_used = time.monotonic()
         return self.resident_bytes
+
+    def _staging(self):
+        from .memory import STAGING
+
+        return self.staging or STAGING
 
     def _streamed_blocks(self, budget: int | None) -> list[tuple[str, nn.Module]]:
         blocks = self.blocks()
@@ -150,7 +157,7 @@ class Placed:
         self.streamer.attach()
 
     def home(self) -> None:
-        if self.device.type != "cpu":
+        if self.device != torch.device("cpu"):
             self._restore()
 
     def _restore(self) -> None:
