@@ -12,7 +12,8 @@ the same batch only sends the requests that failed. The kept images are dropped 
 most `KEEP_LIMIT` are held.
 
 `stream_api_images` (the command line): any number of requests, read lazily, each result given
-back as it finishes; a refused key or an empty account ends the stream. Neither path imports torch
+back as it finishes; a refused key or an empty account ends the stream. `collect_api_image`: the
+image of an async job an earlier run paid for but never collected (GETs only). Neither path imports torch
 until a tensor is made (`generate_api` only), so the command line runs without it.
 """
 
@@ -158,6 +159,19 @@ def stream_api_images(
             del result  # the caller has it; this frame keeps no image alive
     finally:
         stream.close()  # stops the pool: nothing more is sent
+
+
+def collect_api_image(
+    poll_url: str,
+    request: ApiImageRequest,
+    settings: ApiSettings,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+) -> FinishedImage:
+    """The image of an async job an earlier run paid for and recorded (its `poll_url`): GETs of
+    that URL only, never a POST (see `ImageApiClient.collect`). The result keeps the service's file
+    (`data`, `format`) and has `paid_calls` 0; an `ApiError` raised carries the poll URL."""
+    return client_for(settings).collect(poll_url, request, keep_data=True, should_stop=should_stop)
 
 
 def generate_api(

@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse the run, before any request, when it would send more than N paid requests "
         "(default: max_images_per_run in the config, else no limit)",
     )
+    money.add_argument(
+        "--rebuy-expired",
+        action="store_true",
+        help="api drafts: a re-run collects the async jobs an earlier run paid for but did not "
+        "collect; request again (paid) those the service reports failed or no longer knows "
+        "(default: they stay failed; a job still running is never bought again)",
+    )
     where.add_argument(
         "--shard",
         type=_shard_option,
@@ -377,6 +384,11 @@ def _generate(args) -> int:
         gen_parser.error("--shard goes with --prompts-file and --out-dir (it splits the file's lines)")
     if not 1 <= args.concurrency <= MAX_CONCURRENCY:
         gen_parser.error(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
+    if args.rebuy_expired and (args.backend != "api" or args.out_dir is None):
+        gen_parser.error(
+            "--rebuy-expired goes with --prompts-file and --out-dir on the api backend (it acts on the "
+            "jobs a draft folder's manifest records)"
+        )
     if args.lora and args.backend != "local":
         gen_parser.error("--lora needs --backend local (the hosted API applies no LoRA)")
     if args.backend != "local":
@@ -405,6 +417,7 @@ def _generate(args) -> int:
         out_dir=args.out_dir,
         loras=tuple(args.lora),
         shard=args.shard,
+        rebuy_expired=args.rebuy_expired,
     )
     spec = _local_model_spec(args) if args.backend == "local" else None
     if args.max_images is not None and args.max_images < 1:

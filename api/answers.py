@@ -206,9 +206,10 @@ class AnswerReader:
     def collect(
         self, poll_url: str, deadline: float, stop: threading.Event, on_wait: OnWait | None = None
     ) -> tuple[Encoded, str | None]:
-        """Poll a job recorded by an earlier run at `poll_url` (GETs only, never billed)."""
+        """Poll a job recorded by an earlier run at `poll_url` (GETs only, never billed); the first
+        poll goes out at once: the job was started long ago."""
         job = AsyncJob(id=None, status=None, poll_url=poll_url, result_url=None, error=None)
-        return self._follow_job(job, poll_url, deadline, stop, None, on_wait)
+        return self._follow_job(job, poll_url, deadline, stop, None, on_wait, poll_now=True)
 
     def _follow_job(
         self,
@@ -219,9 +220,11 @@ class AnswerReader:
         request_id: str | None,
         on_wait: OnWait | None,
         on_job: Callable[[str], None] | None = None,
+        poll_now: bool = False,
     ) -> tuple[Encoded, str | None]:
         """Poll a job's status URL (GET, free) until it has an image, fails, or the deadline. A
-        failed poll or result fetch is asked again after the backoff (or its Retry-After)."""
+        failed poll or result fetch is asked again after the backoff (or its Retry-After).
+        `poll_now`: the first poll goes out without waiting `poll_interval_s`."""
         settings = self.settings
         clock = self._clock
         poll_url = urljoin(base, job.poll_url) if job.poll_url else None
@@ -229,7 +232,7 @@ class AnswerReader:
             on_job(poll_url)
         job_id = job.id
         failures = 0
-        waited = False  # a failed GET was just followed by its backoff
+        waited = poll_now  # a failed GET was just followed by its backoff (or: poll at once)
         while True:
             if job.done and job.result_url:  # finished: fetch the result, no wait
                 url = urljoin(poll_url or base, job.result_url)

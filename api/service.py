@@ -1,13 +1,13 @@
 """The hosted ImageAPI client: a bounded worker pool, and the attempts that make one image.
 
 `ImageApiClient.generate_stream` runs a stream of `ApiImageRequest`s (api/types.py) with at most
-`concurrency` images in their HTTP calls and yields each result as it finishes; it reads its input
-lazily and holds at most `2 x concurrency` images between reading a request and the caller taking
-its result, so a run of any length holds a bounded number of images. `generate_many` (results in
-input order) and `generate` (one image) are built on it. Per image, `_attempts` sends the paid
-`POST {base_url}/api/v1/generate` (https://imageapi.org) and sends it again only as the money rules
-allow (api/retry.py), then finds and decodes the image (api/answers.py). The HTTP exchange is in
-api/http.py, what a failure means in api/failures.py.
+`concurrency` images in their HTTP calls (a `_WorkerPool`) and yields each result as it finishes;
+it reads its input lazily and holds at most `2 x concurrency` images between reading a request and
+the caller taking its result, so a run of any length holds a bounded number of images.
+`generate_many` (results in input order) and `generate` (one image) are built on it. Per image,
+`_attempts` sends the paid `POST {base_url}/api/v1/generate` (https://imageapi.org) and sends it
+again only as the money rules allow (api/retry.py), then finds and decodes the image
+(api/answers.py). The HTTP exchange is in api/http.py, what a failure means in api/failures.py.
 
 A stop (`should_stop()`, read in the caller's thread) ends the run at once: no call is started
 after it, and waits end within `SLEEP_SLICE_S`. Progress goes to `on_event` (`ApiEvent`, in the
@@ -169,12 +169,17 @@ class CallTally:
     `attempts`: POSTs sent; `free`/`billed`: retries of each kind so far; `paid`: POSTs that may have
     been billed (a billed-kind failure, a 5xx without a retry, any answered 2xx, the delivering one
     included); `request_ids`: the service's ids of the calls, in order; `poll_url`: an async job's
-    status URL (key-free)."""
+    status URL (key-free: `api_key` is what a URL holding it is checked against)."""
 
-    def __init__(self) -> None:
+    def __init__(self, api_key: str | None = None) -> None:
         self.attempts = self.free = self.billed = self.paid = self.refused = 0
         self.request_ids: list[str] = []
         self.poll_url: str | None = None
+        self._api_key = api_key
+
+    def job_at(self, url: str) -> None:
+        """An async job's status URL became known: kept for the record, unless it holds the key."""
+        self.poll_url = url if not (self._api_key and self._api_key in url) else None
 
     def sent(self) -> None:
         self.attempts += 1
@@ -404,138 +409,8 @@ class ImageApiClient:
         keep_data: bool,
         poll_interval: float,
     ) -> Iterator[tuple[int, Result]]:
-        gate = RunGate(self.settings, stop_request)
-        if stop_request is not None:  # so a stop can say how many paid answers it waits for
-            stop_request.count_in_flight = gate.in_flight
-        window = 2 * concurrency  # requests read and not yet given back as results
-        stop = threading.Event()
-        places = threading.BoundedSemaphore(concurrency)
-        todo: queue.SimpleQueue = queue.SimpleQueue()
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        events: queue.SimpleQueue[ApiEvent] = queue.SimpleQueue()
-        workers: list[threading.Thread] = []
-        labels: dict[int, str] = {}
-        taken = given = 0
-        exhausted = False
-
-        def worker() -> None:
-            while True:
-                job = todo.get()  # a request, or _NO_MORE: the input is used up or the run stops
-                if job is _NO_MORE or stop.is_set():
-                    return
-                i, request = job
-                while not places.acquire(timeout=SLEEP_SLICE_S):  # all places taken: wait,
-                    if stop.is_set():  # looking at the stop
-                        return
-                place = _Place(places)
-                try:
-                    outcome: object = self._attempts(
-                        request, i, stop, place.release, events.put, keep_data, gate
-                    )
-                except ApiError as e:
-                    gate.ended(e)  # before the place is given back: the next POST sees it
-                    outcome = self._scrub_error(e)
-                except _NotSent:
-                    outcome = _NOT_SENT
-                except GenerationInterrupted:
-                    return
-                except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
-                    outcome = _Crash(e)
-                finally:
-                    place.release()
-                done.put((i, outcome))
-                del outcome, job, request  # this thread keeps no image while it waits for more
-
-        def read_more() -> None:
-            nonlocal taken, exhausted
-            while not exhausted and taken - given < window:
-                if stop_request is not None and stop_request.draining:
-                    exhausted = True  # read nothing more: what was read and not sent is counted
-                    for _ in workers:
-                        todo.put(_NO_MORE)
-                    break
-                try:
-                    request = next(source)
-                except StopIteration:
-                    exhausted = True
-                    for _ in workers:
-                        todo.put(_NO_MORE)
-                    break
-                if not isinstance(request, ApiImageRequest):
-                    raise InvalidInputError(f"expected an ApiImageRequest; got {type(request).__name__}.")
-                labels[taken] = request.name(taken)
-                todo.put((taken, request))
-                taken += 1
-                if len(workers) < window:
-                    thread = threading.Thread(
-                        target=worker, name=f"flux-schnell-api-{len(workers)}", daemon=True
-                    )
-                    workers.append(thread)
-                    thread.start()
-
-        def send_events() -> None:
-            while on_event is not None:
-                try:
-                    on_event(events.get_nowait())
-                except queue.Empty:
-                    return
-
-        try:
-            if should_stop is not None and should_stop():
-                raise GenerationInterrupted("stopped on request before any image was sent; nothing billed.")
-            if stop_request is not None:
-                stop_request.poll()
-                if stop_request.draining:
-                    raise GenerationInterrupted(
-                        "stopped on request before any image was sent; nothing billed."
-                    )
-            read_more()
-            while not (exhausted and given == taken):
-                send_events()
-                if stop_request is not None:
-                    stop_request.poll()
-                if (should_stop is not None and should_stop()) or (
-                    stop_request is not None and stop_request.abandoned
-                ):
-                    abandoned = gate.in_flight()
-                    if stop_request is not None:
-                        stop_request.abandoned_in_flight = abandoned
-                    raise GenerationInterrupted(
-                        f"stopped on request after {given} image(s); {abandoned} image(s) with a call "
-                        "in flight were abandoned: those calls may still be billed."
-                    )
-                try:
-                    i, outcome = done.get(timeout=poll_interval)
-                except queue.Empty:
-                    if not any(t.is_alive() for t in workers) and done.empty():
-                        raise FluxSchnellError(
-                            "the API worker threads ended without a result (a bug)"
-                        ) from None
-                    continue
-                if isinstance(outcome, _Crash):
-                    raise outcome.exc
-                send_events()
-                label = labels.pop(i)
-                gate.taken(i)
-                if outcome is _NOT_SENT:
-                    given += 1
-                    if stop_request is not None:
-                        stop_request.not_sent += 1
-                    read_more()
-                    continue
-                if on_event is not None:
-                    if isinstance(outcome, FinishedImage):
-                        on_event(ApiEvent(i, label, EventKind.DONE, outcome.attempts))
-                    else:
-                        on_event(ApiEvent(i, label, EventKind.FAILED, message=type(outcome).__name__))
-                given += 1
-                yield i, outcome
-                del outcome  # the caller has it; this frame keeps no image alive
-                read_more()
-        finally:
-            stop.set()  # workers take nothing new and leave their waits
-            for _ in workers:
-                todo.put(_NO_MORE)  # wakes the ones waiting for a request
+        pool = _WorkerPool(self, source, concurrency, stop_request, on_event, keep_data)
+        return pool.results(should_stop, poll_interval)
 
     # --- one image ------------------------------------------------------------------------------
 
@@ -552,7 +427,7 @@ class ImageApiClient:
         """Call (and retry) until the answer holds an image, say `calls_done()`, decode it. An
         `ApiError` raised carries the image's `CallRecord` in `.calls`. `gate` (the run's) is
         asked right before each POST whether it may go out."""
-        tally = CallTally()
+        tally = CallTally(self.settings.api_key)
         try:
             return self._attempt_calls(request, index, stop, tally, calls_done, report, keep_data, gate)
         except ApiError as e:
@@ -648,10 +523,7 @@ class ImageApiClient:
                 if report is not None:
                     report(ApiEvent(index, name, EventKind.WAITING, attempt_no, seconds, why))
 
-            def job_at(url: str) -> None:
-                tally.poll_url = url if settings.api_key not in url else None
-
-            encoded, job_id = self._answers.locate(reply, deadline, stop, request_id, waiting, job_at)
+            encoded, job_id = self._answers.locate(reply, deadline, stop, request_id, waiting, tally.job_at)
             del reply  # the answer's body is not needed any more
             tally.add_id(job_id)
             calls_done()
@@ -686,3 +558,190 @@ class ImageApiClient:
         if error.request_id:
             error.request_id = self._scrub(error.request_id)
         return error
+
+
+class _WorkerPool:
+    """One run of `ImageApiClient.generate_stream`: the input read lazily into a window of
+    `2 x concurrency` requests, worker threads that each hold one of `concurrency` places for an
+    image's HTTP calls, and the calling thread's loop (`results`) that gives back results and
+    events and watches the stops (see `generate_stream` for the rules).
+
+    State: `taken` (requests read from the input), `given` (results given back, or images a drain
+    kept from being sent), `exhausted` (nothing more is read: the input is used up, or a drain);
+    `labels` of the requests read and not given back; the queues `todo` (requests for the workers,
+    then one `_NO_MORE` per worker), `done` (outcomes for the calling thread) and `events`
+    (progress, sent in the calling thread); `stop` tells the workers to leave."""
+
+    def __init__(
+        self,
+        client: ImageApiClient,
+        source: Iterator[ApiImageRequest],
+        concurrency: int,
+        stop_request: StopRequest | None,
+        on_event: OnEvent | None,
+        keep_data: bool,
+    ):
+        self.client = client
+        self.source = source
+        self.stop_request = stop_request
+        self.on_event = on_event
+        self.keep_data = keep_data
+        self.gate = RunGate(client.settings, stop_request)
+        self.window = 2 * concurrency  # requests read and not yet given back as results
+        self.stop = threading.Event()
+        self.places = threading.BoundedSemaphore(concurrency)
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[ApiEvent] = queue.SimpleQueue()
+        self.workers: list[threading.Thread] = []
+        self.labels: dict[int, str] = {}
+        self.taken = self.given = 0
+        self.exhausted = False
+
+    # --- in each worker thread ------------------------------------------------------------------
+
+    def work(self) -> None:
+        """Take requests from `todo` until `_NO_MORE` or the stop; make each image, holding a
+        place for its HTTP calls, and put its outcome on `done`."""
+        client, gate = self.client, self.gate
+        while True:
+            job = self.todo.get()  # a request, or _NO_MORE: the input is used up or the run stops
+            if job is _NO_MORE or self.stop.is_set():
+                return
+            i, request = job
+            while not self.places.acquire(timeout=SLEEP_SLICE_S):  # all places taken: wait,
+                if self.stop.is_set():  # looking at the stop
+                    return
+            place = _Place(self.places)
+            try:
+                outcome: object = client._attempts(
+                    request, i, self.stop, place.release, self.events.put, self.keep_data, gate
+                )
+            except ApiError as e:
+                gate.ended(e)  # before the place is given back: the next POST sees it
+                outcome = client._scrub_error(e)
+            except _NotSent:
+                outcome = _NOT_SENT
+            except GenerationInterrupted:
+                return
+            except BaseException as e:  # noqa: BLE001 -- re-raised in the calling thread
+                outcome = _Crash(e)
+            finally:
+                place.release()
+            self.done.put((i, outcome))
+            del outcome, job, request  # this thread keeps no image while it waits for more
+
+    # --- in the calling thread ------------------------------------------------------------------
+
+    def read_more(self) -> None:
+        """Read requests until the window is full, the input is used up or a drain began; start
+        a worker per request read while there are fewer than the window."""
+        while not self.exhausted and self.taken - self.given < self.window:
+            if self.stop_request is not None and self.stop_request.draining:
+                self._no_more_input()  # read nothing more: what was read and not sent is counted
+                break
+            try:
+                request = next(self.source)
+            except StopIteration:
+                self._no_more_input()
+                break
+            if not isinstance(request, ApiImageRequest):
+                raise InvalidInputError(f"expected an ApiImageRequest; got {type(request).__name__}.")
+            self.labels[self.taken] = request.name(self.taken)
+            self.todo.put((self.taken, request))
+            self.taken += 1
+            if len(self.workers) < self.window:
+                thread = threading.Thread(
+                    target=self.work, name=f"flux-schnell-api-{len(self.workers)}", daemon=True
+                )
+                self.workers.append(thread)
+                thread.start()
+
+    def _no_more_input(self) -> None:
+        self.exhausted = True
+        for _ in self.workers:
+            self.todo.put(_NO_MORE)
+
+    def send_events(self) -> None:
+        """Hand the workers' progress events to `on_event`, in this thread."""
+        while self.on_event is not None:
+            try:
+                self.on_event(self.events.get_nowait())
+            except queue.Empty:
+                return
+
+    def _refuse_if_stopped_before_start(self, should_stop: Callable[[], bool] | None) -> None:
+        stop_request = self.stop_request
+        if should_stop is not None and should_stop():
+            raise GenerationInterrupted("stopped on request before any image was sent; nothing billed.")
+        if stop_request is not None:
+            stop_request.poll()
+            if stop_request.draining:
+                raise GenerationInterrupted("stopped on request before any image was sent; nothing billed.")
+
+    def _raise_if_abandoned(self, should_stop: Callable[[], bool] | None) -> None:
+        """A hard stop (`should_stop()`, or the stop request abandoned): raise at once, counting
+        the images with a call in flight (which may still be billed)."""
+        stop_request = self.stop_request
+        if stop_request is not None:
+            stop_request.poll()
+        if (should_stop is not None and should_stop()) or (
+            stop_request is not None and stop_request.abandoned
+        ):
+            abandoned = self.gate.in_flight()
+            if stop_request is not None:
+                stop_request.abandoned_in_flight = abandoned
+            raise GenerationInterrupted(
+                f"stopped on request after {self.given} image(s); {abandoned} image(s) with a call "
+                "in flight were abandoned: those calls may still be billed."
+            )
+
+    def _report(self, i: int, label: str, outcome: object) -> None:
+        if self.on_event is None:
+            return
+        if isinstance(outcome, FinishedImage):
+            self.on_event(ApiEvent(i, label, EventKind.DONE, outcome.attempts))
+        else:
+            self.on_event(ApiEvent(i, label, EventKind.FAILED, message=type(outcome).__name__))
+
+    def results(
+        self, should_stop: Callable[[], bool] | None, poll_interval: float
+    ) -> Iterator[tuple[int, Result]]:
+        """`(index, result)` as each image finishes; on leaving (done, an error, closed early) the
+        workers are told to stop and woken."""
+        if self.stop_request is not None:  # so a stop can say how many paid answers it waits for
+            self.stop_request.count_in_flight = self.gate.in_flight
+        try:
+            self._refuse_if_stopped_before_start(should_stop)
+            self.read_more()
+            while not (self.exhausted and self.given == self.taken):
+                self.send_events()
+                self._raise_if_abandoned(should_stop)
+                try:
+                    i, outcome = self.done.get(timeout=poll_interval)
+                except queue.Empty:
+                    if not any(t.is_alive() for t in self.workers) and self.done.empty():
+                        raise FluxSchnellError(
+                            "the API worker threads ended without a result (a bug)"
+                        ) from None
+                    continue
+                if isinstance(outcome, _Crash):
+                    raise outcome.exc
+                self.send_events()
+                label = self.labels.pop(i)
+                self.gate.taken(i)
+                if outcome is _NOT_SENT:
+                    self.given += 1
+                    if self.stop_request is not None:
+                        self.stop_request.not_sent += 1
+                    self.read_more()
+                    continue
+                self._report(i, label, outcome)
+                self.given += 1
+                yield i, outcome
+                del outcome  # the caller has it; this frame keeps no image alive
+                self.read_more()
+        finally:
+            self.stop.set()  # workers take nothing new and leave their waits
+            for _ in self.workers:
+                self.todo.put(_NO_MORE)  # wakes the ones waiting for a request

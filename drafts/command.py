@@ -135,6 +135,8 @@ def report_command(folder: Path, csv_path: Path | None = None) -> int:
         _check_output_folder(csv_path.parent if str(csv_path.parent) else Path("."), "--csv")
     report = write_report(folder, csv_path)
     print(f"images delivered:                    {report.delivered}")
+    if report.collected:
+        print(f"  of those, collected by a re-run:   {report.collected} (jobs paid for once)")
     print(f"calls that may have been billed:     {report.paid_calls}")
     print(f"  of those, without an image:        {report.paid_without_image}")
     for row in report.listed:
@@ -244,13 +246,21 @@ def generate_command(
         if dry_run:
             _print_plan(plan_count, count, backend, price)
             return EXIT_OK
-        if plan_count.to_request > limit:
+        # Collecting a job an earlier run paid for is not paid; with --rebuy-expired each may be
+        # bought again (if the service reports it gone), so the guard counts them then.
+        paid = plan_count.to_request + (plan_count.to_collect if run_settings.rebuy_expired else 0)
+        if paid > limit:
             flag = "--max-images" if max_images is not None else "max_images_per_run in the config file"
+            rebuys = (
+                f", {plan_count.to_collect} job(s) to collect that --rebuy-expired may buy again"
+                if run_settings.rebuy_expired and plan_count.to_collect
+                else ""
+            )
             raise InvalidInputError(
-                f"this run would send {plan_count.to_request} paid request(s) ({plan_count.images} "
+                f"this run would send {paid} paid request(s) ({plan_count.images} "
                 f"image(s) planned, {plan_count.duplicates} repeat(s), {plan_count.already_done} already "
-                f"done), more than {flag} allows ({limit}); nothing was sent. Raise {flag}, or split "
-                "the prompts file (--dry-run shows the plan)."
+                f"done{rebuys}), more than {flag} allows ({limit}); nothing was sent. Raise {flag}, or "
+                "split the prompts file (--dry-run shows the plan)."
             )
 
     # 5. Only now: folders, the lock, and what a killed run left behind.
@@ -307,6 +317,8 @@ def _print_plan(count, lines: int, backend: str, price: float | None) -> None:
     print(f"  repeats (sent once): {count.duplicates}")
     print(f"  already done:        {count.already_done}")
     paid = " (each may be billed)" if backend == "api" else ""
+    if count.to_collect:
+        print(f"  to collect:          {count.to_collect} (jobs an earlier run paid for; not billed again)")
     print(f"  to request:          {count.to_request}{paid}")
     if backend == "api" and price is not None:
         print(f"  estimated cost:      {count.to_request * price:.4g} (price_per_image {price:g})")
@@ -419,7 +431,12 @@ def _run(run_settings, api_settings, spec, lines, planned: int) -> int:
 
         backend = local_backend(spec, run_settings, stop)
 
-    run = DraftRun(run_settings, backend, progress, ends_run)
+    collector = None
+    if run_settings.backend == "api" and run_settings.drafts:
+        from .run import JobCollector
+
+        collector = JobCollector(api_settings, stop, stop_request)
+    run = DraftRun(run_settings, backend, progress, ends_run, collector)
     signals = StopSignals(stop, stop_request)
     signals.install()
     try:
@@ -513,6 +530,11 @@ def _summary(outcome, run_settings) -> int:
         + (f", not run: {not_run}" if not_run else ""),
         file=err,
     )
+    if outcome.collected:
+        print(
+            f"collected: {outcome.collected} image(s) from jobs an earlier run paid for (no new request)",
+            file=err,
+        )
     for planned, reason in outcome.failed:
         if outcome.stop_message and reason.endswith(outcome.stop_message):
             continue  # the error that ended the run, printed once already

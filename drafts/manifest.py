@@ -7,7 +7,9 @@ holds everything finished before a kill -9 (a line cut by the kill is ignored wh
 repeats, for a failure where the image would go), `error` (failures, and duplicates of a failed
 line), `duplicate_of` (the line a duplicate repeats), `attempts`, `seconds`, `request_id`, and
 on the api the billing record: `paid_calls` (calls that may have been billed, the one that delivered
-included; failures too), `free_retries`, `request_ids`, an async job's `poll_url`; `seed` only when
+included; failures too), `free_retries`, `request_ids`, an async job's `poll_url` (on a failed
+line: the job a later run collects), `collected_from` (a done line whose image came from such a job:
+its poll URL; `paid_calls` 0, the payment is in the failed line); `seed` only when
 the service received it (`seed_sent`), `bytes` (the file's size, so a resumed run trusts it
 without decoding it), `found_on_disk` (an image a killed run wrote but did not record), `width`,
 `height`, `steps`, `backend`, `time` (Unix seconds). The file is only ever appended to: runs that

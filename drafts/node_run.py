@@ -7,7 +7,7 @@ thumbnails), writes `index.html`, and returns the saved files' names (for ComfyU
 their line numbers: bounded whatever the number of prompts. Cancel (ComfyUI's interrupt) stops sending,
 keeps what arrives for the calls in flight, records it, then raises ComfyUI's interrupt; queueing the
 node again requests only what is missing (the folder's manifest and files, as a re-run of the command
-line).
+line), and collects the async jobs an earlier run paid for but did not collect (drafts/run.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,16 @@ from ..errors import FluxSchnellError, GenerationInterrupted, InvalidInputError
 from .gallery import thumbnail_path, write_gallery
 from .lock import FolderLock
 from .prompts import PromptLine, check_prompts_file, read_prompt_lines
-from .run import DraftRun, RunSettings, StopRun, api_backend, line_request, local_backend, plan
+from .run import (
+    DraftRun,
+    JobCollector,
+    RunSettings,
+    StopRun,
+    api_backend,
+    line_request,
+    local_backend,
+    plan,
+)
 
 MAX_PREVIEWS = 64
 SHEET_COLUMNS, SHEET_ROWS, SHEET_CELL, CAPTION_H = 8, 8, 128, 16
@@ -40,6 +49,7 @@ class DraftsResult:
     skipped: int
     duplicates: int
     interrupted: bool
+    collected: int = 0  # of `done`: jobs an earlier run paid for, collected (no new request)
 
 
 class NodeProgress:
@@ -122,9 +132,11 @@ def _run(run_settings, prompts_file, progress, api_settings, spec) -> DraftsResu
             # Cancel drains: nothing new is sent, the answers in flight (maybe paid) are written.
             drain = StopRequest(drain_when=stop.is_set)
             backend = api_backend(api_settings, run_settings, stop, stop_request=drain)
+            collector = JobCollector(api_settings, stop, drain)  # jobs earlier runs paid for
         else:
             backend = local_backend(spec, run_settings, stop)
-        run = DraftRun(run_settings, backend, NodeProgress(progress), _ends_run)
+            collector = None
+        run = DraftRun(run_settings, backend, NodeProgress(progress), _ends_run, collector)
         watcher.start()
         try:
             run.run(read_prompt_lines(prompts_file), total)
@@ -146,6 +158,7 @@ def _run(run_settings, prompts_file, progress, api_settings, spec) -> DraftsResu
         outcome.skipped,
         outcome.duplicates,
         watcher.cancelled or stop.is_set(),
+        outcome.collected,
     )
 
 

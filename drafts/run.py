@@ -12,10 +12,14 @@ the run. In a draft folder (`--out-dir`) it also:
 - requests identical images (same trimmed prompt, size, steps and seed) once: a repeated line is
   recorded as a duplicate of the first, never sent;
 - appends every line it finishes to `manifest.jsonl` (drafts/manifest.py) and writes a thumbnail per
-  image for the gallery (drafts/gallery.py).
+  image for the gallery (drafts/gallery.py);
+- on the api, collects the async jobs earlier runs paid for but never collected (the file's last
+  record is "failed" with a `poll_url`: the job passed `deadline_s`) by GETs of that URL, never a
+  POST, after the new requests (`JobCollector`). A job still running is left for a later run; one the
+  service reports failed or no longer knows (404/410) is bought again only with `rebuy_expired`.
 
 Memory besides the images in flight: a few dozen bytes per distinct image of the run (which
-requests were already seen, which files are done), never the images.
+requests were already seen, which files are done, which jobs to collect), never the images.
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class RunSettings:
     loras: tuple = ()  # local.lora.LoraChoice: they make other images, so they name other files
     seed_sent: bool = True  # api: whether the service receives the seed (config `send_seed`)
     shard: tuple[int, int] | None = None  # --shard K/N: only the lines whose number % N == K % N
+    # api: a job an earlier run paid for that the service now reports failed or no longer knows
+    # (404/410) is requested again (paid) only with this (--rebuy-expired); never a running one
+    rebuy_expired: bool = False
     # more PNG text chunks (the Drafts node: ComfyUI's "prompt" graph and "workflow", as SaveImage
     # writes them; our prompt text then goes under "flux_prompt")
     png_extra: tuple[tuple[str, str], ...] = ()
@@ -99,6 +106,7 @@ class RunOutcome:
     failed: list[tuple[PlannedImage, str]] = field(default_factory=list)
     failed_count: int = 0
     written: list[Path] = field(default_factory=list)  # --prompt runs only: what was written
+    collected: int = 0  # of `done`: images of jobs an earlier run paid for, collected (no POST)
     exit_code: int | None = None  # set when the run stopped early for a reason that ends it
     stop_message: str | None = None
 
@@ -115,6 +123,7 @@ class PlanCount:
     duplicates: int = 0  # requested once for several lines
     already_done: int = 0  # on disk from an earlier run
     to_request: int = 0  # what the backend would be asked for (paid, on the api)
+    to_collect: int = 0  # api: jobs an earlier run paid for, to collect by their poll URL (not paid)
 
 
 class StopRun(Exception):
@@ -318,6 +327,67 @@ def _call_fields(calls, backend: str) -> dict:
     return fields
 
 
+# What a recorded job that could not be collected is now (`job_state`).
+JOB_RUNNING, JOB_GONE = "running", "gone"
+
+
+def job_state(error: Exception) -> str:
+    """JOB_RUNNING: the job may still deliver (still running, or its status could not be read: a
+    timeout, a dropped connection, a 5xx): run again later. JOB_GONE: the service reports it failed, no
+    longer knows it (404/410), or its result is unusable: only `rebuy_expired` buys it again."""
+    from ..errors import ApiTimeoutError, NetworkError, RateLimitError, ServerError
+
+    if getattr(error, "status", None) in (404, 410):
+        return JOB_GONE
+    if isinstance(error, (ApiTimeoutError, NetworkError, RateLimitError, ServerError)):
+        return JOB_RUNNING
+    return JOB_GONE
+
+
+class JobCollector:
+    """Collects, for a draft run on the api, the async jobs earlier runs paid for but never
+    collected: GETs of the recorded poll URL (api_client.collect_api_image), never a POST, at most
+    `concurrency` at once. A stop (the run's `stop`, a drain of `stop_request`, `cancel()`) ends
+    the polls at once: a job left is still recorded, for the next run."""
+
+    def __init__(self, api_settings, stop: threading.Event, stop_request=None):
+        self.api_settings = api_settings
+        self.stop = stop
+        self.stop_request = stop_request
+        self._cancelled = threading.Event()
+
+    def stopped(self) -> bool:
+        if self.stop_request is not None:
+            self.stop_request.poll()
+            if self.stop_request.draining:
+                return True
+        return self.stop.is_set() or self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def collect(self, planned: PlannedImage, poll_url: str) -> FinishedImage:
+        """The job's image; raises the `ApiError` it ended with (or `GenerationInterrupted`)."""
+        from ..api_client import collect_api_image, image_requests
+
+        request = image_requests(image_request(planned), [planned.label])[0]
+        return collect_api_image(poll_url, request, self.api_settings, should_stop=self.stopped)
+
+    def host(self, poll_url: str) -> str:
+        """The poll URL's host (and port) for messages: never its path or query, never the key."""
+        from urllib.parse import urlsplit
+
+        from ..api import scrub
+
+        try:
+            parts = urlsplit(poll_url)
+            host = parts.hostname or "?"
+            host += f":{parts.port}" if parts.port else ""
+        except ValueError:
+            host = "?"
+        return scrub(host, self.api_settings.api_key)
+
+
 class DraftRun:
     """One run: plans lazily, feeds the backend, writes what comes back, records every line."""
 
@@ -327,24 +397,40 @@ class DraftRun:
         backend: Backend,
         progress,
         ends_run: Callable[[FluxSchnellError], int | None],
+        collector: JobCollector | None = None,
     ):
         self.settings = run_settings
         self.backend = backend
         self.progress = progress
         self.ends_run = ends_run
+        self.collector = collector  # api draft runs: collects the jobs earlier runs paid for
         self.outcome = RunOutcome()
         self.manifest: ManifestWriter | None = None
         self._done_files: dict[str, int] = {}  # file -> size, from earlier runs' manifests
         self._seen: dict[int, int] = {}  # request key -> line of its first occurrence
         self._first_failed: dict[int, str] = {}  # request key -> why its first occurrence failed
         self._waiting: dict[int, list[PlannedImage]] = {}  # in flight: key -> its duplicates so far
+        self._jobs: dict[str, str] = {}  # file -> poll URL of its paid, uncollected job (api)
+        self._to_collect: list[tuple[PlannedImage, str]] = []  # planned images of those jobs
 
     def run(self, lines: Iterable[tuple[int, str]], planned_total: int) -> RunOutcome:
         self.outcome.planned = planned_total
         if self.settings.drafts:
             self.manifest = ManifestWriter(self.settings.out_dir / MANIFEST_NAME)
         self._read_done_files()
-        results = self.backend(self._to_make(plan(lines, self.settings)))
+        try:
+            self._take(self.backend(self._to_make(plan(lines, self.settings))))
+            if self._to_collect:
+                rebuy = self._collect_jobs()
+                if rebuy:
+                    self._take(self.backend(iter(rebuy)))
+        finally:
+            if self.manifest is not None:
+                self.manifest.close()
+        return self.outcome
+
+    def _take(self, results: Results) -> None:
+        """Write and record what the backend gives back; a run-ending error raises `StopRun`."""
         try:
             for image, result in results:
                 if isinstance(result, FluxSchnellError):
@@ -357,9 +443,71 @@ class DraftRun:
                 del result
         finally:
             results.close()  # stops the backend: nothing more is sent
-            if self.manifest is not None:
-                self.manifest.close()
-        return self.outcome
+
+    def _collect_jobs(self) -> list[PlannedImage]:
+        """Collect the jobs earlier runs paid for (GETs only), at most `concurrency` at once, each
+        written and recorded as it finishes. Returns the images to buy again: jobs the service
+        reports gone, only with `rebuy_expired`. A stop leaves the rest uncollected (not run)."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        collector = self.collector
+        if collector is None or collector.stopped():
+            return []
+        jobs = iter(self._to_collect)
+        rebuy: list[PlannedImage] = []
+        running: dict = {}  # future -> (planned image, poll URL)
+        pool = ThreadPoolExecutor(self.settings.concurrency, thread_name_prefix="flux-schnell-collect")
+        try:
+            while True:
+                while len(running) < self.settings.concurrency and not collector.stopped():
+                    job = next(jobs, None)
+                    if job is None:
+                        break
+                    running[pool.submit(collector.collect, *job)] = job
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    planned, poll_url = running.pop(future)
+                    try:
+                        image = future.result()
+                    except GenerationInterrupted:
+                        continue  # stopped: still recorded, for the next run
+                    except FluxSchnellError as e:  # an ApiError, or a recorded URL refused
+                        if self._job_not_collected(planned, poll_url, e):
+                            rebuy.append(planned)
+                        continue
+                    self._write(planned, image, collected_from=poll_url)
+                    del image
+        finally:
+            collector.cancel()  # polls still running end at once
+            pool.shutdown(wait=True)
+        self._to_collect = []
+        return rebuy
+
+    def _job_not_collected(self, planned: PlannedImage, poll_url: str, error: Exception) -> bool:
+        """Say why the job of `planned` was not collected; record it failed with its poll URL kept
+        (nothing paid this run), unless it is bought again: returns True for that."""
+        host = self.collector.host(poll_url)
+        reason = f"{type(error).__name__}: {error}"
+        if job_state(error) == JOB_RUNNING:
+            self.progress.note(
+                f"{planned.label}: the job an earlier run paid for (poll URL on {host}) is not finished yet "
+                f"({reason}); not bought again: run the same command again later to collect it"
+            )
+        elif self.settings.rebuy_expired:
+            self.progress.note(
+                f"{planned.label}: the job an earlier run paid for (poll URL on {host}) is gone ({reason}); "
+                "requesting the image again (--rebuy-expired: paid again)"
+            )
+            return True
+        else:
+            self.progress.note(
+                f"{planned.label}: the job an earlier run paid for (poll URL on {host}) is gone ({reason}); "
+                "not bought again without your say: pass --rebuy-expired to request it again (paid)"
+            )
+        self._failed(planned, error, announce=False, poll_url=poll_url)
+        return False
 
     def count_plan(self, lines: Iterable) -> PlanCount:
         """What `run` would send, writing nothing (no manifest, no file, no request): the lines
@@ -368,18 +516,30 @@ class DraftRun:
         count = PlanCount()
         for _ in self._to_make(plan(lines, self.settings)):
             count.to_request += 1
+        count.to_collect = len(self._to_collect)
         count.duplicates = self.outcome.duplicates + sum(len(waiting) for waiting in self._waiting.values())
         count.already_done = self.outcome.skipped
-        count.images = count.to_request + count.duplicates + count.already_done
+        count.images = count.to_request + count.to_collect + count.duplicates + count.already_done
         return count
 
     def _read_done_files(self) -> None:
         if not self.settings.drafts:
             return
+        collect = self.settings.backend == "api"
         for record in read_manifest(self.settings.out_dir / MANIFEST_NAME):
             name, size = record.get("file"), record.get("bytes")
             if record["status"] == RecordStatus.DONE and isinstance(name, str) and isinstance(size, int):
                 self._done_files[name] = size
+            if (
+                collect
+                and isinstance(name, str)
+                and record["status"] in (RecordStatus.DONE, RecordStatus.FAILED)
+            ):
+                poll_url = record.get("poll_url")  # the last record of a file is what holds
+                if record["status"] == RecordStatus.FAILED and isinstance(poll_url, str) and poll_url:
+                    self._jobs[name] = poll_url
+                else:
+                    self._jobs.pop(name, None)
 
     # planning: what to send
 
@@ -405,6 +565,10 @@ class DraftRun:
                 self.progress.advance(skipped=True)
                 continue
             self._waiting[image.key] = []
+            poll_url = self._jobs.get(image.path.name) if self.settings.drafts else None
+            if poll_url is not None:  # paid for by an earlier run: collected, never bought here
+                self._to_collect.append((image, poll_url))
+                continue
             yield image
 
     def _made_before(self, planned: PlannedImage) -> bool:
@@ -434,8 +598,9 @@ class DraftRun:
 
     # what came back
 
-    def _write(self, planned: PlannedImage, result: FinishedImage) -> None:
-        """Write one finished image; a disk that refuses it ends the run (the rest would be lost)."""
+    def _write(self, planned: PlannedImage, result: FinishedImage, collected_from: str | None = None) -> None:
+        """Write one finished image; a disk that refuses it ends the run (the rest would be lost).
+        `collected_from`: the poll URL of the earlier run's job it came from (nothing paid now)."""
         text = png_text_for(planned, self.settings, result.request_id)
         other_size = None
         if result.size_differs:  # kept (it was paid for), never silently: said and recorded
@@ -464,12 +629,17 @@ class DraftRun:
         else:
             self.outcome.written.append(planned.path)
         self.outcome.done += 1
+        calls = _call_fields(result.calls, self.settings.backend)
+        if collected_from is not None:
+            self.outcome.collected += 1
+            calls.pop("poll_url", None)  # done: nothing left to collect
+            calls["collected_from"] = collected_from
         self._record(
             planned,
             RecordStatus.DONE,
             bytes=size,
             attempts=result.attempts,
-            **_call_fields(result.calls, self.settings.backend),
+            **calls,
             seconds=round(result.seconds, 3),
             size_sent=other_size,
             request_id=result.request_id,
@@ -477,17 +647,18 @@ class DraftRun:
         self.progress.advance()
         self._settle(planned, None)
 
-    def _failed(self, planned: PlannedImage, error: Exception, announce: bool = True) -> None:
+    def _failed(
+        self, planned: PlannedImage, error: Exception, announce: bool = True, poll_url: str | None = None
+    ) -> None:
+        """Record `planned` failed; `poll_url`: its uncollected job's, kept so a later run collects it."""
         reason = f"{type(error).__name__}: {error}"
         self.outcome.failed_count += 1
         if len(self.outcome.failed) < MAX_FAILURES_LISTED:
             self.outcome.failed.append((planned, reason))
-        self._record(
-            planned,
-            RecordStatus.FAILED,
-            error=reason,
-            **_call_fields(getattr(error, "calls", None), self.settings.backend),
-        )
+        calls = _call_fields(getattr(error, "calls", None), self.settings.backend)
+        if poll_url is not None:  # a collect that failed: nothing was paid in this run
+            calls = {**calls, "paid_calls": 0, "free_retries": 0, "poll_url": poll_url}
+        self._record(planned, RecordStatus.FAILED, error=reason, **calls)
         self.progress.advance(failed=True)
         if announce:  # at once, above the bar; the summary lists it again at the end
             self.progress.note(f"{planned.label}{self.settings.seed_note(planned)} failed: {reason}")

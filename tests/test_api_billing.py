@@ -258,3 +258,16 @@ def test_job_past_its_deadline_is_collected_by_a_rerun_without_a_post(fake, make
     assert image.size == (64, 48)
     assert image.calls.paid_calls == 0
     assert image.calls.poll_url == record.poll_url
+
+
+def test_collect_polls_at_once_without_waiting_the_poll_interval(fake, make_client):
+    from support.fake_imageapi import ScriptedJobs
+
+    jobs = ScriptedJobs(fake, state="done")
+    fake.set_default(jobs.start)
+    started = make_client().generate_many([REQ], concurrency=1)[0]  # a job that finished
+    posts = fake.generate_calls
+    # a poll interval longer than the whole deadline: only a first poll at once can collect it
+    image = make_client(deadline_s=0.5, poll_interval_s=5.0).collect(started.calls.poll_url, REQ)
+    assert image.size == (64, 48)
+    assert fake.generate_calls == posts

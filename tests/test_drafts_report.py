@@ -88,3 +88,34 @@ def test_the_csv_has_one_row_per_call_that_may_have_been_billed(tmp_path, capsys
 def test_a_folder_without_a_manifest_is_refused_naming_it(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "has no manifest.jsonl" in capsys.readouterr().err
+
+
+def test_a_job_collected_by_a_rerun_counts_one_paid_call_that_delivered(tmp_path, capsys):
+    url = "https://imageapi.example/jobs/j1"
+    records = [
+        # the job passed deadline_s: paid, failed, its poll URL kept
+        {"line": 1, "prompt": "fox", "status": "failed", "file": "fox.png", "paid_calls": 1,
+         "free_retries": 0, "request_ids": ["r1"], "poll_url": url, "time": 1800000000.0},
+        # a re-run found it still running: nothing paid
+        {"line": 1, "prompt": "fox", "status": "failed", "file": "fox.png", "paid_calls": 0,
+         "free_retries": 0, "poll_url": url, "time": 1800000100.0},
+        # the next re-run collected it
+        {"line": 1, "prompt": "fox", "status": "done", "file": "fox.png", "paid_calls": 0,
+         "free_retries": 0, "request_ids": ["j1"], "collected_from": url, "time": 1800000200.0},
+        # another job, never collected: its paid call has no image
+        {"line": 2, "prompt": "owl", "status": "failed", "file": "owl.png", "paid_calls": 1,
+         "free_retries": 0, "request_ids": ["r2"], "poll_url": url + "-other", "time": 1800000001.0},
+    ]  # fmt: skip
+    folder = tmp_path / "drafts"
+    folder.mkdir()
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows_csv = tmp_path / "calls.csv"
+    assert main(["report", str(folder), "--csv", str(rows_csv)]) == 0
+    out = capsys.readouterr().out
+    assert "images delivered:                    1" in out
+    assert "of those, collected by a re-run:   1" in out
+    assert "calls that may have been billed:     2" in out
+    assert "of those, without an image:        1" in out
+    assert "failures:                            1" in out  # owl only: the fox was delivered
+    rows = list(csv.DictReader(rows_csv.open()))
+    assert [(r["request_id"], r["delivered_an_image"]) for r in rows] == [("r1", "yes"), ("r2", "no")]

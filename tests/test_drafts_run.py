@@ -251,3 +251,148 @@ def test_manifest_line_numbers_with_batches(fake_api, send_seed, tmp_path, steps
     records = list(read_manifest(tmp_path / "o" / "manifest.jsonl"))
     assert sorted((r["line"], r["seed"]) for r in records) == [(3, 3), (3, 4)]
     assert json.loads(json.dumps(records))  # plain JSON
+
+
+# --- a re-run collects the async job an earlier run paid for ---------------------------------------
+
+
+def job_config(tmp_path, deadline_s: float) -> None:
+    """The fake's config file: `deadline_s` short enough to cut off a job (status polls: 1 s apart)."""
+    config = tmp_path / "flux_schnell_config.json"
+    config.write_text(json.dumps({"deadline_s": deadline_s}))
+    config.chmod(0o600)
+
+
+def cut_off_jobs(fake_api, tmp_path, prompts_text: str = "a fox\n"):
+    """A first run whose jobs pass deadline_s: each line is paid for, failed, with its poll URL."""
+    from support.fake_imageapi import ScriptedJobs
+
+    jobs = ScriptedJobs(fake_api)
+    fake_api.set_default(jobs.start)
+    job_config(tmp_path, 1.0)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(prompts_text)
+    out = tmp_path / "o"
+    assert main(draft_args(prompts, out, "--concurrency", "2")) == 1
+    records = list(read_manifest(out / "manifest.jsonl"))
+    assert [r["status"] for r in records] == ["failed"] * len(records)
+    assert all(r["paid_calls"] == 1 and r["poll_url"].startswith(fake_api.base_url) for r in records)
+    return jobs, prompts, out
+
+
+def test_a_rerun_collects_the_job_that_passed_deadline_s_without_a_post(fake_api, tmp_path, capsys):
+    from comfyui_flux_schnell.drafts.report import read_report
+
+    jobs, prompts, out = cut_off_jobs(fake_api, tmp_path)
+    posts, polls = fake_api.generate_calls, jobs.polls()
+    assert posts == 1
+    poll_url = next(read_manifest(out / "manifest.jsonl"))["poll_url"]
+    jobs.state = "done"
+    job_config(tmp_path, 10.0)
+    capsys.readouterr()
+
+    assert main(draft_args(prompts, out)) == 0
+    assert fake_api.generate_calls == posts  # no POST: the job is collected
+    assert jobs.polls() > polls
+    err = capsys.readouterr().err
+    assert "collected: 1" in err
+    (png,) = out.glob("*.png")
+    assert image_files.is_complete_png(png)
+    last = list(read_manifest(out / "manifest.jsonl"))[-1]
+    assert last["status"] == "done"
+    assert last["collected_from"] == poll_url
+    assert last["paid_calls"] == 0
+    assert "poll_url" not in last
+    report = read_report(out)  # the image was paid for once, and delivered
+    assert (report.delivered, report.collected, report.paid_calls) == (1, 1, 1)
+    assert (report.paid_without_image, report.failures) == (0, 0)
+
+    assert main(draft_args(prompts, out)) == 0  # done now: a third run neither posts nor polls
+    assert (fake_api.generate_calls, jobs.polls()) == (posts, jobs.polls())
+
+
+def test_a_job_still_running_is_left_for_a_later_run_not_bought_again(fake_api, tmp_path, capsys):
+    from support import TEST_KEY
+
+    jobs, prompts, out = cut_off_jobs(fake_api, tmp_path)
+    posts, polls = fake_api.generate_calls, jobs.polls()
+    capsys.readouterr()
+
+    assert main(draft_args(prompts, out)) == 1  # still pending: 1 s deadline again
+    assert fake_api.generate_calls == posts
+    assert jobs.polls() > polls
+    err = capsys.readouterr().err
+    assert "line 1" in err
+    assert "not finished yet" in err
+    assert "run the same command again later" in err
+    assert f"127.0.0.1:{fake_api.port}" in err
+    assert TEST_KEY not in err
+    records = list(read_manifest(out / "manifest.jsonl"))
+    assert records[-1]["status"] == "failed"
+    assert records[-1]["paid_calls"] == 0  # nothing paid by the re-run
+    assert records[-1]["poll_url"] == records[0]["poll_url"]  # kept for the next run
+
+    jobs.state = "done"  # it finishes: the next run collects it
+    job_config(tmp_path, 10.0)
+    assert main(draft_args(prompts, out)) == 0
+    assert fake_api.generate_calls == posts
+    assert list(read_manifest(out / "manifest.jsonl"))[-1]["collected_from"] == records[0]["poll_url"]
+
+
+@pytest.mark.parametrize("state", ["expired", "failed"])
+def test_a_job_the_service_lost_is_bought_again_only_with_rebuy_expired(fake_api, tmp_path, capsys, state):
+    from comfyui_flux_schnell.drafts.report import read_report
+
+    jobs, prompts, out = cut_off_jobs(fake_api, tmp_path)
+    posts = fake_api.generate_calls
+    jobs.state = state
+    job_config(tmp_path, 10.0)
+    capsys.readouterr()
+
+    assert main(draft_args(prompts, out)) == 1
+    assert fake_api.generate_calls == posts  # not bought again without the opt-in
+    err = capsys.readouterr().err
+    assert "line 1" in err
+    assert "--rebuy-expired" in err
+    assert f"127.0.0.1:{fake_api.port}" in err
+    assert not list(out.glob("*.png"))
+    last = list(read_manifest(out / "manifest.jsonl"))[-1]
+    assert (last["status"], last["paid_calls"]) == ("failed", 0)
+    assert "poll_url" in last  # a later plain run still does not buy it
+
+    fake_api.set_default(lambda req, fake: Reply.image(request_image(req)))
+    assert main(draft_args(prompts, out, "--rebuy-expired")) == 0
+    assert fake_api.generate_calls == posts + 1
+    assert len(list(out.glob("*.png"))) == 1
+    assert read_report(out).paid_calls == 2  # the lost job and the one bought again
+
+
+def test_dry_run_and_spend_guard_count_jobs_to_collect_as_not_paid(fake_api, tmp_path, capsys):
+    jobs, prompts, out = cut_off_jobs(fake_api, tmp_path, "a fox\nan owl\n")
+    posts = fake_api.generate_calls
+    assert posts == 2
+    prompts.write_text("a fox\nan owl\na hare\n")
+    capsys.readouterr()
+
+    assert main(draft_args(prompts, out, "--dry-run")) == 0
+    printed = capsys.readouterr().out
+    assert "to collect:          2" in printed
+    assert "to request:          1" in printed
+    # with the opt-in both jobs may be bought again: 3 paid requests > 1
+    assert main(draft_args(prompts, out, "--max-images", "1", "--rebuy-expired")) == 2
+    assert "--max-images" in capsys.readouterr().err
+    assert fake_api.generate_calls == posts
+
+    jobs.state = "done"
+    job_config(tmp_path, 10.0)
+    assert main(draft_args(prompts, out, "--max-images", "1")) == 0  # one paid request: allowed
+    assert fake_api.generate_calls == posts + 1
+    assert len(list(out.glob("*.png"))) == 3
+
+
+def test_rebuy_expired_needs_a_draft_folder_on_the_api(fake_api, tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["generate", "--prompt", "x", "--out", str(tmp_path / "x.png"), "--rebuy-expired"])
+    assert refused.value.code == 2
+    assert "--rebuy-expired goes with --prompts-file and --out-dir" in capsys.readouterr().err
+    assert fake_api.generate_calls == 0

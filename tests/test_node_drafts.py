@@ -120,3 +120,29 @@ def test_a_folder_outside_the_output_folder_is_refused(comfy, make_node, fake_ap
     with pytest.raises(ValueError, match="under ComfyUI's output folder"):  # an InvalidInputError
         run(make_node(), folder="../elsewhere")
     assert fake_api.generate_calls == 0
+
+
+def test_queueing_again_collects_the_job_that_passed_deadline_s(comfy, make_node, fake_api, tmp_path):
+    from support.fake_imageapi import ScriptedJobs
+
+    config = tmp_path / "flux_schnell_config.json"
+    config.write_text(json.dumps({"deadline_s": 1.0}))
+    config.chmod(0o600)
+    jobs = ScriptedJobs(fake_api)
+    fake_api.set_default(jobs.start)
+    run(make_node(), prompts="a fox")
+    folder = comfy.output_dir / "drafts" / "foxes"
+    assert not list(folder.glob("*.png"))
+    assert fake_api.generate_calls == 1
+    polls = jobs.polls()
+
+    jobs.state = "done"
+    config.write_text(json.dumps({"deadline_s": 10.0}))
+    comfy.next_prompt()
+    out = run(make_node(), prompts="a fox")
+    assert fake_api.generate_calls == 1  # collected, not bought again
+    assert jobs.polls() > polls
+    assert len(out["ui"]["images"]) == 1
+    records = [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert records[-1]["status"] == "done"
+    assert records[-1]["collected_from"] == records[0]["poll_url"]

@@ -476,6 +476,37 @@ def _job(kind: str) -> Responder:
     return responder
 
 
+class ScriptedJobs:
+    """Async jobs whose fate a test decides: each generate call (`start`, as the default answer)
+    starts a job and names its status URL `/jobs/<name>`; that URL answers "processing" while
+    `state` is "pending", the image once "done", an HTTP 404 once "expired", and a "failed" job
+    once "failed". `polls()` counts the GETs of those URLs."""
+
+    def __init__(self, fake: FakeImageAPI, state: str = "pending"):
+        self.fake = fake
+        self.state = state
+        self._posted: dict[str, RecordedRequest] = {}
+
+    def start(self, req: RecordedRequest, fake: FakeImageAPI) -> Reply:
+        name = fake.new_name()
+        self._posted[name] = req
+        fake.route("GET", f"/jobs/{name}", self._status)
+        return Reply.json({"job_id": name, "status": "queued", "poll_url": f"/jobs/{name}"}, status=202)
+
+    def _status(self, req: RecordedRequest, fake: FakeImageAPI) -> Reply:
+        name = req.path.rsplit("/", 1)[-1]
+        if self.state == "expired":
+            return error_reply(404, f"no job {name}", request_id=None)
+        if self.state == "failed":
+            return Reply.json({"job_id": name, "status": "failed", "error": "the job failed"})
+        if self.state == "done":
+            return Reply.image(request_image(self._posted[name]))
+        return Reply.json({"job_id": name, "status": "processing"})
+
+    def polls(self) -> int:
+        return len(self.fake.requests_to("/jobs/"))
+
+
 def _wrapped_b64(data: bytes) -> str:
     text = b64(data)
     return "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
