@@ -504,7 +504,8 @@ class DraftRun:
         else:
             self.progress.note(
                 f"{planned.label}: the job an earlier run paid for (poll URL on {host}) is gone ({reason}); "
-                "not bought again without your say: pass --rebuy-expired to request it again (paid)"
+                "not bought again without your say: `flux-schnell generate` into this folder with "
+                "--rebuy-expired requests it again (paid)"
             )
         self._failed(planned, error, announce=False, poll_url=poll_url)
         return False
