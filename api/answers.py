@@ -37,7 +37,7 @@ from .answer_shapes import (
     server_message_from,
     status_tag,
 )
-from .failures import attempt
+from .failures import Failure, attempt
 from .http import HttpTransport
 from .redact import cut_url
 from .retry import Clock, RetryPolicy
@@ -222,89 +222,10 @@ class AnswerReader:
         on_job: Callable[[str], None] | None = None,
         poll_now: bool = False,
     ) -> tuple[Encoded, str | None]:
-        """Poll a job's status URL (GET, free) until it has an image, fails, or the deadline. A
-        failed poll or result fetch is asked again after the backoff (or its Retry-After).
-        `poll_now`: the first poll goes out without waiting `poll_interval_s`."""
-        settings = self.settings
-        clock = self._clock
-        poll_url = urljoin(base, job.poll_url) if job.poll_url else None
-        if poll_url is not None and on_job is not None:
-            on_job(poll_url)
-        job_id = job.id
-        failures = 0
-        waited = poll_now  # a failed GET was just followed by its backoff (or: poll at once)
-        while True:
-            if job.done and job.result_url:  # finished: fetch the result, no wait
-                url = urljoin(poll_url or base, job.result_url)
-            elif waited:  # pending, and the backoff after a failed poll was the wait
-                url = poll_url
-            else:
-                if poll_url is None:  # a result URL answered "pending", and no poll URL
-                    raise ResponseDecodeError(
-                        f"job {self.scrub(job_id or '?')} is {self.scrub(job.status or '?')!r} "
-                        "but the service named no URL to poll for its result",
-                        request_id=request_id or job_id,
-                    )
-                left = deadline - clock.monotonic()
-                if left <= 0:
-                    raise self._job_too_slow(job, job_id, request_id)
-                wait = min(settings.poll_interval_s, left)
-                if on_wait is not None:
-                    on_wait(wait, f"job {self.scrub(job.status or 'pending')}")
-                clock.sleep(wait, stop)
-                if clock.monotonic() >= deadline:
-                    continue  # the check above raises the error that names the job's status
-                url = poll_url
-            reply, failure = attempt(
-                self._http.get, url, deadline, stop, settings.request_timeout_s, self._http.body_cap()
-            )
-            waited = False
-            if failure is not None:
-                note = ""
-                if failure.retry is not None and failures < settings.max_free_retries:
-                    wait = self._policy.backoff(failure, failures)
-                    if wait < deadline - clock.monotonic():
-                        failures += 1
-                        self.log.warning(
-                            "ImageAPI job %s: fetching %s failed (%s); asking again in %.2f s "
-                            "(polls are not billed)",
-                            self.scrub(job_id or "?"),
-                            "its result" if url != poll_url else "its status",
-                            self.scrub(failure.reason),
-                            wait,
-                        )
-                        clock.sleep(wait, stop)
-                        waited = True
-                        continue
-                    if url == poll_url and not job.done:  # still pending: say so
-                        raise self._job_too_slow(
-                            job, job_id, request_id, failure.reason
-                        ) from failure.__cause__
-                    note = f"; not asked again: waiting {wait:.1f} s would pass deadline_s"
-                failure.request_id = failure.request_id or request_id or job_id
-                raise failure.error(
-                    f" (while polling job {job_id or '?'}{note})", self.scrub
-                ) from failure.__cause__
-            tag = status_tag(reply.status, reply.reason, self.request_id(reply) or job_id)
-            if looks_like_image(reply):
-                where = f"the job's result ({tag})"
-                return Encoded("bytes", reply.content, where, reply.status, job_id), job_id
-            doc = self._json(reply, tag, job_id)
-            found = find_image(doc)
-            if found is not None:
-                encoded = self._fetch_reference(found, reply.url, deadline, stop, job_id, tag)
-                return encoded, job_id
-            nxt = self._job_info(doc)
-            if nxt is None or not (nxt.pending or (nxt.done and nxt.result_url)):
-                raise self._no_image(doc, reply, nxt, request_id or job_id, tag)
-            if nxt.done and url != poll_url:  # a result URL answered "done" again: no image
-                raise self._no_image(doc, reply, nxt, request_id or job_id, tag)
-            if nxt.poll_url:
-                poll_url = urljoin(reply.url, nxt.poll_url)
-                if on_job is not None:
-                    on_job(poll_url)
-            job_id = job_id or nxt.id
-            job = nxt
+        """Poll a job's status URL (GET, free) until it has an image, fails, or the deadline
+        (`JobPoller`). `poll_now`: the first poll goes out without waiting `poll_interval_s`."""
+        poller = JobPoller(self, job, base, deadline, stop, request_id, on_wait, on_job, poll_now)
+        return poller.result()
 
     def _job_too_slow(
         self, job: AsyncJob, job_id: str | None, request_id: str | None, failed: str | None = None
@@ -330,3 +251,128 @@ class AnswerReader:
     def _keys(self, doc: object) -> str:
         paths = key_paths(doc, scrub=self.scrub)
         return ", ".join(paths) if paths else "(none)"
+
+
+class JobPoller:
+    """Follows one async job to its image: polls its status URL (GETs, never billed) every
+    `poll_interval_s`, fetches its result URL when it is done, and asks a failed GET again after
+    the backoff (or its Retry-After) while the deadline allows. One per job, used once."""
+
+    def __init__(
+        self,
+        reader: AnswerReader,
+        job: AsyncJob,
+        base: str,
+        deadline: float,
+        stop: threading.Event,
+        request_id: str | None,
+        on_wait: OnWait | None,
+        on_job: Callable[[str], None] | None,
+        poll_now: bool,
+    ):
+        self.reader, self.job, self.base = reader, job, base
+        self.deadline, self.stop, self.request_id = deadline, stop, request_id
+        self.on_wait, self.on_job = on_wait, on_job
+        self.job_id = job.id
+        self.poll_url: str | None = None
+        self.failures = 0  # failed GETs asked again so far (free retries)
+        self.waited = poll_now  # a failed GET was just followed by its backoff (or: poll at once)
+        if job.poll_url:
+            self._new_poll_url(urljoin(base, job.poll_url))
+
+    def result(self) -> tuple[Encoded, str | None]:
+        """The job's image, still encoded, and its id; raises the error that ends it."""
+        while True:
+            url = self._next_url()
+            if url is None:  # the wait reached the deadline: the next round names the status
+                continue
+            settings, http = self.reader.settings, self.reader._http
+            reply, failure = attempt(
+                http.get, url, self.deadline, self.stop, settings.request_timeout_s, http.body_cap()
+            )
+            self.waited = False
+            if failure is not None:
+                self._after_failed_get(url, failure)  # waits to ask again, or raises
+                continue
+            found = self._read(reply, url)
+            if found is not None:
+                return found, self.job_id
+
+    def _new_poll_url(self, url: str) -> None:
+        self.poll_url = url
+        if self.on_job is not None:
+            self.on_job(url)
+
+    def _next_url(self) -> str | None:
+        """What to GET next: the result of a finished job at once, the status URL after a failed
+        GET's backoff, else the status URL after `poll_interval_s` (None: the deadline came)."""
+        job, clock, scrub = self.job, self.reader._clock, self.reader.scrub
+        if job.done and job.result_url:
+            return urljoin(self.poll_url or self.base, job.result_url)
+        if self.waited:
+            return self.poll_url
+        if self.poll_url is None:  # a result URL answered "pending", and no poll URL
+            raise ResponseDecodeError(
+                f"job {scrub(self.job_id or '?')} is {scrub(job.status or '?')!r} "
+                "but the service named no URL to poll for its result",
+                request_id=self.request_id or self.job_id,
+            )
+        left = self.deadline - clock.monotonic()
+        if left <= 0:
+            raise self.reader._job_too_slow(job, self.job_id, self.request_id)
+        wait = min(self.reader.settings.poll_interval_s, left)
+        if self.on_wait is not None:
+            self.on_wait(wait, f"job {scrub(job.status or 'pending')}")
+        clock.sleep(wait, self.stop)
+        return None if clock.monotonic() >= self.deadline else self.poll_url
+
+    def _after_failed_get(self, url: str, failure: Failure) -> None:
+        """Wait the backoff and return (the GET is asked again) while retries and the deadline
+        allow; else raise: "still pending" for a status poll, the failure's own error otherwise."""
+        reader, clock = self.reader, self.reader._clock
+        note = ""
+        if failure.retry is not None and self.failures < reader.settings.max_free_retries:
+            wait = reader._policy.backoff(failure, self.failures)
+            if wait < self.deadline - clock.monotonic():
+                self.failures += 1
+                reader.log.warning(
+                    "ImageAPI job %s: fetching %s failed (%s); asking again in %.2f s (polls are not billed)",
+                    reader.scrub(self.job_id or "?"),
+                    "its result" if url != self.poll_url else "its status",
+                    reader.scrub(failure.reason),
+                    wait,
+                )
+                clock.sleep(wait, self.stop)
+                self.waited = True
+                return
+            if url == self.poll_url and not self.job.done:  # still pending: say so
+                raise reader._job_too_slow(
+                    self.job, self.job_id, self.request_id, failure.reason
+                ) from failure.__cause__
+            note = f"; not asked again: waiting {wait:.1f} s would pass deadline_s"
+        failure.request_id = failure.request_id or self.request_id or self.job_id
+        raise failure.error(
+            f" (while polling job {self.job_id or '?'}{note})", reader.scrub
+        ) from failure.__cause__
+
+    def _read(self, reply: Reply, url: str) -> Encoded | None:
+        """The image in a poll's answer (fetched when it names one), or None when the job goes on
+        (its state, and a new status URL if it names one, are taken)."""
+        reader = self.reader
+        tag = status_tag(reply.status, reply.reason, reader.request_id(reply) or self.job_id)
+        if looks_like_image(reply):
+            return Encoded("bytes", reply.content, f"the job's result ({tag})", reply.status, self.job_id)
+        doc = reader._json(reply, tag, self.job_id)
+        found = find_image(doc)
+        if found is not None:
+            return reader._fetch_reference(found, reply.url, self.deadline, self.stop, self.job_id, tag)
+        nxt = reader._job_info(doc)
+        if nxt is None or not (nxt.pending or (nxt.done and nxt.result_url)):
+            raise reader._no_image(doc, reply, nxt, self.request_id or self.job_id, tag)
+        if nxt.done and url != self.poll_url:  # a result URL answered "done" again: no image
+            raise reader._no_image(doc, reply, nxt, self.request_id or self.job_id, tag)
+        if nxt.poll_url:
+            self._new_poll_url(urljoin(reply.url, nxt.poll_url))
+        self.job_id = self.job_id or nxt.id
+        self.job = nxt
+        return None
