@@ -28,6 +28,7 @@ EXPECTED = {
     "FLUX Schnell text to image with LoRAs (local)",
     "FLUX Schnell generate and upscale",
     "FLUX Schnell draft board (four prompts)",
+    "FLUX Schnell drafts (prompt list)",
 }
 UI_PATHS = wt.ui_workflow_paths()
 KEY_PATTERN = re.compile(r"sk_[A-Za-z0-9]{6,}")
@@ -66,7 +67,7 @@ def test_ui_workflow_agrees_with_node_schemas(path, specs, ui_only):
 
 @pytest.mark.parametrize("path", UI_PATHS, ids=_ids(UI_PATHS))
 def test_core_nodes_and_inputs_exist_in_the_record(path, record, ui_only):
-    own = {"FluxSchnellGenerate", "FluxSchnellLocalModel", "FluxSchnellLoRA"}
+    own = {"FluxSchnellGenerate", "FluxSchnellLocalModel", "FluxSchnellLoRA", "FluxSchnellDrafts"}
     core = wt.core_specs(record)
     for node in wt.load_json(path)["nodes"]:
         if node["type"] in own or node["type"] in ui_only:
@@ -122,6 +123,20 @@ def test_draft_board_is_four_generate_nodes_at_the_fast_preset():
         assert len(fed & set(by_type["PreviewImage"])) == 1
         assert len(fed & set(by_type["PreviewAny"])) == 1
     assert "SaveImage" not in by_type
+
+
+def test_drafts_workflow_drafts_a_prompt_list_into_a_contact_sheet(specs, ui_only):
+    ui = wt.load_json(wt.DRAFTS)
+    (drafts,) = [n for n in ui["nodes"] if n["type"] == "FluxSchnellDrafts"]
+    named, controls = wt.split_widget_values(specs["FluxSchnellDrafts"], drafts["widgets_values"])
+    assert (named["backend"], named["concurrency"], named["folder"]) == ("api", 4, "flux_drafts")
+    assert controls == {"seed": "fixed"}, "a fixed seed, so queueing it again finishes the same drafts"
+    lines = named["prompts"].splitlines()
+    assert any(line.startswith("#") for line in lines), "shows the comment rule"
+    assert len([line for line in lines if line.strip() and not line.startswith("#")]) >= 4
+    by_id = {n["id"]: n["type"] for n in ui["nodes"]}
+    fed = {(link[2], by_id[link[3]]) for link in ui["links"] if link[1] == drafts["id"]}
+    assert fed == {(0, "PreviewImage"), (1, "PreviewAny")}  # the contact sheet and the folder's path
 
 
 # --- the checker and converter catch what they should -----------------------------------------
@@ -293,7 +308,7 @@ def test_execution_order_refuses_a_cycle():
 
 # --- running the API graphs in-process ---------------------------------------------------------
 
-API_RUNS = [p for p in UI_PATHS if p not in wt.LOCAL_WORKFLOWS]  # those need weight files
+API_RUNS = [p for p in UI_PATHS if p not in (*wt.LOCAL_WORKFLOWS, wt.DRAFTS)]  # local: weight files
 
 
 def _classes(comfy_package, tmp_path, api):
@@ -344,6 +359,32 @@ def test_draft_board_runs_its_four_nodes_at_once(comfy_package, fake_api, tmp_pa
         assert info["seeds"] == [api[gen_id]["inputs"]["seed"]]
         assert info["prompt"] == api[gen_id]["inputs"]["prompt"]
         assert (info["width"], info["height"], info["steps"]) == (512, 512, 4)
+
+
+def test_drafts_workflow_runs_end_to_end(comfy_package, fake_api, tmp_path):
+    from pathlib import Path
+
+    from PIL import Image
+
+    api = wt.load_json(wt.api_twin_path(wt.DRAFTS))
+    fake_api.delay_s = 0.2
+    result = wt.run_api_graph(api, _classes(comfy_package, tmp_path, api))
+    text = api["2"]["inputs"]["prompts"]
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    sent = sorted(r.json["prompt"] for r in fake_api.requests_to("/api/v1/generate"))
+    assert sent == sorted(lines)
+    assert fake_api.max_in_flight == api["2"]["inputs"]["concurrency"]
+    sheet, folder = result.outputs["2"]
+    assert sheet.shape[0] == 1  # one contact sheet, not the drafts themselves
+    folder = Path(folder)
+    assert folder.name == "flux_drafts"
+    pngs = sorted(folder.glob("*.png"))
+    assert len(pngs) == len(lines)
+    with Image.open(pngs[0]) as im:
+        assert im.size == (512, 512)
+    assert (folder / "manifest.jsonl").is_file()
+    assert (folder / "index.html").is_file()
+    assert result.ui["4"]["text"] == [str(folder)]
 
 
 @pytest.mark.parametrize("workflow", wt.LOCAL_WORKFLOWS, ids=lambda p: p.stem)
