@@ -29,6 +29,7 @@ from tests.support import workflow_tools as wt
 
 MARGIN_PX = 24  # screen pixels kept around the nodes
 EDGE_PX = 120  # the frontend's menus and side bar sit on the canvas's edges: keep the graph off them
+FAR_EDGE_PX = 240  # and its zoom controls in the bottom right corner
 MAX_SIDE_PX = 768  # the saved picture's longer side at most
 JPEG_QUALITY = 82
 
@@ -46,10 +47,14 @@ FIT_TO_NODES = """async ([data, box]) => {
   }
   const canvas = app.canvas.canvas.getBoundingClientRect();
   const ds = app.canvas.ds;
+  // Draw text and widgets at any zoom (the frontend's "low quality" mode hides them when zoomed out).
+  app.canvas.min_font_size_for_lod = 0;
+  app.canvas.low_quality_zoom_threshold = 0;
   const scale = Math.min(1, box.w / (x1 - x0), box.h / (y1 - y0));
   ds.scale = scale;
   ds.offset[0] = box.x / scale - x0;
   ds.offset[1] = box.y / scale - y0;
+  if (app.canvas.updateLowQualityThreshold) app.canvas.updateLowQualityThreshold();
   app.canvas.setDirty(true, true);
   app.canvas.draw(true, true);
   await new Promise((r) => setTimeout(r, 500));
@@ -66,8 +71,8 @@ def shoot(page, ui_path: Path, target: Path) -> tuple[int, int, int]:
     box = {
         "x": EDGE_PX,
         "y": EDGE_PX,
-        "w": size["width"] - 2 * EDGE_PX,
-        "h": size["height"] - 2 * EDGE_PX,
+        "w": size["width"] - EDGE_PX - FAR_EDGE_PX,
+        "h": size["height"] - EDGE_PX - FAR_EDGE_PX,
     }
     x, y, w, h = page.evaluate(FIT_TO_NODES, [wt.load_json(ui_path), box])
     page.wait_for_timeout(1000)  # images, fonts and the DOM widgets (multiline text) settle
