@@ -10,10 +10,12 @@ and a test-only probe, models/, output/, user/; see scripts/comfyui_server.py), 
    the expected count and size (local workflows only with --local: tiny random-weight models from
    tests/support/tiny_models.py are put into models/; the upscale model is a tiny random ESRGAN);
 4. an identical re-post is served from ComfyUI's cache, with no second request to the service;
-5. POST /interrupt stops a generation waiting on a slow service within a few seconds;
+5. POST /interrupt stops a generation waiting on a slow service within the node's Cancel grace
+   (api_client.CANCEL_GRACE_S, the wait for answers already paid for) and a few seconds;
 5b. scripts/comfyui_runtime.py: the draft board's four generate nodes wait at the same time (timed
    against a 1 s service), a waiting node shows the seconds and the images done (progress text,
-   read from the WebSocket), Cancel stops all four at once, and with --local ComfyUI's model
+   read from the WebSocket), Cancel stops all four at once, the Drafts node drafts 12 prompts at
+   concurrency 4 against a 1 s service in under 3 times one image's time, and with --local ComfyUI's model
    management lists our models, POST /free unloads them and the next run reads no weight file;
 6. no saved PNG text chunk, history entry or log line contains the API key;
 7. with --browser (needs the `playwright` package and a Chromium): each UI workflow loads in the
@@ -47,17 +49,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from scripts import comfyui_runtime as runtime
+from scripts.comfyui_runtime import INTERRUPT_LIMIT_S
 from scripts.comfyui_server import ComfyServer, Report, free_port, install_probe, messages
 from tests.support import REPO
 from tests.support import workflow_tools as wt
 from tests.support.fake_imageapi import FakeImageAPI
 
 PACKAGE_FOLDER = "comfyui-flux-schnell"
-OWN_NODES = ("FluxSchnellGenerate", "FluxSchnellLocalModel", "FluxSchnellLoRA")
+OWN_NODES = ("FluxSchnellGenerate", "FluxSchnellLocalModel", "FluxSchnellLoRA", "FluxSchnellDrafts")
 UPSCALE_MODEL = "RealESRGAN_x4plus.safetensors"
 T5_VOCAB, CLIP_VOCAB = 32128, 49408  # the sizes of ComfyUI's bundled tokenizers' models
 SLOW_SERVICE_S = 20.0
-INTERRUPT_LIMIT_S = 3.0
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -211,13 +213,46 @@ def is_local(api: dict) -> bool:
 
 def api_images(api: dict, cached: frozenset[str] = frozenset()) -> int:
     """Images the graph asks the service for, leaving out nodes ComfyUI served from its cache (a
-    generate node with the same inputs as in an earlier graph)."""
+    generate node with the same inputs as in an earlier graph); a Drafts node asks for one a
+    prompt line (into an empty folder)."""
     return sum(
-        n["inputs"]["batch_size"]
+        n["inputs"]["batch_size"] if n["class_type"] == "FluxSchnellGenerate" else len(draft_lines(n))
         for node_id, n in api.items()
-        if n["class_type"] == "FluxSchnellGenerate"
+        if n["class_type"] in ("FluxSchnellGenerate", "FluxSchnellDrafts")
         and n["inputs"].get("backend") == "api"
         and node_id not in cached
+    )
+
+
+def draft_lines(node: dict) -> list[str]:
+    """A Drafts node's prompts: its lines but blank ones and # comments."""
+    lines = node["inputs"]["prompts"].splitlines()
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def drafts_ids(api: dict) -> list[str]:
+    return [k for k, n in api.items() if n["class_type"] == "FluxSchnellDrafts"]
+
+
+def sized_images(api: dict) -> dict[str, tuple[int, int, int]]:
+    """workflow_tools.expected_images, leaving out the previews of a Drafts node's contact sheet
+    (its size depends on how many drafts there are)."""
+    drafts = set(drafts_ids(api))
+    fed = {k for k, n in api.items() if isinstance(n["inputs"].get("images"), list)}
+    sized = {k: n for k, n in api.items() if not (k in fed and n["inputs"]["images"][0] in drafts)}
+    return wt.expected_images(sized)
+
+
+def check_draft_folder(report: Report, server: ComfyServer, api: dict, node_id: str, name: str) -> None:
+    """A Drafts node's folder holds one PNG a prompt line, manifest.jsonl and index.html."""
+    folder = server.base / "output" / api[node_id]["inputs"]["folder"]
+    pngs = sorted(folder.glob("*.png"))
+    want = len(draft_lines(api[node_id]))
+    extras = [f for f in ("manifest.jsonl", "index.html") if (folder / f).is_file()]
+    report.check(
+        len(pngs) == want and len(extras) == 2,
+        f"workflow {name} draft folder",
+        f"{folder.name}/: {len(pngs)} PNGs (want {want}), {', '.join(extras) or 'no manifest or gallery'}",
     )
 
 
@@ -254,7 +289,7 @@ def check_workflow(report, server, fake, ui_path: Path, local: bool) -> list[Pat
         return []
     files = saved_files(server, entry)
     problems = []
-    for node_id, (count, width, height) in wt.expected_images(api).items():
+    for node_id, (count, width, height) in sized_images(api).items():
         paths = files.get(node_id, [])
         sizes = [Image.open(p).size for p in paths]
         if sizes != [(width, height)] * count:
@@ -264,6 +299,8 @@ def check_workflow(report, server, fake, ui_path: Path, local: bool) -> list[Pat
         f"workflow {name} images",
         "; ".join(problems) or ", ".join(f"{k}: {len(v)} PNG" for k, v in files.items()),
     )
+    for node_id in drafts_ids(api):
+        check_draft_folder(report, server, api, node_id, name)
     calls = fake.generate_calls - before
     cached = frozenset(n for d in messages(entry).get("execution_cached", []) for n in d["nodes"])
     report.check(
@@ -603,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime.check_concurrency(report, server, fake)
         runtime.check_progress_text(report, server, fake, key)
         runtime.check_board_interrupt(report, server, fake)
+        runtime.check_drafts_concurrency(report, server, fake)
         if args.local:
             runtime.check_model_management(report, server)
         else:

@@ -6,6 +6,8 @@
 - a waiting node shows the seconds and the images done (ComfyUI's progress text, read from the
   WebSocket as the browser gets it) and never the key;
 - Cancel stops all four waiting nodes of the draft board at once;
+- the Drafts node drafts 12 prompts at concurrency 4 against the 1 s service in under 3 times one
+  image's time (a one-prompt Drafts run), with 12 PNGs, manifest.jsonl and index.html in its folder;
 - with --local: ComfyUI's model management lists our models after a local run, POST /free
   {"unload_models": true} releases them, and the next run works without reading the weight
   files again.
@@ -13,18 +15,35 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import time
 
 from scripts.comfyui_server import ComfyServer, Report, WebSocketTap, loaded_models, messages
+from tests.support import REPO
 from tests.support import workflow_tools as wt
 from tests.support.fake_imageapi import FakeImageAPI
 
 SERVICE_DELAY_S = 1.0  # the fake's answer time in the concurrency check
 TEXT_DELAY_S = 2.5  # long enough for the node's text to tick twice
 SLOW_SERVICE_S = 20.0
-INTERRUPT_LIMIT_S = 3.0
+
+
+def _cancel_grace_s() -> float:
+    """api_client.CANCEL_GRACE_S, read from its source (the package's modules import relatively, so
+    they cannot be imported from here without ComfyUI's loader)."""
+    tree = ast.parse((REPO / "api_client.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        names = [getattr(t, "id", "") for t in getattr(node, "targets", [])]
+        if isinstance(node, ast.Assign) and "CANCEL_GRACE_S" in names:
+            return float(ast.literal_eval(node.value))
+    raise LookupError("api_client.py defines no CANCEL_GRACE_S")
+
+
+# Cancel waits up to CANCEL_GRACE_S for answers already in flight (paid for), then abandons them:
+# a Cancel against a 20 s service ends within that grace and a few seconds more.
+INTERRUPT_LIMIT_S = _cancel_grace_s() + 3.0
 OWN_PATCHER_PREFIX = "FluxSchnell"  # comfy_bridge's ModelPatcher subclass: FluxSchnellModelPatcher
 LOADING_LOG_LINE = "loading FLUX.1-schnell"  # local_backend logs it each time it reads the files
 _runs = iter(range(1, 10_000))
@@ -79,6 +98,59 @@ def check_concurrency(report: Report, server: ComfyServer, fake: FakeImageAPI) -
         ok and len(sent) == 4 and spread < SERVICE_DELAY_S and t_board < t_one + SERVICE_DELAY_S,
         "the draft board's four generate nodes wait at the same time (about one round trip)",
         f"{t_board:.2f} s vs {t_one:.2f} s for one node",
+    )
+
+
+DRAFTS_PROMPTS = 12
+DRAFTS_CONCURRENCY = 4
+DRAFTS_LIMIT = 3.0  # times one image's time (12 at concurrency 4: three round trips, not twelve)
+
+
+def drafts_api(folder: str, prompts: list[str]) -> dict:
+    """The drafts template's API twin drafting `prompts` into `folder`."""
+    api = copy.deepcopy(wt.load_json(wt.api_twin_path(wt.DRAFTS)))
+    (node_id,) = [k for k, n in api.items() if n["class_type"] == "FluxSchnellDrafts"]
+    api[node_id]["inputs"].update(
+        prompts="# timed by the real-server check\n" + "\n".join(prompts),
+        concurrency=DRAFTS_CONCURRENCY,
+        folder=folder,
+        seed=next(_runs),
+    )
+    return api
+
+
+def check_drafts_concurrency(report: Report, server: ComfyServer, fake: FakeImageAPI) -> None:
+    run = next(_runs)
+    prompts = [f"draft {i} of run {run}: a lighthouse in a storm" for i in range(1, DRAFTS_PROMPTS + 1)]
+    fake.delay_s = SERVICE_DELAY_S
+    try:
+        entry_one, t_one = timed_run(server, drafts_api(f"timing_one_{run}", [f"one image of run {run}"]))
+        before = len(fake.requests_to("/api/v1/generate"))
+        entry_many, t_many = timed_run(server, drafts_api(f"timing_drafts_{run}", prompts))
+        sent = fake.requests_to("/api/v1/generate")[before:]
+    finally:
+        fake.delay_s = 0.0
+    ok = all(e["status"]["status_str"] == "success" for e in (entry_one, entry_many))
+    folder = server.base / "output" / f"timing_drafts_{run}"
+    pngs = sorted(folder.glob("*.png"))
+    extras = [f for f in ("manifest.jsonl", "index.html") if (folder / f).is_file()]
+    report.add(
+        "INFO",
+        "Drafts node timing",
+        f"service answers after {SERVICE_DELAY_S:.1f} s: one prompt {t_one:.2f} s, {DRAFTS_PROMPTS} "
+        f"prompts at concurrency {DRAFTS_CONCURRENCY} {t_many:.2f} s (x{t_many / t_one:.2f}; one after "
+        f"another would take about {DRAFTS_PROMPTS * t_one:.1f} s); {len(sent)} requests",
+    )
+    report.check(
+        ok and len(sent) == DRAFTS_PROMPTS and t_many < DRAFTS_LIMIT * t_one,
+        f"the Drafts node drafts {DRAFTS_PROMPTS} prompts at concurrency {DRAFTS_CONCURRENCY} in under "
+        f"{DRAFTS_LIMIT:.0f} times one image's time",
+        f"{t_many:.2f} s vs {t_one:.2f} s for one" if ok else "a run failed",
+    )
+    report.check(
+        len(pngs) == DRAFTS_PROMPTS and len(extras) == 2,
+        "the Drafts node's folder holds its PNGs, manifest.jsonl and index.html",
+        f"{len(pngs)} PNGs, {', '.join(extras) or 'neither manifest nor gallery'}",
     )
 
 

@@ -43,6 +43,7 @@ LOCAL_LORA = WORKFLOW_DIR / "FLUX Schnell text to image with LoRAs (local).json"
 LOCAL_WORKFLOWS = (LOCAL, LOCAL_LORA)  # need weight files (tiny ones in the tests)
 UPSCALE = WORKFLOW_DIR / "FLUX Schnell generate and upscale.json"
 DRAFT_BOARD = WORKFLOW_DIR / "FLUX Schnell draft board (four prompts).json"
+DRAFTS = WORKFLOW_DIR / "FLUX Schnell drafts (prompt list).json"
 CORE_NODES_FILE = DATA_DIR / "comfyui_core_nodes.json"
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
